@@ -1,0 +1,153 @@
+"""Validation of static facts, done before any computation.
+
+Every message names the function and the argument, what was received, what was expected and
+how to fix it, so that users never see a broadcasting error from deep inside JAX.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any, Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+Axes = Union[int, Sequence[int]]
+AxisName = Union[None, str, Sequence[Any]]
+
+
+def feature_axes(fn: str, ndim: int, axis: Axes) -> tuple[int, ...]:
+  """Normalizes ``axis`` (feature axis or axes) to sorted non-negative ints."""
+  axes = (axis,) if isinstance(axis, (int, np.integer)) else tuple(axis)
+  if ndim == 0:
+    raise ValueError(f"{fn}: `x` must have at least one dimension, got a scalar.")
+  out = []
+  for a in axes:
+    if not isinstance(a, (int, np.integer)):
+      raise TypeError(f"{fn}: `axis` must be an int or a tuple of ints, got {axis!r}.")
+    if not -ndim <= a < ndim:
+      raise ValueError(
+          f"{fn}: `axis`={axis!r} is out of range for `x` of rank {ndim}; use an axis in "
+          f"[{-ndim}, {ndim - 1}] (e.g. axis=-1 for NHWC, axis=1 for NCHW)."
+      )
+    out.append(int(a) % ndim)
+  if len(set(out)) != len(out):
+    raise ValueError(f"{fn}: `axis`={axis!r} repeats an axis.")
+  return tuple(sorted(out))
+
+
+def reduction_axes(ndim: int, feat: tuple[int, ...]) -> tuple[int, ...]:
+  return tuple(a for a in range(ndim) if a not in feat)
+
+
+def float_input(fn: str, x: Any, name: str = "x") -> None:
+  dtype = jnp.result_type(x)
+  if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.complexfloating)):
+    raise TypeError(
+        f"{fn}: `{name}` must be a floating-point (or complex) array, got dtype {dtype}; "
+        f"convert it first, e.g. `{name}.astype(jnp.float32)`."
+    )
+
+
+def momentum_value(fn: str, momentum: Any) -> None:
+  """Checks a concrete momentum is in [0, 1); traced values are accepted unchecked."""
+  if momentum is None or isinstance(momentum, jax.core.Tracer):
+    return
+  try:
+    m = float(momentum)
+  except (TypeError, ValueError):
+    raise TypeError(f"{fn}: `momentum` must be a float in [0, 1) or None, got {momentum!r}.")
+  if not 0.0 <= m < 1.0:
+    raise ValueError(
+        f"{fn}: `momentum` must be in [0, 1) (flax convention: the weight of the old running "
+        f"value), got {m}. A PyTorch momentum p converts to 1 - p "
+        f"(jaxbn.momentum_from_torch); use momentum=None for a cumulative average."
+    )
+
+
+def epsilon_value(fn: str, epsilon: Any) -> None:
+  if isinstance(epsilon, jax.core.Tracer):
+    return
+  try:
+    e = float(epsilon)
+  except (TypeError, ValueError):
+    raise TypeError(f"{fn}: `epsilon` must be a positive float, got {epsilon!r}.")
+  if not e > 0.0:
+    raise ValueError(
+        f"{fn}: `epsilon` must be > 0 (it keeps 1/sqrt(var + epsilon) finite), got {e}; "
+        f"the usual value is 1e-5."
+    )
+
+
+def axis_name_bound(fn: str, axis_name: AxisName) -> None:
+  """Raises a clear error for an axis name that no enclosing map binds."""
+  if axis_name is None:
+    return
+  names = axis_name if isinstance(axis_name, (tuple, list)) else (axis_name,)
+  for name in names:
+    try:
+      lax.axis_size(name)
+    except NameError:
+      raise ValueError(
+          f"{fn}: `axis_name`={axis_name!r}: the axis name {name!r} is not bound here. "
+          f"Call it inside jax.shard_map(mesh=...), jax.pmap(axis_name=...) or "
+          f"jax.vmap(axis_name=...) that defines {name!r}, check the spelling, or pass "
+          f"axis_name=None (under plain jax.jit on sharded arrays no name is needed)."
+      ) from None
+
+
+def feature_shape_matches(fn: str, name: str, value: Any, expected: tuple[int, ...],
+                          hint: str) -> None:
+  if value is None:
+    return
+  shape = tuple(jnp.shape(value))
+  size = int(np.prod(expected))
+  if shape != expected and not (len(shape) == 1 and shape[0] == size):
+    raise ValueError(
+        f"{fn}: `x` has features of shape {expected} on the feature axis but `{name}` has "
+        f"shape {shape}; {hint}"
+    )
+
+
+def mask_broadcasts(fn: str, mask: Any, x_shape: tuple[int, ...]) -> None:
+  if mask is None:
+    return
+  mshape = tuple(jnp.shape(mask))
+  try:
+    out = np.broadcast_shapes(mshape, x_shape)
+  except ValueError:
+    out = None
+  if out != tuple(x_shape):
+    raise ValueError(
+        f"{fn}: `mask` of shape {mshape} does not broadcast to `x` of shape {x_shape}; give "
+        f"it the shape of `x`, or keep the batch dimensions and use size 1 elsewhere (e.g. "
+        f"mask[:, None, None, None] for a per-example mask on NHWC input)."
+    )
+  if jnp.result_type(mask) != jnp.bool_:
+    raise TypeError(
+        f"{fn}: `mask` must be a bool array (True = the entry counts), got dtype "
+        f"{jnp.result_type(mask)}; use `mask.astype(bool)`."
+    )
+
+
+def static_bool(fn: str, name: str, value: Any) -> bool:
+  if isinstance(value, (bool, np.bool_)):
+    return bool(value)
+  raise TypeError(
+      f"{fn}: `{name}` must be a Python bool (it selects the computation at trace time), got "
+      f"{type(value).__name__}. Pass training=True/False, or mark it static in jax.jit "
+      f"(static_argnames=...)."
+  )
+
+
+def is_number(v: Any) -> bool:
+  return isinstance(v, numbers.Number)
+
+
+__all__ = [
+    "feature_axes", "reduction_axes", "float_input", "momentum_value", "epsilon_value",
+    "axis_name_bound", "feature_shape_matches", "mask_broadcasts", "static_bool",
+    "Optional",
+]

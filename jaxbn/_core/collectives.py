@@ -1,0 +1,55 @@
+"""The cross-device reductions of the forward pass (the only place jaxbn communicates).
+
+Each BN call issues exactly one collective in its forward pass: everything that must be
+reduced is stacked into one array first.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+
+def names(axis_name: Any) -> tuple:
+  if axis_name is None:
+    return ()
+  if isinstance(axis_name, (tuple, list)):
+    return tuple(axis_name)
+  return (axis_name,)
+
+
+def psum(x: jax.Array, axis_name: Any, axis_index_groups: Optional[Sequence] = None):
+  """``lax.psum`` over ``axis_name`` (a no-op when it is None)."""
+  if axis_name is None:
+    return x
+  return lax.psum(x, names(axis_name), axis_index_groups=axis_index_groups)
+
+
+def gather(x: jax.Array, axis_name: Any, axis_index_groups: Optional[Sequence] = None):
+  """Stacks every device's ``x`` along a new leading axis with one all-reduce.
+
+  Each device writes its value into its own row of a zero buffer and the buffers are summed.
+  Unlike ``all_gather`` the result is typed as replicated (invariant) under ``shard_map``'s
+  checking, so it can leave ``shard_map`` with ``out_specs=P()``. With ``axis_index_groups``
+  the rows of devices outside the caller's group are zero.
+  """
+  ax = names(axis_name)
+  size = lax.psum(1, ax)
+  index = lax.axis_index(ax)
+  buf = jnp.zeros((size,) + x.shape, x.dtype)
+  buf = lax.dynamic_update_index_in_dim(buf, x, index, axis=0)
+  return lax.psum(buf, ax, axis_index_groups=axis_index_groups)
+
+
+def to_varying(x: jax.Array, axis_name: Any):
+  """Marks a replicated value as device-varying, once, so that its transpose is one psum."""
+  if axis_name is None:
+    return x
+  ax = names(axis_name)
+  try:
+    return lax.pcast(x, ax, to="varying")
+  except Exception:  # outside shard_map's type system (pmap/vmap): nothing to mark
+    return x

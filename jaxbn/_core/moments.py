@@ -1,0 +1,182 @@
+"""Per-feature batch moments: masked, float32-accumulated, synchronized across devices."""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.typing import ArrayLike
+
+from jaxbn._core import checks
+from jaxbn._core import collectives
+from jaxbn._core.types import Moments
+
+
+def accumulation_dtype(dtype) -> jnp.dtype:
+  """At least float32 (complex64 for complex input); float64 stays float64."""
+  if jnp.issubdtype(dtype, jnp.complexfloating):
+    return jnp.promote_types(dtype, jnp.complex64)
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+def _abs2(z):
+  if jnp.iscomplexobj(z):
+    return (z.real * z.real + z.imag * z.imag)
+  return z * z
+
+
+def _real_dtype(dtype):
+  return jnp.finfo(dtype).dtype
+
+
+def _aliases(x: jax.Array, n: int):
+  """``n`` aliases of ``x`` that XLA cannot merge.
+
+  When one up-cast of a bf16 ``x`` feeds several fused passes, XLA:CPU writes the float32 copy
+  out in full; giving each pass its own alias keeps the up-cast inside each pass's loop.
+  """
+  return lax.optimization_barrier((x,) * n)
+
+
+def local_moments(x: jax.Array, red: tuple[int, ...], mask: Optional[jax.Array],
+                  fast: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Count, mean and centered sum of squares ``M2`` of this device's data (keepdims shapes).
+
+  Stable mode (default) without a mask uses the shifted-data algorithm: with ``K`` one entry
+  of the batch per feature, ``M2 = Σ(x-K)² - (Σ(x-K))²/n``; because ``K`` is a sample of the
+  same distribution, ``|mean - K|`` is of the order of the standard deviation and nothing
+  cancels, whatever the offset of the data — in one pass over ``x``. With a mask, a two-pass
+  algorithm (mean, then ``Σ(x - mean)²``) avoids having to find a valid shift. Fast mode is
+  ``Σx²/n - mean²`` (flax's ``use_fast_variance``), clamped at 0.
+  """
+  acc = accumulation_dtype(x.dtype)
+  rdt = _real_dtype(acc)
+  if mask is None:
+    n = 1.0
+    for a in red:
+      n *= x.shape[a]
+    count = jnp.full([1 if i in red else d for i, d in enumerate(x.shape)], n, rdt)
+    if fast:
+      s1 = jnp.sum(x.astype(acc), axis=red, keepdims=True)
+      s2 = jnp.sum(_abs2(x.astype(acc)), axis=red, keepdims=True)
+      mean = s1 / n
+      return count, mean, jnp.maximum(s2 - n * _abs2(mean), 0.0).astype(rdt)
+    shift = lax.stop_gradient(
+        lax.slice(x, (0,) * x.ndim,
+                  tuple(1 if i in red else d for i, d in enumerate(x.shape))).astype(acc))
+    xs = x.astype(acc) - shift
+    s1 = jnp.sum(xs, axis=red, keepdims=True)
+    s2 = jnp.sum(_abs2(xs), axis=red, keepdims=True)
+    d = s1 / n
+    return count, shift + d, jnp.maximum(s2 - n * _abs2(d), 0.0).astype(rdt)
+
+  mask = jnp.broadcast_to(mask, x.shape)
+  count = jnp.sum(mask, axis=red, keepdims=True, dtype=rdt)
+  safe_n = jnp.maximum(count, 1.0)
+  if fast:
+    xm = jnp.where(mask, x.astype(acc), 0)
+    s1 = jnp.sum(xm, axis=red, keepdims=True)
+    s2 = jnp.sum(_abs2(xm), axis=red, keepdims=True)
+    mean = s1 / safe_n
+    return count, mean, jnp.maximum(s2 - count * _abs2(mean), 0.0).astype(rdt)
+  xa, xb = _aliases(x, 2)
+  mean = jnp.sum(jnp.where(mask, xa.astype(acc), 0), axis=red, keepdims=True) / safe_n
+  m2 = jnp.sum(jnp.where(mask, _abs2(xb.astype(acc) - mean), 0), axis=red, keepdims=True)
+  return count, mean, m2.astype(rdt)
+
+
+def combine(count, mean, m2, axis_name, axis_index_groups, fast: bool):
+  """Global (count, mean, variance) from every device's local moments, in one collective.
+
+  Fast mode sums ``[n, Σx, Σ|x|²]`` (one ``psum``). Stable mode gathers every device's
+  ``(n, mean, M2)`` (one all-reduce of a ``devices × 3 × features`` buffer) and merges them
+  with Chan et al.'s pairwise formula ``M2 = Σ M2_i + Σ n_i (mean_i - mean)²``, which is
+  exact in the weights (uneven and masked devices) and free of cancellation.
+  """
+  if axis_name is None:
+    var = m2 / jnp.maximum(count, 1.0)
+    return count, mean, var
+  cdt = mean.dtype
+  if fast:
+    stacked = jnp.stack([count.astype(cdt), count * mean, m2 + count * _abs2(mean)])
+    total = collectives.psum(stacked, axis_name, axis_index_groups)
+    n = total[0].real.astype(count.dtype)
+    safe = jnp.maximum(n, 1.0)
+    g_mean = total[1] / safe
+    var = jnp.maximum(total[2].real / safe - _abs2(g_mean), 0.0)
+    return n, g_mean, var.astype(count.dtype)
+  stacked = jnp.stack([count.astype(cdt), mean, m2.astype(cdt)])
+  rows = collectives.gather(stacked, axis_name, axis_index_groups)
+  n_i, mean_i, m2_i = rows[:, 0].real.astype(count.dtype), rows[:, 1], rows[:, 2].real
+  n = jnp.sum(n_i, axis=0)
+  safe = jnp.maximum(n, 1.0)
+  g_mean = jnp.sum(n_i * mean_i, axis=0) / safe
+  g_m2 = jnp.sum(m2_i, axis=0) + jnp.sum(n_i * _abs2(mean_i - g_mean), axis=0)
+  return n, g_mean, (g_m2 / safe).astype(count.dtype)
+
+
+def moments_keepdims(x, red, mask, axis_name, axis_index_groups, fast):
+  count, mean, m2 = local_moments(x, red, mask, fast)
+  return combine(count, mean, m2, axis_name, axis_index_groups, fast)
+
+
+def feature_shape(x_shape, feat):
+  return tuple(x_shape[a] for a in feat)
+
+
+def moments(
+    x: ArrayLike,
+    *,
+    axis: checks.Axes = -1,
+    mask: Optional[ArrayLike] = None,
+    axis_name: Any = None,
+    axis_index_groups: Optional[Sequence[Sequence[int]]] = None,
+    use_fast_variance: bool = False,
+) -> Moments:
+  r"""Per-feature mean, biased variance and count of ``x`` over all non-feature axes.
+
+  .. math::
+     \mu = \frac{1}{n}\sum_{i \in \text{valid}} x_i, \qquad
+     \sigma^2 = \frac{1}{n}\sum_{i \in \text{valid}} |x_i - \mu|^2
+
+  Numerics: sums are accumulated in float32 (or wider) for bf16/fp16 input, inside the
+  reduction loops (no up-cast copy of ``x`` is written). The default variance is stable for
+  any offset of the data (shifted-data one-pass, or two-pass with a mask); with
+  ``use_fast_variance=True`` it is flax's ``E[x²] - E[x]²`` clamped at 0, which loses all
+  precision when ``|mean| / std`` is large. With ``axis_name`` the statistics are those of the
+  union of all devices' valid entries, weighted by their true counts, computed with one
+  collective.
+
+  Args:
+    x: input array, any float dtype (complex allowed: the variance is that of ``|x - mean|``).
+    axis: feature axis or axes (default -1, channels-last); the others are reduced.
+    mask: optional bool array broadcastable to ``x``; False entries do not count (even if they
+      hold NaN or Inf).
+    axis_name: name or tuple of names of mapped axes (``shard_map``/``pmap``/``vmap``) over
+      which to synchronize the statistics; None for none.
+    axis_index_groups: optional groups of device indices to synchronize within (``pmap``).
+    use_fast_variance: use ``E[x²] - E[x]²`` (cheaper sync, unstable for large means).
+
+  Returns:
+    :class:`Moments` ``(mean, var, count)`` of the feature shape. ``count`` is 0 (and mean and
+    var are 0) for a feature without any valid entry.
+
+  Example:
+    >>> import jax.numpy as jnp, jaxbn
+    >>> m = jaxbn.moments(jnp.array([[1., 10.], [3., 30.]]))
+    >>> m.mean.tolist(), m.var.tolist(), m.count.tolist()
+    ([2.0, 20.0], [1.0, 100.0], [2.0, 2.0])
+  """
+  fn = "moments"
+  x = jnp.asarray(x)
+  checks.float_input(fn, x)
+  feat = checks.feature_axes(fn, x.ndim, axis)
+  checks.mask_broadcasts(fn, mask, x.shape)
+  checks.axis_name_bound(fn, axis_name)
+  red = checks.reduction_axes(x.ndim, feat)
+  count, mean, var = moments_keepdims(x, red, None if mask is None else jnp.asarray(mask),
+                                      axis_name, axis_index_groups, use_fast_variance)
+  fshape = feature_shape(x.shape, feat)
+  return Moments(mean.reshape(fshape), var.reshape(fshape), count.reshape(fshape))
