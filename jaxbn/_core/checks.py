@@ -81,21 +81,108 @@ def epsilon_value(fn: str, epsilon: Any) -> None:
     )
 
 
-def axis_name_bound(fn: str, axis_name: AxisName) -> None:
-  """Raises a clear error for an axis name that no enclosing map binds."""
+def _bound_names() -> str:
+  """The mapped axis names bound here, for error messages (best effort)."""
+  try:
+    from jax._src import core as _jcore  # private: only used to word an error message
+    names = list(_jcore.get_axis_env().axis_sizes)
+  except Exception:  # pragma: no cover - JAX internals moved
+    return ""
+  if not names:
+    return " No mapped axis is bound here."
+  return f" The axis names bound here are {tuple(names)!r}."
+
+
+def axis_name_bound(fn: str, axis_name: AxisName, axis_index_groups: Any = None) -> None:
+  """Raises a clear error for an axis name that no enclosing map binds, or bad groups.
+
+  ``axis_index_groups`` must partition the indices ``0 .. size-1`` of the (combined)
+  ``axis_name`` axis into groups of equal size, and the enclosing map must support grouped
+  collectives (``jax.pmap``, ``jax.shard_map(check_vma=False)``; not ``jax.shard_map``'s
+  default ``check_vma=True`` nor ``jax.vmap``).
+  """
   if axis_name is None:
+    if axis_index_groups is not None:
+      raise ValueError(
+          f"{fn}: `axis_index_groups`={axis_index_groups!r} was given without `axis_name`; "
+          f"groups select devices along a mapped axis, so also pass the axis name, e.g. "
+          f"axis_name='batch'."
+      )
     return
-  names = axis_name if isinstance(axis_name, (tuple, list)) else (axis_name,)
+  names = tuple(axis_name) if isinstance(axis_name, (tuple, list)) else (axis_name,)
+  if not names:
+    raise ValueError(f"{fn}: `axis_name` is an empty tuple; pass None to synchronize nothing.")
+  sizes = []
   for name in names:
     try:
-      lax.axis_size(name)
+      sizes.append(int(lax.axis_size(name)))
     except NameError:
       raise ValueError(
           f"{fn}: `axis_name`={axis_name!r}: the axis name {name!r} is not bound here. "
           f"Call it inside jax.shard_map(mesh=...), jax.pmap(axis_name=...) or "
           f"jax.vmap(axis_name=...) that defines {name!r}, check the spelling, or pass "
           f"axis_name=None (under plain jax.jit on sharded arrays no name is needed)."
+          f"{_bound_names()}"
       ) from None
+  if axis_index_groups is not None:
+    _groups_partition(fn, axis_name, axis_index_groups, int(np.prod(sizes)))
+    _groups_supported(fn, names, axis_index_groups)
+
+
+def _groups_partition(fn: str, axis_name: AxisName, groups: Any, size: int) -> None:
+  """Checks that ``groups`` partitions ``range(size)`` into groups of equal size."""
+  try:
+    flat = [list(g) for g in groups]
+    ok = all(isinstance(i, (int, np.integer)) for g in flat for i in g)
+  except TypeError:
+    ok = False
+  if not ok or not flat:
+    raise TypeError(
+        f"{fn}: `axis_index_groups` must be a list of lists of device indices along "
+        f"`axis_name`={axis_name!r}, e.g. [[0, 1], [2, 3]], got {groups!r}."
+    )
+  seen = [int(i) for g in flat for i in g]
+  outside = sorted({i for i in seen if not 0 <= i < size})
+  repeated = sorted({i for i in seen if seen.count(i) > 1})
+  missing = sorted(set(range(size)) - set(seen))
+  if outside or repeated or missing:
+    problems = []
+    if outside:
+      problems.append(f"indices {outside} are outside [0, {size - 1}]")
+    if repeated:
+      problems.append(f"indices {repeated} appear more than once")
+    if missing:
+      problems.append(f"indices {missing} are in no group")
+    raise ValueError(
+        f"{fn}: `axis_index_groups`={groups!r} does not partition the {size} indices of "
+        f"`axis_name`={axis_name!r}: {'; '.join(problems)}. Every index 0..{size - 1} must "
+        f"be in exactly one group."
+    )
+  if len({len(g) for g in flat}) != 1:
+    raise ValueError(
+        f"{fn}: `axis_index_groups`={groups!r} has groups of sizes "
+        f"{[len(g) for g in flat]}; JAX requires groups of equal size."
+    )
+
+
+def _groups_supported(fn: str, names: tuple, groups: Any) -> None:
+  """Turns JAX's bare NotImplementedError for grouped collectives into a clear one.
+
+  Traces a grouped ``psum`` of a scalar that nothing uses (removed by dead-code elimination
+  where it is supported).
+  """
+  try:
+    lax.psum(lax.axis_index(names) * 0, names,
+             axis_index_groups=[[int(i) for i in g] for g in groups])
+  except NotImplementedError:
+    raise NotImplementedError(
+        f"{fn}: `axis_index_groups` is not supported by JAX here: jax.shard_map with its "
+        f"default check_vma=True and jax.vmap do not implement grouped collectives. Give "
+        f"the groups their own mesh axis instead, e.g. jax.make_mesh((2, 4), ('group', "
+        f"'data')) with in_specs=P(('group', 'data')) and axis_name='data' synchronizes "
+        f"within each group of 4 devices; or use jax.pmap(axis_name=...) or "
+        f"jax.shard_map(..., check_vma=False), where `axis_index_groups` works."
+    ) from None
 
 
 def feature_shape_matches(fn: str, name: str, value: Any, expected: tuple[int, ...],

@@ -40,16 +40,52 @@ def _aliases(x: jax.Array, n: int):
   return lax.optimization_barrier((x,) * n)
 
 
+def _first_entry(x: jax.Array, red: tuple[int, ...]) -> jax.Array:
+  """``x[0]`` along every reduced axis (keepdims), also for explicitly sharded ``x``.
+
+  Under ``jax.jit`` with an explicit-axes mesh (``jax.make_mesh``'s default), slicing one
+  entry out of a sharded dimension is a sharding type error; the slice is then taken with
+  those mesh axes in auto mode, where XLA broadcasts the entry (one small collective).
+  """
+  limit = tuple(1 if i in red else d for i, d in enumerate(x.shape))
+  sharding = getattr(jax.typeof(x), "sharding", None)
+  spec = getattr(sharding, "spec", None)
+  if spec is None:
+    return lax.slice(x, (0,) * x.ndim, limit)
+  entries = tuple(spec) + (None,) * (x.ndim - len(spec))
+  sharded = []
+  for i in red:
+    for name in collectives.names(entries[i]):
+      if name not in sharded:
+        sharded.append(name)
+  if not sharded:
+    return lax.slice(x, (0,) * x.ndim, limit)
+  out = jax.sharding.NamedSharding(
+      sharding.mesh, jax.sharding.PartitionSpec(
+          *(None if i in red else e for i, e in enumerate(entries))))
+  return jax.sharding.auto_axes(lambda v: lax.slice(v, (0,) * v.ndim, limit),
+                                axes=tuple(sharded), out_sharding=out)(x)
+
+
+# |mean| / std above which the one-pass sums are not trusted: the float32 error of
+# Σx² − (Σx)²/n relative to the variance grows like eps · (1 + mean²/var).
+OFFSET_LIMIT2 = 16.0
+
+
 def local_moments(x: jax.Array, red: tuple[int, ...], mask: Optional[jax.Array],
                   fast: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Count, mean and centered sum of squares ``M2`` of this device's data (keepdims shapes).
 
-  Stable mode (default) without a mask uses the shifted-data algorithm: with ``K`` one entry
-  of the batch per feature, ``M2 = Σ(x-K)² - (Σ(x-K))²/n``; because ``K`` is a sample of the
-  same distribution, ``|mean - K|`` is of the order of the standard deviation and nothing
-  cancels, whatever the offset of the data — in one pass over ``x``. With a mask, a two-pass
-  algorithm (mean, then ``Σ(x - mean)²``) avoids having to find a valid shift. Fast mode is
-  ``Σx²/n - mean²`` (flax's ``use_fast_variance``), clamped at 0.
+  Both modes first take the one-pass sums ``Σx`` and ``Σx²`` (float32 accumulation inside
+  the reduction loops, which XLA fuses without writing anything the size of ``x``). Fast
+  mode (flax's ``use_fast_variance``) stops there: ``M2 = Σx² − (Σx)²/n``, clamped at 0.
+
+  The default stable mode checks whether those sums can be trusted: when every feature has
+  ``mean² <= 16 · var`` the rounding error of the one-pass formula is below about 1e-5 of
+  the variance and it is kept. Otherwise (data far from zero relative to its spread, where
+  the one-pass formula returns garbage) a ``lax.cond`` takes a second, exact pass: the
+  corrected two-pass algorithm ``M2 = Σd² − (Σd)²/n`` with ``d = x − mean``. Typical
+  activations take the one-pass branch; the result is accurate for any offset.
   """
   acc = accumulation_dtype(x.dtype)
   rdt = _real_dtype(acc)
@@ -58,33 +94,35 @@ def local_moments(x: jax.Array, red: tuple[int, ...], mask: Optional[jax.Array],
     for a in red:
       n *= x.shape[a]
     count = jnp.full([1 if i in red else d for i, d in enumerate(x.shape)], n, rdt)
-    if fast:
-      s1 = jnp.sum(x.astype(acc), axis=red, keepdims=True)
-      s2 = jnp.sum(_abs2(x.astype(acc)), axis=red, keepdims=True)
-      mean = s1 / n
-      return count, mean, jnp.maximum(s2 - n * _abs2(mean), 0.0).astype(rdt)
-    shift = lax.stop_gradient(
-        lax.slice(x, (0,) * x.ndim,
-                  tuple(1 if i in red else d for i, d in enumerate(x.shape))).astype(acc))
-    xs = x.astype(acc) - shift
-    s1 = jnp.sum(xs, axis=red, keepdims=True)
-    s2 = jnp.sum(_abs2(xs), axis=red, keepdims=True)
-    d = s1 / n
-    return count, shift + d, jnp.maximum(s2 - n * _abs2(d), 0.0).astype(rdt)
-
-  mask = jnp.broadcast_to(mask, x.shape)
-  count = jnp.sum(mask, axis=red, keepdims=True, dtype=rdt)
-  safe_n = jnp.maximum(count, 1.0)
+    xa, xb, xc = _aliases(x, 3)
+    s1 = jnp.sum(xa.astype(acc), axis=red, keepdims=True)
+    s2 = jnp.sum(_abs2(xb.astype(acc)), axis=red, keepdims=True)
+    valid = None
+  else:
+    mask = jnp.broadcast_to(mask, x.shape)
+    count = jnp.sum(mask, axis=red, keepdims=True, dtype=rdt)
+    n = jnp.maximum(count, 1.0)
+    xa, xb, xc = _aliases(x, 3)
+    zero = jnp.zeros((), acc)
+    s1 = jnp.sum(jnp.where(mask, xa.astype(acc), zero), axis=red, keepdims=True)
+    s2 = jnp.sum(jnp.where(mask, _abs2(xb.astype(acc)), 0), axis=red, keepdims=True)
+    valid = mask
+  mean = s1 / n
+  m2 = jnp.maximum(s2 - n * _abs2(mean), 0.0).astype(rdt)
   if fast:
-    xm = jnp.where(mask, x.astype(acc), 0)
-    s1 = jnp.sum(xm, axis=red, keepdims=True)
-    s2 = jnp.sum(_abs2(xm), axis=red, keepdims=True)
-    mean = s1 / safe_n
-    return count, mean, jnp.maximum(s2 - count * _abs2(mean), 0.0).astype(rdt)
-  xa, xb = _aliases(x, 2)
-  mean = jnp.sum(jnp.where(mask, xa.astype(acc), 0), axis=red, keepdims=True) / safe_n
-  m2 = jnp.sum(jnp.where(mask, _abs2(xb.astype(acc) - mean), 0), axis=red, keepdims=True)
-  return count, mean, m2.astype(rdt)
+    return count, mean, m2
+
+  def exact(_):
+    d = xc.astype(acc) - mean
+    if valid is not None:
+      d = jnp.where(valid, d, 0)
+    e = jnp.sum(d, axis=red, keepdims=True)
+    m2x = jnp.sum(_abs2(d), axis=red, keepdims=True) - _abs2(e) / n
+    return mean + e / n, jnp.maximum(m2x, 0.0).astype(rdt)
+
+  trusted = jnp.all(_abs2(mean) * n <= OFFSET_LIMIT2 * m2)
+  mean, m2 = lax.cond(trusted, lambda _: (mean, m2), exact, None)
+  return count, mean, m2
 
 
 def combine(count, mean, m2, axis_name, axis_index_groups, fast: bool):
@@ -174,7 +212,7 @@ def moments(
   checks.float_input(fn, x)
   feat = checks.feature_axes(fn, x.ndim, axis)
   checks.mask_broadcasts(fn, mask, x.shape)
-  checks.axis_name_bound(fn, axis_name)
+  checks.axis_name_bound(fn, axis_name, axis_index_groups)
   red = checks.reduction_axes(x.ndim, feat)
   count, mean, var = moments_keepdims(x, red, None if mask is None else jnp.asarray(mask),
                                       axis_name, axis_index_groups, use_fast_variance)

@@ -1,0 +1,345 @@
+"""Functional BN benchmark: jaxbn vs flax (linen, nnx), haiku, equinox and torch CPU.
+
+Times the training-mode forward and forward+backward under ``jax.jit`` on NHWC shapes, in
+float32 and bfloat16, warm and interleaved (one call of every implementation per round), and
+reports medians and paired ratios to ``flax.linen.BatchNorm`` from the same rounds. The
+memory-bandwidth roofline is measured in the same run with an in-place donated copy. It also
+reports the compiled temporary memory of a small conv+BN+ReLU CNN train step and the compile
+time of a 20-layer one, jaxbn vs flax.
+
+Usage::
+
+    python benchmarks/bench_core.py                 # full table (about 10 minutes on 2 cores)
+    python benchmarks/bench_core.py --quick         # small smoke run
+    python benchmarks/bench_core.py --hugepages both   # also rerun under glibc huge pages
+
+On these CPU VMs fresh buffers of 32 MiB or more are dominated by page faults; ``--hugepages
+both`` reruns the timing in a child process with ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common  # noqa: E402
+
+import jaxbn  # noqa: E402
+
+SHAPES = [(256, 32, 32, 64), (128, 16, 16, 256), (64, 56, 56, 64), (32, 8, 8, 16)]
+MOMENTUM, EPS = 0.99, 1e-5
+
+
+# ---------------------------------------------------------------- implementations
+def make_jaxbn(c, dtype):
+  stats = jaxbn.init_stats(c)
+
+  def fwd(x, scale, bias):
+    return jaxbn.batch_norm(x, stats, scale, bias, training=True, momentum=MOMENTUM,
+                            epsilon=EPS)
+
+  return fwd
+
+
+def make_flax_linen(c, dtype):
+  import flax.linen as nn
+  mod = nn.BatchNorm(use_running_average=False, momentum=MOMENTUM, epsilon=EPS, dtype=dtype)
+  stats = {"mean": jnp.zeros(c), "var": jnp.ones(c)}
+
+  def fwd(x, scale, bias):
+    y, upd = mod.apply({"params": {"scale": scale, "bias": bias}, "batch_stats": stats}, x,
+                       mutable=["batch_stats"])
+    return y, upd["batch_stats"]
+
+  return fwd
+
+
+def make_flax_nnx(c, dtype):
+  from flax import nnx
+  bn = nnx.BatchNorm(c, momentum=MOMENTUM, epsilon=EPS, dtype=dtype, rngs=nnx.Rngs(0))
+  graphdef, params, rest = nnx.split(bn, nnx.Param, ...)
+
+  def fwd(x, scale, bias):
+    p = nnx.replace_by_pure_dict(params, {"scale": scale, "bias": bias})
+    model = nnx.merge(graphdef, p, rest)
+    y = model(x)
+    return y, nnx.state(model, nnx.BatchStat)
+
+  return fwd
+
+
+def make_haiku(c, dtype):
+  import haiku as hk
+
+  def f(x, is_training=True):
+    return hk.BatchNorm(create_scale=True, create_offset=True, decay_rate=MOMENTUM, eps=EPS,
+                        data_format="channels_last")(x, is_training)
+
+  t = hk.transform_with_state(f)
+  state = t.init(jax.random.key(0), jnp.zeros((2, c), jnp.float32))[1]
+
+  def fwd(x, scale, bias):
+    params = {"batch_norm": {"scale": scale.reshape((1,) * (x.ndim - 1) + (c,)),
+                             "offset": bias.reshape((1,) * (x.ndim - 1) + (c,))}}
+    return t.apply(params, state, None, x)
+
+  return fwd
+
+
+def make_equinox(c, dtype):
+  import equinox as eqx
+  bn = eqx.nn.BatchNorm(c, axis_name="batch", momentum=MOMENTUM, eps=EPS, mode="batch")
+  state = eqx.nn.State(bn)
+
+  def fwd(x, scale, bias):  # equinox works per example, channel-first, under vmap
+    m = eqx.tree_at(lambda b: (b.weight, b.bias), bn, (scale, bias))
+    xc = jnp.moveaxis(x, -1, 1)
+    y, st = jax.vmap(m, axis_name="batch", in_axes=(0, None), out_axes=(0, None))(xc, state)
+    return jnp.moveaxis(y, 1, -1), st
+
+  return fwd
+
+
+ANCHORS = {
+    "jaxbn": make_jaxbn,
+    "flax.linen": make_flax_linen,
+    "flax.nnx": make_flax_nnx,
+    "haiku": make_haiku,
+    "equinox": make_equinox,
+}
+
+
+def available():
+  out = {}
+  for name, make in ANCHORS.items():
+    try:
+      make(4, jnp.float32)(jnp.ones((2, 4)), jnp.ones(4), jnp.zeros(4))
+      out[name] = make
+    except Exception as e:  # optional anchors
+      print(f"# {name} unavailable: {type(e).__name__}: {e}"[:200], file=sys.stderr)
+  return out
+
+
+def compile_pair(make, shape, dtype):
+  c = shape[-1]
+  fwd = make(c, dtype)
+
+  def f_fwd(x, scale, bias):
+    return fwd(x, scale, bias)
+
+  def f_fb(x, scale, bias, dy):
+    (y, st), vjp = jax.vjp(lambda a, s, b: fwd(a, s, b), x, scale, bias)
+    ct_st = jax.tree.map(jnp.zeros_like, st)
+    return y, vjp((dy.astype(y.dtype), ct_st)), st
+
+  return jax.jit(f_fwd), jax.jit(f_fb)
+
+
+# ---------------------------------------------------------------- torch
+def torch_fns(shape, dtype_name, threads):
+  try:
+    import torch
+  except ImportError:
+    return None
+  torch.set_num_threads(threads)
+  tdt = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype_name]
+  n, h, w, c = shape
+  x = torch.randn(n, c, h, w, dtype=tdt).to(memory_format=torch.channels_last)
+  dy = torch.randn_like(x)
+  weight = torch.ones(c, requires_grad=True)
+  bias = torch.zeros(c, requires_grad=True)
+  rm, rv = torch.zeros(c), torch.ones(c)
+  xg = x.clone().requires_grad_(True)
+  F = torch.nn.functional
+
+  def fwd():
+    with torch.no_grad():
+      return F.batch_norm(x, rm, rv, weight, bias, True, 1 - MOMENTUM, EPS)
+
+  def fb():
+    y = F.batch_norm(xg, rm, rv, weight, bias, True, 1 - MOMENTUM, EPS)
+    return torch.autograd.grad(y, (xg, weight, bias), dy)
+
+  return fwd, fb
+
+
+# ---------------------------------------------------------------- roofline
+def roofline_bandwidth(nbytes: int, reps: int) -> float:
+  """Bytes/s of an in-place donated elementwise update (reads and writes every byte once)."""
+  n = nbytes // 4
+  f = jax.jit(lambda a: a + 1.0, donate_argnums=0)
+  a = jnp.zeros((n,), jnp.float32)
+  times = []
+  for i in range(reps + 2):
+    t0 = time.perf_counter()
+    a = f(a)
+    a.block_until_ready()
+    if i >= 2:
+      times.append(time.perf_counter() - t0)
+  return 2 * nbytes / _common.median(times)
+
+
+# ---------------------------------------------------------------- CNN memory / compile
+def cnn(num_layers, channels, bn):
+  """A conv+BN+ReLU stack and its loss; ``bn(x, i, params, stats) -> (y, new_stats_i)``."""
+
+  def loss(params, stats, x, labels):
+    h = x
+    new_stats = []
+    for i in range(num_layers):
+      h = jax.lax.conv_general_dilated(h, params["conv"][i], (1, 1), "SAME",
+                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
+      h, s = bn(h, i, params, stats)
+      new_stats.append(s)
+      h = jax.nn.relu(h)
+    logits = jnp.mean(h.astype(jnp.float32), axis=(1, 2)) @ params["head"]
+    ll = jax.nn.log_softmax(logits)
+    return -jnp.mean(jnp.take_along_axis(ll, labels[:, None], 1)), new_stats
+
+  def step(params, stats, x, labels):
+    (l, new_stats), g = jax.value_and_grad(loss, has_aux=True)(params, stats, x, labels)
+    params = jax.tree.map(lambda p, gi: p - 0.01 * gi.astype(p.dtype), params, g)
+    return params, new_stats, l
+
+  return step
+
+
+def cnn_setup(num_layers, channels, dtype, impl):
+  import flax.linen as nn
+  key = jax.random.key(0)
+  cin = 3
+  convs = []
+  for i in range(num_layers):
+    key, k = jax.random.split(key)
+    convs.append((jax.random.normal(k, (3, 3, cin, channels)) * 0.1).astype(dtype))
+    cin = channels
+  params = {"conv": convs, "head": jnp.zeros((channels, 10)),
+            "scale": [jnp.ones(channels) for _ in range(num_layers)],
+            "bias": [jnp.zeros(channels) for _ in range(num_layers)]}
+  if impl == "jaxbn":
+    stats = [jaxbn.init_stats(channels) for _ in range(num_layers)]
+
+    def bn(h, i, p, s):
+      return jaxbn.batch_norm(h, s[i], p["scale"][i], p["bias"][i], training=True,
+                              momentum=MOMENTUM, epsilon=EPS)
+  else:
+    stats = [{"mean": jnp.zeros(channels), "var": jnp.ones(channels)}
+             for _ in range(num_layers)]
+    mod = nn.BatchNorm(use_running_average=False, momentum=MOMENTUM, epsilon=EPS, dtype=dtype)
+
+    def bn(h, i, p, s):
+      y, upd = mod.apply({"params": {"scale": p["scale"][i], "bias": p["bias"][i]},
+                          "batch_stats": s[i]}, h, mutable=["batch_stats"])
+      return y, upd["batch_stats"]
+
+  return cnn(num_layers, channels, bn), params, stats
+
+
+def cnn_memory_and_compile(dtype, quick):
+  rows = []
+  for impl in ("jaxbn", "flax.linen"):
+    step, params, stats = cnn_setup(3, 32, dtype, impl)
+    x = jnp.ones((32, 32, 32, 3), dtype)
+    labels = jnp.zeros((32,), jnp.int32)
+    comp = jax.jit(step).lower(params, stats, x, labels).compile()
+    temp = comp.memory_analysis().temp_size_in_bytes
+    n = 20 if not quick else 4
+    step20, p20, s20 = cnn_setup(n, 16, dtype, impl)
+    x20 = jnp.ones((8, 16, 16, 3), dtype)
+    t0 = time.perf_counter()
+    jax.jit(step20).lower(p20, s20, x20, labels[:8]).compile()
+    rows.append((impl, temp, time.perf_counter() - t0))
+  return rows
+
+
+# ---------------------------------------------------------------- main
+def run(args):
+  impls = available()
+  if args.only:
+    impls = {k: v for k, v in impls.items() if k in args.only.split(",") or k == "flax.linen"}
+  shapes = SHAPES if not args.quick else [(16, 8, 8, 16), (8, 4, 4, 32)]
+  dtypes = ["float32", "bfloat16"]
+  reps = args.reps if not args.quick else 3
+  print(f"## BN training step, NHWC, jit — {_common.machine()}\n")
+  big = max(int(np.prod(s)) for s in shapes) * 4
+  bw = roofline_bandwidth(big, reps=max(reps, 5))
+  print(f"Roofline: in-place donated copy of {big / 2**20:.0f} MiB: {bw / 1e9:.2f} GB/s\n")
+  print("| shape | dtype | pass | impl | median ms | ratio to flax.linen | roofline ms "
+        "| % of roofline |")
+  print("|---|---|---|---|---|---|---|---|")
+  rng = np.random.default_rng(0)
+  for dname in dtypes:
+    dtype = jnp.dtype(dname)
+    for shape in shapes:
+      c = shape[-1]
+      x = jnp.asarray(rng.normal(size=shape) * 2 + 1, dtype)
+      dy = jnp.asarray(rng.normal(size=shape), dtype)
+      scale = jnp.asarray(rng.normal(size=c) * 0.1 + 1, jnp.float32)
+      bias = jnp.asarray(rng.normal(size=c) * 0.1, jnp.float32)
+      fwds, fbs = {}, {}
+      for name, make in impls.items():
+        f, fb = compile_pair(make, shape, dtype)
+        fwds[name] = functools.partial(f, x, scale, bias)
+        fbs[name] = functools.partial(fb, x, scale, bias, dy)
+      tfns = torch_fns(shape, dname, os.cpu_count() or 1) if not args.no_torch else None
+      if tfns is not None:
+        fwds["torch (CPU)"], fbs["torch (CPU)"] = tfns
+      size = int(np.prod(shape)) * dtype.itemsize
+      for pname, fns, units in (("fwd", fwds, 3), ("fwd+bwd", fbs, 8)):
+        times = _common.interleaved(fns, reps)
+        base = times["flax.linen"]
+        roof = units * size / bw * 1e3
+        for name, t in times.items():
+          med = _common.median(t) * 1e3
+          ratio = _common.paired_ratio(t, base)
+          print(f"| {shape} | {dname} | {pname} | {name} | {med:.2f} | {ratio:.2f} | "
+                f"{roof:.2f} | {100 * roof / med:.0f}% |", flush=True)
+  print("\nRoofline bytes: fwd = read x twice (statistics, output) + write y; fwd+bwd adds "
+        "read x, dy (reductions) and read x, dy + write dx: 8 array passes in all.\n")
+  if not args.no_cnn:
+    print("## Small CNN train step (conv+BN+ReLU): temporary memory and compile time\n")
+    print("| dtype | impl | temp bytes (3 layers, 32x32x32x3) | ratio | compile s "
+          f"({'4' if args.quick else '20'} layers) | ratio |")
+    print("|---|---|---|---|---|---|")
+    for dname in dtypes:
+      rows = cnn_memory_and_compile(jnp.dtype(dname), args.quick)
+      fl = {r[0]: r for r in rows}["flax.linen"]
+      for impl, temp, ct in rows:
+        print(f"| {dname} | {impl} | {temp} | {temp / fl[1]:.2f} | {ct:.2f} | "
+              f"{ct / fl[2]:.2f} |", flush=True)
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--quick", action="store_true", help="tiny shapes, few rounds (smoke test)")
+  p.add_argument("--reps", type=int, default=15, help="timed rounds per table cell")
+  p.add_argument("--only", default="", help="comma-separated implementations to include")
+  p.add_argument("--no-torch", action="store_true")
+  p.add_argument("--no-cnn", action="store_true")
+  p.add_argument("--hugepages", choices=["off", "on", "both"], default="off",
+                 help="'both' reruns the table in a child with glibc huge pages")
+  args = p.parse_args()
+  if args.hugepages == "on" and "hugetlb" not in os.environ.get("GLIBC_TUNABLES", ""):
+    env = dict(os.environ, GLIBC_TUNABLES="glibc.malloc.hugetlb=1")
+    argv = [a for a in sys.argv[1:] if not a.startswith("--hugepages")]
+    sys.exit(subprocess.call([sys.executable, __file__, *argv, "--hugepages", "off"], env=env))
+  run(args)
+  if args.hugepages == "both":
+    print("\n# Rerun with GLIBC_TUNABLES=glibc.malloc.hugetlb=1\n", flush=True)
+    env = dict(os.environ, GLIBC_TUNABLES="glibc.malloc.hugetlb=1")
+    argv = [a for a in sys.argv[1:] if not a.startswith("--hugepages")]
+    subprocess.call([sys.executable, __file__, *argv, "--hugepages", "off", "--no-cnn"], env=env)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,1 @@
+"""Runnable examples for jaxbn (not part of the installed package)."""
