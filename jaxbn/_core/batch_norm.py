@@ -13,8 +13,8 @@ from jax.typing import ArrayLike, DTypeLike
 from jaxbn._core import checks
 from jaxbn._core import collectives
 from jaxbn._core.ema import update_stats
-from jaxbn._core.moments import (OFFSET_LIMIT2, _abs2, accumulation_dtype,
-                                  moments_keepdims)
+from jaxbn._core import moments as moments_lib
+from jaxbn._core.moments import accumulation_dtype, moments_keepdims
 from jaxbn._core.normalize import (affine, check_affine_args, output_dtype, to_keepdims)
 from jaxbn._core.types import BatchStats, Moments
 
@@ -62,27 +62,28 @@ def _bn_train_jvp(cfg, primals, tangents):
   inv = lax.rsqrt(var + epsilon)
   acc = accumulation_dtype(x.dtype)
 
-  def tangent_body(x_form, x, mean, inv, scale, mask, count, xd, sd, bd):
-    xa = x.astype(acc)
+  @functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.nothing_saveable)
+  def tangent(x, mean, inv, scale, mask, count, xd, sd, bd):
+    # Two aliases of x: one for the statistics' tangents (whose transpose is elementwise,
+    # part of dx), one for y's tangent (whose transpose holds the reductions Σdy, Σdy·x̂).
+    # Distinct aliases keep XLA from sharing one materialized x̂ between the passes, so each
+    # pass is a single fused loop that recomputes x̂ from x.
+    xa, xb = moments_lib._aliases(x, 2)
+    xa, xb = xa.astype(acc), xb.astype(acc)
     xdt = xd.astype(acc)
     if mask is not None:
       # As in the forward pass, non-finite masked entries are replaced by 0. Every output
       # (masked or not) depends on the statistics, which only the valid entries enter.
       keep = mask | jnp.isfinite(xa)
       xa = jnp.where(keep, xa, 0)
+      xb = jnp.where(keep, xb, 0)
       xdt = jnp.where(keep, xdt, 0)
-      xc = (xa - mean) * inv
-      xc_s = jnp.where(mask, xc, 0)
+      xc_s = jnp.where(mask, (xa - mean) * inv, 0)
       xdm = jnp.where(mask, xdt, 0)
     else:
-      xc = xc_s = (xa - mean) * inv
+      xc_s = (xa - mean) * inv
       xdm = xdt
-    s0 = _sum(xdm, red)
-    if x_form:  # Σẋ·x̂ = s·(Σẋ·x − μ·Σẋ): no broadcast operand inside the reduction
-      s1 = inv * (_sum(xdm * xa, red) - mean * s0)
-    else:
-      s1 = _sum(xdm * xc_s, red)
-    r = jnp.stack([s0, s1])
+    r = jnp.stack([_sum(xdm, red), _sum(xdm * xc_s, red)])
     r = collectives.psum(r, axis_name, groups) / jnp.maximum(count, 1.0)
     mean_dot, var_dot = r[0], 2.0 * r[1] / inv
     k = inv if scale is None else inv * scale.astype(acc)
@@ -92,23 +93,8 @@ def _bn_train_jvp(cfg, primals, tangents):
     # replicated bias/scale tangents) are made varying in ONE stacked `to_varying`: its
     # transpose is the backward pass's only psum, and the bias/scale gradients are its rows.
     c = collectives.to_varying(jnp.stack([c0, c1]), axis_name)
-    if x_form:  # transposes to the reductions Σdy and Σdy·x, which XLA fuses with the loads
-      y_dot = k * xdt + (c[0] - mean * inv * c[1]) + xa * (inv * c[1])
-    else:
-      y_dot = k * xdt + c[0] + xc * c[1]
+    y_dot = k * xdt + c[0] + ((xb - mean) * inv) * c[1]
     return y_dot.astype(out_dtype), mean_dot.astype(mean.dtype), var_dot.astype(var.dtype)
-
-  @functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.nothing_saveable)
-  def tangent(x, mean, inv, scale, mask, count, xd, sd, bd):
-    args = (x, mean, inv, scale, mask, count, xd, sd, bd)
-    if mask is not None:
-      return tangent_body(False, *args)
-    # The backward pass's reductions are Σdy and Σdy·x̂. Written as Σdy·x − μ·Σdy they fuse
-    # into one pass over (x, dy) without a temporary, and are accurate while |μ| <= 4σ —
-    # the same test as the forward pass's one-pass variance. Otherwise x̂ is formed first.
-    trusted = jnp.all(_abs2(mean) <= OFFSET_LIMIT2 * var)
-    return lax.cond(trusted, functools.partial(tangent_body, True),
-                    functools.partial(tangent_body, False), *args)
 
   y_dot, mean_dot, var_dot = tangent(x, mean, inv, scale, mask, count, xd, sd, bd)
   return (y, mean, var, count), (y_dot, mean_dot, var_dot, jnp.zeros_like(count))

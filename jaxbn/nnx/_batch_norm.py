@@ -7,7 +7,7 @@ from typing import Any, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+from flax import errors, nnx
 from flax.nnx.module import first_from
 from flax.nnx.nn import dtypes, initializers
 from flax.typing import Axes, Dtype, Initializer, PromoteDtypeFn
@@ -26,6 +26,17 @@ _MISSING_MODE = (
     "3. Use `nnx.view` to create a view of the model with a specific `use_running_average` "
     "value:\n\n"
     "  model_view = nnx.view(model, use_running_average=True/False)\n"
+)
+
+_SHARED_UNDER_VMAP = (
+    "jaxbn.nnx.BatchNorm: cannot write the running statistics `mean`/`var`: this layer is "
+    "shared by a transformation that maps the batch (e.g. `nnx.vmap(model, in_axes=1)` or "
+    "`nnx.vmap(f, in_axes=(None, 0))`), so each mapped slice computes its own batch "
+    "statistics and they cannot be stored in the one shared layer. Either synchronize the "
+    "statistics over the mapped axis, `nnx.vmap(..., axis_name='batch')` with "
+    "`BatchNorm(..., axis_name='batch')` (statistics of the whole batch, as without vmap); "
+    "or give every slice its own layer (an ensemble: create the model under `nnx.vmap` and "
+    "map it with in_axes=0); or call `model.eval()` to use the running statistics."
 )
 
 
@@ -95,7 +106,7 @@ class BatchNorm(nnx.Module):
 
   Example:
     >>> import jax, jax.numpy as jnp, jaxbn.nnx
-    >>> from flax import nnx
+    >>> from flax import errors, nnx
     >>> layer = jaxbn.nnx.BatchNorm(4, momentum=0.9, rngs=nnx.Rngs(0))
     >>> x = jax.random.normal(jax.random.key(0), (8, 4)) * 3 + 1
     >>> y = layer(x)                       # training mode: batch statistics
@@ -240,9 +251,10 @@ class BatchNorm(nnx.Module):
         debias=self.debias,
     )
     if training:
+      if not (self.mean._can_update and self.var._can_update):
+        raise errors.TraceContextError(_SHARED_UNDER_VMAP)
       # As flax: the running statistics carry no gradient when updated in place.
-      if self.mean._can_update or self.var._can_update:
-        new = jax.tree.map(jax.lax.stop_gradient, new)
+      new = jax.tree.map(jax.lax.stop_gradient, new)
       self.mean[...] = new.mean
       self.var[...] = new.var
       if self.count is not None:

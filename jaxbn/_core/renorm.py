@@ -1,0 +1,401 @@
+"""Batch renormalization (Ioffe, 2017): batch statistics corrected toward the running ones."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.typing import ArrayLike, DTypeLike
+
+from jaxbn._core import checks
+from jaxbn._core import collectives
+from jaxbn._core.batch_norm import batch_norm
+from jaxbn._core.ema import update_stats
+from jaxbn._core.moments import accumulation_dtype, moments_keepdims
+from jaxbn._core.normalize import affine, check_affine_args, output_dtype, to_keepdims
+from jaxbn._core.types import BatchStats, Moments
+
+
+def validate_bn_args(fn: str, x: jax.Array, stats: Any, scale: Any, bias: Any,
+                     axis: checks.Axes) -> tuple[tuple[int, ...], tuple[int, ...]]:
+  """Checks the arguments every BN-family function shares; returns (feature axes, shape)."""
+  checks.float_input(fn, x)
+  feat = checks.feature_axes(fn, x.ndim, axis)
+  fshape = tuple(x.shape[a] for a in feat)
+  shown = fshape if len(fshape) > 1 else fshape[0]
+  if not isinstance(stats, BatchStats):
+    raise TypeError(
+        f"{fn}: `stats` must be a jaxbn.BatchStats, got {type(stats).__name__}; create it with "
+        f"jaxbn.init_stats({shown}).")
+  if tuple(jnp.shape(stats.mean)) != fshape or tuple(jnp.shape(stats.var)) != fshape:
+    raise ValueError(
+        f"{fn}: `x` has {shown} features on axis {axis!r} but `stats.mean` has shape "
+        f"{tuple(jnp.shape(stats.mean))}; create the stats with jaxbn.init_stats({shown}) or "
+        f"pass the right `axis`.")
+  check_affine_args(fn, x, feat, fshape, scale, bias)
+  return feat, fshape
+
+
+def _concrete(v: Any) -> Optional[float]:
+  if v is None or isinstance(v, jax.core.Tracer):
+    return None
+  try:
+    return float(v)
+  except (TypeError, ValueError):
+    return None
+
+
+def _check_clipping(fn: str, r_max: Any, d_max: Any, r_min: Any) -> None:
+  """Validates concrete clipping bounds (traced values are accepted unchecked)."""
+  for name, v in (("r_max", r_max), ("d_max", d_max), ("r_min", r_min)):
+    if v is None and name == "r_min":
+      continue
+    if not isinstance(v, jax.core.Tracer) and jnp.ndim(v) != 0:
+      raise ValueError(f"{fn}: `{name}` must be a scalar (a float or a 0-d array), got shape "
+                       f"{jnp.shape(v)}.")
+  rmax, dmax, rmin = _concrete(r_max), _concrete(d_max), _concrete(r_min)
+  if rmax is not None and not rmax >= 1.0:
+    raise ValueError(
+        f"{fn}: `r_max` must be >= 1 (r is clipped to [1/r_max, r_max]; r_max=1 gives plain "
+        f"batch norm's r = 1), got {rmax}.")
+  if dmax is not None and not dmax >= 0.0:
+    raise ValueError(
+        f"{fn}: `d_max` must be >= 0 (d is clipped to [-d_max, d_max]; d_max=0 gives plain "
+        f"batch norm's d = 0), got {dmax}.")
+  if rmin is not None and not (0.0 <= rmin and (rmax is None or rmin <= rmax)):
+    raise ValueError(
+        f"{fn}: `r_min` must be in [0, r_max] (r_max={r_max!r}), got {rmin}; leave it None "
+        f"for the paper's 1/r_max.")
+
+
+def _corrections(mean, var, epsilon, ref_mean, ref_var, r_lo, r_hi, d_max):
+  r"""Clipped ``r = σ_B/σ`` and ``d = (μ_B − μ)/σ``, with ``σ = sqrt(var + ε)`` (constants)."""
+  inv_ref = lax.rsqrt(ref_var + epsilon)
+  r = jnp.clip(jnp.sqrt(var + epsilon) * inv_ref, r_lo, r_hi)
+  d = jnp.clip((mean - ref_mean) * inv_ref, -d_max, d_max)
+  return lax.stop_gradient(r), lax.stop_gradient(d)
+
+
+def _effective_affine(r, d, scale, bias, acc):
+  """The per-feature ``(γ r, γ d + β)`` that turn ``x̂_B`` into the renormalized output."""
+  g = None if scale is None else scale.astype(acc)
+  k = r if g is None else r * g
+  c = d if g is None else d * g
+  if bias is not None:
+    c = c + bias.astype(acc)
+  return k, c
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _renorm_train(cfg, x, scale, bias, mask, epsilon, ref_mean, ref_var, r_lo, r_hi, d_max):
+  """Training-mode renorm on keepdims-shaped vectors: returns (y, mean, var, count)."""
+  red, axis_name, groups, fast, out_dtype = cfg
+  acc = accumulation_dtype(x.dtype)
+  count, mean, var = moments_keepdims(x, red, mask, axis_name, groups, fast)
+  inv = lax.rsqrt(var + epsilon)
+  r, d = _corrections(mean, var, epsilon, ref_mean, ref_var, r_lo, r_hi, d_max)
+  k, c = _effective_affine(r, d, scale, bias, acc)
+  if mask is not None:
+    x = jnp.where(mask | jnp.isfinite(x), x, jnp.zeros((), x.dtype))
+  return affine(x, mean, inv, k, c, out_dtype), mean, var, count
+
+
+@_renorm_train.defjvp
+def _renorm_train_jvp(cfg, primals, tangents):
+  r"""Closed-form derivative: batch norm's, with ``r`` and ``d`` held constant.
+
+  With :math:`\hat x = (x - \mu_B) s`, :math:`s = (\sigma_B^2 + \epsilon)^{-1/2}` and the
+  effective scale :math:`k = \gamma r s`,
+
+  .. math::
+     \dot y = k\,(\dot x - r_0 - \hat x\, r_1) + \hat x\, r \dot\gamma + d \dot\gamma
+              + \dot\beta, \quad r_0 = \overline{\dot x},\ r_1 = \overline{\dot x \hat x}
+
+  (means over the valid entries of the global batch, one collective for both). The running
+  statistics, ``r_max``, ``d_max`` and ``epsilon`` get no derivative. Reverse mode is JAX's
+  transpose of this linear map; the body is rematerialized so that only ``x`` and
+  per-feature vectors are kept for the backward pass.
+  """
+  red, axis_name, groups, fast, out_dtype = cfg
+  x, scale, bias, mask, epsilon, ref_mean, ref_var, r_lo, r_hi, d_max = primals
+  xd, sd, bd = tangents[:3]
+  y, mean, var, count = _renorm_train(cfg, *primals)
+  acc = accumulation_dtype(x.dtype)
+  inv = lax.rsqrt(var + epsilon)
+  r, d = _corrections(mean, var, epsilon, ref_mean, ref_var, r_lo, r_hi, d_max)
+  k, _ = _effective_affine(r, d, scale, None, acc)
+  k = k * inv
+  # Tangents of the effective scale γr and offset γd + β (r, d are constants).
+  sd_eff = None if sd is None else r * sd.astype(acc)
+  bd_eff = None
+  if sd is not None:
+    bd_eff = d * sd.astype(acc)
+  if bd is not None:
+    bd_eff = bd.astype(acc) if bd_eff is None else bd_eff + bd.astype(acc)
+
+  @functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.nothing_saveable)
+  def tangent(x, mean, inv, k, mask, count, xd, sd_eff, bd_eff):
+    xa = x.astype(acc)
+    xdt = xd.astype(acc)
+    if mask is not None:
+      keep = mask | jnp.isfinite(xa)
+      xa = jnp.where(keep, xa, 0)
+      xdt = jnp.where(keep, xdt, 0)
+      xc = (xa - mean) * inv
+      xc_s = jnp.where(mask, xc, 0)
+      xdm = jnp.where(mask, xdt, 0)
+    else:
+      xc = xc_s = (xa - mean) * inv
+      xdm = xdt
+    s = jnp.stack([jnp.sum(xdm, axis=red, keepdims=True),
+                   jnp.sum(xdm * xc_s, axis=red, keepdims=True)])
+    s = collectives.psum(s, axis_name, groups) / jnp.maximum(count, 1.0)
+    mean_dot, var_dot = s[0], 2.0 * s[1] / inv
+    c0 = -(k * s[0]) if bd_eff is None else bd_eff - k * s[0]
+    c1 = -(k * s[1]) if sd_eff is None else sd_eff - k * s[1]
+    # One stacked `to_varying`: its transpose is the backward pass's only psum (see
+    # jaxbn.batch_norm), and the scale/bias gradients are read off its rows.
+    c = collectives.to_varying(jnp.stack([c0, c1]), axis_name)
+    y_dot = k * xdt + c[0] + xc * c[1]
+    return y_dot.astype(out_dtype), mean_dot.astype(mean.dtype), var_dot.astype(var.dtype)
+
+  y_dot, mean_dot, var_dot = tangent(x, mean, inv, k, mask, count, xd, sd_eff, bd_eff)
+  return (y, mean, var, count), (y_dot, mean_dot, var_dot, jnp.zeros_like(count))
+
+
+def _update_running_std(stats: BatchStats, batch: Moments, epsilon, *, momentum,
+                        unbiased_running_var: bool, debias: bool) -> BatchStats:
+  r"""The paper's (and Keras's) rule: a moving average of ``σ_B = sqrt(var_B + ε)``.
+
+  The average ``σ`` is stored as the variance ``max(σ² − ε, 0)``, so that inference with
+  ``sqrt(var + ε)`` divides by exactly ``σ`` and the stats stay a :class:`BatchStats`.
+  """
+  work = jnp.promote_types(stats.var.dtype, jnp.float32)
+  eps = jnp.asarray(epsilon, work)
+  n = jnp.asarray(batch.count, work)
+  var_b = batch.var.astype(work)
+  if unbiased_running_var:
+    var_b = var_b * n / jnp.maximum(n - 1.0, 1.0)
+  std_stats = BatchStats(stats.mean, jnp.sqrt(stats.var.astype(work) + eps), stats.count)
+  upd = update_stats(std_stats, Moments(batch.mean, jnp.sqrt(var_b + eps), batch.count),
+                     momentum=momentum, debias=debias)
+  new_var = jnp.maximum(jnp.square(upd.var) - eps, 0.0)
+  new_var = jnp.where(n > 0, new_var, stats.var.astype(work)).astype(stats.var.dtype)
+  return BatchStats(upd.mean, new_var, upd.count)
+
+
+def batch_renorm(
+    x: ArrayLike,
+    stats: BatchStats,
+    scale: Optional[ArrayLike] = None,
+    bias: Optional[ArrayLike] = None,
+    *,
+    training: bool,
+    r_max: ArrayLike = 3.0,
+    d_max: ArrayLike = 5.0,
+    r_min: Optional[ArrayLike] = None,
+    axis: checks.Axes = -1,
+    momentum: Optional[ArrayLike] = 0.99,
+    epsilon: ArrayLike = 1e-5,
+    axis_name: Any = None,
+    axis_index_groups: Optional[Sequence[Sequence[int]]] = None,
+    mask: Optional[ArrayLike] = None,
+    dtype: Optional[DTypeLike] = None,
+    use_fast_variance: bool = False,
+    running_std: bool = False,
+    unbiased_running_var: bool = False,
+    debias: bool = False,
+) -> tuple[jax.Array, BatchStats]:
+  r"""Batch renormalization (Ioffe, 2017) as a pure function of explicit state.
+
+  .. math::
+     \sigma = \sqrt{\sigma^2_{run} + \epsilon}, \quad
+     r = \operatorname{clip}_{[r_{min}, r_{max}]}\Big(\frac{\sqrt{\sigma_B^2 + \epsilon}}
+         {\sigma}\Big), \quad
+     d = \operatorname{clip}_{[-d_{max}, d_{max}]}\Big(\frac{\mu_B - \mu_{run}}{\sigma}\Big)
+
+  .. math::
+     y = \gamma \Big(\frac{x - \mu_B}{\sqrt{\sigma_B^2 + \epsilon}}\, r + d\Big) + \beta
+
+  with ``r`` and ``d`` held constant in the gradient (``stop_gradient``), and the gradient
+  flowing through the batch statistics as in batch norm. Without clipping, ``y`` equals the
+  inference output ``γ (x − μ_run)/σ + β``: training sees the normalization inference will
+  use, while the gradient still comes from the batch. With ``r_max=1, d_max=0`` it is
+  exactly :func:`jaxbn.batch_norm`. ``training=False`` is batch norm's inference with the
+  running statistics.
+
+  When to use: batches too small or not i.i.d. for batch norm's statistics (a few examples
+  per device, detection/segmentation, correlated samples, RL), when you want to keep batch
+  norm's inference cost and checkpoint layout (the state is a plain :class:`BatchStats`, so a
+  BN checkpoint loads as is). Start with ``r_max=1, d_max=0`` and relax them
+  (:func:`jaxbn.renorm_schedule`), as in the paper. If batches are tiny *and* you do not
+  need running statistics, :func:`jaxbn.group_norm` avoids the batch altogether.
+
+  Running statistics: the mean and variance are updated as in :func:`jaxbn.batch_norm`
+  (same ``momentum``, ``debias``, ``unbiased_running_var``, masks and empty batches), and the
+  *same* running statistics give ``r``, ``d`` and the inference output (the paper uses one
+  set). ``running_std=True`` averages the standard deviation ``sqrt(var_B + ε)`` instead of
+  the variance, as the paper's algorithm and Keras do, storing ``var = σ² − ε``.
+
+  ``r_max``, ``d_max`` and ``r_min`` may be traced values (e.g. ``jnp`` scalars passed through
+  ``jax.jit``), so a schedule ramps them without recompiling.
+
+  Differences from Keras 3 ``BatchNormalization(renorm=True)``: Keras keeps a second pair of
+  averages for ``r`` and ``d`` with its own ``renorm_momentum``; with
+  ``renorm_momentum == momentum`` both pairs coincide and ``running_std=True`` reproduces
+  Keras (its ``moving_stddev`` starts at ``sqrt(1)``, i.e. ``var = 1 − ε`` here). Keras's
+  missing clipping keys mean no clipping (``r_max=inf``, ``r_min=0``, ``d_max=inf`` here);
+  jaxbn's default ``r_min`` is the paper's ``1/r_max``.
+
+  Args:
+    x: input, float dtype (not complex), any rank >= 1.
+    stats: :class:`BatchStats` of the feature shape (:func:`jaxbn.init_stats`).
+    scale: optional per-feature scale ``γ``.
+    bias: optional per-feature offset ``β``.
+    training: Python bool, static. True: renormalized batch statistics and updated running
+      statistics; False: running statistics, ``stats`` returned unchanged.
+    r_max: upper clip of ``r``, >= 1 (default 3, the paper's final value). May be traced.
+    d_max: clip of ``|d|``, >= 0 (default 5, the paper's final value). May be traced.
+    r_min: lower clip of ``r`` (default ``1 / r_max``). May be traced.
+    axis: feature axis or axes (default -1).
+    momentum: running-average momentum in [0, 1) (weight of the old value), or None.
+    epsilon: added to the variances, > 0 (default 1e-5).
+    axis_name: mapped axis name(s) to synchronize the batch statistics over, as in
+      :func:`jaxbn.batch_norm` (one collective forward, one backward).
+    axis_index_groups: synchronize within these groups of device indices only.
+    mask: optional bool array broadcastable to ``x``: which entries count in the statistics.
+    dtype: output dtype (default ``x.dtype``); arithmetic runs in at least float32.
+    use_fast_variance: flax's ``E[x²] − E[x]²`` batch variance.
+    running_std: average ``sqrt(var_B + ε)`` (paper, Keras) instead of ``var_B`` (BN).
+    unbiased_running_var: fold in the unbiased batch variance (PyTorch's running variance).
+    debias: zero-debiased running averages (see :func:`jaxbn.update_stats`).
+
+  Returns:
+    ``(y, new_stats)``: the output (shape of ``x``, dtype ``dtype`` or ``x.dtype``) and the
+    updated statistics (structure, shapes and dtypes of ``stats``).
+
+  Raises:
+    ValueError / TypeError: as :func:`jaxbn.batch_norm`; also ``r_max < 1``, ``d_max < 0``,
+      ``r_min`` outside ``[0, r_max]``, non-scalar bounds, or complex input.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, jaxbn
+    >>> x = jax.random.normal(jax.random.key(0), (16, 3)) * 2 + 1
+    >>> stats = jaxbn.init_stats(3)
+    >>> y, stats = jaxbn.batch_renorm(x, stats, training=True, r_max=1.0, d_max=0.0)
+    >>> y_bn, _ = jaxbn.batch_norm(x, jaxbn.init_stats(3), training=True)
+    >>> bool(jnp.allclose(y, y_bn, atol=1e-5))       # r_max=1, d_max=0: plain BN
+    True
+    >>> r_max, d_max = jaxbn.renorm_schedule(30_000)  # the paper's ramp, as traced arrays
+    >>> round(float(r_max), 3), round(float(d_max), 3)
+    (2.429, 5.0)
+    >>> y, stats = jaxbn.batch_renorm(x, stats, training=True, r_max=r_max, d_max=d_max)
+
+  References:
+    Ioffe, "Batch Renormalization: Towards Reducing Minibatch Dependence in
+    Batch-Normalized Models", NeurIPS 2017.
+  """
+  fn = "batch_renorm"
+  training = checks.static_bool(fn, "training", training)
+  x = jnp.asarray(x)
+  feat, fshape = validate_bn_args(fn, x, stats, scale, bias, axis)
+  if jnp.iscomplexobj(x):
+    raise TypeError(f"{fn}: complex input is not supported (r and d are real ratios); use "
+                    f"jaxbn.batch_norm for complex data.")
+  checks.epsilon_value(fn, epsilon)
+  checks.momentum_value(fn, momentum)
+  _check_clipping(fn, r_max, d_max, r_min)
+  if not training:
+    return batch_norm(x, stats, scale, bias, training=False, axis=axis, epsilon=epsilon,
+                      dtype=dtype)
+
+  checks.mask_broadcasts(fn, mask, x.shape)
+  checks.axis_name_bound(fn, axis_name, axis_index_groups)
+  out_dtype = output_dtype(x, scale, bias, dtype)
+  acc = accumulation_dtype(x.dtype)
+  red = checks.reduction_axes(x.ndim, feat)
+  cfg = (red, axis_name, None if axis_index_groups is None else
+         tuple(tuple(int(i) for i in g) for g in axis_index_groups),
+         bool(use_fast_variance), out_dtype)
+  sg = lax.stop_gradient
+  eps = sg(jnp.asarray(epsilon, acc))
+  r_hi = sg(jnp.asarray(r_max, acc))
+  r_lo = sg(1.0 / r_hi if r_min is None else jnp.asarray(r_min, acc))
+  ref_mean = sg(to_keepdims(stats.mean, x.shape, feat, acc))
+  ref_var = sg(to_keepdims(stats.var, x.shape, feat, acc))
+  y, mean, var, count = _renorm_train(
+      cfg, x, to_keepdims(scale, x.shape, feat), to_keepdims(bias, x.shape, feat),
+      None if mask is None else jnp.asarray(mask), eps, ref_mean, ref_var, r_lo, r_hi,
+      sg(jnp.asarray(d_max, acc)))
+  batch = Moments(sg(mean.reshape(fshape)), sg(var.reshape(fshape)), count.reshape(fshape))
+  if running_std:
+    new_stats = _update_running_std(stats, batch, eps, momentum=momentum,
+                                    unbiased_running_var=unbiased_running_var, debias=debias)
+  else:
+    new_stats = update_stats(stats, batch, momentum=momentum,
+                             unbiased_running_var=unbiased_running_var, debias=debias)
+  return y, new_stats
+
+
+def renorm_schedule(
+    step: ArrayLike,
+    *,
+    r_max: float = 3.0,
+    d_max: float = 5.0,
+    warmup_steps: int = 5_000,
+    r_max_steps: int = 40_000,
+    d_max_steps: int = 25_000,
+) -> tuple[jax.Array, jax.Array]:
+  r"""The paper's warm-up schedule for batch renorm's clipping bounds, as traced values.
+
+  Plain batch norm (``r_max = 1``, ``d_max = 0``) for the first ``warmup_steps``, then linear
+  ramps that reach ``r_max`` at ``r_max_steps`` and ``d_max`` at ``d_max_steps`` and stay
+  there:
+
+  .. math::
+     r_{max}(t) = 1 + (r_{max} - 1)\,\operatorname{clip}\Big(\frac{t - t_0}{t_r - t_0}, 0,
+     1\Big), \qquad
+     d_{max}(t) = d_{max}\,\operatorname{clip}\Big(\frac{t - t_0}{t_d - t_0}, 0, 1\Big)
+
+  The defaults are Ioffe (2017)'s ImageNet values (5k steps of BN, ``r_max = 3`` at 40k,
+  ``d_max = 5`` at 25k); scale them to your run length. ``step`` may be traced (e.g. an
+  optimizer step counter inside ``jax.jit``): pass the results as ``r_max``/``d_max`` to
+  :func:`jaxbn.batch_renorm` and nothing recompiles as they change.
+
+  Args:
+    step: current training step (int or scalar array, may be traced).
+    r_max: final ``r_max`` (>= 1).
+    d_max: final ``d_max`` (>= 0).
+    warmup_steps: steps of plain batch norm before the ramps start.
+    r_max_steps: step at which ``r_max`` is reached (> ``warmup_steps``).
+    d_max_steps: step at which ``d_max`` is reached (> ``warmup_steps``).
+
+  Returns:
+    ``(r_max_t, d_max_t)``, float32 scalars.
+
+  Raises:
+    ValueError: final bounds out of range, or a ramp that ends before it starts.
+
+  Example:
+    >>> import jaxbn
+    >>> [tuple(round(float(v), 2) for v in jaxbn.renorm_schedule(t))
+    ...  for t in (0, 5_000, 15_000, 25_000, 40_000, 90_000)]
+    [(1.0, 0.0), (1.0, 0.0), (1.57, 2.5), (2.14, 5.0), (3.0, 5.0), (3.0, 5.0)]
+  """
+  fn = "renorm_schedule"
+  _check_clipping(fn, r_max, d_max, None)
+  for name, end in (("r_max_steps", r_max_steps), ("d_max_steps", d_max_steps)):
+    if not end > warmup_steps:
+      raise ValueError(
+          f"{fn}: `{name}`={end} must be greater than `warmup_steps`={warmup_steps} (the "
+          f"ramp starts after the warm-up and ends at `{name}`).")
+  t = jnp.asarray(step, jnp.float32)
+
+  def ramp(end):
+    return jnp.clip((t - warmup_steps) / float(end - warmup_steps), 0.0, 1.0)
+
+  return (1.0 + (float(r_max) - 1.0) * ramp(r_max_steps),
+          float(d_max) * ramp(d_max_steps))

@@ -1,0 +1,100 @@
+"""Averaging per-device running statistics of models trained without synchronized BN."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxbn._core.types import BatchStats
+
+
+def _is_stats(node: Any) -> bool:
+  if isinstance(node, BatchStats):
+    return True
+  return (isinstance(node, Mapping) and "mean" in node and "var" in node
+          and not isinstance(node["mean"], Mapping))
+
+
+def _abs2(z):
+  return jnp.real(z * jnp.conj(z)) if jnp.iscomplexobj(z) else z * z
+
+
+def average_stats(tree: Any, *, axis_name: Any = None, axis: int = 0) -> Any:
+  r"""Averages running statistics over devices, pooling the variances.
+
+  Without synchronized BN, every device keeps its own running statistics (under ``jax.pmap``
+  or a ``shard_map`` with per-device state). Before evaluating or checkpointing, combine them
+  as the statistics of the union of the devices' data (equal weights):
+
+  .. math::
+     \mu = \frac{1}{D}\sum_d \mu_d, \qquad
+     \sigma^2 = \frac{1}{D}\sum_d \left(\sigma_d^2 + (\mu_d - \mu)^2\right)
+
+  (law of total variance; plain averaging of the variances, as flax's ImageNet example's
+  ``pmean``, leaves out the spread of the device means). The count of a :class:`BatchStats`
+  is the largest device count; any other floating leaf is averaged, any other integer leaf
+  takes its largest value.
+
+  Works on :class:`jaxbn.BatchStats` and on flax-style ``{'mean': ..., 'var': ...}`` dicts
+  anywhere in a pytree, e.g. a whole ``variables['batch_stats']`` collection.
+
+  Args:
+    tree: pytree holding the statistics. Without ``axis_name``: leaves stacked over devices
+      along ``axis`` (what ``jax.pmap`` returns). With ``axis_name``: this device's leaves.
+    axis_name: inside ``jax.pmap``/``jax.shard_map``/``jax.vmap``: the mapped axis name(s) to
+      average over (the result is the same on every device).
+    axis: the device axis of the stacked leaves (default 0), when ``axis_name`` is None.
+
+  Returns:
+    The pytree with the averaged statistics (without the device axis when ``axis_name`` is
+    None).
+
+  Example:
+    >>> import jax.numpy as jnp, jaxbn
+    >>> from jaxbn.parallel import average_stats
+    >>> per_device = jaxbn.BatchStats(mean=jnp.array([[0.], [2.]]), var=jnp.array([[1.], [1.]]),
+    ...                               count=jnp.array([5, 5]))
+    >>> avg = average_stats(per_device)
+    >>> avg.mean.tolist(), avg.var.tolist(), int(avg.count)
+    ([1.0], [2.0], 5)
+  """
+  if axis_name is None:
+    def mean(v):
+      return jnp.mean(v, axis=axis)
+
+    def largest(v):
+      return jnp.max(v, axis=axis)
+
+    def spread(v, m):
+      return _abs2(v - jnp.expand_dims(m, axis))
+  else:
+    def mean(v):
+      return lax.pmean(v, axis_name)
+
+    def largest(v):
+      return lax.pmax(v, axis_name)
+
+    def spread(v, m):
+      return _abs2(v - m)
+
+  def plain(v):
+    v = jnp.asarray(v)
+    return mean(v) if jnp.issubdtype(v.dtype, jnp.inexact) else largest(v)
+
+  def pooled(node):
+    if not _is_stats(node):
+      return plain(node)
+    m_in = jnp.asarray(node["mean"] if isinstance(node, Mapping) else node.mean)
+    v_in = jnp.asarray(node["var"] if isinstance(node, Mapping) else node.var)
+    m = mean(m_in)
+    v = mean(v_in + spread(m_in, m).astype(v_in.dtype))
+    if isinstance(node, BatchStats):
+      return BatchStats(m, v, largest(jnp.asarray(node.count)))
+    out = {k: m if k == "mean" else v if k == "var" else plain(val) for k, val in node.items()}
+    return type(node)(out) if not isinstance(node, dict) else out
+
+  return jax.tree.map(pooled, tree, is_leaf=_is_stats)
