@@ -14,6 +14,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import linen as nn
 from flax import nnx
@@ -131,3 +132,28 @@ class NNXResNet(nnx.Module):
     for block in self.blocks:
       x = block(x)
     return self.head(jnp.mean(x, axis=(1, 2)))
+
+
+def fill(shapes, seed: int = 0):
+  """Concrete variables for a tree of shapes (``jax.eval_shape`` of an init), from NumPy.
+
+  Avoids compiling the random initializers (seconds each on CPU). BN ``scale``/``bias`` get
+  values away from 1/0 so that tests exercise them; running ``mean``/``var`` start at 0/1.
+  """
+  rng = np.random.default_rng(seed)
+
+  def leaf(path, s):
+    name = jax.tree_util.keystr(path)
+    if "mean" in name:
+      v = np.zeros(s.shape)
+    elif "var" in name:
+      v = np.ones(s.shape)
+    elif "scale" in name:
+      v = 1.0 + 0.2 * rng.standard_normal(s.shape)
+    elif "bias" in name:
+      v = 0.1 * rng.standard_normal(s.shape)
+    else:  # conv / dense kernels, fan-in scaled
+      v = rng.standard_normal(s.shape) / np.sqrt(max(int(np.prod(s.shape[:-1])), 1))
+    return jnp.asarray(v, s.dtype)
+
+  return jax.tree_util.tree_map_with_path(leaf, shapes)

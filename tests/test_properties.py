@@ -1,0 +1,57 @@
+"""Property-based tests (hypothesis) over shapes, axes, dtypes, masks and momentum."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st, HealthCheck
+
+import jaxbn
+from tests import _reference as ref
+
+
+@st.composite
+def cases(draw):
+  ndim = draw(st.integers(2, 4))
+  shape = tuple(draw(st.lists(st.integers(1, 4), min_size=ndim, max_size=ndim)))
+  axis = draw(st.sampled_from([-1, 0, 1, (0, -1)] if ndim > 2 else [-1, 0]))
+  dtype = draw(st.sampled_from(["float32", "bfloat16", "float16"]))
+  momentum = draw(st.sampled_from([0.0, 0.5, 0.9, 0.99, None]))
+  use_mask = draw(st.booleans())
+  offset = draw(st.sampled_from([0.0, 3.0, -50.0]))
+  seed = draw(st.integers(0, 2**16))
+  return shape, axis, dtype, momentum, use_mask, offset, seed
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+@given(cases())
+def test_batch_norm_matches_float64_reference(case):
+  shape, axis, dtype, momentum, use_mask, offset, seed = case
+  rng = np.random.default_rng(seed)
+  x64 = rng.normal(size=shape) * 2 + offset
+  x = jnp.asarray(x64, dtype)
+  xq = np.asarray(x.astype(jnp.float32), np.float64)  # what the function actually sees
+  feat = ref.feature_axes(len(shape), axis)
+  fshape = tuple(shape[a] for a in feat)
+  mask = None
+  if use_mask:
+    mask = rng.random(shape[:1] + (1,) * (len(shape) - 1)) > 0.3
+  stats = jaxbn.init_stats(fshape)
+  y, new = jaxbn.batch_norm(x, stats, training=True, axis=axis, momentum=momentum,
+                            mask=None if mask is None else jnp.asarray(mask))
+  y_ref, (n, mean, var) = ref.batch_norm(xq, axis=axis, mask=mask)
+  assert y.dtype == x.dtype and y.shape == x.shape
+  tol = {"float32": 1e-4, "bfloat16": 5e-2, "float16": 5e-3}[dtype]
+  valid = np.broadcast_to(mask if mask is not None else True, shape)
+  # Compare the normalized output relative to the output scale (sqrt(var/(var+eps)) <= 1).
+  np.testing.assert_allclose(np.where(valid, np.asarray(y, np.float64), 0),
+                             np.where(valid, y_ref, 0), atol=tol * 8, rtol=tol)
+  n = n.reshape(fshape)
+  has = n > 0
+  w = 0.0 if momentum is None else momentum
+  mean_ref = np.where(has, (1 - w) * mean.reshape(fshape), 0.0)
+  var_ref = np.where(has, w + (1 - w) * var.reshape(fshape), 1.0)
+  scale = max(1.0, abs(offset))
+  np.testing.assert_allclose(new.mean, mean_ref, atol=1e-5 * scale, rtol=1e-4)
+  np.testing.assert_allclose(new.var, var_ref, atol=1e-5, rtol=1e-4)
+  assert int(new.count) == int(np.any(has))
+  assert new.mean.dtype == stats.mean.dtype and new.mean.shape == stats.mean.shape
