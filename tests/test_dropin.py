@@ -55,6 +55,14 @@ def _rel_err(a, b):
   return max(jax.tree.leaves(errs))
 
 
+def _rel_l2(a, b):
+  """||a - b|| / ||b|| over all leaves together."""
+  d = sum(float(np.sum((np.asarray(u, np.float64) - np.asarray(v, np.float64)) ** 2))
+          for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+  n = sum(float(np.sum(np.asarray(v, np.float64) ** 2)) for v in jax.tree.leaves(b))
+  return (d / n) ** 0.5
+
+
 @pytest.fixture(scope="module")
 def data():
   kx, ky = jax.random.split(jax.random.key(0))
@@ -147,8 +155,8 @@ def test_checkpoints_restore_across(linen_models, linen_steps, data):
     np.testing.assert_allclose(y_dst, y_src, rtol=1e-5, atol=1e-5)
 
 
-def test_bfloat16_model(linen_init, data):
-  """bf16 compute (flax's ``dtype=``): same output dtype, outputs and grads within bf16."""
+def test_bfloat16_model(linen_init, linen_steps, data):
+  """bf16 compute (flax's ``dtype=``): same dtypes; as close to float32 as flax is."""
   x, labels = data
   res = {}
   for k in KINDS:
@@ -163,7 +171,12 @@ def test_bfloat16_model(linen_init, data):
   assert jax.tree.map(lambda a: a.dtype, sf) == jax.tree.map(lambda a: a.dtype, sj)
   np.testing.assert_allclose(lj, lf, rtol=2e-2)
   _close(sj, sf, rtol=3e-2, atol=1e-2, what="bf16 batch_stats")
-  assert _rel_err(gj, gf) < 0.1
+  # Gradients: bf16 convolutions make both differ from float32 by a few percent; jaxbn's
+  # must be as close to the float32 gradients as flax's (relative L2 over all parameters).
+  g32 = linen_steps["flax"]["grads"]
+  err_j, err_f = _rel_l2(gj, g32), _rel_l2(gf, g32)
+  assert err_j < 0.1 and err_f < 0.1, (err_j, err_f)
+  assert err_j <= 1.25 * err_f, (err_j, err_f)
 
 
 def _sharded_step(model, mesh):

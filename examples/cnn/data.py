@@ -2,10 +2,10 @@
 
 Every loader returns a :class:`Dataset` of NumPy arrays: images are float32 NHWC, standardized
 with the training set's per-channel mean and standard deviation; labels are int32. Nothing
-here imports JAX, so ``main.py`` can choose the number of devices before JAX starts.
+here starts JAX (no computation), so ``main.py`` can still choose the number of devices.
 
 :func:`batches` yields fixed-size batches. The last partial batch is padded up to the batch size
-and comes with a boolean ``mask``, so no example is dropped, every step has the same shape (one
+(:func:`jaxbn.parallel.pad_batch`) and comes with a boolean ``mask``, so no example is dropped, every step has the same shape (one
 compile), and masked batch normalization keeps the statistics exact.
 """
 
@@ -16,6 +16,7 @@ import pickle
 from typing import Iterator, NamedTuple, Optional
 
 import numpy as np
+from jaxbn.parallel import pad_batch
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_FOLDER = "cifar-10-batches-py"
@@ -201,14 +202,7 @@ def batches(x: np.ndarray, y: np.ndarray, batch_size: int,
   order = rng.permutation(n) if rng is not None else np.arange(n)
   for start in range(0, n, batch_size):
     idx = order[start:start + batch_size]
-    k = len(idx)
-    mask = np.zeros(batch_size, bool)
-    mask[:k] = True
-    image, label = x[idx], y[idx]
-    if k < batch_size:
-      pad = batch_size - k
-      image = np.concatenate([image, np.zeros((pad,) + x.shape[1:], x.dtype)])
-      label = np.concatenate([label, np.zeros(pad, y.dtype)])
+    (image, label), mask = pad_batch((x[idx], y[idx]), batch_size)
     yield Batch(image, label, mask)
 
 

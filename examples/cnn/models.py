@@ -72,7 +72,8 @@ def norm_layer(name: str, *, momentum: float = 0.9, axis_name: Optional[str] = N
         f"--norm {name} needs jaxbn.linen.{attr} ({what}), which this version of jaxbn does "
         f"not provide; choose one of {', '.join(available_norms())}.")
   if name == "batch":
-    return functools.partial(layer, momentum=momentum, epsilon=1e-5, axis_name=axis_name)
+    return functools.partial(layer, momentum=momentum, epsilon=1e-5, axis_name=axis_name,
+                             use_fast_variance=False)
   if name == "renorm":
     return functools.partial(layer, momentum=momentum, epsilon=1e-5, axis_name=axis_name)
   if name == "ghost":

@@ -32,6 +32,7 @@ from typing import Any, Callable, Optional
 
 import flax
 import jax
+import jaxbn.parallel
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -99,6 +100,12 @@ def check_config(config: Config) -> None:
   if config.dataset == "cifar10" and not config.data_dir:
     raise UsageError(f"--dataset cifar10 needs --data_dir path/to/{data_lib.CIFAR10_FOLDER} "
                      f"(download {data_lib.CIFAR10_URL} and extract it).")
+  if config.norm == "flax" and config.parallel != "jit" and config.devices > 1:
+    raise UsageError(
+        f"--norm flax with --parallel {config.parallel}: flax.linen.BatchNorm averages "
+        f"per-device masked means without weighting them by their counts (flax issue #2417) and "
+        f"returns NaN on a device whose shard is all padding (the padded last batch); use "
+        f"--norm batch (jaxbn, exact) or --parallel jit.")
   if config.norm != "none":
     try:
       models.norm_layer(config.norm)
@@ -233,40 +240,34 @@ class Runner:
 
 
 def make_runner(mode: str, devices: list[jax.Device]) -> Runner:
-  """Compiles :func:`train_step` and :func:`eval_step` for ``--parallel mode``."""
-  n = len(devices)
+  """Compiles :func:`train_step` and :func:`eval_step` for ``--parallel mode``.
+
+  ``jit``: the single-device steps under ``jax.jit``, the batch sharded over the mesh.
+  ``shard_map`` and ``pmap``: the per-device steps with ``axis_name='data'``, wrapped by
+  :func:`jaxbn.parallel.shard_map_step` / :func:`jaxbn.parallel.pmap_step`.
+  """
   if mode == "pmap":
-    def put_batch(b):
-      return jax.tree.map(lambda a: a.reshape((n, -1) + a.shape[1:]), b)
+    n = len(devices)
+    train = jaxbn.parallel.pmap_step(
+        functools.partial(train_step, axis_name=AXIS, sum_grads=True), axis_name=AXIS,
+        devices=devices, donate_state=True)
+    evaluate = jaxbn.parallel.pmap_step(functools.partial(eval_step, axis_name=AXIS),
+                                        axis_name=AXIS, devices=devices)
+    put_batch = lambda b: jax.tree.map(lambda a: a.reshape((n, -1) + a.shape[1:]), b)
+    return Runner(mode, devices, train, evaluate, lambda s: s, lambda s: s, put_batch)
 
-    def put_state(s):
-      return jax.tree.map(lambda a: jnp.broadcast_to(a, (n,) + jnp.shape(a)), s)
-
-    train = jax.pmap(functools.partial(train_step, axis_name=AXIS, sum_grads=True),
-                     axis_name=AXIS, devices=devices, donate_argnums=0)
-    evaluate = jax.pmap(functools.partial(eval_step, axis_name=AXIS), axis_name=AXIS,
-                        devices=devices)
-    return Runner(mode, devices,
-                  lambda s, b: (lambda out: (out[0], jax.tree.map(lambda m: m[0], out[1])))(
-                      train(s, b)),
-                  lambda s, b: jax.tree.map(lambda m: m[0], evaluate(s, b)),
-                  put_state, lambda s: jax.tree.map(lambda a: a[0], s), put_batch)
-
-  mesh = jax.sharding.Mesh(np.array(devices), (AXIS,),
-                           axis_types=(jax.sharding.AxisType.Explicit,))
-  batch_sharding = NamedSharding(mesh, P(AXIS))
+  mesh = jaxbn.parallel.data_mesh(AXIS, devices=devices)
   replicated = NamedSharding(mesh, P())
   if mode == "jit":
     train = jax.jit(train_step, donate_argnums=0)
     evaluate = jax.jit(eval_step)
   else:
-    train = jax.jit(jax.shard_map(functools.partial(train_step, axis_name=AXIS), mesh=mesh,
-                                  in_specs=(P(), P(AXIS)), out_specs=P()), donate_argnums=0)
-    evaluate = jax.jit(jax.shard_map(functools.partial(eval_step, axis_name=AXIS), mesh=mesh,
-                                     in_specs=(P(), P(AXIS)), out_specs=P()))
-  return Runner(mode, devices, train, evaluate,
-                lambda s: jax.device_put(s, replicated), lambda s: s,
-                lambda b: jax.device_put(b, batch_sharding))
+    train = jaxbn.parallel.shard_map_step(functools.partial(train_step, axis_name=AXIS), mesh,
+                                          donate_state=True)
+    evaluate = jaxbn.parallel.shard_map_step(functools.partial(eval_step, axis_name=AXIS),
+                                             mesh)
+  return Runner(mode, devices, train, evaluate, lambda s: jax.device_put(s, replicated),
+                lambda s: s, lambda b: jaxbn.parallel.shard_batch(b, mesh))
 
 
 # ----------------------------------------------------------------------------- loop

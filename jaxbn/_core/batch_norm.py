@@ -14,25 +14,36 @@ from jaxbn._core import checks
 from jaxbn._core import collectives
 from jaxbn._core.ema import update_stats
 from jaxbn._core import moments as moments_lib
-from jaxbn._core.moments import accumulation_dtype, moments_keepdims
+from jaxbn._core.moments import accumulation_dtype, bcast, feature_moments
 from jaxbn._core.normalize import (affine, check_affine_args, output_dtype, to_keepdims)
 from jaxbn._core.types import BatchStats, Moments
 
 
 def _sum(v, red):
-  return jnp.sum(v, axis=red, keepdims=True)
+  return jnp.sum(v, axis=red)
+
+
+def _affine(x, feat, mean, inv, scale, bias, out_dtype):
+  """``(x − mean)·(inv·scale) + bias`` with feature-shaped vectors: one fused pass."""
+  acc = accumulation_dtype(x.dtype)
+  k = inv if scale is None else inv * scale.astype(acc)
+  y = (x.astype(acc) - bcast(mean, x.shape, feat)) * bcast(k, x.shape, feat)
+  if bias is not None:
+    y = y + bcast(bias.astype(acc), x.shape, feat)
+  return y.astype(out_dtype)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _bn_train(cfg, x, scale, bias, mask, epsilon):
   """Training-mode BN on keepdims-shaped parameters: returns (y, mean, var, count)."""
   red, axis_name, groups, fast, out_dtype = cfg
-  count, mean, var = moments_keepdims(x, red, mask, axis_name, groups, fast)
+  feat = tuple(i for i in range(x.ndim) if i not in red)
+  count, mean, var = feature_moments(x, red, mask, axis_name, groups, fast)
   inv = lax.rsqrt(var + epsilon)
   if mask is not None:
     # Masked entries that hold NaN/Inf must not leak into outputs or gradients.
     x = jnp.where(mask | jnp.isfinite(x), x, jnp.zeros((), x.dtype))
-  return affine(x, mean, inv, scale, bias, out_dtype), mean, var, count
+  return _affine(x, feat, mean, inv, scale, bias, out_dtype), mean, var, count
 
 
 @_bn_train.defjvp
@@ -56,6 +67,7 @@ def _bn_train_jvp(cfg, primals, tangents):
   orders the same closed form.
   """
   red, axis_name, groups, fast, out_dtype = cfg
+  feat = tuple(i for i in range(primals[0].ndim) if i not in red)
   x, scale, bias, mask, epsilon = primals
   xd, sd, bd, _, _ = tangents
   y, mean, var, count = _bn_train(cfg, x, scale, bias, mask, epsilon)
@@ -68,7 +80,9 @@ def _bn_train_jvp(cfg, primals, tangents):
     # part of dx), one for y's tangent (whose transpose holds the reductions Σdy, Σdy·x̂).
     # Distinct aliases keep XLA from sharing one materialized x̂ between the passes, so each
     # pass is a single fused loop that recomputes x̂ from x.
+    B = functools.partial(bcast, shape=x.shape, feat=feat)
     xa, xb = moments_lib._aliases(x, 2)
+    mean_a, mean_b, inv_a, inv_b = lax.optimization_barrier((mean, mean, inv, inv))
     xa, xb = xa.astype(acc), xb.astype(acc)
     xdt = xd.astype(acc)
     if mask is not None:
@@ -78,10 +92,10 @@ def _bn_train_jvp(cfg, primals, tangents):
       xa = jnp.where(keep, xa, 0)
       xb = jnp.where(keep, xb, 0)
       xdt = jnp.where(keep, xdt, 0)
-      xc_s = jnp.where(mask, (xa - mean) * inv, 0)
+      xc_s = jnp.where(mask, (xa - B(mean_a)) * B(inv_a), 0)
       xdm = jnp.where(mask, xdt, 0)
     else:
-      xc_s = (xa - mean) * inv
+      xc_s = (xa - B(mean_a)) * B(inv_a)
       xdm = xdt
     r = jnp.stack([_sum(xdm, red), _sum(xdm * xc_s, red)])
     r = collectives.psum(r, axis_name, groups) / jnp.maximum(count, 1.0)
@@ -93,7 +107,13 @@ def _bn_train_jvp(cfg, primals, tangents):
     # replicated bias/scale tangents) are made varying in ONE stacked `to_varying`: its
     # transpose is the backward pass's only psum, and the bias/scale gradients are its rows.
     c = collectives.to_varying(jnp.stack([c0, c1]), axis_name)
-    y_dot = k * xdt + c[0] + ((xb - mean) * inv) * c[1]
+    terms = (B(k) * xdt, B(c[0]), ((xb - B(mean_b)) * B(inv_b)) * B(c[1]))
+    if jnp.finfo(out_dtype).bits < jnp.finfo(acc).bits:
+      # bf16/fp16 output: the cotangent dy reaches the three terms (dx's elementwise pass and
+      # the two reductions) through three aliases, each up-cast inside its own fused loop
+      # instead of one shared float32 copy of dy.
+      terms = lax.optimization_barrier(tuple(t.astype(out_dtype) for t in terms))
+    y_dot = terms[0] + terms[1] + terms[2]
     return y_dot.astype(out_dtype), mean_dot.astype(mean.dtype), var_dot.astype(var.dtype)
 
   y_dot, mean_dot, var_dot = tangent(x, mean, inv, scale, mask, count, xd, sd, bd)
@@ -103,11 +123,12 @@ def _bn_train_jvp(cfg, primals, tangents):
 def _bn_train_plain(cfg, x, scale, bias, mask, epsilon):
   """Plain (autodiff) training path, used for complex input."""
   red, axis_name, groups, fast, out_dtype = cfg
-  count, mean, var = moments_keepdims(x, red, mask, axis_name, groups, fast)
+  feat = tuple(i for i in range(x.ndim) if i not in red)
+  count, mean, var = feature_moments(x, red, mask, axis_name, groups, fast)
   inv = lax.rsqrt(var + epsilon)
   if mask is not None:
     x = jnp.where(mask | jnp.isfinite(x), x, jnp.zeros((), x.dtype))
-  return affine(x, mean, inv, scale, bias, out_dtype), mean, var, count
+  return _affine(x, feat, mean, inv, scale, bias, out_dtype), mean, var, count
 
 
 def batch_norm(
@@ -225,13 +246,13 @@ def batch_norm(
   out_dtype = output_dtype(x, scale, bias, dtype)
   acc = accumulation_dtype(x.dtype)
   rdt = jnp.finfo(acc).dtype
-  scale_k = to_keepdims(scale, x.shape, feat)
-  bias_k = to_keepdims(bias, x.shape, feat)
+  scale_v = None if scale is None else jnp.asarray(scale).reshape(fshape)
+  bias_v = None if bias is None else jnp.asarray(bias).reshape(fshape)
 
   if not training:
-    mean = to_keepdims(stats.mean, x.shape, feat, acc)
-    inv = lax.rsqrt(to_keepdims(stats.var, x.shape, feat, rdt) + jnp.asarray(epsilon, rdt))
-    return affine(x, mean, inv, scale_k, bias_k, out_dtype), stats
+    mean = jnp.asarray(stats.mean).astype(acc)
+    inv = lax.rsqrt(jnp.asarray(stats.var).astype(rdt) + jnp.asarray(epsilon, rdt))
+    return _affine(x, feat, mean, inv, scale_v, bias_v, out_dtype), stats
 
   checks.mask_broadcasts(fn, mask, x.shape)
   checks.axis_name_bound(fn, axis_name, axis_index_groups)
@@ -242,8 +263,8 @@ def batch_norm(
   mask_a = None if mask is None else jnp.asarray(mask)
   eps = lax.stop_gradient(jnp.asarray(epsilon, rdt))
   impl = _bn_train_plain if jnp.iscomplexobj(x) else _bn_train
-  y, mean, var, count = impl(cfg, x, scale_k, bias_k, mask_a, eps)
-  batch = Moments(mean.reshape(fshape), var.reshape(fshape), count.reshape(fshape))
+  y, mean, var, count = impl(cfg, x, scale_v, bias_v, mask_a, eps)
+  batch = Moments(mean, var, count)
   new_stats = update_stats(stats, batch, momentum=momentum,
                            unbiased_running_var=unbiased_running_var, debias=debias)
   return y, new_stats

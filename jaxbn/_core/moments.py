@@ -32,17 +32,29 @@ def _real_dtype(dtype):
 
 
 def _aliases(x: jax.Array, n: int):
-  """``n`` aliases of ``x`` that XLA cannot merge.
+  """``n`` aliases of ``x`` that XLA cannot merge (one ``optimization_barrier``).
 
-  When one up-cast of a bf16 ``x`` feeds several fused passes, XLA:CPU writes the float32 copy
-  out in full; giving each pass its own alias keeps the up-cast inside each pass's loop.
+  When one value (a bf16 ``x`` up-cast to float32, or a broadcast per-feature vector) feeds
+  several fused passes, XLA:CPU writes it out in full, a temporary the size of ``x``; giving
+  each pass its own alias keeps the computation inside each pass's loop. The aliases must
+  come from a single barrier: separate identical barriers are merged and then removed.
   """
   return lax.optimization_barrier((x,) * n)
 
 
+def bcast(v: jax.Array, shape: tuple[int, ...], feat: tuple[int, ...]) -> jax.Array:
+  """Broadcasts a feature-shaped vector against ``x`` (``broadcast_in_dim``, no reshape).
+
+  A vector broadcast into several passes over ``x`` should be given one alias per pass
+  (:func:`_aliases`): XLA:CPU otherwise writes the shared broadcast out at the full size of
+  ``x`` instead of fusing it into each pass's loop.
+  """
+  return lax.broadcast_in_dim(v, shape, feat)
+
+
 def local_moments(x: jax.Array, red: tuple[int, ...], mask: Optional[jax.Array],
                   fast: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Count, mean and centered sum of squares ``M2`` of this device's data (keepdims shapes).
+  """Count, mean and centered sum of squares ``M2`` of this device's data (feature shape).
 
   Stable mode (default) is the two-pass algorithm: ``mean = Σx / n``, then
   ``M2 = Σ(x − mean)²``. It is accurate whatever the offset of the data (for float32 data
@@ -51,35 +63,39 @@ def local_moments(x: jax.Array, red: tuple[int, ...], mask: Optional[jax.Array],
   ``M2 = Σx² − (Σx)²/n``, clamped at 0.
 
   Sums are accumulated in float32 (or wider) inside the reduction loops. Each pass reads its
-  own alias of ``x`` so that XLA fuses the up-cast and the centering into that pass instead
-  of writing a temporary the size of ``x`` shared by several passes: on CPU the two passes
-  cost about what flax's two one-pass reductions cost.
+  own alias of ``x`` and per-feature vectors are broadcast with ``broadcast_in_dim``, so that
+  XLA fuses the up-cast and the centering into each reduction loop instead of writing a
+  temporary the size of ``x``: on CPU the two passes cost about what flax's two one-pass
+  reductions cost.
   """
   acc = accumulation_dtype(x.dtype)
   rdt = _real_dtype(acc)
+  feat = tuple(i for i in range(x.ndim) if i not in red)
+  fshape = tuple(x.shape[i] for i in feat)
   xa, xb = _aliases(x, 2)
   if mask is None:
     n = 1.0
     for a in red:
       n *= x.shape[a]
-    count = jnp.full([1 if i in red else d for i, d in enumerate(x.shape)], n, rdt)
-    s1 = jnp.sum(xa.astype(acc), axis=red, keepdims=True)
+    count = jnp.full(fshape, n, rdt)
+    s1 = jnp.sum(xa.astype(acc), axis=red)
   else:
     mask = jnp.broadcast_to(mask, x.shape)
-    count = jnp.sum(mask, axis=red, keepdims=True, dtype=rdt)
+    count = jnp.sum(mask, axis=red, dtype=rdt)
     n = jnp.maximum(count, 1.0)
-    s1 = jnp.sum(jnp.where(mask, xa.astype(acc), 0), axis=red, keepdims=True)
+    s1 = jnp.sum(jnp.where(mask, xa.astype(acc), 0), axis=red)
   mean = s1 / n
+  mean_var, mean = _aliases(mean, 2)
   if fast:
     sq = _abs2(xb.astype(acc))
     if mask is not None:
       sq = jnp.where(mask, sq, 0)
-    m2 = jnp.maximum(jnp.sum(sq, axis=red, keepdims=True) - n * _abs2(mean), 0.0)
+    m2 = jnp.maximum(jnp.sum(sq, axis=red) - n * _abs2(mean), 0.0)
   else:
-    d2 = _abs2(xb.astype(acc) - mean)
+    d2 = _abs2(xb.astype(acc) - bcast(mean_var, x.shape, feat))
     if mask is not None:
       d2 = jnp.where(mask, d2, 0)
-    m2 = jnp.sum(d2, axis=red, keepdims=True)
+    m2 = jnp.sum(d2, axis=red)
   return count, mean, m2.astype(rdt)
 
 
@@ -113,9 +129,17 @@ def combine(count, mean, m2, axis_name, axis_index_groups, fast: bool):
   return n, g_mean, (g_m2 / safe).astype(count.dtype)
 
 
-def moments_keepdims(x, red, mask, axis_name, axis_index_groups, fast):
+def feature_moments(x, red, mask, axis_name, axis_index_groups, fast):
+  """Global ``(count, mean, var)`` of ``x``, each of the feature shape."""
   count, mean, m2 = local_moments(x, red, mask, fast)
   return combine(count, mean, m2, axis_name, axis_index_groups, fast)
+
+
+def moments_keepdims(x, red, mask, axis_name, axis_index_groups, fast):
+  """:func:`feature_moments` reshaped to broadcast against ``x`` (size-1 reduced axes)."""
+  kshape = tuple(1 if i in red else d for i, d in enumerate(x.shape))
+  return tuple(v.reshape(kshape)
+               for v in feature_moments(x, red, mask, axis_name, axis_index_groups, fast))
 
 
 def feature_shape(x_shape, feat):
@@ -172,7 +196,6 @@ def moments(
   checks.mask_broadcasts(fn, mask, x.shape)
   checks.axis_name_bound(fn, axis_name, axis_index_groups)
   red = checks.reduction_axes(x.ndim, feat)
-  count, mean, var = moments_keepdims(x, red, None if mask is None else jnp.asarray(mask),
-                                      axis_name, axis_index_groups, use_fast_variance)
-  fshape = feature_shape(x.shape, feat)
-  return Moments(mean.reshape(fshape), var.reshape(fshape), count.reshape(fshape))
+  count, mean, var = feature_moments(x, red, None if mask is None else jnp.asarray(mask),
+                                     axis_name, axis_index_groups, use_fast_variance)
+  return Moments(mean, var, count)

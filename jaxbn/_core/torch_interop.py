@@ -170,7 +170,7 @@ def to_torch_batch_norm(
   Example:
     >>> import jaxbn
     >>> sd = jaxbn.to_torch_batch_norm(jaxbn.init_stats(2), prefix="bn1")
-    >>> sorted(sd), sd["num_batches_tracked"].dtype
+    >>> sorted(sd), sd["bn1.num_batches_tracked"].dtype
     (['bn1.num_batches_tracked', 'bn1.running_mean', 'bn1.running_var'], dtype('int64'))
   """
   fn = "to_torch_batch_norm"

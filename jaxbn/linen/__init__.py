@@ -6,7 +6,28 @@ alone does not.
 """
 
 from jaxbn.linen._batch_norm import BatchNorm
+from jaxbn.linen._frozen import FrozenBatchNorm, freeze_batch_norm, unfreeze_batch_norm
+from jaxbn.linen._ghost import GhostBatchNorm
+from jaxbn.linen._inference import (FoldPair, find_conv_bn_pairs, fold_batch_norm, folded,
+                                    recompute_batch_stats)
+from jaxbn.linen._norms import GroupNorm, InstanceNorm, LayerNorm, RMSNorm
+from jaxbn.linen._renorm import BatchRenorm
 
 __all__ = [
     "BatchNorm",
+    "BatchRenorm",
+    "FrozenBatchNorm",
+    "GhostBatchNorm",
+    "GroupNorm",
+    "InstanceNorm",
+    "LayerNorm",
+    "RMSNorm",
+    "freeze_batch_norm",
+    "unfreeze_batch_norm",
+    # after training: recomputed statistics and folding (jaxbn.linen._inference)
+    "FoldPair",
+    "find_conv_bn_pairs",
+    "fold_batch_norm",
+    "folded",
+    "recompute_batch_stats",
 ]

@@ -28,13 +28,14 @@ def shard_map_step(
 
   Equivalent to::
 
-    jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(state_specs, P(axis_names)),
-                          out_specs=out_specs),
-            in_shardings=(state shardings, batch_sharding(mesh, axis_names)),
-            donate_argnums=(0,) if donate_state else ())
+    shardings = (NamedSharding(mesh, state_specs), batch_sharding(mesh, axis_names))
+    mapped = jax.shard_map(step, mesh=mesh, in_specs=(state_specs, P(axis_names)),
+                           out_specs=out_specs)
+    jax.jit(lambda state, batch: mapped(*jax.sharding.reshard((state, batch), shardings)),
+            in_shardings=shardings, donate_argnums=(0,) if donate_state else ())
 
-  so a NumPy batch is split over the devices on the way in, and ``step`` sees its device's
-  rows. Inside ``step``:
+  so a NumPy batch is split over the devices on the way in (already placed arrays pass
+  through unchanged), and ``step`` sees its device's rows. Inside ``step``:
 
   * call BN with ``axis_name=axis_names`` (all mesh axes by default: ``mesh.axis_names``);
   * ``jax.grad`` of a per-device loss with respect to a replicated (``P()``) parameter
@@ -95,8 +96,14 @@ def shard_map_step(
                          out_specs=out_specs)
   state_shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), state_specs,
                                  is_leaf=lambda s: isinstance(s, P))
-  return jax.jit(mapped, in_shardings=(state_shardings, batch_sharding(mesh, names)),
-                 donate_argnums=(0,) if donate_state else ())
+  shardings = (state_shardings, batch_sharding(mesh, names))
+
+  def run(state, batch):
+    # A no-op for arguments already placed by `in_shardings`; it gives their traced types
+    # the mesh shardings that shard_map's `in_specs` require on an explicit-axes mesh.
+    return mapped(*jax.sharding.reshard((state, batch), shardings))
+
+  return jax.jit(run, in_shardings=shardings, donate_argnums=(0,) if donate_state else ())
 
 
 def pmap_step(

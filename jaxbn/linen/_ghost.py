@@ -1,0 +1,137 @@
+"""``jaxbn.linen.GhostBatchNorm``: ghost (virtual) batch norm over :func:`jaxbn.ghost_batch_norm`."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+from flax.typing import Axes, Dtype, Initializer
+from jax.nn import initializers
+
+from jaxbn._core.ghost import ghost_batch_norm
+from jaxbn._core.types import BatchStats, init_stats
+from jaxbn.linen._frozen import bn_variables
+
+
+class GhostBatchNorm(nn.Module):
+  r"""Ghost batch normalization (Hoffer et al., 2017) for Linen, with BatchNorm's variables.
+
+  Each consecutive slice of ``virtual_batch_size`` examples (along ``batch_axis`` of the
+  per-device batch) is normalized with its own statistics in training; evaluation uses the
+  running statistics like batch norm, whatever the batch size. See
+  :func:`jaxbn.ghost_batch_norm` for the running-statistics rule (``stats_update``) and when
+  to use it. Same fields as :class:`jaxbn.linen.BatchNorm` plus ``virtual_batch_size``,
+  ``batch_axis`` and ``stats_update``, and the same variables (a batch norm checkpoint loads
+  unchanged). With ``axis_name`` only the running-statistics update is synchronized.
+
+  Attributes:
+    virtual_batch_size: examples per virtual batch (must divide the per-device batch).
+    use_running_average: True: running statistics (eval); False: per-virtual-batch
+      statistics, updating the running ones. Here or at call time, not both.
+    axis: the feature axis (or axes) of the input (default -1).
+    momentum: weight of the old value in the running averages (default 0.99), or None.
+    epsilon: small float added to the variance (default 1e-5).
+    dtype: dtype of the result (default: inferred from the input and parameters, as flax).
+    param_dtype: dtype of ``scale`` and ``bias`` (default float32).
+    use_bias: if True, add the learned ``bias``.
+    use_scale: if True, multiply by the learned ``scale``.
+    bias_init: initializer for ``bias`` (default zeros).
+    scale_init: initializer for ``scale`` (default ones).
+    axis_name: mapped axis name(s) over which the running-statistics update is averaged.
+    axis_index_groups: average within these groups of axis indices only.
+    use_fast_variance: flax's ``E[x²] − E[x]²`` (default False: jaxbn's stable variance).
+    force_float32_reductions: True: running statistics stored in float32; False: in
+      ``param_dtype``.
+    unbiased_running_var: store unbiased running variances (PyTorch).
+    debias: zero-debiased running averages; creates ``batch_stats/count``.
+    batch_axis: the axis cut into virtual batches (default 0).
+    stats_update: ``"average"`` (one update per call) or ``"sequential"`` (one per virtual
+      batch, the paper's rule).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, jaxbn.linen
+    >>> layer = jaxbn.linen.GhostBatchNorm(virtual_batch_size=4)
+    >>> x = jax.random.normal(jax.random.key(0), (8, 3))
+    >>> variables = layer.init(jax.random.key(1), x, use_running_average=False)
+    >>> y, updates = layer.apply(variables, x, use_running_average=False,
+    ...                          mutable=['batch_stats'])
+    >>> bool(jnp.allclose(y[:4].mean(0), 0, atol=1e-5))   # each virtual batch centered
+    True
+  """
+
+  virtual_batch_size: int
+  use_running_average: Optional[bool] = None
+  axis: Axes = -1
+  momentum: Optional[float] = 0.99
+  epsilon: float = 1e-5
+  dtype: Optional[Dtype] = None
+  param_dtype: Dtype = jnp.float32
+  use_bias: bool = True
+  use_scale: bool = True
+  bias_init: Initializer = initializers.zeros
+  scale_init: Initializer = initializers.ones
+  axis_name: Any = None
+  axis_index_groups: Any = None
+  use_fast_variance: bool = False
+  force_float32_reductions: bool = True
+  unbiased_running_var: bool = False
+  debias: bool = False
+  batch_axis: int = 0
+  stats_update: str = "average"
+
+  @nn.compact
+  def __call__(
+      self,
+      x: jax.typing.ArrayLike,
+      use_running_average: Optional[bool] = None,
+      *,
+      mask: Optional[jax.Array] = None,
+  ) -> jax.Array:
+    """Normalizes ``x`` per virtual batch (training) or with the running statistics (eval).
+
+    During ``init`` nothing is updated, no collective is issued, and the batch need not be
+    a multiple of ``virtual_batch_size`` (the init input is normalized as one batch).
+
+    Args:
+      x: the input, feature axis (or axes) ``self.axis``.
+      use_running_average: True: eval; False: training (``batch_stats`` must be mutable).
+      mask: optional bool array broadcastable to ``x``: which entries count.
+
+    Returns:
+      The normalized input, shaped like ``x``.
+    """
+    use_running_average = nn.merge_param(
+        "use_running_average", self.use_running_average, use_running_average)
+    fn = "jaxbn.linen.GhostBatchNorm"
+    x, _, ra_mean, ra_var, ra_count, scale, bias, out_dtype = bn_variables(self, x, fn)
+    stats = BatchStats(ra_mean.value, ra_var.value,
+                       init_stats(1).count if ra_count is None else ra_count.value)
+    initializing = self.is_initializing()
+    vbs = self.virtual_batch_size
+    if initializing and not use_running_average and -x.ndim <= self.batch_axis < x.ndim:
+      vbs = max(x.shape[self.batch_axis], 1)  # any init batch works, as for BatchNorm
+    y, new = ghost_batch_norm(
+        x, stats, scale, bias,
+        training=not use_running_average,
+        virtual_batch_size=vbs,
+        batch_axis=self.batch_axis,
+        axis=self.axis,
+        momentum=self.momentum,
+        epsilon=self.epsilon,
+        axis_name=None if initializing else self.axis_name,
+        axis_index_groups=None if initializing else self.axis_index_groups,
+        mask=mask,
+        dtype=out_dtype,
+        use_fast_variance=self.use_fast_variance,
+        stats_update=self.stats_update,
+        unbiased_running_var=self.unbiased_running_var,
+        debias=self.debias,
+    )
+    if not use_running_average and not initializing:
+      ra_mean.value = new.mean
+      ra_var.value = new.var
+      if ra_count is not None:
+        ra_count.value = new.count
+    return y

@@ -1,0 +1,438 @@
+"""After training, for Linen models: recomputed population statistics and BN folding.
+
+Both work on an unchanged model definition by intercepting the BatchNorm layers
+(``flax.linen.BatchNorm`` and ``jaxbn.linen.BatchNorm``) with ``nn.intercept_methods``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Iterable, NamedTuple, Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+from flax.core import FrozenDict, freeze, unfreeze
+from flax.linen import dtypes
+
+from jaxbn._core import checks
+from jaxbn._core import fold as _fold
+from jaxbn._core import precise
+from jaxbn._core.normalize import to_keepdims
+from jaxbn._core.types import BatchStats
+from jaxbn.linen._batch_norm import BatchNorm as _JaxbnBatchNorm
+
+_BN_TYPES = (nn.BatchNorm, _JaxbnBatchNorm)
+Path = tuple[str, ...]
+PathLike = Union[str, Sequence[str]]
+
+
+def _is_bn(module: Any) -> bool:
+  return isinstance(module, _BN_TYPES)
+
+
+def _apply(fn: str, apply_fn: Any) -> Callable:
+  if isinstance(apply_fn, nn.Module):
+    return apply_fn.apply
+  if not callable(apply_fn):
+    raise TypeError(f"{fn}: `apply_fn` must be a function of (variables, ...) such as "
+                    f"`lambda v, x: model.apply(v, x, train=False)`, or a linen Module, got "
+                    f"{type(apply_fn).__name__}.")
+  return apply_fn
+
+
+def _as_path(fn: str, path: PathLike) -> Path:
+  if isinstance(path, str):
+    return tuple(p for p in path.split("/") if p)
+  if isinstance(path, (tuple, list)) and all(isinstance(p, str) for p in path):
+    return tuple(path)
+  raise TypeError(f"{fn}: a module path must be a tuple of names such as ('Block_0', 'Conv_0') "
+                  f"or a string 'Block_0/Conv_0', got {path!r}.")
+
+
+def _get(tree: Any, path: Path) -> Any:
+  for p in path:
+    if not isinstance(tree, (dict, FrozenDict)) or p not in tree:
+      return None
+    tree = tree[p]
+  return tree
+
+
+def _pop(tree: dict, path: Path) -> None:
+  """Removes ``tree[path]`` and the dicts it leaves empty (not the root)."""
+  parents = [tree]
+  for p in path[:-1]:
+    parents.append(parents[-1][p])
+  del parents[-1][path[-1]]
+  for i in range(len(path) - 1, 0, -1):
+    if not parents[i]:
+      del parents[i - 1][path[i - 1]]
+
+
+def _bn_inputs(module: Any, args: tuple, kwargs: dict):
+  x = jnp.asarray(args[0])
+  scale = module.get_variable("params", "scale") if module.use_scale else None
+  bias = module.get_variable("params", "bias") if module.use_bias else None
+  out_dtype = dtypes.canonicalize_dtype(x, scale, bias, dtype=module.dtype)
+  return x, kwargs.get("mask"), scale, bias, out_dtype
+
+
+# --------------------------------------------------------------------------------------------
+# Recomputed statistics.
+# --------------------------------------------------------------------------------------------
+
+
+def recompute_batch_stats(
+    apply_fn: Any,
+    variables: Any,
+    batches: Iterable,
+    *,
+    mode: str = "train",
+    num_batches: Optional[int] = None,
+    progress: Optional[bool] = None,
+    mesh: Any = None,
+    batch_spec: Any = None,
+) -> Any:
+  """Recomputes the ``batch_stats`` of every BatchNorm layer as exact population statistics.
+
+  Runs the model with frozen weights over ``batches`` and sets each BatchNorm layer's
+  ``mean`` and ``var`` to the exact mean and biased variance of its input over all the
+  data — count-weighted across batches of different sizes and masks, and over all devices
+  of ``mesh`` — see :func:`jaxbn.recompute_stats` for the two modes (``"train"``: layer
+  inputs as in training, one pass; ``"sequential"``: layer inputs as at inference, one pass
+  per layer). Works with ``flax.linen.BatchNorm`` and ``jaxbn.linen.BatchNorm`` in an
+  unchanged model: the layers are intercepted (``nn.intercept_methods``), whatever their
+  ``use_running_average``; masks passed to them (``mask=``) are honoured, and so is
+  ``unbiased_running_var``.
+
+  Args:
+    apply_fn: ``apply_fn(variables, batch)`` running the model in inference mode (dropout
+      off), e.g. ``lambda v, b: model.apply(v, b["image"], train=False)``; or the Module
+      itself (then ``model.apply(variables, batch)``).
+    variables: the model's variables with ``params`` and ``batch_stats``. Not modified.
+    batches: an iterable of batches (re-iterable for ``mode="sequential"``), e.g. a few
+      hundred training batches without augmentation, at the training batch size.
+    mode: ``"train"`` (default) or ``"sequential"``.
+    num_batches: use at most this many batches.
+    progress: tqdm progress bar: None (default) on a terminal only, True, False.
+    mesh: a ``jax.sharding.Mesh`` to run under ``jax.shard_map`` (needed when the layers use
+      ``axis_name``); the statistics are those of the global data.
+    batch_spec: ``PartitionSpec`` of the batch arrays (default: leading axis over all mesh
+      axes).
+
+  Returns:
+    New variables (a dict, or a FrozenDict if given one) with the recomputed ``mean`` and
+    ``var`` of every BatchNorm layer the forward pass called (dtypes kept; other variables,
+    such as a jaxbn ``count``, unchanged).
+
+  Raises:
+    ValueError: no batch, no BatchNorm layer, ``variables`` without those layers'
+      ``batch_stats``, or an ``axis_name`` that needs ``mesh``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, jaxbn.linen
+    >>> class Net(nn.Module):
+    ...   @nn.compact
+    ...   def __call__(self, x, train):
+    ...     x = nn.Dense(3)(x)
+    ...     return jaxbn.linen.BatchNorm(use_running_average=not train)(x)
+    >>> net = Net()
+    >>> variables = net.init(jax.random.key(0), jnp.ones((4, 2)), train=False)
+    >>> batches = [jax.random.normal(jax.random.key(i), (16, 2)) for i in range(3)]
+    >>> new = jaxbn.linen.recompute_batch_stats(
+    ...     lambda v, x: net.apply(v, x, train=False), variables, batches, progress=False)
+    >>> dense = variables["params"]["Dense_0"]   # the BN input, over all the data:
+    >>> h = jnp.concatenate([b @ dense["kernel"] + dense["bias"] for b in batches])
+    >>> stats = new["batch_stats"]["BatchNorm_0"]
+    >>> bool(jnp.allclose(stats["mean"], h.mean(0), atol=1e-5)), bool(
+    ...     jnp.allclose(stats["var"], h.var(0), rtol=1e-4))
+    (True, True)
+  """
+  fn = "jaxbn.linen.recompute_batch_stats"
+  apply = _apply(fn, apply_fn)
+  if not isinstance(variables, (dict, FrozenDict)) or "batch_stats" not in variables:
+    raise ValueError(f"{fn}: `variables` must be the model's variables dict with a "
+                     f"'batch_stats' collection (e.g. {{'params': ..., 'batch_stats': ...}}).")
+
+  def trace(variables, batch, rec):
+    def interceptor(next_fun, args, kwargs, context):
+      module = context.module
+      if context.method_name != "__call__" or not _is_bn(module):
+        return next_fun(*args, **kwargs)
+      x, mask, scale, bias, out_dtype = _bn_inputs(module, args, kwargs)
+      return rec(module.path, x, axis=module.axis, epsilon=module.epsilon, scale=scale,
+                 bias=bias, mask=mask, axis_name=module.axis_name,
+                 axis_index_groups=module.axis_index_groups, out_dtype=out_dtype,
+                 unbiased=getattr(module, "unbiased_running_var", False))
+
+    with nn.intercept_methods(interceptor):
+      return apply(variables, batch)
+
+  layers, accs = precise.run(fn, trace, variables, batches, mode=mode, num_batches=num_batches,
+                             progress=progress, mesh=mesh, batch_spec=batch_spec)
+  new = unfreeze(variables)
+  for key, info in layers.items():
+    node = _get(new["batch_stats"], key)
+    if node is None or "mean" not in node or "var" not in node:
+      raise ValueError(f"{fn}: the BatchNorm layer {'/'.join(key)} has no 'mean'/'var' in "
+                       f"variables['batch_stats']; pass the variables the model was "
+                       f"initialized with.")
+    old = BatchStats(node["mean"], node["var"], jnp.zeros((), jnp.int32))
+    acc = jax.tree.map(jnp.asarray, jax.device_get(accs[info.index]))
+    stats = precise.population_stats(acc, old, unbiased_running_var=info.unbiased)
+    node["mean"], node["var"] = stats.mean, stats.var
+  return freeze(new) if isinstance(variables, FrozenDict) else new
+
+
+# --------------------------------------------------------------------------------------------
+# Folding.
+# --------------------------------------------------------------------------------------------
+
+
+class FoldPair(NamedTuple):
+  """A Conv/Dense layer and the BatchNorm it feeds, as found by :func:`find_conv_bn_pairs`.
+
+  Attributes:
+    layer: module path of the Conv/Dense layer, e.g. ``('ResNetBlock_0', 'Conv_0')``.
+    bn: module path of the BatchNorm.
+    epsilon: the BatchNorm's epsilon.
+    kernel_axes: the kernel's output-feature axes (``(-1,)`` for flax Conv/Dense).
+  """
+
+  layer: Path
+  bn: Path
+  epsilon: float = 1e-5
+  kernel_axes: tuple[int, ...] = (-1,)
+
+
+def _kernel_axes(module: Any):
+  """'trailing' for layers whose kernel ends with the output features, (-2,) or None."""
+  if isinstance(module, nn.ConvTranspose):
+    return (-2,) if module.transpose_kernel else "trailing"
+  if isinstance(module, (nn.Conv, nn.ConvLocal, nn.Dense, nn.DenseGeneral)):
+    return "trailing"
+  return None
+
+
+def find_conv_bn_pairs(apply_fn: Any, variables: Any, *args: Any, **kwargs: Any) -> list[FoldPair]:
+  """Finds the Conv/Dense -> BatchNorm pairs of a linen model that can be folded.
+
+  Traces ``apply_fn(variables, *args, **kwargs)`` once (``jax.make_jaxpr``, nothing runs)
+  with every ``nn.Conv``, ``nn.ConvLocal``, ``nn.ConvTranspose``, ``nn.Dense`` and
+  ``nn.DenseGeneral`` output and every BatchNorm input tagged, and keeps the pairs where a
+  layer's output goes straight into a BatchNorm and nowhere else, each module is called
+  once, and the BatchNorm normalizes the trailing (channel) axes. Pairs inside ``nn.scan``,
+  loops or branches are not reported; ``nn.remat`` and ``jit`` bodies are searched.
+
+  Args:
+    apply_fn: ``apply_fn(variables, *args, **kwargs)``, e.g. ``model.apply``, or the Module.
+    variables: the model's variables.
+    *args, **kwargs: an example input, e.g. ``x, train=False`` (shapes matter, values don't).
+
+  Returns:
+    A list of :class:`FoldPair` in the order of the BatchNorm calls.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, jaxbn.linen
+    >>> class Net(nn.Module):
+    ...   @nn.compact
+    ...   def __call__(self, x):
+    ...     x = nn.relu(nn.BatchNorm(use_running_average=True)(nn.Conv(4, (3, 3))(x)))
+    ...     return nn.BatchNorm(use_running_average=True)(x + 1.0)   # not foldable
+    >>> x = jnp.ones((1, 8, 8, 3))
+    >>> variables = Net().init(jax.random.key(0), x)
+    >>> jaxbn.linen.find_conv_bn_pairs(Net().apply, variables, x)
+    [FoldPair(layer=('Conv_0',), bn=('BatchNorm_0',), epsilon=1e-05, kernel_axes=(-1,))]
+  """
+  fn = "jaxbn.linen.find_conv_bn_pairs"
+  apply = _apply(fn, apply_fn)
+  srcs: list = []
+  dsts: list = []
+
+  def interceptor(next_fun, a, kw, context):
+    module = context.module
+    if context.method_name != "__call__":
+      return next_fun(*a, **kw)
+    if _is_bn(module):
+      x = jnp.asarray(a[0])
+      dsts.append((module.path, float(module.epsilon),
+                   _fold.trailing_axes(fn, x.ndim, module.axis)))
+      return next_fun(_fold.mark(x, "dst", len(dsts) - 1), *a[1:], **kw)
+    kind = _kernel_axes(module)
+    if kind is None:
+      return next_fun(*a, **kw)
+    y = next_fun(*a, **kw)
+    if not isinstance(y, jax.Array):
+      return y
+    srcs.append((module.path, kind))
+    return _fold.mark(y, "src", len(srcs) - 1)
+
+  with nn.intercept_methods(interceptor):
+    jaxpr = jax.make_jaxpr(lambda v: apply(v, *args, **kwargs))(variables)
+  calls = {}
+  for path, _ in srcs:
+    calls[("src", path)] = calls.get(("src", path), 0) + 1
+  for path, _, _ in dsts:
+    calls[("dst", path)] = calls.get(("dst", path), 0) + 1
+  pairs = []
+  for s, d in _fold.marked_pairs(jaxpr):
+    layer, kind = srcs[s]
+    bn, eps, bn_axes = dsts[d]
+    if calls[("src", layer)] != 1 or calls[("dst", bn)] != 1 or bn_axes is None:
+      continue
+    if kind != "trailing":
+      if len(bn_axes) != 1:
+        continue
+      bn_axes = kind
+    pairs.append(FoldPair(tuple(layer), tuple(bn), eps, tuple(bn_axes)))
+  return pairs
+
+
+def fold_batch_norm(variables: Any, pairs: Sequence[Union[FoldPair, tuple]], *,
+                    epsilon: float = 1e-5) -> Any:
+  r"""Folds eval-mode BatchNorm layers into the Conv/Dense layers feeding them.
+
+  For each pair, with ``k = γ/√(σ²+ε)`` (see :func:`jaxbn.fold_batch_norm`): the layer's
+  ``kernel`` (and ``bias``, if it has one) is multiplied by ``k`` along its output features,
+  and the BatchNorm's variables are replaced by a single ``params/bias = β - μ·k`` (its
+  ``scale`` and ``batch_stats`` are removed). Run the result with :func:`folded`, which
+  turns each folded BatchNorm into ``x + bias``; BatchNorm layers not folded run as before.
+
+  Args:
+    variables: the model's variables (``params``, ``batch_stats``). Not modified.
+    pairs: :class:`FoldPair` from :func:`find_conv_bn_pairs`, or ``(layer_path, bn_path)``
+      tuples (paths as tuples of names or ``"a/b"`` strings; the kernel's output features
+      are its trailing axes and ``epsilon`` applies).
+    epsilon: the BatchNorm epsilon for plain tuples (flax's default 1e-5).
+
+  Returns:
+    The folded variables (a dict, or a FrozenDict if given one).
+
+  Raises:
+    ValueError: a path not found, a BatchNorm already folded or listed twice, a layer without
+      ``kernel``, or features that do not match.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, jaxbn.linen
+    >>> class Net(nn.Module):
+    ...   @nn.compact
+    ...   def __call__(self, x):
+    ...     return nn.BatchNorm(use_running_average=True)(nn.Conv(4, (3, 3))(x))
+    >>> x = jax.random.normal(jax.random.key(1), (2, 8, 8, 3))
+    >>> variables = Net().init(jax.random.key(0), x)
+    >>> pairs = jaxbn.linen.find_conv_bn_pairs(Net().apply, variables, x)
+    >>> folded_vars = jaxbn.linen.fold_batch_norm(variables, pairs)
+    >>> y = jaxbn.linen.folded(Net().apply)(folded_vars, x)
+    >>> bool(jnp.allclose(y, Net().apply(variables, x), atol=1e-5))
+    True
+  """
+  fn = "jaxbn.linen.fold_batch_norm"
+  if not isinstance(variables, (dict, FrozenDict)) or "params" not in variables:
+    raise ValueError(f"{fn}: `variables` must be the model's variables with 'params' and "
+                     f"'batch_stats'.")
+  new = unfreeze(variables)
+  params = new["params"]
+  stats_tree = new.get("batch_stats", {})
+  seen_layers, seen_bns = set(), set()
+  for pair in pairs:
+    if isinstance(pair, FoldPair):
+      layer, bn, eps, kaxes = (_as_path(fn, pair.layer), _as_path(fn, pair.bn), pair.epsilon,
+                               tuple(pair.kernel_axes))
+    else:
+      try:
+        layer, bn = pair
+      except (TypeError, ValueError):
+        raise TypeError(f"{fn}: each pair must be a FoldPair or a (layer_path, bn_path) "
+                        f"tuple, got {pair!r}.") from None
+      layer, bn, eps, kaxes = _as_path(fn, layer), _as_path(fn, bn), epsilon, None
+    name_l, name_b = "/".join(layer), "/".join(bn)
+    if bn in seen_bns or layer in seen_layers:
+      raise ValueError(f"{fn}: the pair ({name_l}, {name_b}) reuses a layer or BatchNorm of "
+                       f"an earlier pair; each layer and each BatchNorm folds once.")
+    seen_layers.add(layer)
+    seen_bns.add(bn)
+    lp = _get(params, layer)
+    if lp is None or "kernel" not in lp:
+      raise ValueError(f"{fn}: no params['{name_l}']['kernel'] in `variables`; pass the path "
+                       f"of the Conv/Dense layer that feeds the BatchNorm.")
+    bs = _get(stats_tree, bn)
+    if bs is None or "mean" not in bs:
+      raise ValueError(f"{fn}: no batch_stats['{name_b}'] in `variables`: not a BatchNorm "
+                       f"path, or already folded.")
+    bp = _get(params, bn) or {}
+    stats = BatchStats(jnp.asarray(bs["mean"]), jnp.asarray(bs["var"]),
+                       jnp.zeros((), jnp.int32))
+    if kaxes is None:
+      kaxes = tuple(range(-stats.mean.ndim, 0))
+    kernel = jnp.asarray(lp["kernel"])
+    k, c = _fold.eval_affine(stats, bp.get("scale"), bp.get("bias"), epsilon=eps)
+    try:
+      lp["kernel"], _ = _fold.fold_batch_norm(kernel, None, stats, bp.get("scale"), None,
+                                              epsilon=eps, axis=kaxes)
+    except ValueError as e:
+      raise ValueError(f"{fn}: cannot fold {name_b} into {name_l}: {e}") from None
+    if lp.get("bias") is not None:
+      b = jnp.asarray(lp["bias"])
+      lp["bias"] = (b.astype(k.dtype) * k).astype(b.dtype)
+    bias_dtype = jnp.result_type(bp["bias"]) if "bias" in bp else jnp.float32
+    _set_dict(params, bn, {"bias": c.astype(bias_dtype)})
+    _pop(stats_tree, bn)
+  return freeze(new) if isinstance(variables, FrozenDict) else new
+
+
+def _set_dict(tree: dict, path: Path, value: Any) -> None:
+  for p in path[:-1]:
+    tree = tree.setdefault(p, {})
+  tree[path[-1]] = value
+
+
+def _folded_interceptor(next_fun, args, kwargs, context):
+  module = context.module
+  if (context.method_name != "__call__" or not _is_bn(module)
+      or module.has_variable("batch_stats", "mean")):
+    return next_fun(*args, **kwargs)
+  fn = "jaxbn.linen.folded"
+  bias = module.get_variable("params", "bias")
+  if bias is None:
+    raise ValueError(
+        f"{fn}: the BatchNorm layer {'/'.join(module.path)} has neither running statistics "
+        f"nor a folded bias in `variables`; pass the output of jaxbn.linen.fold_batch_norm "
+        f"(or the original variables).")
+  x = jnp.asarray(args[0])
+  feat = checks.feature_axes(fn, x.ndim, module.axis)
+  out_dtype = dtypes.canonicalize_dtype(x, bias, dtype=module.dtype)
+  return (x + to_keepdims(bias, x.shape, feat)).astype(out_dtype)
+
+
+def folded(apply_fn: Any) -> Callable:
+  """Wraps ``apply_fn`` so that it runs a model with folded variables.
+
+  Inside the returned function every BatchNorm layer whose ``batch_stats`` were removed by
+  :func:`fold_batch_norm` computes ``x + bias`` (its folded offset); the other BatchNorm
+  layers and all other modules run unchanged. Nothing else about the model changes, so the
+  compiled eval step is a convolution followed by a bias add (which XLA fuses with what
+  follows). Jit the returned function as usual.
+
+  Args:
+    apply_fn: ``model.apply`` (or any function of ``(variables, *args, **kwargs)`` that calls
+      it), or the Module.
+
+  Returns:
+    A function with the same signature.
+
+  Example:
+    >>> import jax, jaxbn.linen, flax.linen as nn
+    >>> eval_fn = jax.jit(jaxbn.linen.folded(nn.Dense(2).apply))
+  """
+  apply = _apply("jaxbn.linen.folded", apply_fn)
+
+  @functools.wraps(apply)
+  def folded_apply(variables, *args, **kwargs):
+    with nn.intercept_methods(_folded_interceptor):
+      return apply(variables, *args, **kwargs)
+
+  return folded_apply
+
+
+__all__ = ["FoldPair", "find_conv_bn_pairs", "fold_batch_norm", "folded",
+           "recompute_batch_stats"]

@@ -1,0 +1,302 @@
+"""Linen layers for the batch-independent norms: drop-ins for flax's LayerNorm, RMSNorm,
+GroupNorm and InstanceNorm over :func:`jaxbn.layer_norm` and its relatives."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+from flax.linen import dtypes
+from flax.typing import Axes, Dtype, Initializer
+from jax.nn import initializers
+
+from jaxbn._core import checks
+from jaxbn._core.norms import group_norm, instance_norm, layer_norm, rms_norm
+from jaxbn.linen._frozen import _input_dtype
+
+_COMPAT = """
+  Same fields, defaults (``epsilon=1e-6``, ``use_fast_variance=True``), call signature and
+  variables (``params/scale``, ``params/bias``) as flax's layer, so swapping the import
+  changes no other line and no checkpoint; outputs match flax's to float32 rounding. The
+  statistics are always reduced in at least float32 (``force_float32_reductions=False`` is
+  accepted and changes nothing but is the more accurate for it), with ``mask`` and
+  ``axis_name`` weighted by the true counts, and masked entries holding NaN/Inf do not leak
+  into the output.
+"""
+
+
+def _params(mdl: nn.Module, x: jax.Array, shape, use_bias: bool):
+  scale = bias = None
+  if mdl.use_scale:
+    scale = mdl.param("scale", mdl.scale_init, shape, mdl.param_dtype)
+  if use_bias:
+    bias = mdl.param("bias", mdl.bias_init, shape, mdl.param_dtype)
+  return scale, bias, dtypes.canonicalize_dtype(x, scale, bias, dtype=mdl.dtype)
+
+
+def _as_float(x) -> jax.Array:
+  x = jnp.asarray(x)
+  return x.astype(_input_dtype(x))
+
+
+class LayerNorm(nn.Module):
+  __doc__ = r"""Layer normalization for Linen, a drop-in replacement for ``flax.linen.LayerNorm``.
+
+  Statistics per example over ``reduction_axes`` (default the last axis); ``scale``/``bias``
+  follow ``feature_axes``. See :func:`jaxbn.layer_norm` for the math and when to use it.
+""" + _COMPAT + r"""
+  Attributes:
+    epsilon: small float added to the variance (default 1e-6).
+    dtype: dtype of the result (default: inferred from the input and parameters, as flax).
+    param_dtype: dtype of the parameters (default float32).
+    use_bias: if True, add the learned ``bias``.
+    use_scale: if True, multiply by the learned ``scale``.
+    bias_init: initializer for ``bias`` (default zeros).
+    scale_init: initializer for ``scale`` (default ones).
+    reduction_axes: axes for the statistics (default -1).
+    feature_axes: axes of the learned ``scale``/``bias`` (default -1).
+    axis_name: mapped axis name(s) across which the reduced axes are sharded.
+    axis_index_groups: synchronize within these groups of axis indices only.
+    use_fast_variance: ``E[x²] − E[x]²`` (default True, as flax); False: stable variance.
+    force_float32_reductions: accepted for compatibility (reductions are always >= float32).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, jaxbn.linen
+    >>> x = jax.random.normal(jax.random.key(0), (2, 5, 6))
+    >>> layer = jaxbn.linen.LayerNorm()
+    >>> variables = layer.init(jax.random.key(1), x)
+    >>> jax.tree.map(jnp.shape, variables)
+    {'params': {'bias': (6,), 'scale': (6,)}}
+    >>> bool(jnp.allclose(layer.apply(variables, x).std(-1), 1, atol=1e-3))
+    True
+  """
+
+  epsilon: float = 1e-6
+  dtype: Optional[Dtype] = None
+  param_dtype: Dtype = jnp.float32
+  use_bias: bool = True
+  use_scale: bool = True
+  bias_init: Initializer = initializers.zeros
+  scale_init: Initializer = initializers.ones
+  reduction_axes: Axes = -1
+  feature_axes: Axes = -1
+  axis_name: Any = None
+  axis_index_groups: Any = None
+  use_fast_variance: bool = True
+  force_float32_reductions: bool = True
+
+  @nn.compact
+  def __call__(self, x: jax.typing.ArrayLike, *, mask: Optional[jax.Array] = None
+               ) -> jax.Array:
+    """Applies layer normalization.
+
+    Args:
+      x: the input.
+      mask: optional bool array broadcastable to ``x``: which entries count in the statistics.
+
+    Returns:
+      The normalized input, shaped like ``x``.
+    """
+    x = _as_float(x)
+    feat = checks.feature_axes("jaxbn.linen.LayerNorm", x.ndim, self.feature_axes)
+    scale, bias, out = _params(self, x, [x.shape[a] for a in feat], self.use_bias)
+    return layer_norm(x, scale, bias, reduction_axes=self.reduction_axes,
+                      feature_axes=self.feature_axes, epsilon=self.epsilon, mask=mask,
+                      dtype=out, axis_name=self.axis_name,
+                      axis_index_groups=self.axis_index_groups,
+                      use_fast_variance=self.use_fast_variance)
+
+
+class RMSNorm(nn.Module):
+  __doc__ = r"""RMS normalization for Linen, a drop-in replacement for ``flax.linen.RMSNorm``.
+
+  Divides by the root mean square over ``reduction_axes`` (no centering, no bias). See
+  :func:`jaxbn.rms_norm` for the math and when to use it.
+""" + _COMPAT + r"""
+  Attributes:
+    epsilon: small float added to the mean square (default 1e-6).
+    dtype: dtype of the result (default: inferred from the input and parameters, as flax).
+    param_dtype: dtype of the parameters (default float32).
+    use_scale: if True, multiply by the learned ``scale``.
+    scale_init: initializer for ``scale`` (default ones).
+    reduction_axes: axes for the statistics (default -1).
+    feature_axes: axes of the learned ``scale`` (default -1).
+    axis_name: mapped axis name(s) across which the reduced axes are sharded.
+    axis_index_groups: synchronize within these groups of axis indices only.
+    use_fast_variance: accepted for compatibility (unused: there is no mean to subtract).
+    force_float32_reductions: accepted for compatibility (reductions are always >= float32).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, jaxbn.linen
+    >>> x = jax.random.normal(jax.random.key(0), (2, 6))
+    >>> variables = jaxbn.linen.RMSNorm().init(jax.random.key(1), x)
+    >>> jax.tree.map(jnp.shape, variables)
+    {'params': {'scale': (6,)}}
+  """
+
+  epsilon: float = 1e-6
+  dtype: Optional[Dtype] = None
+  param_dtype: Dtype = jnp.float32
+  use_scale: bool = True
+  scale_init: Initializer = initializers.ones
+  reduction_axes: Axes = -1
+  feature_axes: Axes = -1
+  axis_name: Any = None
+  axis_index_groups: Any = None
+  use_fast_variance: bool = True
+  force_float32_reductions: bool = True
+
+  @nn.compact
+  def __call__(self, x: jax.typing.ArrayLike, *, mask: Optional[jax.Array] = None
+               ) -> jax.Array:
+    """Applies RMS normalization.
+
+    Args:
+      x: the input.
+      mask: optional bool array broadcastable to ``x``: which entries count in the statistics.
+
+    Returns:
+      The normalized input, shaped like ``x``.
+    """
+    x = _as_float(x)
+    feat = checks.feature_axes("jaxbn.linen.RMSNorm", x.ndim, self.feature_axes)
+    scale, _, out = _params(self, x, [x.shape[a] for a in feat], False)
+    return rms_norm(x, scale, reduction_axes=self.reduction_axes,
+                    feature_axes=self.feature_axes, epsilon=self.epsilon, mask=mask,
+                    dtype=out, axis_name=self.axis_name,
+                    axis_index_groups=self.axis_index_groups)
+
+
+class GroupNorm(nn.Module):
+  __doc__ = r"""Group normalization for Linen, a drop-in replacement for ``flax.linen.GroupNorm``.
+
+  Statistics per example over groups of channels (last axis) and ``reduction_axes``. Give
+  ``num_groups`` (default 32) or ``group_size`` with ``num_groups=None``. See
+  :func:`jaxbn.group_norm` for the math and when to use it.
+""" + _COMPAT + r"""
+  Attributes:
+    num_groups: number of channel groups (default 32).
+    group_size: channels per group (pass ``num_groups=None`` with it).
+    epsilon: small float added to the variance (default 1e-6).
+    dtype: dtype of the result (default: inferred from the input and parameters, as flax).
+    param_dtype: dtype of the parameters (default float32).
+    use_bias: if True, add the learned ``bias``.
+    use_scale: if True, multiply by the learned ``scale``.
+    bias_init: initializer for ``bias`` (default zeros).
+    scale_init: initializer for ``scale`` (default ones).
+    reduction_axes: axes for the statistics, including the last (default: all but axis 0).
+    axis_name: mapped axis name(s) across which the reduced axes are sharded.
+    axis_index_groups: synchronize within these groups of axis indices only.
+    use_fast_variance: ``E[x²] − E[x]²`` (default True, as flax); False: stable variance.
+    force_float32_reductions: accepted for compatibility (reductions are always >= float32).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, jaxbn.linen
+    >>> x = jax.random.normal(jax.random.key(0), (2, 4, 4, 8))
+    >>> layer = jaxbn.linen.GroupNorm(num_groups=4)
+    >>> variables = layer.init(jax.random.key(1), x)
+    >>> layer.apply(variables, x).shape
+    (2, 4, 4, 8)
+  """
+
+  num_groups: Optional[int] = 32
+  group_size: Optional[int] = None
+  epsilon: float = 1e-6
+  dtype: Optional[Dtype] = None
+  param_dtype: Dtype = jnp.float32
+  use_bias: bool = True
+  use_scale: bool = True
+  bias_init: Initializer = initializers.zeros
+  scale_init: Initializer = initializers.ones
+  reduction_axes: Optional[Axes] = None
+  axis_name: Any = None
+  axis_index_groups: Any = None
+  use_fast_variance: bool = True
+  force_float32_reductions: bool = True
+
+  @nn.compact
+  def __call__(self, x: jax.typing.ArrayLike, *, mask: Optional[jax.Array] = None
+               ) -> jax.Array:
+    """Applies group normalization.
+
+    Args:
+      x: the input, channels last.
+      mask: optional bool array broadcastable to ``x``: which entries count in the statistics.
+
+    Returns:
+      The normalized input, shaped like ``x``.
+    """
+    x = _as_float(x)
+    if x.ndim < 1:
+      raise ValueError("jaxbn.linen.GroupNorm: `x` must have a channel axis (rank >= 1).")
+    scale, bias, out = _params(self, x, [x.shape[-1]], self.use_bias)
+    return group_norm(x, scale, bias, num_groups=self.num_groups, group_size=self.group_size,
+                      reduction_axes=self.reduction_axes, epsilon=self.epsilon, mask=mask,
+                      dtype=out, axis_name=self.axis_name,
+                      axis_index_groups=self.axis_index_groups,
+                      use_fast_variance=self.use_fast_variance)
+
+
+class InstanceNorm(nn.Module):
+  __doc__ = r"""Instance normalization for Linen, a drop-in for ``flax.linen.InstanceNorm``.
+
+  Statistics per example and per feature over every axis but the leading (batch) axis and
+  ``feature_axes``. See :func:`jaxbn.instance_norm` for the math and when to use it.
+""" + _COMPAT + r"""
+  Attributes:
+    epsilon: small float added to the variance (default 1e-6).
+    dtype: dtype of the result (default: inferred from the input and parameters, as flax).
+    param_dtype: dtype of the parameters (default float32).
+    use_bias: if True, add the learned ``bias``.
+    use_scale: if True, multiply by the learned ``scale``.
+    bias_init: initializer for ``bias`` (default zeros).
+    scale_init: initializer for ``scale`` (default ones).
+    feature_axes: the channel axes (default -1); not axis 0.
+    axis_name: mapped axis name(s) across which the reduced axes are sharded.
+    axis_index_groups: synchronize within these groups of axis indices only.
+    use_fast_variance: ``E[x²] − E[x]²`` (default True, as flax); False: stable variance.
+    force_float32_reductions: accepted for compatibility (reductions are always >= float32).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, jaxbn.linen
+    >>> x = jax.random.normal(jax.random.key(0), (2, 4, 4, 3))
+    >>> layer = jaxbn.linen.InstanceNorm()
+    >>> variables = layer.init(jax.random.key(1), x)
+    >>> bool(jnp.allclose(layer.apply(variables, x).mean((1, 2)), 0, atol=1e-5))
+    True
+  """
+
+  epsilon: float = 1e-6
+  dtype: Optional[Dtype] = None
+  param_dtype: Dtype = jnp.float32
+  use_bias: bool = True
+  use_scale: bool = True
+  bias_init: Initializer = initializers.zeros
+  scale_init: Initializer = initializers.ones
+  feature_axes: Axes = -1
+  axis_name: Any = None
+  axis_index_groups: Any = None
+  use_fast_variance: bool = True
+  force_float32_reductions: bool = True
+
+  @nn.compact
+  def __call__(self, x: jax.typing.ArrayLike, *, mask: Optional[jax.Array] = None
+               ) -> jax.Array:
+    """Applies instance normalization.
+
+    Args:
+      x: the input, batch axis first.
+      mask: optional bool array broadcastable to ``x``: which entries count in the statistics.
+
+    Returns:
+      The normalized input, shaped like ``x``.
+    """
+    x = _as_float(x)
+    feat = checks.feature_axes("jaxbn.linen.InstanceNorm", x.ndim, self.feature_axes)
+    scale, bias, out = _params(self, x, [x.shape[a] for a in feat], self.use_bias)
+    return instance_norm(x, scale, bias, feature_axes=self.feature_axes,
+                         epsilon=self.epsilon, mask=mask, dtype=out,
+                         axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
+                         use_fast_variance=self.use_fast_variance)

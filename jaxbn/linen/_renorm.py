@@ -1,0 +1,145 @@
+"""``jaxbn.linen.BatchRenorm``: batch renormalization over :func:`jaxbn.batch_renorm`."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+from flax.typing import Axes, Dtype, Initializer
+from jax.nn import initializers
+
+from jaxbn._core.renorm import batch_renorm
+from jaxbn._core.types import BatchStats, init_stats
+from jaxbn.linen._frozen import bn_variables
+
+
+class BatchRenorm(nn.Module):
+  r"""Batch renormalization (Ioffe, 2017) for Linen, with BatchNorm's fields and variables.
+
+  .. math::
+     y = \gamma \Big(\frac{x - \mu_B}{\sqrt{\sigma_B^2 + \epsilon}}\, r + d\Big) + \beta,
+     \quad r = \operatorname{clip}\Big(\frac{\sigma_B}{\sigma}\Big),
+     \ d = \operatorname{clip}\Big(\frac{\mu_B - \mu}{\sigma}\Big)
+
+  with ``r``, ``d`` held constant in the gradient (see :func:`jaxbn.batch_renorm` for the
+  math, the running-statistics rule and when to use it). Same fields as
+  :class:`jaxbn.linen.BatchNorm` plus the clipping bounds, and the *same variables*
+  (``params/scale``, ``params/bias``, ``batch_stats/mean``, ``batch_stats/var``), so a batch
+  norm checkpoint loads into it unchanged and inference is identical to batch norm's.
+
+  ``r_max`` and ``d_max`` can be given at call time as (traced) arrays, which overrides the
+  fields without recompiling — this is how to ramp them with :func:`jaxbn.renorm_schedule`.
+
+  Attributes:
+    use_running_average: True: running statistics (eval); False: renormalized batch
+      statistics, updating the running ones. Here or at call time, not both.
+    axis: the feature axis (or axes) of the input (default -1).
+    momentum: weight of the old value in the running averages (default 0.99), or None.
+    epsilon: small float added to the variances (default 1e-5).
+    dtype: dtype of the result (default: inferred from the input and parameters, as flax).
+    param_dtype: dtype of ``scale`` and ``bias`` (default float32).
+    use_bias: if True, add the learned ``bias``.
+    use_scale: if True, multiply by the learned ``scale``.
+    bias_init: initializer for ``bias`` (default zeros).
+    scale_init: initializer for ``scale`` (default ones).
+    axis_name: mapped axis name(s) to synchronize the batch statistics over.
+    axis_index_groups: synchronize within these groups of axis indices only.
+    use_fast_variance: flax's ``E[x²] − E[x]²`` (default False: jaxbn's stable variance).
+    force_float32_reductions: True: running statistics stored in float32; False: in
+      ``param_dtype``.
+    unbiased_running_var: store the unbiased running variance (PyTorch).
+    debias: zero-debiased running averages; creates ``batch_stats/count``.
+    r_max: upper clip of ``r`` (default 3). Call-time ``r_max`` overrides it.
+    d_max: clip of ``|d|`` (default 5). Call-time ``d_max`` overrides it.
+    r_min: lower clip of ``r`` (default ``1 / r_max``).
+    running_std: average ``sqrt(var_B + ε)`` (paper, Keras) instead of the variance.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, jaxbn, jaxbn.linen
+    >>> layer = jaxbn.linen.BatchRenorm(momentum=0.9)
+    >>> x = jax.random.normal(jax.random.key(0), (4, 3)) * 2 + 1
+    >>> variables = layer.init(jax.random.key(1), x, use_running_average=False)
+    >>> step = jnp.array(20_000)            # e.g. the optimizer's step, traced under jit
+    >>> r_max, d_max = jaxbn.renorm_schedule(step)
+    >>> y, updates = layer.apply(variables, x, use_running_average=False, r_max=r_max,
+    ...                          d_max=d_max, mutable=['batch_stats'])
+    >>> y.shape, sorted(updates['batch_stats'])
+    ((4, 3), ['mean', 'var'])
+  """
+
+  use_running_average: Optional[bool] = None
+  axis: Axes = -1
+  momentum: Optional[float] = 0.99
+  epsilon: float = 1e-5
+  dtype: Optional[Dtype] = None
+  param_dtype: Dtype = jnp.float32
+  use_bias: bool = True
+  use_scale: bool = True
+  bias_init: Initializer = initializers.zeros
+  scale_init: Initializer = initializers.ones
+  axis_name: Any = None
+  axis_index_groups: Any = None
+  use_fast_variance: bool = False
+  force_float32_reductions: bool = True
+  unbiased_running_var: bool = False
+  debias: bool = False
+  r_max: float = 3.0
+  d_max: float = 5.0
+  r_min: Optional[float] = None
+  running_std: bool = False
+
+  @nn.compact
+  def __call__(
+      self,
+      x: jax.typing.ArrayLike,
+      use_running_average: Optional[bool] = None,
+      *,
+      mask: Optional[jax.Array] = None,
+      r_max: Optional[jax.typing.ArrayLike] = None,
+      d_max: Optional[jax.typing.ArrayLike] = None,
+  ) -> jax.Array:
+    """Renormalizes ``x`` (training) or normalizes it with the running statistics (eval).
+
+    Args:
+      x: the input, feature axis (or axes) ``self.axis``.
+      use_running_average: True: eval; False: training (``batch_stats`` must be mutable).
+      mask: optional bool array broadcastable to ``x``: which entries count.
+      r_max: optional (traced) override of the field ``r_max``.
+      d_max: optional (traced) override of the field ``d_max``.
+
+    Returns:
+      The normalized input, shaped like ``x``.
+    """
+    use_running_average = nn.merge_param(
+        "use_running_average", self.use_running_average, use_running_average)
+    fn = "jaxbn.linen.BatchRenorm"
+    x, _, ra_mean, ra_var, ra_count, scale, bias, out_dtype = bn_variables(self, x, fn)
+    stats = BatchStats(ra_mean.value, ra_var.value,
+                       init_stats(1).count if ra_count is None else ra_count.value)
+    initializing = self.is_initializing()
+    y, new = batch_renorm(
+        x, stats, scale, bias,
+        training=not use_running_average,
+        r_max=self.r_max if r_max is None else r_max,
+        d_max=self.d_max if d_max is None else d_max,
+        r_min=self.r_min,
+        axis=self.axis,
+        momentum=self.momentum,
+        epsilon=self.epsilon,
+        axis_name=None if initializing else self.axis_name,
+        axis_index_groups=None if initializing else self.axis_index_groups,
+        mask=mask,
+        dtype=out_dtype,
+        use_fast_variance=self.use_fast_variance,
+        running_std=self.running_std,
+        unbiased_running_var=self.unbiased_running_var,
+        debias=self.debias,
+    )
+    if not use_running_average and not initializing:
+      ra_mean.value = new.mean
+      ra_var.value = new.var
+      if ra_count is not None:
+        ra_count.value = new.count
+    return y

@@ -1,0 +1,171 @@
+"""``jaxbn.nnx.GhostBatchNorm``: ghost (virtual) batch norm over :func:`jaxbn.ghost_batch_norm`."""
+
+from __future__ import annotations
+
+from types import MappingProxyType
+from typing import Any, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from flax.nnx.module import first_from
+from flax.nnx.nn import dtypes, initializers
+from flax.typing import Axes, Dtype, Initializer, PromoteDtypeFn
+
+from jaxbn._core import checks
+from jaxbn._core.ghost import ghost_batch_norm
+from jaxbn.nnx._frozen import bn_inputs, init_bn_state, write_stats
+from jaxbn.nnx._renorm import _MISSING_MODE
+
+
+class GhostBatchNorm(nnx.Module):
+  r"""Ghost batch normalization (Hoffer et al., 2017) for NNX, with BatchNorm's state.
+
+  In training each consecutive slice of ``virtual_batch_size`` examples (along
+  ``batch_axis`` of the per-device batch) is normalized with its own statistics; in
+  evaluation the running statistics are used, whatever the batch size. See
+  :func:`jaxbn.ghost_batch_norm` for the running-statistics rule (``stats_update``) and when
+  to use it. Same constructor and state as :class:`jaxbn.nnx.BatchNorm` plus
+  ``virtual_batch_size``, ``batch_axis`` and ``stats_update``; with ``axis_name`` only the
+  running-statistics update is synchronized.
+
+  Args:
+    num_features: number of features (size of ``x`` along ``axis``).
+    virtual_batch_size: examples per virtual batch (must divide the per-device batch).
+    use_running_average: True: running statistics (eval); False (default): per-virtual-batch
+      statistics, updating the running ones.
+    axis: the feature axis of the input (default -1).
+    momentum: weight of the old value in the running averages (default 0.99), or None.
+    epsilon: small float added to the variance (default 1e-5).
+    dtype: dtype of the result (default: inferred by ``promote_dtype``, as flax).
+    param_dtype: dtype of ``scale`` and ``bias`` (default float32).
+    use_bias: if True, add the learned ``bias``.
+    use_scale: if True, multiply by the learned ``scale``.
+    bias_init: initializer for ``bias`` (default zeros).
+    scale_init: initializer for ``scale`` (default ones).
+    axis_name: mapped axis name(s) over which the running-statistics update is averaged.
+    axis_index_groups: average within these groups of axis indices only.
+    use_fast_variance: flax's ``E[x²] − E[x]²`` (default False: jaxbn's stable variance).
+    promote_dtype: flax's dtype-promotion function; decides the output dtype.
+    rngs: ``nnx.Rngs`` for the initializers.
+    bias_metadata: metadata for the ``bias`` ``nnx.Param``.
+    scale_metadata: metadata for the ``scale`` ``nnx.Param``.
+    unbiased_running_var: store unbiased running variances (PyTorch).
+    debias: zero-debiased running averages; adds an int32 ``count`` ``nnx.BatchStat``.
+    batch_axis: the axis cut into virtual batches (default 0).
+    stats_update: ``"average"`` (one update per call) or ``"sequential"`` (one per virtual
+      batch, the paper's rule).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, jaxbn.nnx
+    >>> from flax import nnx
+    >>> layer = jaxbn.nnx.GhostBatchNorm(3, virtual_batch_size=4, rngs=nnx.Rngs(0))
+    >>> x = jax.random.normal(jax.random.key(0), (8, 3))
+    >>> y = layer(x)
+    >>> bool(jnp.allclose(y[4:].mean(0), 0, atol=1e-5))   # each virtual batch centered
+    True
+  """
+
+  def __init__(
+      self,
+      num_features: int,
+      virtual_batch_size: int,
+      *,
+      use_running_average: Optional[bool] = False,
+      axis: Axes = -1,
+      momentum: Optional[float] = 0.99,
+      epsilon: float = 1e-5,
+      dtype: Optional[Dtype] = None,
+      param_dtype: Dtype = jnp.float32,
+      use_bias: bool = True,
+      use_scale: bool = True,
+      bias_init: Initializer = initializers.zeros_init(),
+      scale_init: Initializer = initializers.ones_init(),
+      axis_name: Any = None,
+      axis_index_groups: Any = None,
+      use_fast_variance: bool = False,
+      promote_dtype: PromoteDtypeFn = dtypes.promote_dtype,
+      rngs: nnx.Rngs,
+      bias_metadata: Mapping[str, Any] = MappingProxyType({}),
+      scale_metadata: Mapping[str, Any] = MappingProxyType({}),
+      unbiased_running_var: bool = False,
+      debias: bool = False,
+      batch_axis: int = 0,
+      stats_update: str = "average",
+  ):
+    init_bn_state(self, num_features, momentum=momentum, debias=debias,
+                  use_scale=use_scale, use_bias=use_bias, scale_init=scale_init,
+                  bias_init=bias_init, param_dtype=param_dtype, rngs=rngs,
+                  scale_metadata=scale_metadata, bias_metadata=bias_metadata)
+    checks.epsilon_value("jaxbn.nnx.GhostBatchNorm", epsilon)
+    checks.momentum_value("jaxbn.nnx.GhostBatchNorm", momentum)
+    self.num_features = num_features
+    self.virtual_batch_size = virtual_batch_size
+    self.use_running_average = use_running_average
+    self.axis = axis
+    self.momentum = momentum
+    self.epsilon = epsilon
+    self.dtype = dtype
+    self.param_dtype = param_dtype
+    self.use_bias = use_bias
+    self.use_scale = use_scale
+    self.axis_name = axis_name
+    self.axis_index_groups = axis_index_groups
+    self.use_fast_variance = use_fast_variance
+    self.promote_dtype = promote_dtype
+    self.unbiased_running_var = unbiased_running_var
+    self.debias = debias
+    self.batch_axis = batch_axis
+    self.stats_update = stats_update
+
+  def __call__(
+      self,
+      x: jax.typing.ArrayLike,
+      use_running_average: Optional[bool] = None,
+      *,
+      mask: Optional[jax.Array] = None,
+  ) -> jax.Array:
+    """Normalizes ``x`` per virtual batch (training) or with the running statistics (eval).
+
+    Args:
+      x: the input, feature axis ``self.axis``.
+      use_running_average: overrides the attribute of the same name for this call.
+      mask: optional bool array broadcastable to ``x``: which entries count.
+
+    Returns:
+      The normalized input, shaped like ``x``.
+    """
+    use_running_average = first_from(
+        use_running_average, self.use_running_average,
+        error_msg=_MISSING_MODE.format(name="GhostBatchNorm"))
+    x, stats, scale, bias, out = bn_inputs(self, x, "jaxbn.nnx.GhostBatchNorm")
+    training = not use_running_average
+    y, new = ghost_batch_norm(
+        x, stats, scale, bias,
+        training=training,
+        virtual_batch_size=self.virtual_batch_size,
+        batch_axis=self.batch_axis,
+        axis=self.axis,
+        momentum=self.momentum,
+        epsilon=self.epsilon,
+        axis_name=self.axis_name,
+        axis_index_groups=self.axis_index_groups,
+        mask=mask,
+        dtype=out,
+        use_fast_variance=self.use_fast_variance,
+        stats_update=self.stats_update,
+        unbiased_running_var=self.unbiased_running_var,
+        debias=self.debias,
+    )
+    if training:
+      write_stats(self, new)
+    return y
+
+  def set_view(self, use_running_average: Optional[bool] = None):
+    """Used by ``nnx.view``: sets ``use_running_average`` when given.
+
+    Args:
+      use_running_average: if True, normalize with the running statistics.
+    """
+    if use_running_average is not None:
+      self.use_running_average = use_running_average

@@ -1,0 +1,446 @@
+"""After training, for NNX models: recomputed population statistics and BN folding.
+
+Both return a new model and leave the given one untouched. The BatchNorm layers
+(``flax.nnx.BatchNorm`` and ``jaxbn.nnx.BatchNorm``) of a private copy are given a
+recording ``__call__`` (a subclass made for the occasion), so the model's own code runs
+unchanged.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Callable, Iterable, NamedTuple, Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxbn._core import checks
+from jaxbn._core import fold as _fold
+from jaxbn._core import precise
+from jaxbn._core.normalize import to_keepdims
+from jaxbn._core.types import BatchStats
+from jaxbn.nnx._batch_norm import BatchNorm as _JaxbnBatchNorm
+
+_BN_TYPES = (nnx.BatchNorm, _JaxbnBatchNorm)
+Path = tuple
+PathLike = Union[str, Sequence[Any]]
+
+
+def _is_bn(node: Any) -> bool:
+  return isinstance(node, _BN_TYPES)
+
+
+def _kernel_axes(node: Any):
+  """'trailing' for layers whose kernel ends with the output features, (-2,) or None."""
+  if isinstance(node, nnx.ConvTranspose):
+    return (-2,) if node.transpose_kernel else "trailing"
+  if isinstance(node, (nnx.Conv, nnx.Linear, nnx.LinearGeneral)):
+    return "trailing"
+  return None
+
+
+def _get(root: Any, path: Path) -> Any:
+  node = root
+  for key in path:
+    if isinstance(key, str) and hasattr(node, key):
+      node = getattr(node, key)
+    else:
+      node = node[key]
+  return node
+
+
+def _set(root: Any, path: Path, value: Any) -> None:
+  parent = _get(root, path[:-1])
+  key = path[-1]
+  if isinstance(key, str) and hasattr(parent, key):
+    setattr(parent, key, value)
+  else:
+    parent[key] = value
+
+
+def _as_path(fn: str, model: Any, path: Any) -> Path:
+  if isinstance(path, nnx.Module):
+    for p, node in nnx.iter_graph(model):
+      if node is path:
+        return tuple(p)
+    raise ValueError(f"{fn}: the module {type(path).__name__} given in `pairs` is not part of "
+                     f"`model`.")
+  if isinstance(path, str):
+    return tuple(int(p) if p.isdigit() else p for p in path.split("/") if p)
+  if isinstance(path, (tuple, list)):
+    return tuple(path)
+  raise TypeError(f"{fn}: a module path must be a tuple such as ('blocks', 0, 'conv'), a "
+                  f"string 'blocks/0/conv' or the module itself, got {path!r}.")
+
+
+def _swap_classes(model: Any, choose: Callable[[Any], Optional[dict]]) -> None:
+  """Gives every module ``m`` of ``model`` with ``choose(path, m)`` a subclass with those
+  methods. Used on private copies only; ``object.__setattr__`` keeps NNX's bookkeeping out."""
+  for path, node in list(nnx.iter_graph(model)):
+    methods = choose(tuple(path), node)
+    if methods is None:
+      continue
+    cls = type(node)
+    sub = type(cls)(f"{cls.__name__}", (cls,), dict(methods, __module__=cls.__module__,
+                                                      __qualname__=cls.__qualname__))
+    object.__setattr__(node, "__class__", sub)
+
+
+def _forward(fn: str, forward: Optional[Callable]) -> Callable:
+  if forward is None:
+    return lambda model, batch: model(batch)
+  if not callable(forward):
+    raise TypeError(f"{fn}: `forward` must be a function (model, batch) -> output, got "
+                    f"{type(forward).__name__}.")
+  return forward
+
+
+# --------------------------------------------------------------------------------------------
+# Recomputed statistics.
+# --------------------------------------------------------------------------------------------
+
+
+def _recording_methods(path: Path, node: Any) -> Optional[dict]:
+  if not _is_bn(node):
+    return None
+  cls = type(node)
+
+  def __call__(self, x, use_running_average=None, *, mask=None):
+    rec = precise.current_recorder()
+    if rec is None:  # used outside a recomputation: behave as the layer itself
+      return cls.__call__(self, x, use_running_average, mask=mask)
+    x = jnp.asarray(x)
+    scale = None if self.scale is None else self.scale[...]
+    bias = None if self.bias is None else self.bias[...]
+    out_dtype = self.dtype or jnp.result_type(
+        *(a for a in (x, self.mean[...], self.var[...], scale, bias) if a is not None))
+    return rec(path, x, axis=self.axis, epsilon=self.epsilon, scale=scale, bias=bias,
+               mask=mask, axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
+               out_dtype=out_dtype, unbiased=getattr(self, "unbiased_running_var", False))
+
+  return {"__call__": __call__}
+
+
+def recompute_batch_stats(
+    model: nnx.Module,
+    batches: Iterable,
+    *,
+    forward: Optional[Callable[[nnx.Module, Any], Any]] = None,
+    mode: str = "train",
+    num_batches: Optional[int] = None,
+    progress: Optional[bool] = None,
+    mesh: Any = None,
+    batch_spec: Any = None,
+) -> nnx.Module:
+  """A copy of ``model`` whose BatchNorm layers hold exact population statistics.
+
+  Runs the model with frozen weights (in eval mode: dropout off) over ``batches`` and sets
+  each BatchNorm layer's ``mean`` and ``var`` to the exact mean and biased variance of its
+  input over all the data — count-weighted across batches of different sizes and masks,
+  and over all devices of ``mesh``. See :func:`jaxbn.recompute_stats` for the two modes
+  (``"train"``: layer inputs as in training, one pass; ``"sequential"``: layer inputs as at
+  inference, one pass per layer). Works with ``flax.nnx.BatchNorm`` and
+  ``jaxbn.nnx.BatchNorm``; masks passed to them and ``unbiased_running_var`` are honoured.
+
+  Args:
+    model: the trained model. Not modified.
+    batches: an iterable of batches (re-iterable for ``mode="sequential"``).
+    forward: ``forward(model, batch)`` running the model, e.g.
+      ``lambda m, b: m(b["image"])``; default ``model(batch)``.
+    mode: ``"train"`` (default) or ``"sequential"``.
+    num_batches: use at most this many batches.
+    progress: tqdm progress bar: None (default) on a terminal only, True, False.
+    mesh: a ``jax.sharding.Mesh`` to run under ``jax.shard_map`` (needed when the layers use
+      ``axis_name``).
+    batch_spec: ``PartitionSpec`` of the batch arrays (default: leading axis over all mesh
+      axes).
+
+  Returns:
+    A new model (same class and structure, in the train/eval mode ``model`` was in) with the
+    recomputed statistics; features that never had a valid entry keep their values.
+
+  Raises:
+    ValueError: no batch, no BatchNorm layer, or an ``axis_name`` that needs ``mesh``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, jaxbn.nnx
+    >>> from flax import nnx
+    >>> model = nnx.Sequential(nnx.Linear(2, 3, rngs=nnx.Rngs(0)),
+    ...                        jaxbn.nnx.BatchNorm(3, rngs=nnx.Rngs(0)))
+    >>> batches = [jax.random.normal(jax.random.key(i), (16, 2)) for i in range(3)]
+    >>> new = jaxbn.nnx.recompute_batch_stats(model, batches, progress=False)
+    >>> h = jnp.concatenate([model.layers[0](b) for b in batches])
+    >>> bool(jnp.allclose(new.layers[1].mean[...], h.mean(0), atol=1e-5))
+    True
+    >>> float(model.layers[1].mean[...].sum())   # the input model is unchanged
+    0.0
+  """
+  fn = "jaxbn.nnx.recompute_batch_stats"
+  if not isinstance(model, nnx.Module):
+    raise TypeError(f"{fn}: `model` must be an nnx.Module, got {type(model).__name__}.")
+  run_forward = _forward(fn, forward)
+  work = nnx.clone(model)
+  work.eval()
+  _swap_classes(work, _recording_methods)
+  graphdef, state = nnx.split(work)
+
+  def trace(state, batch, rec):
+    return run_forward(nnx.merge(graphdef, state), batch)
+
+  layers, accs = precise.run(fn, trace, state, batches, mode=mode, num_batches=num_batches,
+                             progress=progress, mesh=mesh, batch_spec=batch_spec)
+  out = nnx.clone(model)
+  for key, info in layers.items():
+    bn = _get(out, key)
+    old = BatchStats(bn.mean[...], bn.var[...], jnp.zeros((), jnp.int32))
+    acc = jax.tree.map(jnp.asarray, jax.device_get(accs[info.index]))
+    stats = precise.population_stats(acc, old, unbiased_running_var=info.unbiased)
+    bn.mean[...] = stats.mean
+    bn.var[...] = stats.var
+  return out
+
+
+# --------------------------------------------------------------------------------------------
+# Folding.
+# --------------------------------------------------------------------------------------------
+
+
+class FoldPair(NamedTuple):
+  """A Conv/Linear layer and the BatchNorm it feeds, as found by :func:`find_conv_bn_pairs`.
+
+  Attributes:
+    layer: graph path of the Conv/Linear layer, e.g. ``('blocks', 0, 'conv')``.
+    bn: graph path of the BatchNorm.
+    kernel_axes: the kernel's output-feature axes (``(-1,)`` for flax Conv/Linear).
+  """
+
+  layer: Path
+  bn: Path
+  kernel_axes: tuple[int, ...] = (-1,)
+
+
+class FoldedBatchNorm(nnx.Module):
+  """What remains of a BatchNorm folded into the layer before it: ``y = x + bias``.
+
+  Created by :func:`fold_batch_norm`. It takes BatchNorm's call arguments (and ignores
+  ``use_running_average`` and ``mask``) and answers ``model.eval()``/``nnx.view`` like one.
+
+  Args:
+    bias: the folded offset ``β - μ·k``, feature shape.
+    axis: the feature axis or axes of the input (the BatchNorm's ``axis``).
+    dtype: output dtype (default: promoted from ``x`` and ``bias``, as BatchNorm's).
+
+  Example:
+    >>> import jax.numpy as jnp, jaxbn.nnx
+    >>> jaxbn.nnx.FoldedBatchNorm(jnp.array([1.0, 2.0]))(jnp.zeros((1, 2))).tolist()
+    [[1.0, 2.0]]
+  """
+
+  def __init__(self, bias: jax.typing.ArrayLike, *, axis: checks.Axes = -1,
+               dtype: Optional[Any] = None):
+    self.bias = nnx.Param(jnp.asarray(bias))
+    self.axis = axis
+    self.dtype = dtype
+    self.use_running_average = True
+
+  def __call__(self, x: jax.typing.ArrayLike, use_running_average: Optional[bool] = None, *,
+               mask: Optional[jax.Array] = None) -> jax.Array:
+    """Returns ``x + bias`` (``bias`` broadcast along the feature axes)."""
+    del use_running_average, mask
+    x = jnp.asarray(x)
+    bias = self.bias[...]
+    feat = checks.feature_axes("jaxbn.nnx.FoldedBatchNorm", x.ndim, self.axis)
+    out_dtype = self.dtype or jnp.result_type(x, bias)
+    return (x + to_keepdims(bias, x.shape, feat)).astype(out_dtype)
+
+  def set_view(self, use_running_average: Optional[bool] = None):
+    """Used by ``nnx.view``; a folded layer has one behaviour, so this only records it.
+
+    Args:
+      use_running_average: accepted for compatibility with BatchNorm.
+    """
+    if use_running_average is not None:
+      self.use_running_average = use_running_average
+
+
+_FINDING = threading.local()
+
+
+def _marking_methods(path: Path, node: Any) -> Optional[dict]:
+  cls = type(node)
+  if _is_bn(node):
+    def __call__(self, x, *args, **kwargs):
+      log = _FINDING.log
+      x = jnp.asarray(x)
+      log["dst"].append((path, _fold.trailing_axes("jaxbn.nnx.find_conv_bn_pairs", x.ndim,
+                                                   self.axis)))
+      return cls.__call__(self, _fold.mark(x, "dst", len(log["dst"]) - 1), *args, **kwargs)
+    return {"__call__": __call__}
+  kind = _kernel_axes(node)
+  if kind is None:
+    return None
+
+  def __call__(self, *args, **kwargs):  # noqa: F811
+    log = _FINDING.log
+    y = cls.__call__(self, *args, **kwargs)
+    if not isinstance(y, jax.Array):
+      return y
+    log["src"].append((path, kind))
+    return _fold.mark(y, "src", len(log["src"]) - 1)
+
+  return {"__call__": __call__}
+
+
+def find_conv_bn_pairs(model: nnx.Module, *args: Any,
+                       forward: Optional[Callable[..., Any]] = None) -> list[FoldPair]:
+  """Finds the Conv/Linear -> BatchNorm pairs of an NNX model that can be folded.
+
+  Traces the model once (``jax.make_jaxpr``, nothing runs) with every ``nnx.Conv``,
+  ``nnx.ConvTranspose``, ``nnx.Linear`` and ``nnx.LinearGeneral`` output and every
+  BatchNorm input tagged, and keeps the pairs where a layer's output goes straight into a
+  BatchNorm and nowhere else, each module is called once, and the BatchNorm normalizes the
+  trailing (channel) axes. Pairs inside loops or branches (``nnx.scan``, ``cond``) are not
+  reported.
+
+  Args:
+    model: the model (not modified; it is traced in eval mode).
+    *args: an example input (shapes matter, values don't).
+    forward: ``forward(model, *args)``; default ``model(*args)``.
+
+  Returns:
+    A list of :class:`FoldPair` (graph paths) in the order of the BatchNorm calls.
+
+  Example:
+    >>> import jax.numpy as jnp, jaxbn.nnx
+    >>> from flax import nnx
+    >>> model = nnx.Sequential(nnx.Conv(3, 4, (3, 3), rngs=nnx.Rngs(0)),
+    ...                        nnx.BatchNorm(4, rngs=nnx.Rngs(0)))
+    >>> jaxbn.nnx.find_conv_bn_pairs(model, jnp.ones((1, 8, 8, 3)))
+    [FoldPair(layer=('layers', 0), bn=('layers', 1), kernel_axes=(-1,))]
+  """
+  fn = "jaxbn.nnx.find_conv_bn_pairs"
+  if not isinstance(model, nnx.Module):
+    raise TypeError(f"{fn}: `model` must be an nnx.Module, got {type(model).__name__}.")
+  run_forward = (lambda m, *a: m(*a)) if forward is None else forward
+  work = nnx.clone(model)
+  work.eval()
+  _swap_classes(work, _marking_methods)
+  graphdef, state = nnx.split(work)
+  log = {"src": [], "dst": []}
+  _FINDING.log = log
+  try:
+    jaxpr = jax.make_jaxpr(lambda s: run_forward(nnx.merge(graphdef, s), *args))(state)
+  finally:
+    _FINDING.log = None
+  calls: dict = {}
+  for role in ("src", "dst"):
+    for entry in log[role]:
+      calls[(role, entry[0])] = calls.get((role, entry[0]), 0) + 1
+  pairs = []
+  for s, d in _fold.marked_pairs(jaxpr):
+    layer, kind = log["src"][s]
+    bn, bn_axes = log["dst"][d]
+    if calls[("src", layer)] != 1 or calls[("dst", bn)] != 1 or bn_axes is None:
+      continue
+    if kind != "trailing":
+      if len(bn_axes) != 1:
+        continue
+      bn_axes = kind
+    pairs.append(FoldPair(tuple(layer), tuple(bn), tuple(bn_axes)))
+  return pairs
+
+
+def fold_batch_norm(model: nnx.Module,
+                    pairs: Optional[Sequence[Union[FoldPair, tuple]]] = None,
+                    *example_args: Any) -> nnx.Module:
+  r"""A copy of ``model`` with eval-mode BatchNorm layers folded into the layers feeding them.
+
+  For each pair, with ``k = γ/√(σ²+ε)`` (see :func:`jaxbn.fold_batch_norm`), the layer's
+  ``kernel`` (and ``bias``, if any) is multiplied by ``k`` along its output features and the
+  BatchNorm is replaced by a :class:`FoldedBatchNorm` adding ``β - μ·k``. The result
+  computes the same eval-mode function with one normalization pass less per pair; it is an
+  inference model (folded layers ignore ``use_running_average``).
+
+  Args:
+    model: the model (not modified).
+    pairs: :class:`FoldPair` from :func:`find_conv_bn_pairs`, or ``(layer, bn)`` tuples
+      of graph paths (``('blocks', 0, 'conv')`` or ``'blocks/0/conv'``) or of the modules
+      themselves. None: found with :func:`find_conv_bn_pairs` on ``example_args``.
+    *example_args: an example input, when ``pairs`` is None.
+
+  Returns:
+    The folded model.
+
+  Raises:
+    ValueError: a path that is not a BatchNorm / a layer with a ``kernel``, a layer or
+      BatchNorm listed twice, or features that do not match.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, jaxbn.nnx
+    >>> from flax import nnx
+    >>> model = nnx.Sequential(nnx.Conv(3, 4, (3, 3), rngs=nnx.Rngs(0)),
+    ...                        nnx.BatchNorm(4, use_running_average=True, rngs=nnx.Rngs(0)))
+    >>> x = jax.random.normal(jax.random.key(1), (2, 8, 8, 3))
+    >>> fast = jaxbn.nnx.fold_batch_norm(model, None, x)
+    >>> type(fast.layers[1]).__name__, bool(jnp.allclose(fast(x), model(x), atol=1e-5))
+    ('FoldedBatchNorm', True)
+  """
+  fn = "jaxbn.nnx.fold_batch_norm"
+  if not isinstance(model, nnx.Module):
+    raise TypeError(f"{fn}: `model` must be an nnx.Module, got {type(model).__name__}.")
+  if pairs is None:
+    if not example_args:
+      raise ValueError(f"{fn}: pass `pairs`, or an example input after it "
+                       f"(fold_batch_norm(model, None, x)) to find them.")
+    pairs = find_conv_bn_pairs(model, *example_args)
+  resolved = []
+  for pair in pairs:
+    if isinstance(pair, FoldPair):
+      layer, bn, kaxes = pair.layer, pair.bn, tuple(pair.kernel_axes)
+    else:
+      try:
+        layer, bn = pair
+      except (TypeError, ValueError):
+        raise TypeError(f"{fn}: each pair must be a FoldPair or a (layer, bn) tuple, got "
+                        f"{pair!r}.") from None
+      kaxes = None
+    resolved.append((_as_path(fn, model, layer), _as_path(fn, model, bn), kaxes))
+  out = nnx.clone(model)
+  seen = set()
+  for layer, bn, kaxes in resolved:
+    if ("l", layer) in seen or ("b", bn) in seen:
+      raise ValueError(f"{fn}: the pair ({layer}, {bn}) reuses a layer or BatchNorm of an "
+                       f"earlier pair; each folds once.")
+    seen.update({("l", layer), ("b", bn)})
+    try:
+      lin, norm = _get(out, layer), _get(out, bn)
+    except (AttributeError, KeyError, IndexError, TypeError):
+      raise ValueError(f"{fn}: no module at {layer} or {bn} in `model`.") from None
+    if not _is_bn(norm):
+      raise ValueError(f"{fn}: the module at {bn} is a {type(norm).__name__}, not a BatchNorm "
+                       f"(already folded?).")
+    if getattr(lin, "kernel", None) is None:
+      raise ValueError(f"{fn}: the module at {layer} ({type(lin).__name__}) has no `kernel`.")
+    stats = BatchStats(norm.mean[...], norm.var[...], jnp.zeros((), jnp.int32))
+    scale = None if norm.scale is None else norm.scale[...]
+    beta = None if norm.bias is None else norm.bias[...]
+    if kaxes is None:
+      kind = _kernel_axes(lin)
+      kaxes = (-2,) if kind == (-2,) else tuple(range(-stats.mean.ndim, 0))
+    k, c = _fold.eval_affine(stats, scale, beta, epsilon=norm.epsilon)
+    try:
+      lin.kernel[...], _ = _fold.fold_batch_norm(lin.kernel[...], None, stats, scale, None,
+                                                 epsilon=norm.epsilon, axis=kaxes)
+    except ValueError as e:
+      raise ValueError(f"{fn}: cannot fold {bn} into {layer}: {e}") from None
+    if getattr(lin, "bias", None) is not None:
+      b = lin.bias[...]
+      lin.bias[...] = (b.astype(k.dtype) * k).astype(b.dtype)
+    bias_dtype = jnp.float32 if beta is None else beta.dtype
+    _set(out, bn, FoldedBatchNorm(c.astype(bias_dtype), axis=norm.axis, dtype=norm.dtype))
+  return out
+
+
+__all__ = ["FoldPair", "FoldedBatchNorm", "find_conv_bn_pairs", "fold_batch_norm",
+           "recompute_batch_stats"]

@@ -1,0 +1,421 @@
+"""NNX layers for the batch-independent norms: drop-ins for flax.nnx's LayerNorm, RMSNorm,
+GroupNorm and InstanceNorm over :func:`jaxbn.layer_norm` and its relatives."""
+
+from __future__ import annotations
+
+from types import MappingProxyType
+from typing import Any, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from flax.nnx.nn import dtypes, initializers
+from flax.typing import Axes, Dtype, Initializer, PromoteDtypeFn
+
+from jaxbn._core.norms import group_norm, instance_norm, layer_norm, rms_norm
+from jaxbn.nnx._frozen import output_dtype
+
+_COMPAT = """
+  Same constructor, defaults (``epsilon=1e-6``, ``use_fast_variance=True``), attributes and
+  state (``scale``, ``bias`` as ``nnx.Param``) as flax's layer, so swapping the class changes
+  no other line and no checkpoint; the output dtype follows ``promote_dtype`` as in flax. The
+  arithmetic runs in at least float32 with float32 statistics (flax first casts ``x`` to the
+  promoted dtype), ``mask`` and ``axis_name`` are weighted by the true counts, and masked
+  entries holding NaN/Inf do not leak into the output.
+"""
+
+
+def _init_params(mdl, num_features, *, use_scale, use_bias, scale_init, bias_init,
+                 param_dtype, rngs, scale_metadata, bias_metadata):
+  shape = (num_features,)
+  if use_scale:
+    mdl.scale = nnx.Param(scale_init(rngs.params(), shape, param_dtype), **scale_metadata)
+  else:
+    mdl.scale = nnx.data(None)
+  if use_bias:
+    mdl.bias = nnx.Param(bias_init(rngs.params(), shape, param_dtype), **bias_metadata)
+  else:
+    mdl.bias = nnx.data(None)
+
+
+def _inputs(mdl, x):
+  x = jnp.asarray(x)
+  scale = None if mdl.scale is None else mdl.scale[...]
+  bias = None if getattr(mdl, "bias", None) is None else mdl.bias[...]
+  out = output_dtype(mdl.promote_dtype, (x, scale, bias), mdl.dtype)
+  if not jnp.issubdtype(x.dtype, jnp.inexact):
+    x = x.astype(out)
+  return x, scale, bias, out
+
+
+class LayerNorm(nnx.Module):
+  __doc__ = r"""Layer normalization for NNX, a drop-in replacement for ``flax.nnx.LayerNorm``.
+
+  Statistics per example over ``reduction_axes`` (default the last axis); ``scale``/``bias``
+  (``num_features`` entries) follow ``feature_axes``. See :func:`jaxbn.layer_norm` for the
+  math and when to use it.
+""" + _COMPAT + r"""
+  Args:
+    num_features: number of features (entries of ``scale``/``bias``).
+    epsilon: small float added to the variance (default 1e-6).
+    dtype: dtype of the result (default: inferred by ``promote_dtype``).
+    param_dtype: dtype of the parameters (default float32).
+    use_bias: if True, add the learned ``bias``.
+    use_scale: if True, multiply by the learned ``scale``.
+    bias_init: initializer for ``bias`` (default zeros).
+    scale_init: initializer for ``scale`` (default ones).
+    reduction_axes: axes for the statistics (default -1).
+    feature_axes: axes of the learned ``scale``/``bias`` (default -1).
+    axis_name: mapped axis name(s) across which the reduced axes are sharded.
+    axis_index_groups: synchronize within these groups of axis indices only.
+    use_fast_variance: ``E[x²] − E[x]²`` (default True, as flax); False: stable variance.
+    promote_dtype: flax's dtype-promotion function; decides the output dtype.
+    rngs: ``nnx.Rngs`` for the initializers.
+    bias_metadata: metadata for the ``bias`` ``nnx.Param``.
+    scale_metadata: metadata for the ``scale`` ``nnx.Param``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, jaxbn.nnx
+    >>> from flax import nnx
+    >>> layer = jaxbn.nnx.LayerNorm(6, rngs=nnx.Rngs(0))
+    >>> x = jax.random.normal(jax.random.key(0), (2, 5, 6))
+    >>> bool(jnp.allclose(layer(x).std(-1), 1, atol=1e-3))
+    True
+  """
+
+  def __init__(
+      self,
+      num_features: int,
+      *,
+      epsilon: float = 1e-6,
+      dtype: Optional[Dtype] = None,
+      param_dtype: Dtype = jnp.float32,
+      use_bias: bool = True,
+      use_scale: bool = True,
+      bias_init: Initializer = initializers.zeros_init(),
+      scale_init: Initializer = initializers.ones_init(),
+      reduction_axes: Axes = -1,
+      feature_axes: Axes = -1,
+      axis_name: Any = None,
+      axis_index_groups: Any = None,
+      use_fast_variance: bool = True,
+      promote_dtype: PromoteDtypeFn = dtypes.promote_dtype,
+      rngs: nnx.Rngs,
+      bias_metadata: Mapping[str, Any] = MappingProxyType({}),
+      scale_metadata: Mapping[str, Any] = MappingProxyType({}),
+  ):
+    _init_params(self, num_features, use_scale=use_scale, use_bias=use_bias,
+                 scale_init=scale_init, bias_init=bias_init, param_dtype=param_dtype,
+                 rngs=rngs, scale_metadata=scale_metadata, bias_metadata=bias_metadata)
+    self.num_features = num_features
+    self.epsilon = epsilon
+    self.dtype = dtype
+    self.param_dtype = param_dtype
+    self.use_bias = use_bias
+    self.use_scale = use_scale
+    self.reduction_axes = reduction_axes
+    self.feature_axes = feature_axes
+    self.axis_name = axis_name
+    self.axis_index_groups = axis_index_groups
+    self.use_fast_variance = use_fast_variance
+    self.promote_dtype = promote_dtype
+
+  def __call__(self, x: jax.typing.ArrayLike, *, mask: Optional[jax.Array] = None
+               ) -> jax.Array:
+    """Applies layer normalization.
+
+    Args:
+      x: the input.
+      mask: optional bool array broadcastable to ``x``: which entries count in the statistics.
+
+    Returns:
+      The normalized input, shaped like ``x``.
+    """
+    x, scale, bias, out = _inputs(self, x)
+    return layer_norm(x, scale, bias, reduction_axes=self.reduction_axes,
+                      feature_axes=self.feature_axes, epsilon=self.epsilon, mask=mask,
+                      dtype=out, axis_name=self.axis_name,
+                      axis_index_groups=self.axis_index_groups,
+                      use_fast_variance=self.use_fast_variance)
+
+
+class RMSNorm(nnx.Module):
+  __doc__ = r"""RMS normalization for NNX, a drop-in replacement for ``flax.nnx.RMSNorm``.
+
+  Divides by the root mean square over ``reduction_axes`` (no centering, no bias). See
+  :func:`jaxbn.rms_norm` for the math and when to use it.
+""" + _COMPAT + r"""
+  Args:
+    num_features: number of features (entries of ``scale``).
+    epsilon: small float added to the mean square (default 1e-6).
+    dtype: dtype of the result (default: inferred by ``promote_dtype``).
+    param_dtype: dtype of the parameters (default float32).
+    use_scale: if True, multiply by the learned ``scale``.
+    scale_init: initializer for ``scale`` (default ones).
+    reduction_axes: axes for the statistics (default -1).
+    feature_axes: axes of the learned ``scale`` (default -1).
+    axis_name: mapped axis name(s) across which the reduced axes are sharded.
+    axis_index_groups: synchronize within these groups of axis indices only.
+    use_fast_variance: accepted for compatibility (unused: there is no mean to subtract).
+    promote_dtype: flax's dtype-promotion function; decides the output dtype.
+    rngs: ``nnx.Rngs`` for the initializer.
+    scale_metadata: metadata for the ``scale`` ``nnx.Param``.
+
+  Example:
+    >>> import jax.numpy as jnp, jaxbn.nnx
+    >>> from flax import nnx
+    >>> layer = jaxbn.nnx.RMSNorm(2, epsilon=1e-12, rngs=nnx.Rngs(0))
+    >>> layer(jnp.array([[3.0, 4.0]])).round(4).tolist()
+    [[0.8485, 1.1314]]
+  """
+
+  def __init__(
+      self,
+      num_features: int,
+      *,
+      epsilon: float = 1e-6,
+      dtype: Optional[Dtype] = None,
+      param_dtype: Dtype = jnp.float32,
+      use_scale: bool = True,
+      scale_init: Initializer = initializers.ones,
+      reduction_axes: Axes = -1,
+      feature_axes: Axes = -1,
+      axis_name: Any = None,
+      axis_index_groups: Any = None,
+      use_fast_variance: bool = True,
+      promote_dtype: PromoteDtypeFn = dtypes.promote_dtype,
+      rngs: nnx.Rngs,
+      scale_metadata: Mapping[str, Any] = MappingProxyType({}),
+  ):
+    if use_scale:
+      self.scale = nnx.Param(scale_init(rngs.params(), (num_features,), param_dtype),
+                             **scale_metadata)
+    else:
+      self.scale = nnx.data(None)
+    self.num_features = num_features
+    self.epsilon = epsilon
+    self.dtype = dtype
+    self.param_dtype = param_dtype
+    self.use_scale = use_scale
+    self.reduction_axes = reduction_axes
+    self.feature_axes = feature_axes
+    self.axis_name = axis_name
+    self.axis_index_groups = axis_index_groups
+    self.use_fast_variance = use_fast_variance
+    self.promote_dtype = promote_dtype
+
+  def __call__(self, x: jax.typing.ArrayLike, mask: Optional[jax.Array] = None) -> jax.Array:
+    """Applies RMS normalization.
+
+    Args:
+      x: the input.
+      mask: optional bool array broadcastable to ``x``: which entries count in the statistics.
+
+    Returns:
+      The normalized input, shaped like ``x``.
+    """
+    x, scale, _, out = _inputs(self, x)
+    return rms_norm(x, scale, reduction_axes=self.reduction_axes,
+                    feature_axes=self.feature_axes, epsilon=self.epsilon, mask=mask,
+                    dtype=out, axis_name=self.axis_name,
+                    axis_index_groups=self.axis_index_groups)
+
+
+class GroupNorm(nnx.Module):
+  __doc__ = r"""Group normalization for NNX, a drop-in replacement for ``flax.nnx.GroupNorm``.
+
+  Statistics per example over groups of channels (last axis) and ``reduction_axes``. Give
+  ``num_groups`` (default 32) or ``group_size`` with ``num_groups=None``. See
+  :func:`jaxbn.group_norm` for the math and when to use it. Unlike ``flax.nnx.GroupNorm``
+  0.12, ``reduction_axes`` that keep more than the batch axis are handled correctly (as in
+  ``flax.linen.GroupNorm``).
+""" + _COMPAT + r"""
+  Args:
+    num_features: number of channels (last axis).
+    num_groups: number of channel groups (default 32).
+    group_size: channels per group (pass ``num_groups=None`` with it).
+    epsilon: small float added to the variance (default 1e-6).
+    dtype: dtype of the result (default: inferred by ``promote_dtype``).
+    param_dtype: dtype of the parameters (default float32).
+    use_bias: if True, add the learned ``bias``.
+    use_scale: if True, multiply by the learned ``scale``.
+    bias_init: initializer for ``bias`` (default zeros).
+    scale_init: initializer for ``scale`` (default ones).
+    reduction_axes: axes for the statistics, including the last (default: all but axis 0).
+    axis_name: mapped axis name(s) across which the reduced axes are sharded.
+    axis_index_groups: synchronize within these groups of axis indices only.
+    use_fast_variance: ``E[x²] − E[x]²`` (default True, as flax); False: stable variance.
+    promote_dtype: flax's dtype-promotion function; decides the output dtype.
+    rngs: ``nnx.Rngs`` for the initializers.
+    bias_metadata: metadata for the ``bias`` ``nnx.Param``.
+    scale_metadata: metadata for the ``scale`` ``nnx.Param``.
+
+  Raises:
+    ValueError: both or neither of ``num_groups``/``group_size``, or groups that do not
+      divide ``num_features``.
+
+  Example:
+    >>> import jax, jaxbn.nnx
+    >>> from flax import nnx
+    >>> layer = jaxbn.nnx.GroupNorm(8, num_groups=4, rngs=nnx.Rngs(0))
+    >>> layer(jax.random.normal(jax.random.key(0), (2, 4, 4, 8))).shape
+    (2, 4, 4, 8)
+  """
+
+  def __init__(
+      self,
+      num_features: int,
+      num_groups: Optional[int] = 32,
+      group_size: Optional[int] = None,
+      *,
+      epsilon: float = 1e-6,
+      dtype: Optional[Dtype] = None,
+      param_dtype: Dtype = jnp.float32,
+      use_bias: bool = True,
+      use_scale: bool = True,
+      bias_init: Initializer = initializers.zeros_init(),
+      scale_init: Initializer = initializers.ones_init(),
+      reduction_axes: Optional[Axes] = None,
+      axis_name: Any = None,
+      axis_index_groups: Any = None,
+      use_fast_variance: bool = True,
+      promote_dtype: PromoteDtypeFn = dtypes.promote_dtype,
+      rngs: nnx.Rngs,
+      bias_metadata: Mapping[str, Any] = MappingProxyType({}),
+      scale_metadata: Mapping[str, Any] = MappingProxyType({}),
+  ):
+    fn = "jaxbn.nnx.GroupNorm"
+    if (num_groups is None) == (group_size is None):
+      raise ValueError(
+          f"{fn}: give exactly one of `num_groups` and `group_size`, got num_groups="
+          f"{num_groups!r} and group_size={group_size!r}; to set group_size, also pass "
+          f"num_groups=None (its default is 32).")
+    if group_size is not None:
+      if not isinstance(group_size, int) or group_size <= 0 or num_features % group_size:
+        raise ValueError(f"{fn}: `group_size`={group_size!r} must be a positive divisor of "
+                         f"num_features={num_features}.")
+      num_groups = num_features // group_size
+    if not isinstance(num_groups, int) or num_groups <= 0 or num_features % num_groups:
+      raise ValueError(f"{fn}: `num_groups`={num_groups!r} must be a positive divisor of "
+                       f"num_features={num_features}.")
+    _init_params(self, num_features, use_scale=use_scale, use_bias=use_bias,
+                 scale_init=scale_init, bias_init=bias_init, param_dtype=param_dtype,
+                 rngs=rngs, scale_metadata=scale_metadata, bias_metadata=bias_metadata)
+    self.feature_axis = -1
+    self.num_features = num_features
+    self.num_groups = num_groups
+    self.group_size = num_features // num_groups
+    self.epsilon = epsilon
+    self.dtype = dtype
+    self.param_dtype = param_dtype
+    self.use_bias = use_bias
+    self.use_scale = use_scale
+    self.reduction_axes = reduction_axes
+    self.axis_name = axis_name
+    self.axis_index_groups = axis_index_groups
+    self.use_fast_variance = use_fast_variance
+    self.promote_dtype = promote_dtype
+
+  def __call__(self, x: jax.typing.ArrayLike, *, mask: Optional[jax.Array] = None
+               ) -> jax.Array:
+    """Applies group normalization.
+
+    Args:
+      x: the input, channels last.
+      mask: optional bool array broadcastable to ``x``: which entries count in the statistics.
+
+    Returns:
+      The normalized input, shaped like ``x``.
+    """
+    x, scale, bias, out = _inputs(self, x)
+    return group_norm(x, scale, bias, num_groups=self.num_groups, group_size=None,
+                      reduction_axes=self.reduction_axes, epsilon=self.epsilon, mask=mask,
+                      dtype=out, axis_name=self.axis_name,
+                      axis_index_groups=self.axis_index_groups,
+                      use_fast_variance=self.use_fast_variance)
+
+
+class InstanceNorm(nnx.Module):
+  __doc__ = r"""Instance normalization for NNX, a drop-in for ``flax.nnx.InstanceNorm``.
+
+  Statistics per example and per feature over every axis but the leading (batch) axis and
+  ``feature_axes``. See :func:`jaxbn.instance_norm` for the math and when to use it.
+""" + _COMPAT + r"""
+  Args:
+    num_features: number of features (entries of ``scale``/``bias``).
+    epsilon: small float added to the variance (default 1e-6).
+    dtype: dtype of the result (default: inferred by ``promote_dtype``).
+    param_dtype: dtype of the parameters (default float32).
+    use_bias: if True, add the learned ``bias``.
+    use_scale: if True, multiply by the learned ``scale``.
+    bias_init: initializer for ``bias`` (default zeros).
+    scale_init: initializer for ``scale`` (default ones).
+    feature_axes: the channel axes (default -1); not axis 0.
+    axis_name: mapped axis name(s) across which the reduced axes are sharded.
+    axis_index_groups: synchronize within these groups of axis indices only.
+    use_fast_variance: ``E[x²] − E[x]²`` (default True, as flax); False: stable variance.
+    promote_dtype: flax's dtype-promotion function; decides the output dtype.
+    rngs: ``nnx.Rngs`` for the initializers.
+    bias_metadata: metadata for the ``bias`` ``nnx.Param``.
+    scale_metadata: metadata for the ``scale`` ``nnx.Param``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, jaxbn.nnx
+    >>> from flax import nnx
+    >>> layer = jaxbn.nnx.InstanceNorm(3, rngs=nnx.Rngs(0))
+    >>> y = layer(jax.random.normal(jax.random.key(0), (2, 4, 4, 3)))
+    >>> bool(jnp.allclose(y.mean((1, 2)), 0, atol=1e-5))
+    True
+  """
+
+  def __init__(
+      self,
+      num_features: int,
+      *,
+      epsilon: float = 1e-6,
+      dtype: Optional[Dtype] = None,
+      param_dtype: Dtype = jnp.float32,
+      use_bias: bool = True,
+      use_scale: bool = True,
+      bias_init: Initializer = initializers.zeros,
+      scale_init: Initializer = initializers.ones,
+      feature_axes: Axes = -1,
+      axis_name: Any = None,
+      axis_index_groups: Any = None,
+      use_fast_variance: bool = True,
+      promote_dtype: PromoteDtypeFn = dtypes.promote_dtype,
+      rngs: nnx.Rngs,
+      bias_metadata: Mapping[str, Any] = MappingProxyType({}),
+      scale_metadata: Mapping[str, Any] = MappingProxyType({}),
+  ):
+    _init_params(self, num_features, use_scale=use_scale, use_bias=use_bias,
+                 scale_init=scale_init, bias_init=bias_init, param_dtype=param_dtype,
+                 rngs=rngs, scale_metadata=scale_metadata, bias_metadata=bias_metadata)
+    self.num_features = num_features
+    self.epsilon = epsilon
+    self.dtype = dtype
+    self.param_dtype = param_dtype
+    self.use_bias = use_bias
+    self.use_scale = use_scale
+    self.feature_axes = feature_axes
+    self.axis_name = axis_name
+    self.axis_index_groups = axis_index_groups
+    self.use_fast_variance = use_fast_variance
+    self.promote_dtype = promote_dtype
+
+  def __call__(self, x: jax.typing.ArrayLike, *, mask: Optional[jax.Array] = None
+               ) -> jax.Array:
+    """Applies instance normalization.
+
+    Args:
+      x: the input, batch axis first.
+      mask: optional bool array broadcastable to ``x``: which entries count in the statistics.
+
+    Returns:
+      The normalized input, shaped like ``x``.
+    """
+    x, scale, bias, out = _inputs(self, x)
+    return instance_norm(x, scale, bias, feature_axes=self.feature_axes,
+                         epsilon=self.epsilon, mask=mask, dtype=out,
+                         axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
+                         use_fast_variance=self.use_fast_variance)

@@ -1,0 +1,187 @@
+"""``jaxbn.nnx.BatchRenorm``: batch renormalization over :func:`jaxbn.batch_renorm`."""
+
+from __future__ import annotations
+
+from types import MappingProxyType
+from typing import Any, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from flax.nnx.module import first_from
+from flax.nnx.nn import dtypes, initializers
+from flax.typing import Axes, Dtype, Initializer, PromoteDtypeFn
+
+from jaxbn._core import checks
+from jaxbn._core.renorm import batch_renorm
+from jaxbn.nnx._frozen import bn_inputs, init_bn_state, write_stats
+
+_MISSING_MODE = (
+    "No `use_running_average` argument was provided to {name}. Pass it to the constructor, "
+    "to the call (`layer(x, use_running_average=True/False)`), or use `model.train()` / "
+    "`model.eval()` / `nnx.view(model, use_running_average=...)`.")
+
+
+class BatchRenorm(nnx.Module):
+  r"""Batch renormalization (Ioffe, 2017) for NNX, with BatchNorm's constructor and state.
+
+  .. math::
+     y = \gamma \Big(\frac{x - \mu_B}{\sqrt{\sigma_B^2 + \epsilon}}\, r + d\Big) + \beta,
+     \quad r = \operatorname{clip}\Big(\frac{\sigma_B}{\sigma}\Big),
+     \ d = \operatorname{clip}\Big(\frac{\mu_B - \mu}{\sigma}\Big)
+
+  with ``r``, ``d`` held constant in the gradient (see :func:`jaxbn.batch_renorm` for the
+  math, the running-statistics rule and when to use it). Same constructor and state as
+  :class:`jaxbn.nnx.BatchNorm` (``scale``, ``bias``, ``mean``, ``var``) plus the clipping
+  bounds, so a batch norm checkpoint loads unchanged; ``train()``/``eval()`` switch the mode.
+  ``r_max``/``d_max`` given at call time (traced arrays) override the attributes without
+  recompiling, e.g. from :func:`jaxbn.renorm_schedule`.
+
+  Args:
+    num_features: number of features (size of ``x`` along ``axis``).
+    use_running_average: True: running statistics (eval); False (default): renormalized
+      batch statistics, updating the running ones.
+    axis: the feature axis of the input (default -1).
+    momentum: weight of the old value in the running averages (default 0.99), or None.
+    epsilon: small float added to the variances (default 1e-5).
+    dtype: dtype of the result (default: inferred by ``promote_dtype``, as flax).
+    param_dtype: dtype of ``scale`` and ``bias`` (default float32).
+    use_bias: if True, add the learned ``bias``.
+    use_scale: if True, multiply by the learned ``scale``.
+    bias_init: initializer for ``bias`` (default zeros).
+    scale_init: initializer for ``scale`` (default ones).
+    axis_name: mapped axis name(s) to synchronize the batch statistics over.
+    axis_index_groups: synchronize within these groups of axis indices only.
+    use_fast_variance: flax's ``E[x²] − E[x]²`` (default False: jaxbn's stable variance).
+    promote_dtype: flax's dtype-promotion function; decides the output dtype.
+    rngs: ``nnx.Rngs`` for the initializers.
+    bias_metadata: metadata for the ``bias`` ``nnx.Param``.
+    scale_metadata: metadata for the ``scale`` ``nnx.Param``.
+    unbiased_running_var: store the unbiased running variance (PyTorch).
+    debias: zero-debiased running averages; adds an int32 ``count`` ``nnx.BatchStat``.
+    r_max: upper clip of ``r`` (default 3).
+    d_max: clip of ``|d|`` (default 5).
+    r_min: lower clip of ``r`` (default ``1 / r_max``).
+    running_std: average ``sqrt(var_B + ε)`` (paper, Keras) instead of the variance.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, jaxbn, jaxbn.nnx
+    >>> from flax import nnx
+    >>> layer = jaxbn.nnx.BatchRenorm(3, momentum=0.9, rngs=nnx.Rngs(0))
+    >>> x = jax.random.normal(jax.random.key(0), (4, 3)) * 2 + 1
+    >>> r_max, d_max = jaxbn.renorm_schedule(jnp.array(20_000))
+    >>> y = layer(x, r_max=r_max, d_max=d_max)     # training: updates mean/var
+    >>> layer.eval()
+    >>> y_eval = layer(x)
+  """
+
+  def __init__(
+      self,
+      num_features: int,
+      *,
+      use_running_average: Optional[bool] = False,
+      axis: Axes = -1,
+      momentum: Optional[float] = 0.99,
+      epsilon: float = 1e-5,
+      dtype: Optional[Dtype] = None,
+      param_dtype: Dtype = jnp.float32,
+      use_bias: bool = True,
+      use_scale: bool = True,
+      bias_init: Initializer = initializers.zeros_init(),
+      scale_init: Initializer = initializers.ones_init(),
+      axis_name: Any = None,
+      axis_index_groups: Any = None,
+      use_fast_variance: bool = False,
+      promote_dtype: PromoteDtypeFn = dtypes.promote_dtype,
+      rngs: nnx.Rngs,
+      bias_metadata: Mapping[str, Any] = MappingProxyType({}),
+      scale_metadata: Mapping[str, Any] = MappingProxyType({}),
+      unbiased_running_var: bool = False,
+      debias: bool = False,
+      r_max: float = 3.0,
+      d_max: float = 5.0,
+      r_min: Optional[float] = None,
+      running_std: bool = False,
+  ):
+    init_bn_state(self, num_features, momentum=momentum, debias=debias,
+                  use_scale=use_scale, use_bias=use_bias, scale_init=scale_init,
+                  bias_init=bias_init, param_dtype=param_dtype, rngs=rngs,
+                  scale_metadata=scale_metadata, bias_metadata=bias_metadata)
+    checks.epsilon_value("jaxbn.nnx.BatchRenorm", epsilon)
+    checks.momentum_value("jaxbn.nnx.BatchRenorm", momentum)
+    self.num_features = num_features
+    self.use_running_average = use_running_average
+    self.axis = axis
+    self.momentum = momentum
+    self.epsilon = epsilon
+    self.dtype = dtype
+    self.param_dtype = param_dtype
+    self.use_bias = use_bias
+    self.use_scale = use_scale
+    self.axis_name = axis_name
+    self.axis_index_groups = axis_index_groups
+    self.use_fast_variance = use_fast_variance
+    self.promote_dtype = promote_dtype
+    self.unbiased_running_var = unbiased_running_var
+    self.debias = debias
+    self.r_max = r_max
+    self.d_max = d_max
+    self.r_min = r_min
+    self.running_std = running_std
+
+  def __call__(
+      self,
+      x: jax.typing.ArrayLike,
+      use_running_average: Optional[bool] = None,
+      *,
+      mask: Optional[jax.Array] = None,
+      r_max: Optional[jax.typing.ArrayLike] = None,
+      d_max: Optional[jax.typing.ArrayLike] = None,
+  ) -> jax.Array:
+    """Renormalizes ``x`` (training) or normalizes it with the running statistics (eval).
+
+    Args:
+      x: the input, feature axis ``self.axis``.
+      use_running_average: overrides the attribute of the same name for this call.
+      mask: optional bool array broadcastable to ``x``: which entries count.
+      r_max: optional (traced) override of ``self.r_max``.
+      d_max: optional (traced) override of ``self.d_max``.
+
+    Returns:
+      The normalized input, shaped like ``x``.
+    """
+    use_running_average = first_from(
+        use_running_average, self.use_running_average,
+        error_msg=_MISSING_MODE.format(name="BatchRenorm"))
+    x, stats, scale, bias, out = bn_inputs(self, x, "jaxbn.nnx.BatchRenorm")
+    training = not use_running_average
+    y, new = batch_renorm(
+        x, stats, scale, bias,
+        training=training,
+        r_max=self.r_max if r_max is None else r_max,
+        d_max=self.d_max if d_max is None else d_max,
+        r_min=self.r_min,
+        axis=self.axis,
+        momentum=self.momentum,
+        epsilon=self.epsilon,
+        axis_name=self.axis_name,
+        axis_index_groups=self.axis_index_groups,
+        mask=mask,
+        dtype=out,
+        use_fast_variance=self.use_fast_variance,
+        running_std=self.running_std,
+        unbiased_running_var=self.unbiased_running_var,
+        debias=self.debias,
+    )
+    if training:
+      write_stats(self, new)
+    return y
+
+  def set_view(self, use_running_average: Optional[bool] = None):
+    """Used by ``nnx.view``: sets ``use_running_average`` when given.
+
+    Args:
+      use_running_average: if True, normalize with the running statistics.
+    """
+    if use_running_average is not None:
+      self.use_running_average = use_running_average
