@@ -17,7 +17,6 @@ all-reduce combiner could merge anything): one all-reduce forward and one backwa
 
 from __future__ import annotations
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -290,6 +289,22 @@ def test_one_collective_forward_and_one_backward_per_bn_call(case):
   # ... and what runs: as many all-reduce ops, each reducing one array (nothing combined).
   assert parallel.collective_counts(compiled) == {"all-reduce": expected}
   assert parallel.collective_counts(compiled, operands=True) == {"all-reduce": expected}
+
+
+def test_plain_jit_on_sharded_batch_reduces_without_gathering_the_batch():
+  """No axis name: XLA's partitioner inserts the reductions. Masked two-pass statistics
+  all-reduce three arrays forward (count, Σx, Σ(x-mean)²), the backward two (Σdy, Σdy·x̂) —
+  and nothing batch-sized is all-gathered (per-feature vectors are broadcast with x's
+  sharding)."""
+  mesh = parallel.data_mesh()
+  b = P("data")
+  args = [_sds((N, F), jnp.float32, mesh, b), _sds((N, 1), jnp.bool_, mesh, b),
+          _sds((F,), jnp.float32, mesh, P()), _sds((F,), jnp.float32, mesh, P()),
+          _sds((N, F), jnp.float32, mesh, b)]
+  fwd = jax.jit(_bn_fwd(None, True)).lower(*args[:4]).compile()
+  fwd_bwd = jax.jit(_bn_fwd_bwd(None, True)).lower(*args).compile()
+  assert parallel.collective_counts(fwd, operands=True) == {"all-reduce": 3}
+  assert parallel.collective_counts(fwd_bwd, operands=True) == {"all-reduce": 5}
 
 
 def test_collective_counts_sees_through_the_all_reduce_combiner():

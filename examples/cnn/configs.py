@@ -10,6 +10,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
+class UsageError(ValueError):
+  """A bad flag or flag combination; ``main.py`` prints it without a traceback."""
+
+
 NORMS = ("batch", "renorm", "ghost", "group", "layer", "none", "flax")
 PARALLEL = ("jit", "shard_map", "pmap")
 

@@ -101,7 +101,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   set_cpu_devices(config.devices)
   from examples.cnn import report, train  # pylint: disable=import-outside-toplevel
   try:
-    summary = train.train_and_evaluate(config, start_time=_START)
+    _, summary = train.train_and_evaluate(config, start_time=_START)
   except (train.UsageError, FileNotFoundError) as e:
     parser.exit(2, f"{parser.prog}: error: {e}\n")
   report.print_summary(summary)

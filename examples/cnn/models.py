@@ -76,12 +76,13 @@ def norm_layer(name: str, *, momentum: float = 0.9, axis_name: Optional[str] = N
                              use_fast_variance=False)
   if name == "renorm":
     return functools.partial(layer, momentum=momentum, epsilon=1e-5, axis_name=axis_name)
-  if name == "ghost":
-    return functools.partial(layer, momentum=momentum, epsilon=1e-5,
+  if name == "ghost":  # per-device virtual batches; only the running averages are synced
+    return functools.partial(layer, momentum=momentum, epsilon=1e-5, axis_name=axis_name,
                              virtual_batch_size=ghost_batch_size)
   if name == "group":
     return functools.partial(layer, num_groups=groups, epsilon=1e-5)
-  return functools.partial(layer, epsilon=1e-5)
+  # Layer norm of a conv net: over (H, W, C) of each example, one scale/bias per channel.
+  return functools.partial(layer, epsilon=1e-5, reduction_axes=(1, 2, 3), feature_axes=-1)
 
 
 def uses_batch_stats(norm: Optional[ModuleDef]) -> bool:
@@ -108,8 +109,8 @@ class CNN(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, *, train: bool, mask: Optional[jax.Array] = None
-               ) -> jax.Array:
+  def __call__(self, x: jax.Array, *, train: bool, mask: Optional[jax.Array] = None,
+               norm_args: Optional[dict[str, Any]] = None) -> jax.Array:
     """Logits for images ``x`` (B, H, W, C).
 
     Args:
@@ -117,6 +118,8 @@ class CNN(nn.Module):
       train: batch statistics (True) or running statistics (False) in the norm layers.
       mask: optional bool (B,): which examples are real (False: padding). Padding never enters
         the batch statistics.
+      norm_args: extra call arguments of the batch-statistics norm layers in training, e.g.
+        batch renorm's scheduled ``r_max``/``d_max``.
     """
     conv = functools.partial(nn.Conv, kernel_size=(3, 3), use_bias=self.norm is None,
                              dtype=self.dtype)
@@ -127,21 +130,18 @@ class CNN(nn.Module):
         x = nn.avg_pool(x, (2, 2), strides=(2, 2))
       for _ in range(2):
         x = conv(width, name=f"conv{layer}")(x)
-        x = self._normalize(layer, x, train, bn_mask)
+        x = self._normalize(layer, x, train, bn_mask, norm_args or {})
         x = nn.relu(x)
         layer += 1
     x = jnp.mean(x, axis=(1, 2))
     return nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x)
 
-  def _normalize(self, layer: int, x: jax.Array, train: bool,
-                 mask: Optional[jax.Array]) -> jax.Array:
+  def _normalize(self, layer: int, x: jax.Array, train: bool, mask: Optional[jax.Array],
+                 norm_args: dict[str, Any]) -> jax.Array:
     if self.norm is None:
       return x
     norm = self.norm(name=f"norm{layer}")
     if not uses_batch_stats(self.norm):
       return norm(x)  # per-example statistics: padding cannot leak into them
-    if mask is not None and not train:
-      mask = None  # running statistics: the mask has nothing to do
-    if mask is not None:
-      mask = jnp.broadcast_to(mask, x.shape)
-    return norm(x, use_running_average=not train, mask=mask)
+    # In eval mode the layers ignore the mask (recompute_batch_stats reads it).
+    return norm(x, use_running_average=not train, mask=mask, **(norm_args if train else {}))

@@ -10,7 +10,7 @@ from typing import Any, Optional
 
 import jax
 
-from examples.cnn.configs import Config
+from examples.cnn.configs import Config, UsageError
 
 # Fields that define the shapes of the saved state: --resume refuses a checkpoint that differs.
 _STRUCTURAL = ("dataset", "norm", "widths", "groups", "ghost_batch_size")
@@ -72,11 +72,14 @@ def run_title(config: Config) -> str:
 
 def summary_line(s: dict[str, Any]) -> str:
   """The one line a run ends with."""
-  acc = f"test accuracy {s['test_accuracy']:.2%} (running stats"
-  if "test_accuracy_recomputed" in s:
-    acc += f"; {s['test_accuracy_recomputed']:.2%} with recomputed stats"
+  acc = f"test accuracy {s['test_accuracy']:.2%}"
+  if s.get("running_stats"):
+    acc += " (running stats"
+    if "test_accuracy_recomputed" in s:
+      acc += f"; {s['test_accuracy_recomputed']:.2%} with recomputed stats"
+    acc += ")"
   return (f"done: {s['dataset']} --norm {s['norm']} --parallel {s['parallel']} --devices "
-          f"{s['devices']}: {acc}) on {s['test_examples']} examples; {s['epochs']} epochs "
+          f"{s['devices']}: {acc} on {s['test_examples']} examples; {s['epochs']} epochs "
           f"({s['steps']} steps) in {s['train_seconds']:.1f} s, {s['examples_per_s']:,.0f} "
           f"examples/s; wall time {s['wall_seconds']:.1f} s. Wrote {s['metrics_path']} and "
           f"{s['plot_path']}")
@@ -141,7 +144,7 @@ class Checkpoints:
     """``(state, epoch, history)`` of the latest checkpoint, or None if there is none.
 
     Raises:
-      ValueError: the checkpoint was written with a different model or dataset.
+      UsageError: the checkpoint was written with a different model or dataset.
     """
     ocp = self._ocp
     epoch = self.manager.latest_step()
@@ -152,7 +155,7 @@ class Checkpoints:
     diff = [f"--{k} {_fmt(saved.get(k))} (now {_fmt(now[k])})" for k in _STRUCTURAL
             if _fmt(saved.get(k)) != _fmt(now[k])]
     if diff:
-      raise ValueError(f"--resume: the checkpoint in {self.directory} was trained with "
+      raise UsageError(f"--resume: the checkpoint in {self.directory} was trained with "
                        f"{', '.join(diff)}; pass the same flags or another --workdir.")
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
     restored = self.manager.restore(epoch, args=ocp.args.Composite(

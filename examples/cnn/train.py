@@ -32,6 +32,8 @@ from typing import Any, Callable, Optional
 
 import flax
 import jax
+import jaxbn
+import jaxbn.linen
 import jaxbn.parallel
 import jax.numpy as jnp
 import numpy as np
@@ -42,14 +44,11 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from examples.cnn import data as data_lib
 from examples.cnn import models
-from examples.cnn.configs import NORMS, PARALLEL, Config
+from examples.cnn.configs import NORMS, PARALLEL, Config, UsageError
 
 AXIS = "data"
 Metrics = dict[str, jax.Array]
-
-
-class UsageError(ValueError):
-  """A bad flag or flag combination; ``main.py`` prints it without a traceback."""
+NormArgs = Callable[[jax.Array], dict[str, jax.Array]]
 
 
 class TrainState(train_state.TrainState):
@@ -134,6 +133,23 @@ def create_model(config: Config, num_classes: int, axis_name: Optional[str] = No
   return models.CNN(num_classes=num_classes, widths=tuple(config.widths), norm=norm)
 
 
+def renorm_args(config: Config, total_steps: int) -> Optional[NormArgs]:
+  """Batch renorm's clipping schedule (:func:`jaxbn.renorm_schedule`) scaled to the run.
+
+  As in Ioffe (2017): plain batch norm first, then ``r_max`` 1 -> 3 and ``d_max`` 0 -> 5;
+  here the ramps start at 10% of the steps and end at 40% (``d_max``) and 50% (``r_max``).
+  """
+  if config.norm != "renorm":
+    return None
+  t0 = max(1, total_steps // 10)
+  def args(step):
+    r_max, d_max = jaxbn.renorm_schedule(step, warmup_steps=t0,
+                                         r_max_steps=max(t0 + 1, total_steps // 2),
+                                         d_max_steps=max(t0 + 1, 2 * total_steps // 5))
+    return {"r_max": r_max, "d_max": d_max}
+  return args
+
+
 def create_optimizer(config: Config, steps_per_epoch: int) -> optax.GradientTransformation:
   """SGD with Nesterov momentum, a warmup + cosine schedule, weight decay on kernels only."""
   total = config.epochs * steps_per_epoch
@@ -175,7 +191,8 @@ def _metric_sums(logits: jax.Array, labels: jax.Array, mask: jax.Array,
 
 
 def train_step(state: TrainState, batch: data_lib.Batch, *, axis_name: Optional[str] = None,
-               sum_grads: bool = False) -> tuple[TrainState, Metrics]:
+               sum_grads: bool = False, norm_args: Optional[NormArgs] = None
+               ) -> tuple[TrainState, Metrics]:
   """One SGD step on a (possibly padded) batch.
 
   Args:
@@ -183,6 +200,7 @@ def train_step(state: TrainState, batch: data_lib.Batch, *, axis_name: Optional[
     batch: this device's part of the global batch (or all of it without ``axis_name``).
     axis_name: the mapped axis of ``shard_map``/``pmap`` (None under plain ``jit``).
     sum_grads: sum the gradients over ``axis_name`` (``pmap``; ``shard_map`` does it itself).
+    norm_args: ``step -> dict`` of extra norm-layer arguments (batch renorm's schedule).
 
   Returns:
     The new state and the global sums ``loss``, ``correct`` and ``count`` (real examples).
@@ -191,8 +209,9 @@ def train_step(state: TrainState, batch: data_lib.Batch, *, axis_name: Optional[
 
   def loss_fn(params):
     variables = {"params": params, "batch_stats": state.batch_stats}
-    logits, updates = state.apply_fn(variables, batch.image, train=True, mask=batch.mask,
-                                     mutable=["batch_stats"])
+    logits, updates = state.apply_fn(
+        variables, batch.image, train=True, mask=batch.mask,
+        norm_args=None if norm_args is None else norm_args(state.step), mutable=["batch_stats"])
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch.label)
     loss = jnp.sum(jnp.where(batch.mask, losses, 0.0)) / jnp.maximum(count, 1.0)
     return loss, (logits, updates)
@@ -239,17 +258,19 @@ class Runner:
   put_batch: Callable[[data_lib.Batch], Any]
 
 
-def make_runner(mode: str, devices: list[jax.Device]) -> Runner:
+def make_runner(mode: str, devices: list[jax.Device], norm_args: Optional[NormArgs] = None
+                ) -> Runner:
   """Compiles :func:`train_step` and :func:`eval_step` for ``--parallel mode``.
 
   ``jit``: the single-device steps under ``jax.jit``, the batch sharded over the mesh.
   ``shard_map`` and ``pmap``: the per-device steps with ``axis_name='data'``, wrapped by
   :func:`jaxbn.parallel.shard_map_step` / :func:`jaxbn.parallel.pmap_step`.
   """
+  step = functools.partial(train_step, norm_args=norm_args)
   if mode == "pmap":
     n = len(devices)
     train = jaxbn.parallel.pmap_step(
-        functools.partial(train_step, axis_name=AXIS, sum_grads=True), axis_name=AXIS,
+        functools.partial(step, axis_name=AXIS, sum_grads=True), axis_name=AXIS,
         devices=devices, donate_state=True)
     evaluate = jaxbn.parallel.pmap_step(functools.partial(eval_step, axis_name=AXIS),
                                         axis_name=AXIS, devices=devices)
@@ -259,10 +280,10 @@ def make_runner(mode: str, devices: list[jax.Device]) -> Runner:
   mesh = jaxbn.parallel.data_mesh(AXIS, devices=devices)
   replicated = NamedSharding(mesh, P())
   if mode == "jit":
-    train = jax.jit(train_step, donate_argnums=0)
+    train = jax.jit(step, donate_argnums=0)
     evaluate = jax.jit(eval_step)
   else:
-    train = jaxbn.parallel.shard_map_step(functools.partial(train_step, axis_name=AXIS), mesh,
+    train = jaxbn.parallel.shard_map_step(functools.partial(step, axis_name=AXIS), mesh,
                                           donate_state=True)
     evaluate = jaxbn.parallel.shard_map_step(functools.partial(eval_step, axis_name=AXIS),
                                              mesh)
@@ -288,14 +309,30 @@ def evaluate(runner: Runner, state: Any, x: np.ndarray, y: np.ndarray, batch_siz
   return _sums_to_metrics(sums)
 
 
-def recompute_and_evaluate(config: Config, state: TrainState, ds: data_lib.Dataset
-                           ) -> Optional[dict[str, float]]:
+def recompute_and_evaluate(runner: Runner, model: models.CNN, state: TrainState,
+                           ds: data_lib.Dataset, config: Config) -> Optional[dict[str, float]]:
   """Test metrics with population statistics recomputed over the training set.
 
-  Returns None when the model has no running statistics or this jaxbn has no such API.
+  :func:`jaxbn.linen.recompute_batch_stats` runs the trained network over the (unaugmented)
+  training set in batches of the training size and replaces every BatchNorm layer's running
+  averages by the exact mean and variance of its inputs ("precise BN", Wu & Johnson 2021).
+
+  Returns:
+    The test metrics, or None for norms without BatchNorm layers (renorm, ghost, group,
+    layer, none), where the recomputation does not apply.
   """
-  del config, state, ds
-  return None
+  if config.norm not in ("batch", "flax"):
+    return None
+  synced = config.parallel != "jit"
+  mesh = jaxbn.parallel.data_mesh(AXIS, devices=runner.devices) if synced else None
+  train_batches = data_lib.batches(ds.x_train, ds.y_train, config.batch_size,
+                                   np.random.default_rng(config.seed))
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  new = jaxbn.linen.recompute_batch_stats(
+      lambda v, b: model.apply(v, b.image, train=False, mask=b.mask), variables,
+      train_batches, mesh=mesh, progress=False)
+  recomputed = runner.put_state(state.replace(batch_stats=new["batch_stats"]))
+  return evaluate(runner, recomputed, ds.x_test, ds.y_test, config.batch_size)
 
 
 def _hardware() -> dict[str, Any]:
@@ -313,7 +350,7 @@ def _hardware() -> dict[str, Any]:
 
 
 def train_and_evaluate(config: Config, workdir: Optional[str] = None, *,
-                       start_time: Optional[float] = None) -> dict[str, Any]:
+                       start_time: Optional[float] = None) -> tuple[TrainState, dict[str, Any]]:
   """Trains and evaluates; writes checkpoints, ``metrics.json`` and ``curves.png``.
 
   Args:
@@ -323,8 +360,13 @@ def train_and_evaluate(config: Config, workdir: Optional[str] = None, *,
       startup (default: now).
 
   Returns:
-    The summary: final test accuracy (running statistics, and recomputed statistics when
-    available), times, throughput and file paths.
+    ``(state, summary)``: the final train state (one copy) and the summary: test accuracy
+    with the running statistics (and with recomputed statistics for BatchNorm), times,
+    throughput and file paths.
+
+  Raises:
+    UsageError: bad flags or more devices than exist.
+    FileNotFoundError: a missing dataset folder.
   """
   from examples.cnn import report  # pylint: disable=import-outside-toplevel
 
@@ -338,80 +380,81 @@ def train_and_evaluate(config: Config, workdir: Optional[str] = None, *,
   ds = data_lib.load(config.dataset, config.data_dir, num_train=config.num_train,
                      num_test=config.num_test, seed=config.seed)
   steps_per_epoch = data_lib.num_batches(len(ds.x_train), config.batch_size)
-  synced = config.parallel in ("shard_map", "pmap")
-  model = create_model(config, ds.num_classes, axis_name=AXIS if synced else None)
+  total_steps = config.epochs * steps_per_epoch
+  model = create_model(config, ds.num_classes,
+                       axis_name=None if config.parallel == "jit" else AXIS)
   state = create_train_state(jax.random.key(config.seed), config, model, ds.image_shape,
                              steps_per_epoch)
   history: list[dict[str, Any]] = []
-  first_epoch = 1
   ckpt = report.Checkpoints(workdir, config) if config.checkpoint_every >= 0 else None
   if config.resume:
     if ckpt is None:
       raise UsageError("--resume needs checkpoints; do not pass --checkpoint_every -1.")
     restored = ckpt.restore(state)
     if restored is None:
-      print(f"--resume: no checkpoint in {workdir}; starting from scratch.", file=sys.stderr)
+      print(f"--resume: no checkpoint in {ckpt.directory}; starting from scratch.",
+            file=sys.stderr)
     else:
-      state, first_epoch, history = restored[0], restored[1] + 1, restored[2]
+      state, _, history = restored
 
-  runner = make_runner(config.parallel, devices)
+  runner = make_runner(config.parallel, devices, renorm_args(config, total_steps))
   state = runner.put_state(state)
-  progress = report.Progress(total=config.epochs * steps_per_epoch,
-                             initial=(first_epoch - 1) * steps_per_epoch)
-  train_seconds, train_examples, steady = 0.0, 0, [0.0, 0]
+  first_epoch = len(history) + 1
+  progress = report.Progress(total=total_steps, initial=(first_epoch - 1) * steps_per_epoch)
+  steady_seconds, steady_examples = 0.0, 0  # epochs after the first (no compilation)
   for epoch in range(first_epoch, config.epochs + 1):
-    epoch_rng = np.random.default_rng([config.seed, epoch])
+    epoch_rng = np.random.default_rng([config.seed, epoch])  # the same after --resume
     x = data_lib.random_shift(ds.x_train, epoch_rng) if config.augment else ds.x_train
     t_epoch = time.time()
     sums = []
     for batch in data_lib.batches(x, ds.y_train, config.batch_size, epoch_rng):
-      state, m = runner.train(state, runner.put_batch(batch))
-      sums.append(m)
-      progress.step(m, config.batch_size)
+      state, metrics = runner.train(state, runner.put_batch(batch))
+      sums.append(metrics)
+      progress.step(metrics, config.batch_size)
     train = _sums_to_metrics(sums)  # waits for the epoch's steps
     seconds = time.time() - t_epoch
-    train_seconds += seconds
-    train_examples += train["count"]
-    if epoch > first_epoch or config.epochs == first_epoch:
-      steady[0] += seconds
-      steady[1] += train["count"]
+    if epoch > first_epoch:
+      steady_seconds, steady_examples = steady_seconds + seconds, steady_examples + train["count"]
     row = {"epoch": epoch, "train_loss": train["loss"], "train_accuracy": train["accuracy"],
            "seconds": seconds, "examples_per_s": train["count"] / seconds}
     if epoch % config.eval_every == 0 or epoch == config.epochs:
       test = evaluate(runner, state, ds.x_test, ds.y_test, config.batch_size)
       row.update(test_loss=test["loss"], test_accuracy=test["accuracy"])
-      progress.log(report.epoch_line(row, config.epochs))
+    progress.log(report.epoch_line(row, config.epochs))
     history.append(row)
-    if ckpt is not None and config.checkpoint_every > 0 and epoch % config.checkpoint_every == 0:
+    if ckpt is not None and ((config.checkpoint_every > 0 and
+                              epoch % config.checkpoint_every == 0) or epoch == config.epochs):
       ckpt.save(epoch, runner.get_state(state), history)
   progress.close()
-
-  final_state = runner.get_state(state)
-  if ckpt is not None and (config.checkpoint_every == 0 or
-                           config.epochs % max(config.checkpoint_every, 1)):
-    if first_epoch <= config.epochs:
-      ckpt.save(config.epochs, final_state, history)
   if ckpt is not None:
     ckpt.close()
 
-  test = evaluate(runner, state, ds.x_test, ds.y_test, config.batch_size)
+  final_state = runner.get_state(state)
+  if history and "test_accuracy" in history[-1] and len(history) >= first_epoch:
+    test = {"loss": history[-1]["test_loss"], "accuracy": history[-1]["test_accuracy"]}
+  else:  # a --resume of a finished run
+    test = evaluate(runner, state, ds.x_test, ds.y_test, config.batch_size)
+  train_seconds = sum(r["seconds"] for r in history[first_epoch - 1:])
   summary: dict[str, Any] = {
       "dataset": config.dataset, "norm": config.norm, "parallel": config.parallel,
       "devices": config.devices, "epochs": config.epochs,
       "steps": int(np.asarray(final_state.step)),
+      "running_stats": models.uses_batch_stats(model.norm),
       "test_accuracy": test["accuracy"], "test_loss": test["loss"],
-      "test_examples": test["count"], "train_examples": len(ds.x_train),
+      "test_examples": len(ds.x_test), "train_examples": len(ds.x_train),
       "train_seconds": train_seconds,
-      "examples_per_s": (steady[1] / steady[0]) if steady[0] else float("nan"),
+      "examples_per_s": (steady_examples / steady_seconds if steady_seconds else
+                         len(ds.x_train) * (config.epochs - first_epoch + 1) /
+                         max(train_seconds, 1e-9)),
   }
-  recomputed = recompute_and_evaluate(config, final_state, ds) if config.recompute_stats \
-      else None
-  if recomputed is not None:
-    summary["test_accuracy_recomputed"] = recomputed["accuracy"]
-  summary["wall_seconds"] = time.time() - t0
+  if config.recompute_stats:
+    recomputed = recompute_and_evaluate(runner, model, final_state, ds, config)
+    if recomputed is not None:
+      summary["test_accuracy_recomputed"] = recomputed["accuracy"]
+      summary["test_loss_recomputed"] = recomputed["loss"]
   summary["metrics_path"] = os.path.join(workdir, "metrics.json")
   summary["plot_path"] = os.path.join(workdir, "curves.png")
-  report.write_metrics(summary["metrics_path"], config, history, summary, _hardware())
   report.plot_curves(summary["plot_path"], history, title=report.run_title(config))
   summary["wall_seconds"] = time.time() - t0
-  return summary
+  report.write_metrics(summary["metrics_path"], config, history, summary, _hardware())
+  return final_state, summary

@@ -80,9 +80,10 @@ def _bn_train_jvp(cfg, primals, tangents):
     # part of dx), one for y's tangent (whose transpose holds the reductions Σdy, Σdy·x̂).
     # Distinct aliases keep XLA from sharing one materialized x̂ between the passes, so each
     # pass is a single fused loop that recomputes x̂ from x.
-    B = functools.partial(bcast, shape=x.shape, feat=feat)
+    B = functools.partial(bcast, shape=x.shape, feat=feat,
+                          sharding=collectives.explicit_sharding(x))
     xa, xb = moments_lib._aliases(x, 2)
-    mean_a, mean_b, inv_a, inv_b = lax.optimization_barrier((mean, mean, inv, inv))
+    mean_a, mean_b, inv_a, inv_b = moments_lib._aliases(mean, 2) + moments_lib._aliases(inv, 2)
     xa, xb = xa.astype(acc), xb.astype(acc)
     xdt = xd.astype(acc)
     if mask is not None:
@@ -97,8 +98,8 @@ def _bn_train_jvp(cfg, primals, tangents):
     else:
       xc_s = (xa - B(mean_a)) * B(inv_a)
       xdm = xdt
-    r = jnp.stack([_sum(xdm, red), _sum(xdm * xc_s, red)])
-    r = collectives.psum(r, axis_name, groups) / jnp.maximum(count, 1.0)
+    r = collectives.psum_stacked((_sum(xdm, red), _sum(xdm * xc_s, red)), axis_name, groups)
+    r = [v / jnp.maximum(count, 1.0) for v in r]
     mean_dot, var_dot = r[0], 2.0 * r[1] / inv
     k = inv if scale is None else inv * scale.astype(acc)
     c0 = -(k * r[0]) if bd is None else bd.astype(acc) - k * r[0]
@@ -106,7 +107,7 @@ def _bn_train_jvp(cfg, primals, tangents):
     # The per-feature coefficients that meet the device-varying data (they carry the
     # replicated bias/scale tangents) are made varying in ONE stacked `to_varying`: its
     # transpose is the backward pass's only psum, and the bias/scale gradients are its rows.
-    c = collectives.to_varying(jnp.stack([c0, c1]), axis_name)
+    c = collectives.to_varying_stacked((c0, c1), axis_name)
     terms = (B(k) * xdt, B(c[0]), ((xb - B(mean_b)) * B(inv_b)) * B(c[1]))
     if jnp.finfo(out_dtype).bits < jnp.finfo(acc).bits:
       # bf16/fp16 output: the cotangent dy reaches the three terms (dx's elementwise pass and

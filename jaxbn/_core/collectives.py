@@ -53,3 +53,43 @@ def to_varying(x: jax.Array, axis_name: Any):
     return lax.pcast(x, ax, to="varying")
   except Exception:  # outside shard_map's type system (pmap/vmap): nothing to mark
     return x
+
+
+def psum_stacked(parts: Sequence[jax.Array], axis_name: Any,
+                 axis_index_groups: Optional[Sequence] = None) -> tuple:
+  """Sums the equally shaped ``parts`` over ``axis_name`` in ONE collective (stacked).
+
+  Without an axis name the parts are returned as they are: stacking them would only give
+  XLA's SPMD partitioner (plain ``jax.jit`` on sharded arrays) a concatenate whose transpose
+  it partitions badly (it all-gathers whole batch-sized operands).
+  """
+  if axis_name is None:
+    return tuple(parts)
+  total = psum(jnp.stack(parts), axis_name, axis_index_groups)
+  return tuple(total[i] for i in range(len(parts)))
+
+
+def to_varying_stacked(parts: Sequence[jax.Array], axis_name: Any) -> tuple:
+  """:func:`to_varying` of the equally shaped ``parts`` in one stacked cast.
+
+  Its transpose (reverse mode) is one ``psum`` of the stacked cotangents.
+  """
+  if axis_name is None:
+    return tuple(parts)
+  stacked = to_varying(jnp.stack(parts), axis_name)
+  return tuple(stacked[i] for i in range(len(parts)))
+
+
+def explicit_sharding(x: jax.Array):
+  """``x``'s sharding when its type carries mesh axes (plain ``jax.jit`` on an explicit-axes
+  mesh), else None.
+
+  Per-feature vectors broadcast against such an ``x`` should get this sharding: broadcast
+  without it they are typed replicated, and the transpose (backward pass) of that broadcast
+  all-gathers the batch-sized cotangent.
+  """
+  sharding = getattr(jax.typeof(x), "sharding", None)
+  spec = getattr(sharding, "spec", None)
+  if spec is None or all(s is None for s in spec):
+    return None
+  return sharding

@@ -42,14 +42,15 @@ def _aliases(x: jax.Array, n: int):
   return lax.optimization_barrier((x,) * n)
 
 
-def bcast(v: jax.Array, shape: tuple[int, ...], feat: tuple[int, ...]) -> jax.Array:
+def bcast(v: jax.Array, shape: tuple[int, ...], feat: tuple[int, ...],
+          sharding: Any = None) -> jax.Array:
   """Broadcasts a feature-shaped vector against ``x`` (``broadcast_in_dim``, no reshape).
 
   A vector broadcast into several passes over ``x`` should be given one alias per pass
   (:func:`_aliases`): XLA:CPU otherwise writes the shared broadcast out at the full size of
   ``x`` instead of fusing it into each pass's loop.
   """
-  return lax.broadcast_in_dim(v, shape, feat)
+  return lax.broadcast_in_dim(v, shape, feat, out_sharding=sharding)
 
 
 def local_moments(x: jax.Array, red: tuple[int, ...], mask: Optional[jax.Array],

@@ -424,8 +424,8 @@ def run(fn: str, trace: Callable[[Any, Any, Recorder], Any], state: Any, batches
         accs, pop_p = place(accs, P()), place(pop, P())
       else:
         pop_p = pop
-      source = itertools.chain([first], it) if p == 0 else (
-          batch_place(b) for b in _take(batches, num_batches))
+      rest = it if p == 0 else _take(batches, num_batches)
+      source = itertools.chain([first] if p == 0 else [], (batch_place(b) for b in rest))
       seen = 0
       for batch in source:
         accs = step(state, pop_p, jnp.int32(p), accs, batch)
@@ -556,6 +556,12 @@ def recompute_stats(
             f"{fn}: `batch_norm` was called with statistics that are not one of the "
             f"BatchStats of `variables` (a modified or computed stats object); pass each "
             f"layer its BatchStats from `variables` unchanged.")
+      xa = jnp.asarray(x)
+      fshape = tuple(xa.shape[a] for a in checks.feature_axes(fn, xa.ndim, axis))
+      if tuple(jnp.shape(stats.mean)) != fshape:
+        raise ValueError(
+            f"{fn}: `x` has features of shape {fshape} on axis {axis!r} but its `stats.mean` "
+            f"has shape {tuple(jnp.shape(stats.mean))}; pass the right `axis` or stats.")
       y = rec(key, x, axis=axis, epsilon=epsilon, scale=scale, bias=bias, mask=mask,
               axis_name=axis_name, axis_index_groups=axis_index_groups,
               out_dtype=dtype, unbiased=unbiased_running_var)

@@ -117,10 +117,30 @@ class BatchNorm(nn.Module):
     (3, 4)
     >>> (h, _), updates = Stack().apply(variables, x, None, mutable=['batch_stats'])
 
-    The same ``variable_axes={'params': 0, 'batch_stats': 0}`` makes ``nn.vmap`` give each
-    ensemble member its own statistics; with ``axis_name=`` on ``nn.vmap`` and the same
-    ``axis_name`` on the BatchNorm, the statistics are synchronized over the mapped axis
-    instead.
+    One BatchNorm shared by every step of a loop (``nn.scan`` over time, flax issue #2052)
+    carries ``batch_stats`` through the loop. A carried collection must exist before the
+    loop starts, so create it by broadcasting during ``init``:
+
+    >>> class Step(nn.Module):
+    ...   @nn.compact
+    ...   def __call__(self, c, x):
+    ...     return c, jaxbn.linen.BatchNorm(use_running_average=False)(x)
+    >>> class OverTime(nn.Module):
+    ...   @nn.compact
+    ...   def __call__(self, xs):
+    ...     if self.is_initializing():
+    ...       kw = dict(variable_broadcast=['params', 'batch_stats'])
+    ...     else:
+    ...       kw = dict(variable_broadcast='params', variable_carry='batch_stats')
+    ...     return nn.scan(Step, split_rngs={'params': False}, **kw)()(None, xs)[1]
+    >>> xs = jnp.stack([x, 2 * x])
+    >>> variables = OverTime().init(jax.random.key(3), xs)
+    >>> ys, updates = OverTime().apply(variables, xs, mutable=['batch_stats'])
+
+    ``nn.vmap`` with ``variable_axes={'params': 0, 'batch_stats': 0}`` gives each ensemble
+    member its own statistics; with ``variable_axes={'params': None, 'batch_stats': None}``,
+    ``axis_name=`` on ``nn.vmap`` and the same ``axis_name`` on the BatchNorm (a tuple for
+    nested maps, flax issue #3319), one set of statistics over the whole mapped batch.
   """
 
   use_running_average: Optional[bool] = None

@@ -29,14 +29,16 @@ _MISSING_MODE = (
 )
 
 _SHARED_UNDER_VMAP = (
-    "jaxbn.nnx.BatchNorm: cannot write the running statistics `mean`/`var`: this layer is "
-    "shared by a transformation that maps the batch (e.g. `nnx.vmap(model, in_axes=1)` or "
-    "`nnx.vmap(f, in_axes=(None, 0))`), so each mapped slice computes its own batch "
-    "statistics and they cannot be stored in the one shared layer. Either synchronize the "
-    "statistics over the mapped axis, `nnx.vmap(..., axis_name='batch')` with "
-    "`BatchNorm(..., axis_name='batch')` (statistics of the whole batch, as without vmap); "
-    "or give every slice its own layer (an ensemble: create the model under `nnx.vmap` and "
-    "map it with in_axes=0); or call `model.eval()` to use the running statistics."
+    "jaxbn.nnx.BatchNorm: cannot write the running statistics `mean`/`var` in training mode: "
+    "the layer belongs to an outer trace of a transformation that calls it. Usually the "
+    "layer is shared by a map over the batch (e.g. `nnx.vmap(model, in_axes=1)`), so each "
+    "mapped slice has its own batch statistics and they cannot be stored in the one layer. "
+    "Either synchronize the statistics over the mapped axis, `nnx.vmap(..., "
+    "axis_name='batch')` with `BatchNorm(..., axis_name='batch')` (statistics of the whole "
+    "batch, as without vmap); or give every slice its own layer (an ensemble: create it "
+    "under `nnx.vmap` and map it with in_axes=0); or call `model.eval()` to use the running "
+    "statistics. With plain `jax` transformations, call `nnx.merge` inside the transformed "
+    "function, or use the `nnx` version of the transformation (`nnx.grad`, `nnx.vmap`)."
 )
 
 

@@ -1,0 +1,170 @@
+"""Model-level benchmark: a ResNet train step with jaxbn's BatchNorm vs flax's.
+
+The ResNet of ``tests/_resnet.py`` (conv + BN + ReLU blocks with residuals, the norm injected
+with ``functools.partial``) is built with ``flax.linen.BatchNorm`` and with
+``jaxbn.linen.BatchNorm`` (flax's defaults, so ``use_fast_variance=True`` on both sides), and
+with ``jaxbn.linen.BatchNorm(use_fast_variance=False)`` (jaxbn's stable variance) as a third
+row. For float32 and bfloat16 (``dtype=`` of the model, as flax's examples), on one device and
+on 8 simulated devices (``jax.shard_map`` over a batch-sharded input, statistics synchronized
+with ``axis_name='batch'``), it reports:
+
+* step time: a full SGD train step under ``jax.jit``, warm, interleaved (one step of every
+  implementation per round); medians and the paired median ratio to flax;
+* compile time: ``lower(...).compile()`` of the train step after ``jax.clear_caches()``
+  (tracing, lowering and XLA compilation; interleaved, median);
+* temporary memory: ``compiled.memory_analysis().temp_size_in_bytes``.
+
+Usage::
+
+    python benchmarks/bench_model.py                 # CIFAR-size ResNet-14, batch 128
+    python benchmarks/bench_model.py --quick         # small smoke run
+    python benchmarks/bench_model.py --hugepages both   # also rerun under glibc huge pages
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import subprocess
+import sys
+import time
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_num_cpu_devices", 8)
+
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from flax import linen as nn  # noqa: E402
+from jax import lax  # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, _HERE)
+sys.path.insert(0, os.path.join(os.path.dirname(_HERE), "tests"))
+import _common  # noqa: E402
+import _resnet  # noqa: E402
+
+import jaxbn.linen  # noqa: E402
+
+IMPLS = {
+    "flax": (nn.BatchNorm, {}),
+    "jaxbn": (jaxbn.linen.BatchNorm, {}),
+    "jaxbn stable var": (jaxbn.linen.BatchNorm, {"use_fast_variance": False}),
+}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def make_step(model, tx, devices):
+  """The jitted train step ``(params, stats, opt_state, x, labels) -> (..., loss)``."""
+
+  def local(params, stats, opt_state, x, labels):
+    def loss_fn(p):
+      loss, new = _resnet.linen_loss(model, p, stats, x, labels)
+      return (loss if devices == 1 else lax.pmean(loss, "batch")), new
+    (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), stats, opt_state, loss
+
+  if devices == 1:
+    return jax.jit(local)
+  mesh = jax.make_mesh((devices,), ("batch",))
+  return jax.jit(jax.shard_map(local, mesh=mesh,
+                               in_specs=(P(), P(), P(), P("batch"), P("batch")),
+                               out_specs=(P(), P(), P(), P())))
+
+
+def make_inputs(args, devices, dtype):
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((args.batch, args.size, args.size, 3)), dtype)
+  labels = jnp.asarray(rng.integers(0, 10, args.batch), jnp.int32)
+  if devices > 1:
+    mesh = jax.make_mesh((devices,), ("batch",))
+    x = jax.device_put(x, NamedSharding(mesh, P("batch")))
+    labels = jax.device_put(labels, NamedSharding(mesh, P("batch")))
+  return x, labels
+
+
+def bench_config(args, dtype_name, devices):
+  dtype = DTYPES[dtype_name]
+  x, labels = make_inputs(args, devices, dtype)
+  tx = optax.sgd(0.01, momentum=0.9)
+  steps, state, compiled, temp, compile_s = {}, {}, {}, {}, {k: [] for k in IMPLS}
+  for name, (bn, kw) in IMPLS.items():
+    model = _resnet.ResNet(stage_sizes=tuple(args.stages), num_filters=args.filters,
+                           batch_norm=bn, dtype=dtype,
+                           axis_name="batch" if devices > 1 else None, norm_kwargs=kw)
+    shapes = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
+                            jax.ShapeDtypeStruct(x.shape, x.dtype))
+    variables = _resnet.fill(shapes)
+    params, stats = variables["params"], variables["batch_stats"]
+    state[name] = (params, stats, tx.init(params))
+    steps[name] = make_step(model, tx, devices)
+  for _ in range(args.compile_reps):  # interleaved compiles, fresh each time
+    for name in IMPLS:
+      jax.clear_caches()
+      t0 = time.perf_counter()
+      c = steps[name].lower(*state[name], x, labels).compile()
+      compile_s[name].append(time.perf_counter() - t0)
+      compiled[name] = c
+      temp[name] = c.memory_analysis().temp_size_in_bytes
+  fns = {name: functools.partial(compiled[name], *state[name], x, labels) for name in IMPLS}
+  times = _common.interleaved(fns, reps=args.reps, warmup=2)
+  rows = []
+  for name in IMPLS:
+    rows.append(dict(
+        impl=name, step_ms=1e3 * _common.median(times[name]),
+        step_ratio=_common.paired_ratio(times[name], times["flax"]),
+        compile_s=_common.median(compile_s[name]),
+        compile_ratio=_common.paired_ratio(compile_s[name], compile_s["flax"]),
+        temp_mib=temp[name] / 2**20, temp_ratio=temp[name] / max(temp["flax"], 1)))
+  return rows
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--batch", type=int, default=128)
+  p.add_argument("--size", type=int, default=32, help="image height and width")
+  p.add_argument("--filters", type=int, default=16)
+  p.add_argument("--stages", type=int, nargs="+", default=[2, 2, 2])
+  p.add_argument("--reps", type=int, default=20, help="timed rounds")
+  p.add_argument("--compile-reps", type=int, default=3)
+  p.add_argument("--devices", type=int, nargs="+", default=[1, 8])
+  p.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+  p.add_argument("--quick", action="store_true", help="tiny model, few rounds (smoke test)")
+  p.add_argument("--hugepages", choices=["off", "both"], default="off",
+                 help="'both': rerun in a child process with GLIBC_TUNABLES=glibc.malloc.hugetlb=1")
+  args = p.parse_args(argv)
+  if args.quick:
+    args.batch, args.size, args.filters, args.stages = 16, 8, 8, [1, 1]
+    args.reps = 3
+
+  print("# ResNet train step: jaxbn.linen.BatchNorm vs flax.linen.BatchNorm\n")
+  print(f"machine: {_common.machine()}\n")
+  print(f"model: ResNet stages={args.stages} filters={args.filters}, input "
+        f"{args.batch}x{args.size}x{args.size}x3 NHWC, SGD+momentum; {args.reps} interleaved "
+        f"rounds, {args.compile_reps} compiles each; ratios are paired medians vs flax "
+        f"(< 1 is better).\n")
+  print("| dtype | devices | BN | step ms | step / flax | compile s | compile / flax "
+        "| temp MiB | temp / flax |")
+  print("|---|---|---|---:|---:|---:|---:|---:|---:|")
+  for dtype_name in args.dtypes:
+    for devices in args.devices:
+      for r in bench_config(args, dtype_name, devices):
+        print(f"| {dtype_name} | {devices} | {r['impl']} | {r['step_ms']:.1f} | "
+              f"{r['step_ratio']:.2f} | {r['compile_s']:.2f} | {r['compile_ratio']:.2f} | "
+              f"{r['temp_mib']:.1f} | {r['temp_ratio']:.2f} |", flush=True)
+  if args.hugepages == "both":
+    env = dict(os.environ, GLIBC_TUNABLES="glibc.malloc.hugetlb=1")
+    child = [a for a in (argv if argv is not None else sys.argv[1:])
+             if a not in ("--hugepages", "both")]
+    print("\n## The same under GLIBC_TUNABLES=glibc.malloc.hugetlb=1\n", flush=True)
+    subprocess.run([sys.executable, os.path.abspath(__file__), *child], env=env, check=True)
+
+
+if __name__ == "__main__":
+  main()
