@@ -4,7 +4,9 @@ The ResNet of ``tests/_resnet.py`` (conv + BN + ReLU blocks with residuals, the 
 with ``functools.partial``) is built with ``flax.linen.BatchNorm`` and with
 ``jaxbn.linen.BatchNorm`` (flax's defaults, so ``use_fast_variance=True`` on both sides), and
 with ``jaxbn.linen.BatchNorm(use_fast_variance=False)`` (jaxbn's stable variance) as a third
-row. For float32 and bfloat16 (``dtype=`` of the model, as flax's examples), on one device and
+row, and an identity in place of the norm as a fourth ("no norm"): the step time of a
+model whose normalization costs nothing, which bounds what any BatchNorm can reach. For
+float32 and bfloat16 (``dtype=`` of the model, as flax's examples), on one device and
 on 8 simulated devices (``jax.shard_map`` over a batch-sharded input, statistics synchronized
 with ``axis_name='batch'``), it reports:
 
@@ -29,6 +31,7 @@ import os
 import subprocess
 import sys
 import time
+from typing import Any
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -51,10 +54,28 @@ import _resnet  # noqa: E402
 
 import jaxbn.linen  # noqa: E402
 
+
+
+class NoNorm(nn.Module):
+  """Identity in place of BatchNorm: the step time a free BatchNorm would give (a bound)."""
+
+  use_running_average: Any = None
+  momentum: Any = None
+  epsilon: Any = None
+  dtype: Any = None
+  axis_name: Any = None
+
+  @nn.compact
+  def __call__(self, x):
+    self.variable("batch_stats", "unused", jnp.zeros, ())  # keeps the step's signature
+    return x
+
+
 IMPLS = {
     "flax": (nn.BatchNorm, {}),
     "jaxbn": (jaxbn.linen.BatchNorm, {}),
     "jaxbn stable var": (jaxbn.linen.BatchNorm, {"use_fast_variance": False}),
+    "no norm (bound)": (NoNorm, {}),
 }
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 

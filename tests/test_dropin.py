@@ -124,21 +124,20 @@ def test_same_train_outputs_stats_and_grads(linen_steps):
   f, j = linen_steps["flax"], linen_steps["jaxbn"]
   np.testing.assert_allclose(j["loss0"], f["loss0"], rtol=1e-5)
   # Statistics: running averages of batch moments; relative to their scale.
-  _close(j["stats1"], f["stats1"], rtol=1e-4, atol=1e-5, what="batch_stats")
-  assert _rel_err(j["grads"], f["grads"]) < 1e-4
-  # The check has teeth: the gradient of a layer without the mean/variance terms of BN's
-  # derivative (what treating the batch statistics as constants gives) is far away.
-  g = f["grads"]["ResNetBlock_0"]["Conv_0"]["kernel"]
-  assert float(jnp.max(jnp.abs(g))) > 1e-3
+  _close(j["stats1"], f["stats1"], rtol=1e-5, atol=1e-6, what="batch_stats")
+  assert _rel_err(j["grads"], f["grads"]) < 1e-5
+  # Gradients through every layer are far from zero, so the relative check is meaningful.
+  for leaf in jax.tree.leaves(f["grads"]):
+    assert float(jnp.max(jnp.abs(leaf))) > 1e-4
 
 
 def test_same_losses_over_optax_steps(linen_steps):
   f, j = linen_steps["flax"], linen_steps["jaxbn"]
-  np.testing.assert_allclose(j["losses"], f["losses"], rtol=2e-4)
+  np.testing.assert_allclose(j["losses"], f["losses"], rtol=1e-5)
   assert f["losses"][-1] < f["losses"][0] - 0.1  # it trains
-  assert _rel_err(j["params"], f["params"]) < 1e-3
-  _close(j["stats"], f["stats"], rtol=1e-3, atol=1e-4, what="batch_stats after 4 steps")
-  np.testing.assert_allclose(j["logits"], f["logits"], rtol=1e-3, atol=1e-3)
+  assert _rel_err(j["params"], f["params"]) < 1e-4
+  _close(j["stats"], f["stats"], rtol=1e-4, atol=1e-5, what="batch_stats after 4 steps")
+  np.testing.assert_allclose(j["logits"], f["logits"], rtol=1e-4, atol=1e-4)
 
 
 def test_checkpoints_restore_across(linen_models, linen_steps, data):
@@ -208,23 +207,22 @@ def test_same_under_shard_map_with_axis_name(linen_init, linen_steps, data):
   for k in KINDS:
     loss, stats, grads = res[k]
     np.testing.assert_allclose(loss, loss_ref, rtol=1e-5, err_msg=k)
-    _close(stats, stats_ref, rtol=1e-4, atol=1e-5, what=f"{k} synced batch_stats")
-    assert _rel_err(grads, grads_ref) < 2e-4, k
-  assert _rel_err(res["jaxbn"][2], res["flax"][2]) < 2e-4
+    _close(stats, stats_ref, rtol=1e-5, atol=1e-6, what=f"{k} synced batch_stats")
+    assert _rel_err(grads, grads_ref) < 2e-5, k
+  assert _rel_err(res["jaxbn"][2], res["flax"][2]) < 2e-5
 
 
 def test_nnx_models_are_the_same(data):
-  """The NNX pair: identical state (values too: keys drawn alike), same training losses."""
+  """The NNX pair: identical state, same training losses, checkpoints restore across."""
   x, labels = data
   abstract = {k: nnx.eval_shape(lambda k=k: _resnet.NNXResNet(NNX_BN[k], rngs=nnx.Rngs(0)))
               for k in KINDS}
-  (gf, sf), (gj, sj) = nnx.split(abstract["flax"]), nnx.split(abstract["jaxbn"])
+  split = {k: nnx.split(abstract[k]) for k in KINDS}
+  (_, sf), (_, sj) = split["flax"], split["jaxbn"]
   assert jax.tree.structure(sf) == jax.tree.structure(sj)
   assert jax.tree.leaves(sf) == jax.tree.leaves(sj)
   # Same seed, same structure: the same values (separate arrays, the models share nothing).
-  models = {"flax": nnx.merge(gf, _resnet.fill(sf)), "jaxbn": nnx.merge(gj, _resnet.fill(sj))}
-  jax.tree.map(np.testing.assert_array_equal, nnx.state(models["flax"]),
-               nnx.state(models["jaxbn"]))
+  models = {k: nnx.merge(g, _resnet.fill(s)) for k, (g, s) in split.items()}
 
   @nnx.jit
   def step(model, opt, x, labels):
@@ -238,10 +236,23 @@ def test_nnx_models_are_the_same(data):
   for k, model in models.items():
     opt = nnx.Optimizer(model, TX, wrt=nnx.Param)
     losses[k] = [float(step(model, opt, x, labels)) for _ in range(3)]
-  np.testing.assert_allclose(losses["jaxbn"], losses["flax"], rtol=2e-4)
+  np.testing.assert_allclose(losses["jaxbn"], losses["flax"], rtol=1e-5)
   assert losses["flax"][-1] < losses["flax"][0]
   _close(nnx.state(models["jaxbn"], nnx.BatchStat), nnx.state(models["flax"], nnx.BatchStat),
-         rtol=1e-3, atol=1e-4, what="nnx batch stats")
-  for m in models.values():
-    m.eval()
-  np.testing.assert_allclose(models["jaxbn"](x), models["flax"](x), rtol=1e-3, atol=1e-3)
+         rtol=1e-4, atol=1e-5, what="nnx batch stats")
+
+  # Checkpoints: each trained model's state restores into a fresh model of the other kind,
+  # which then evaluates like the original.
+  evaluate = nnx.jit(lambda m, x: m(x))
+  for src, dst in (("flax", "jaxbn"), ("jaxbn", "flax")):
+    blob = flax.serialization.msgpack_serialize(nnx.to_pure_dict(nnx.state(models[src])))
+    g, s = split[dst]
+    target = nnx.merge(g, _resnet.fill(s, seed=1))
+    state = nnx.state(target)
+    nnx.replace_by_pure_dict(state, flax.serialization.msgpack_restore(blob))
+    nnx.update(target, state)
+    jax.tree.map(np.testing.assert_array_equal, nnx.state(target), nnx.state(models[src]))
+    models[src].eval()
+    target.eval()
+    np.testing.assert_allclose(evaluate(target, x), evaluate(models[src], x), rtol=1e-5,
+                               atol=1e-5)

@@ -176,21 +176,29 @@ EXPECTED = [(("stem",), ("stem_bn",)), (("b0", "Conv_0"), ("b0", "BatchNorm_0"))
             (("dw",), ("dw_bn",)), (("head",), ("head_bn",))]
 
 
-def _trained(variables, seed=0):
-  """Random statistics and affine parameters, as after training."""
+def _trained(shapes, seed=0):
+  """Concrete values for an abstract variable tree (``jax.eval_shape`` of an init), as after
+  training: random kernels, statistics and affine parameters. (Filling shapes avoids
+  compiling the random initializers, which takes seconds per model on CPU.)"""
   rng = np.random.default_rng(seed)
 
-  def f(path, v):
-    name = path[-1].key
-    if name == "mean":
-      return jnp.asarray(rng.normal(size=v.shape) * 0.5, v.dtype)
-    if name == "var":
-      return jnp.asarray(rng.uniform(0.2, 4.0, size=v.shape), v.dtype)
-    if name in ("scale", "bias"):
-      return jnp.asarray(rng.uniform(0.5, 1.5, size=v.shape) if name == "scale"
-                         else rng.normal(size=v.shape) * 0.3, v.dtype)
-    return v
-  return jax.tree_util.tree_map_with_path(f, variables)
+  def f(path, s):
+    names = [getattr(k, "key", getattr(k, "name", None)) for k in path]
+    name = [n for n in names if n != "value"][-1]
+    if name == "kernel":
+      v = rng.normal(size=s.shape) / np.sqrt(np.prod(s.shape[:-1]))
+    elif name == "mean":
+      v = rng.normal(size=s.shape) * 0.5
+    elif name == "var":
+      v = rng.uniform(0.2, 4.0, size=s.shape)
+    elif name == "scale":
+      v = rng.uniform(0.5, 1.5, size=s.shape)
+    elif name == "bias":
+      v = rng.normal(size=s.shape) * 0.3
+    else:
+      v = np.zeros(s.shape)
+    return jnp.asarray(v, s.dtype)
+  return jax.tree_util.tree_map_with_path(f, shapes)
 
 
 @pytest.fixture(scope="module")
@@ -205,7 +213,7 @@ def _count(jaxpr_text, prim):
 @pytest.mark.parametrize("bn_cls", [nn.BatchNorm, jaxbn.linen.BatchNorm])
 def test_linen_resnet_fold(bn_cls, x_img):
   model = ResNet(bn_cls)
-  variables = _trained(jax.jit(model.init)(jax.random.key(0), x_img))
+  variables = _trained(jax.eval_shape(model.init, jax.random.key(0), x_img))
   pairs = jaxbn.linen.find_conv_bn_pairs(model.apply, variables, x_img, train=False)
   assert [(p.layer, p.bn) for p in pairs] == EXPECTED
   assert all(p.epsilon == 1e-3 and p.kernel_axes == (-1,) for p in pairs)
@@ -233,7 +241,7 @@ def test_linen_fold_tuples_and_errors(x_img):
       return jaxbn.linen.BatchNorm(use_running_average=True, epsilon=1e-2)(
           nn.ConvTranspose(4, (2, 2), transpose_kernel=True, name="t")(x))
 
-  v = _trained(jax.jit(Small().init)(jax.random.key(1), x_img))
+  v = _trained(jax.eval_shape(Small().init, jax.random.key(1), x_img))
   pairs = jaxbn.linen.find_conv_bn_pairs(Small(), v, x_img)
   assert pairs[1].kernel_axes == (-2,) and pairs[1].epsilon == 1e-2
   folded_vars = jax.jit(lambda v: jaxbn.linen.fold_batch_norm(
@@ -256,6 +264,9 @@ def test_linen_fold_tuples_and_errors(x_img):
   with pytest.raises(TypeError, match=r"each pair must be a FoldPair or a \(layer_path, "
                                       r"bn_path\) tuple"):
     jaxbn.linen.fold_batch_norm(v, ["c"])
+  with pytest.raises(ValueError, match=r"jaxbn.linen.fold_batch_norm: `variables` must be the "
+                                       r"model's variables with 'params'"):
+    jaxbn.linen.fold_batch_norm({"batch_stats": {}}, [])
   with pytest.raises(TypeError, match=r"a module path must be a tuple of names"):
     jaxbn.linen.fold_batch_norm(v, [(("c", 0), "BatchNorm_0")])
   broken = jax.tree.map(lambda a: a, folded_vars)
@@ -290,22 +301,16 @@ class NNXResNet(nnx.Module):
     return self.head_bn(self.head(x.mean((1, 2))))
 
 
-def _nnx_trained(model, seed=1):
-  rng = np.random.default_rng(seed)
-  for _, node in nnx.iter_graph(model):
-    if isinstance(node, (nnx.BatchNorm, jaxbn.nnx.BatchNorm)):
-      c = node.mean.shape
-      node.mean[...] = jnp.asarray(rng.normal(size=c) * 0.5, jnp.float32)
-      node.var[...] = jnp.asarray(rng.uniform(0.2, 4.0, size=c), jnp.float32)
-      node.scale[...] = jnp.asarray(rng.uniform(0.5, 1.5, size=c), jnp.float32)
-      node.bias[...] = jnp.asarray(rng.normal(size=c) * 0.3, jnp.float32)
+def _nnx_model(bn_cls, seed=1):
+  graphdef, shapes = nnx.split(nnx.eval_shape(lambda: NNXResNet(bn_cls, nnx.Rngs(0))))
+  model = nnx.merge(graphdef, _trained(shapes, seed))
   model.eval()
   return model
 
 
 @pytest.mark.parametrize("bn_cls", [nnx.BatchNorm, jaxbn.nnx.BatchNorm])
 def test_nnx_resnet_fold(bn_cls, x_img):
-  model = _nnx_trained(NNXResNet(bn_cls, nnx.Rngs(0)))
+  model = _nnx_model(bn_cls)
   pairs = jaxbn.nnx.find_conv_bn_pairs(model, x_img)
   assert [(p.layer, p.bn) for p in pairs] == [
       (("stem",), ("stem_bn",)), (("convs", 0), ("bns", 0)), (("convs", 1), ("bns", 1)),
@@ -327,7 +332,7 @@ def test_nnx_resnet_fold(bn_cls, x_img):
 
 
 def test_nnx_fold_errors(x_img):
-  model = _nnx_trained(NNXResNet(nnx.BatchNorm, nnx.Rngs(0)))
+  model = _nnx_model(nnx.BatchNorm)
   with pytest.raises(ValueError, match=r"jaxbn.nnx.fold_batch_norm: the module at \('stem',\) "
                                        r"is a Conv, not a BatchNorm"):
     jaxbn.nnx.fold_batch_norm(model, [("stem_bn", "stem")])
@@ -340,5 +345,16 @@ def test_nnx_fold_errors(x_img):
     jaxbn.nnx.fold_batch_norm(model)
   with pytest.raises(ValueError, match=r"reuses a layer or BatchNorm of an earlier pair"):
     jaxbn.nnx.fold_batch_norm(model, [("stem", "stem_bn"), ("head", "stem_bn")])
+  with pytest.raises(ValueError, match=r"cannot fold \('bns', 0\) into \('convs', 0\): "
+                                       r"fold_batch_norm: the kernel has \(3,\) output features"):
+    jaxbn.nnx.fold_batch_norm(model, [jaxbn.nnx.FoldPair(("convs", 0), ("bns", 0), (0,))])
+  with pytest.raises(TypeError, match=r"a module path must be a tuple such as \('blocks', 0, "
+                                      r"'conv'\), a string 'blocks/0/conv' or the module"):
+    jaxbn.nnx.fold_batch_norm(model, [(3, "stem_bn")])
+  with pytest.raises(TypeError, match=r"each pair must be a FoldPair or a \(layer, bn\) tuple"):
+    jaxbn.nnx.fold_batch_norm(model, ["stem"])
+  for f in (jaxbn.nnx.fold_batch_norm, jaxbn.nnx.find_conv_bn_pairs):
+    with pytest.raises(TypeError, match=r"jaxbn.nnx.\w+: `model` must be an nnx.Module"):
+      f(lambda x: x)
   with pytest.raises(ValueError, match=r"the module Conv given in `pairs` is not part of"):
-    jaxbn.nnx.fold_batch_norm(model, [(nnx.Conv(3, 8, (3, 3), rngs=nnx.Rngs(0)), "stem_bn")])
+    jaxbn.nnx.fold_batch_norm(model, [(_nnx_model(nnx.BatchNorm).stem, "stem_bn")])

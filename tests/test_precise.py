@@ -226,6 +226,27 @@ def test_functional_errors(params, batches):
   with pytest.raises(ValueError, match=r"synchronizes its statistics over "
                                        r"axis_name='data', which is not bound here\. Pass mesh="):
     jaxbn.recompute_stats(_fmodel("data"), v, batches)
+  def data_dependent(variables, batch, batch_norm):
+    stats = variables[1]["bn1" if batch["x"].shape[0] > 4 else "bn2"]
+    w = variables[0]["w1"] if batch["x"].shape[0] > 4 else variables[0]["w1"][:, :C2]
+    return batch_norm(batch["x"] @ w, stats, training=False)[0]
+  with pytest.raises(ValueError, match=r"recompute_stats: the BatchNorm layer "
+                                       r"\"\[1\]\['bn2'\]\" was not called "
+                                       r"when the model was first traced; the forward pass "
+                                       r"must call the same BN layers for every batch"):
+    jaxbn.recompute_stats(data_dependent, v, batches)
+
+  class OnceThenEmpty:
+    def __init__(self):
+      self.calls = 0
+
+    def __iter__(self):
+      self.calls += 1
+      return iter(batches if self.calls == 1 else [])
+  with pytest.raises(ValueError, match=r"recompute_stats: `batches` yielded no batch on pass 2 "
+                                       r"of 2; mode='sequential' needs an iterable that starts "
+                                       r"over each time"):
+    jaxbn.recompute_stats(f, v, OnceThenEmpty(), mode="sequential")
   with pytest.raises(TypeError, match=r"`batch_spec` must be a jax.sharding.PartitionSpec"):
     jaxbn.recompute_stats(f, v, batches, mesh=jax.make_mesh((8,), ("data",)),
                           batch_spec=("data",))
@@ -282,6 +303,24 @@ def test_linen_errors(params, batches):
                                        r"variables\['batch_stats'\]"):
     jaxbn.linen.recompute_batch_stats(f, v, batches)
 
+  class Cell(nn.Module):
+    @nn.compact
+    def __call__(self, c, _):
+      return nn.BatchNorm(use_running_average=True)(c), None
+
+  class Scanned(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.scan(Cell, variable_axes={"params": 0, "batch_stats": 0},
+                     split_rngs={"params": True}, length=2)()(x, None)[0]
+
+  shapes = jax.eval_shape(Scanned().init, jax.random.key(0), jnp.ones((4, 3)))
+  v = jax.tree.map(lambda s: jnp.ones(s.shape, s.dtype), shapes)
+  with pytest.raises(ValueError, match=r"the BatchNorm layer ScanCell_0/BatchNorm_0 normalizes "
+                                       r"features of shape \(3,\) but stores statistics of "
+                                       r"shape \(2, 3\): layers inside nn.scan/nn.vmap"):
+    jaxbn.linen.recompute_batch_stats(Scanned(), v, [jnp.ones((4, 3))])
+
 
 class NNXNet(nnx.Module):
   def __init__(self, params):
@@ -316,3 +355,8 @@ def test_nnx_matches_float64(params, batches):
     jaxbn.nnx.recompute_batch_stats(lambda x: x, batches)
   with pytest.raises(TypeError, match=r"`forward` must be a function \(model, batch\)"):
     jaxbn.nnx.recompute_batch_stats(model, batches, forward=3)
+  model.bn1.mean = nnx.BatchStat(jnp.zeros((2, C1)))             # as inside nnx.vmap/scan
+  with pytest.raises(ValueError, match=r"the BatchNorm layer at \('bn1',\) normalizes features "
+                                       r"of shape \(4,\) but stores statistics of shape "
+                                       r"\(2, 4\): layers inside nnx.scan/nnx.vmap"):
+    jaxbn.nnx.recompute_batch_stats(model, batches, forward=lambda m, b: m(b["x"], b["mask"]))

@@ -98,8 +98,8 @@ def synthetic() -> Config:
 
 def smoke() -> Config:
   """One or two steps on a tiny synthetic set: what CI runs for every --norm/--parallel."""
-  return Config(dataset="synthetic", num_train=20, num_test=12, widths=(8, 8, 16),
-                batch_size=16, epochs=1, ghost_batch_size=4, groups=4, augment=False,
+  return Config(dataset="synthetic", num_train=20, num_test=12, widths=(4, 8),
+                batch_size=16, epochs=1, ghost_batch_size=4, groups=2, augment=False,
                 recompute_stats=True, checkpoint_every=-1)
 
 

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import sys
+import time
 from typing import Any, Optional
 
 import jax
@@ -28,17 +29,17 @@ class Progress:
                     leave=False)
     self.every = every
     self.n = 0
-    self._t = None
+    self._t: Optional[float] = None
     self._examples = 0
 
   def step(self, metrics: dict[str, jax.Array], batch_size: int) -> None:
-    import time  # pylint: disable=import-outside-toplevel
+    """Advances the bar; every ``every`` steps shows the step's loss, accuracy and ex/s."""
     self.n += 1
     if self.bar.disable:
       return
     self.bar.update(1)
     self._examples += batch_size
-    if self._t is None:
+    if self._t is None:  # the first step compiles: measure throughput from the second
       self._t, self._examples = time.time(), 0
     elif self.n % self.every == 0:
       m = {k: float(v) for k, v in metrics.items()}  # waits for this step
@@ -85,6 +86,10 @@ def summary_line(s: dict[str, Any]) -> str:
           f"{s['plot_path']}")
 
 
+def print_summary(summary: dict[str, Any], file=sys.stdout) -> None:
+  print(summary_line(summary), file=file, flush=True)
+
+
 def write_metrics(path: str, config: Config, history: list[dict[str, Any]],
                   summary: dict[str, Any], hardware: dict[str, Any]) -> None:
   with open(path, "w") as f:
@@ -101,12 +106,13 @@ def plot_curves(path: str, history: list[dict[str, Any]], title: str = "") -> No
   fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
   epochs = [r["epoch"] for r in history]
   tested = [r for r in history if "test_accuracy" in r]
-  ax_loss.plot(epochs, [r["train_loss"] for r in history], label="train")
-  ax_loss.plot([r["epoch"] for r in tested], [r["test_loss"] for r in tested], label="test")
+  ax_loss.plot(epochs, [r["train_loss"] for r in history], marker=".", label="train")
+  ax_loss.plot([r["epoch"] for r in tested], [r["test_loss"] for r in tested], marker=".",
+               label="test")
   ax_loss.set(xlabel="epoch", ylabel="cross-entropy", yscale="log", title="loss")
-  ax_acc.plot(epochs, [100 * r["train_accuracy"] for r in history], label="train")
+  ax_acc.plot(epochs, [100 * r["train_accuracy"] for r in history], marker=".", label="train")
   ax_acc.plot([r["epoch"] for r in tested], [100 * r["test_accuracy"] for r in tested],
-              label="test (running stats)")
+              marker=".", label="test")
   ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
   for ax in (ax_loss, ax_acc):
     ax.grid(alpha=0.3)
@@ -140,6 +146,24 @@ class Checkpoints:
         meta=ocp.args.JsonSave({"config": dataclasses.asdict(self.config),
                                 "history": history})), force=True)
 
+  def check_compatible(self) -> None:
+    """Raises if the latest checkpoint was written for another model or dataset.
+
+    Raises:
+      UsageError: naming the flags that differ.
+    """
+    ocp = self._ocp
+    epoch = self.manager.latest_step()
+    if epoch is None:
+      return
+    meta = self.manager.restore(epoch, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    saved, now = meta["config"], dataclasses.asdict(self.config)
+    diff = [f"--{k} {_fmt(saved.get(k))} (now {_fmt(now[k])})" for k in _STRUCTURAL
+            if _fmt(saved.get(k)) != _fmt(now[k])]
+    if diff:
+      raise UsageError(f"--resume: the checkpoint in {self.directory} was trained with "
+                       f"{', '.join(diff)}; pass the same flags or another --workdir.")
+
   def restore(self, template: Any) -> Optional[tuple[Any, int, list[dict[str, Any]]]]:
     """``(state, epoch, history)`` of the latest checkpoint, or None if there is none.
 
@@ -150,17 +174,11 @@ class Checkpoints:
     epoch = self.manager.latest_step()
     if epoch is None:
       return None
-    meta = self.manager.restore(epoch, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-    saved, now = meta["config"], dataclasses.asdict(self.config)
-    diff = [f"--{k} {_fmt(saved.get(k))} (now {_fmt(now[k])})" for k in _STRUCTURAL
-            if _fmt(saved.get(k)) != _fmt(now[k])]
-    if diff:
-      raise UsageError(f"--resume: the checkpoint in {self.directory} was trained with "
-                       f"{', '.join(diff)}; pass the same flags or another --workdir.")
+    self.check_compatible()
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
     restored = self.manager.restore(epoch, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract)))
-    return restored.state, int(epoch), list(meta["history"])
+        state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+    return restored.state, int(epoch), list(restored.meta["history"])
 
   def close(self) -> None:
     self.manager.wait_until_finished()
@@ -169,7 +187,3 @@ class Checkpoints:
 
 def _fmt(v: Any) -> str:
   return ",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
-
-
-def print_summary(summary: dict[str, Any], file=sys.stdout) -> None:
-  print(summary_line(summary), file=file, flush=True)

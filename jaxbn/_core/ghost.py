@@ -6,24 +6,54 @@ from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
+from jax.sharding import NamedSharding, PartitionSpec as P
 from jax.typing import ArrayLike, DTypeLike
 
 from jaxbn._core import checks
 from jaxbn._core import collectives
 from jaxbn._core.batch_norm import batch_norm
 from jaxbn._core.ema import update_stats
+from jaxbn._core.norms import standardize
 from jaxbn._core.renorm import validate_bn_args
-from jaxbn._core.types import BatchStats, Moments, init_stats
+from jaxbn._core.types import BatchStats, Moments
 
 _RULES = ("average", "sequential")
 
 
-def _split_batch(v: jax.Array, batch_axis: int, ghosts: int, size: int) -> jax.Array:
-  """Splits ``batch_axis`` of ``v`` into ``(ghosts, size)`` (row-major: consecutive slices)."""
+def _split_batch(fn: str, v: jax.Array, batch_axis: int, ghosts: int, size: int) -> jax.Array:
+  """Splits ``batch_axis`` of ``v`` into ``(ghosts, size)`` (row-major: consecutive slices).
+
+  Under ``jax.jit`` on an explicitly sharded batch, the virtual-batch axis keeps the batch's
+  sharding, so that virtual batches never span devices.
+  """
   if v.shape[batch_axis] == 1:  # broadcast along the batch (e.g. a per-feature mask)
     return jnp.expand_dims(v, batch_axis)
-  return v.reshape(v.shape[:batch_axis] + (ghosts, size) + v.shape[batch_axis + 1:])
+  shape = v.shape[:batch_axis] + (ghosts, size) + v.shape[batch_axis + 1:]
+  sharding = collectives.explicit_sharding(v)
+  if sharding is None:
+    return v.reshape(shape)
+  spec = tuple(sharding.spec) + (None,) * (v.ndim - len(sharding.spec))
+  names = spec[batch_axis]
+  if names is not None:
+    shards = int(np.prod([sharding.mesh.shape[n] for n in collectives.names(names)]))
+    if ghosts % shards:
+      raise ValueError(
+          f"{fn}: the batch axis is sharded over {shards} devices but cut into {ghosts} "
+          f"virtual batches of {size}; virtual batches must not span devices. Use a "
+          f"`virtual_batch_size` that divides the per-device batch of "
+          f"{v.shape[batch_axis] // shards}.")
+  out = spec[:batch_axis] + (names, None) + spec[batch_axis + 1:]
+  return lax.reshape(v, shape, out_sharding=NamedSharding(sharding.mesh, P(*out)))
+
+
+def _merge_batch(y: jax.Array, x: jax.Array) -> jax.Array:
+  """The inverse of :func:`_split_batch` (``x``'s shape and sharding)."""
+  sharding = collectives.explicit_sharding(x)
+  if sharding is None:
+    return y.reshape(x.shape)
+  return lax.reshape(y, x.shape, out_sharding=sharding)
 
 
 def _merge_ghost_moments(mean, var, count, axis_name, groups, unbiased):
@@ -179,40 +209,24 @@ def ghost_batch_norm(
   checks.axis_name_bound(fn, axis_name, axis_index_groups)
   ghosts = size // virtual_batch_size
 
-  # x: (..., B, ...) -> (..., G, V, ...). The G axis becomes an extra feature axis of BN.
-  xg = _split_batch(x, ba, ghosts, virtual_batch_size)
-  gfeat = tuple(sorted((ba,) + tuple(a + 1 if a > ba else a for a in feat)))
-  gshape = tuple(xg.shape[a] for a in gfeat)
+  # x: (..., B, ...) -> (..., G, V, ...): statistics per virtual batch and feature, i.e.
+  # over every axis but G and the features (batch norm's closed-form gradient per slice).
+  xg = _split_batch(fn, x, ba, ghosts, virtual_batch_size)
+  pfeat = tuple(a + 1 if a > ba else a for a in feat)
+  gfeat = tuple(sorted((ba,) + pfeat))
   gpos = gfeat.index(ba)
-  red = checks.reduction_axes(xg.ndim, gfeat)
-
-  def per_ghost(v):
-    if v is None:
-      return None
-    v = jnp.asarray(v).reshape(fshape)
-    return jnp.broadcast_to(jnp.expand_dims(v, gpos), gshape)
-
   mask_g = None
   if mask is not None:
     m = jnp.asarray(mask)
     m = m.reshape((1,) * (x.ndim - m.ndim) + m.shape)
-    mask_g = _split_batch(m, ba, ghosts, virtual_batch_size)
-  y, ghost = batch_norm(xg, init_stats(gshape), per_ghost(scale), per_ghost(bias),
-                        training=True, axis=gfeat, momentum=0.0, epsilon=epsilon,
-                        mask=mask_g, dtype=dtype, use_fast_variance=use_fast_variance)
-  y = y.reshape(x.shape)
-
+    mask_g = _split_batch(fn, m, ba, ghosts, virtual_batch_size)
+  y, mean, var, count = standardize(
+      fn, xg, scale, bias, red=checks.reduction_axes(xg.ndim, gfeat), param_axes=pfeat,
+      mask=mask_g, epsilon=epsilon, dtype=dtype, axis_name=None, axis_index_groups=None,
+      use_fast_variance=use_fast_variance)
+  y = _merge_batch(y, x)
   # Per-virtual-batch moments with the G axis first: (G, *features).
-  mean = lax.stop_gradient(jnp.moveaxis(ghost.mean, gpos, 0))
-  var = lax.stop_gradient(jnp.moveaxis(ghost.var, gpos, 0))
-  if mask_g is None:
-    n = 1.0
-    for a in red:
-      n *= xg.shape[a]
-    count = jnp.full(mean.shape, n, jnp.float32)
-  else:
-    count = jnp.sum(jnp.broadcast_to(mask_g, xg.shape), axis=red, dtype=jnp.float32)
-    count = jnp.moveaxis(count.reshape(gshape), gpos, 0)
+  mean, var, count = (lax.stop_gradient(jnp.moveaxis(v, gpos, 0)) for v in (mean, var, count))
   groups = None if axis_index_groups is None else [list(g) for g in axis_index_groups]
 
   if stats_update == "average":

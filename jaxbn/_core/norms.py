@@ -8,6 +8,7 @@ flax's layers (``reduction_axes``, ``feature_axes``, ``num_groups``, ``group_siz
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Optional, Sequence
 
 import jax
@@ -18,8 +19,9 @@ from jax.typing import ArrayLike, DTypeLike
 
 from jaxbn._core import checks
 from jaxbn._core import collectives
-from jaxbn._core.moments import _abs2, accumulation_dtype, moments_keepdims
-from jaxbn._core.normalize import affine, output_dtype, to_keepdims
+from jaxbn._core.moments import (_abs2, _aliases, accumulation_dtype, bcast, combine,
+                                 feature_moments)
+from jaxbn._core.normalize import output_dtype
 
 Axes = checks.Axes
 
@@ -43,52 +45,310 @@ def _check_param(fn: str, name: str, v: Any, shape: tuple[int, ...], where: str)
         f"entry per feature (shape {shape}), or set `feature_axes` to the axes it follows.")
 
 
-def _mean_square(x, red, mask, axis_name, groups):
-  """Count and mean of ``|x|²`` over ``red`` (keepdims), float32-accumulated, synchronized."""
+# ---------------------------------------------------------------- the shared engine
+# cfg = (red, pfeat, axis_name, axis_index_groups, fast, center, out_dtype, n_groups):
+# statistics over the axes ``red`` of x (shape of the other axes, "stat axes"), parameters
+# along ``pfeat``; with ``n_groups`` the last (channel) axis, a stat axis, is cut into that
+# many groups that share their statistics (group norm).
+
+
+def _group_sum(v, n_groups):
+  """Sums a stat-shaped ``v`` (channels last) over the channels of each group."""
+  if not n_groups:
+    return v
+  return v.reshape(v.shape[:-1] + (n_groups, v.shape[-1] // n_groups)).sum(-1)
+
+
+def _expand(v, n_groups, channels):
+  """Repeats per-group values ``(..., G)`` to per-channel ``(..., C)``."""
+  if not n_groups:
+    return v
+  return jnp.repeat(v, channels // n_groups, axis=-1)
+
+
+def _local_sums(x, red, mask, acc, rdt, shift=None):
+  """Per-stat count, Σ(x − shift) and Σ(x − shift)² of the valid entries (stat-shaped)."""
+  sfeat = tuple(i for i in range(x.ndim) if i not in red)
+  sshape = tuple(x.shape[i] for i in sfeat)
+  xa, xb = _aliases(x, 2)
+  xa, xb = xa.astype(acc), xb.astype(acc)
+  if shift is not None:
+    sh_a, sh_b = _aliases(shift, 2)
+    xa = xa - bcast(sh_a, x.shape, sfeat)
+    xb = xb - bcast(sh_b, x.shape, sfeat)
+  if mask is None:
+    count = jnp.full(sshape, float(np.prod([x.shape[a] for a in red])), rdt)
+    return count, jnp.sum(xa, axis=red), jnp.sum(_abs2(xb), axis=red).astype(rdt)
+  mask = jnp.broadcast_to(mask, x.shape)
+  count = jnp.sum(mask, axis=red, dtype=rdt)
+  s1 = jnp.sum(jnp.where(mask, xa, 0), axis=red)
+  return count, s1, jnp.sum(jnp.where(mask, _abs2(xb), 0), axis=red).astype(rdt)
+
+
+def _grouped_moments(x, red, mask, n_groups, axis_name, groups, fast):
+  """Mean and variance per stat entry and channel group, expanded back to channels.
+
+  Reductions run over ``red`` on ``x``'s own layout (channels stay the contiguous inner
+  axis) and are then summed over each group's channels; the stable variance is two-pass
+  (mean, then the sum of squares about it), the fast one ``Σx² − n·mean²``.
+  """
   acc = accumulation_dtype(x.dtype)
   rdt = jnp.finfo(acc).dtype
-  if mask is None:
-    n = float(np.prod([x.shape[a] for a in red]))
-    s2 = jnp.sum(_abs2(x.astype(acc)), axis=red, keepdims=True)
-    count = jnp.full(s2.shape, n, rdt)
+  c = x.shape[-1]
+  count, s1, s2 = _local_sums(x, red, mask, acc, rdt)
+  count, s1 = _group_sum(count, n_groups), _group_sum(s1, n_groups)
+  n = jnp.maximum(count, 1.0)
+  mean = s1 / n
+  if fast:
+    m2 = jnp.maximum(_group_sum(s2, n_groups) - n * _abs2(mean), 0.0).astype(rdt)
   else:
-    mask = jnp.broadcast_to(mask, x.shape)
-    count = jnp.sum(mask, axis=red, keepdims=True, dtype=rdt)
-    s2 = jnp.sum(jnp.where(mask, _abs2(x.astype(acc)), 0), axis=red, keepdims=True)
-  if axis_name is not None:
-    both = collectives.psum(jnp.stack([count, s2.astype(rdt)]), axis_name, groups)
-    count, s2 = both[0], both[1]
-  return s2 / jnp.maximum(count, 1.0)
+    _, _, d2 = _local_sums(x, red, mask, acc, rdt, shift=_expand(mean, n_groups, c))
+    m2 = _group_sum(d2, n_groups)
+  count, mean, var = combine(count, mean, m2, axis_name, groups, fast)
+  return tuple(_expand(v, n_groups, c) for v in (count, mean, var))
 
 
-def _standardize(fn, x, scale, bias, *, red, param_axes, mask, epsilon, dtype, axis_name,
-                 axis_index_groups, use_fast_variance, center=True):
-  """``(x − μ) / sqrt(σ² + ε) · scale + bias`` with statistics over ``red`` (keepdims)."""
+def _mean_square(x, red, mask, n_groups, axis_name, groups):
+  """Count and mean of ``|x|²`` over ``red`` (stat-shaped), float32, one collective."""
+  acc = accumulation_dtype(x.dtype)
+  rdt = jnp.finfo(acc).dtype
+  count, _, s2 = _local_sums(x, red, mask, acc, rdt)
+  count, s2 = _group_sum(count, n_groups), _group_sum(s2, n_groups)
+  count, s2 = collectives.psum_stacked((count, s2), axis_name, groups)
+  ms = s2 / jnp.maximum(count, 1.0)
+  count, ms = (_expand(v, n_groups, x.shape[-1]) for v in (count, ms))
+  return count, jnp.zeros_like(ms), ms
+
+
+def _corrections(mean, var, epsilon, ref_mean, ref_var, r_lo, r_hi, d_max):
+  """Batch renorm's clipped ``r = σ_B/σ``, ``d = (μ_B − μ)/σ``, ``σ = sqrt(var + ε)``."""
+  inv_ref = lax.rsqrt(ref_var + epsilon)
+  r = jnp.clip(jnp.sqrt(var + epsilon) * inv_ref, r_lo, r_hi)
+  d = jnp.clip((mean - ref_mean) * inv_ref, -d_max, d_max)
+  return r, d
+
+
+def _effective(scale, bias, r, d, acc):
+  """Effective ``(γ r, γ d + β)`` (None where absent): the correction folded into γ, β."""
+  g = None if scale is None else scale.astype(acc)
+  b = None if bias is None else bias.astype(acc)
+  if r is None:
+    return g, b
+  g_eff = r if g is None else r * g
+  b_eff = d if g is None else d * g
+  return g_eff, b_eff if b is None else b_eff + b
+
+
+def _stats(cfg, x, mask, epsilon, correction):
+  red, pfeat, axis_name, groups, fast, center, out_dtype, n_groups = cfg
+  if not center:
+    count, mean, var = _mean_square(x, red, mask, n_groups, axis_name, groups)
+  elif n_groups:
+    count, mean, var = _grouped_moments(x, red, mask, n_groups, axis_name, groups, fast)
+  else:
+    count, mean, var = feature_moments(x, red, mask, axis_name, groups, fast)
+  inv = lax.rsqrt(var + epsilon)
+  r = d = None
+  if correction is not None:
+    r, d = _corrections(mean, var, epsilon, *correction)
+  return count, mean, var, inv, r, d
+
+
+def _in_stat_shape(v, sfeat, pfeat, sshape):
+  """A parameter-shaped vector broadcast to the statistics' shape (``pfeat ⊆ sfeat``)."""
+  if v is None or sfeat == pfeat:
+    return v
+  return lax.broadcast_in_dim(v, sshape, tuple(sfeat.index(a) for a in pfeat))
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def standardize_train(cfg, x, scale, bias, mask, epsilon, correction):
+  r"""``y = (x − μ) s · γ_e + β_e`` with statistics over ``red``: returns (y, mean, var, count).
+
+  The statistics (mean, variance — or the mean square when not ``center`` — and count) are
+  taken over the axes ``red`` of the valid entries of ``x`` (and the channels of a group
+  with ``n_groups``; synchronized over ``axis_name``) and have the shape of the other axes;
+  ``scale``/``bias`` have the shape of ``x`` along ``pfeat``. With a ``correction`` (batch
+  renorm; then ``pfeat`` are the statistics' axes) ``γ_e = γ r`` and ``β_e = γ d + β`` with
+  ``r``, ``d`` constants, else ``γ_e = γ``, ``β_e = β``. Layer, RMS, group and instance norm
+  and batch renorm are this function. When the parameters' axes are among the statistics'
+  (batch, instance and group norm) everything folds into one coefficient and one offset per
+  statistic, so the pass over ``x`` is a subtract, a multiply and an add per entry.
+  Gradients are closed-form (see the JVP); the returned statistics carry none (they only
+  feed running averages, under ``stop_gradient``).
+  """
+  red, pfeat, axis_name, groups, fast, center, out_dtype, n_groups = cfg
+  sfeat = tuple(i for i in range(x.ndim) if i not in red)
+  count, mean, var, inv, r, d = _stats(cfg, x, mask, epsilon, correction)
+  acc = accumulation_dtype(x.dtype)
+  g, b = _effective(scale, bias, r, d, acc)
+  sharding = collectives.explicit_sharding(x)
+  bs = functools.partial(bcast, shape=x.shape, feat=sfeat, sharding=sharding)
+  bp = functools.partial(bcast, shape=x.shape, feat=pfeat, sharding=sharding)
+  if mask is not None:  # masked entries holding NaN/Inf must not leak into the output
+    x = jnp.where(mask | jnp.isfinite(x), x, jnp.zeros((), x.dtype))
+  xa = x.astype(acc)
+  if set(pfeat) <= set(sfeat):  # one coefficient and one offset per statistic
+    g, b = (_in_stat_shape(v, sfeat, pfeat, inv.shape) for v in (g, b))
+    k = inv if g is None else inv * g
+    y = (xa - bs(mean)) * bs(k) if center else xa * bs(k)
+    if b is not None:
+      y = y + bs(b)
+  else:
+    y = (xa - bs(mean)) * bs(inv) if center else xa * bs(inv)
+    if g is not None:
+      y = y * bp(g)
+    if b is not None:
+      y = y + bp(b)
+  return y.astype(out_dtype), mean, var, count
+
+
+@standardize_train.defjvp
+def _standardize_train_jvp(cfg, primals, tangents):
+  r"""Closed-form derivative, linear in the tangents of ``x``, ``scale`` and ``bias``.
+
+  With :math:`\hat x = (x - \mu) s`, :math:`s = (\sigma^2 + \epsilon)^{-1/2}` (``μ = 0``
+  and the mean square for RMS norm) and the effective :math:`\gamma_e, \beta_e`,
+
+  .. math::
+     \dot y = \gamma_e s\,(\dot x - r_0 - \hat x\, r_1) + \hat x\,\dot\gamma_e
+              + \dot\beta_e, \quad r_0 = \overline{\dot x},\ r_1 = \overline{\dot x \hat x}
+
+  (means over the valid entries of each statistic's group, one collective for both; ``r_0 =
+  0`` without centering); batch renorm's ``r``, ``d`` are constants. Reverse mode is JAX's
+  transpose of this map: one pass over ``(x, dy)`` for the reductions, one for ``dx``. The
+  body is rematerialized, so only ``x`` and statistic/parameter-shaped vectors are kept for
+  the backward pass; each pass reads its own alias of ``x`` (see ``jaxbn.batch_norm``).
+  """
+  red, pfeat, axis_name, groups, fast, center, out_dtype, n_groups = cfg
+  x, scale, bias, mask, epsilon, correction = primals
+  xd, sd, bd = tangents[:3]
+  y, mean, var, count = standardize_train(cfg, *primals)
+  sfeat = tuple(i for i in range(x.ndim) if i not in red)
+  acc = accumulation_dtype(x.dtype)
+  inv = lax.rsqrt(var + epsilon)
+  r = d = None
+  if correction is not None:
+    r, d = _corrections(mean, var, epsilon, *correction)
+  g, _ = _effective(scale, None, r, d, acc)
+  # Tangents of the effective scale γr and offset γd + β (r, d are constants).
+  sd_eff = None if sd is None else (sd.astype(acc) if r is None else r * sd.astype(acc))
+  bd_eff = None if sd is None or d is None else d * sd.astype(acc)
+  if bd is not None:
+    bd_eff = bd.astype(acc) if bd_eff is None else bd_eff + bd.astype(acc)
+  fold = set(pfeat) <= set(sfeat)
+  channels = x.shape[-1]
+
+  @functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.nothing_saveable)
+  def tangent(x, mean, inv, g, mask, count, xd, sd_eff, bd_eff):
+    sharding = collectives.explicit_sharding(x)
+    bs = functools.partial(bcast, shape=x.shape, feat=sfeat, sharding=sharding)
+    bp = functools.partial(bcast, shape=x.shape, feat=pfeat, sharding=sharding)
+    xa, xb = _aliases(x, 2)
+    mean_a, mean_b, inv_a, inv_b = _aliases(mean, 2) + _aliases(inv, 2)
+    xa, xb = xa.astype(acc), xb.astype(acc)
+    xdt = xd.astype(acc)
+    if mask is not None:
+      keep = mask | jnp.isfinite(xa)
+      xa = jnp.where(keep, xa, 0)
+      xb = jnp.where(keep, xb, 0)
+      xdt = jnp.where(keep, xdt, 0)
+    xh_a = ((xa - bs(mean_a)) if center else xa) * bs(inv_a)
+    xh_b = ((xb - bs(mean_b)) if center else xb) * bs(inv_b)
+    xdm = xdt if mask is None else jnp.where(mask, xdt, 0)
+    xh_s = xh_a if mask is None else jnp.where(mask, xh_a, 0)
+    sums = (jnp.sum(xdm, axis=red), jnp.sum(xdm * xh_s, axis=red))
+    if not center:
+      sums = sums[1:]
+    sums = collectives.psum_stacked([_group_sum(v, n_groups) for v in sums], axis_name,
+                                    groups)
+    n = jnp.maximum(_group_sum(count, n_groups) / (channels // n_groups if n_groups else 1),
+                    1.0)
+    means = [_expand(v / n, n_groups, channels) for v in sums]
+    r1 = means[-1]
+    r0 = means[0] if center else None
+    if fold:  # per-statistic coefficients (batch, instance, group norm; as jaxbn.batch_norm)
+      g_s, sd_s, bd_s = (_in_stat_shape(v, sfeat, pfeat, inv.shape)
+                         for v in (g, sd_eff, bd_eff))
+      k = inv if g_s is None else inv * g_s
+      c1 = -(k * r1) if sd_s is None else sd_s - k * r1
+      parts = [c1]
+      if center or bd_s is not None:
+        c0 = -(k * r0) if center else jnp.zeros_like(c1)
+        parts = [c0 if bd_s is None else c0 + bd_s, c1]
+      c = collectives.to_varying_stacked(parts, axis_name)
+      terms = [bs(k) * xdt, xh_b * bs(c[-1])]
+      if len(c) == 2:
+        terms.append(bs(c[0]))
+    else:  # parameters along axes the statistics reduce over (layer and RMS norm)
+      a = [inv * r1] if not center else [inv * r0, inv * r1]
+      a = collectives.to_varying_stacked(a, axis_name)
+      base = bs(inv) * xdt - xh_b * bs(a[-1])
+      if center:
+        base = base - bs(a[0])
+      terms = [base if g is None else base * bp(g)]
+      p = [v for v in (sd_eff, bd_eff) if v is not None]
+      p = collectives.to_varying_stacked(p, axis_name) if p else []
+      if sd_eff is not None:
+        terms.append(xh_b * bp(p[0]))
+      if bd_eff is not None:
+        terms.append(bp(p[-1]))
+    if jnp.finfo(out_dtype).bits < jnp.finfo(acc).bits:
+      # bf16/fp16 output: the cotangent reaches each term through its own alias, up-cast
+      # inside that term's fused loop (no shared float32 copy of dy).
+      terms = lax.optimization_barrier(tuple(t.astype(out_dtype) for t in terms))
+    y_dot = functools.reduce(lambda u, v: u + v, terms)
+    return y_dot.astype(out_dtype)
+
+  y_dot = tangent(x, mean, inv, g, mask, count, xd, sd_eff, bd_eff)
+  zeros = jax.tree.map(jnp.zeros_like, (mean, var, count))
+  return (y, mean, var, count), (y_dot, *zeros)
+
+
+def _standardize_plain(cfg, x, scale, bias, mask, epsilon, correction):
+  """Plain autodiff version (complex input)."""
+  red, pfeat, axis_name, groups, fast, center, out_dtype, n_groups = cfg
+  sfeat = tuple(i for i in range(x.ndim) if i not in red)
+  count, mean, var, inv, r, d = _stats(cfg, x, mask, epsilon, correction)
+  acc = accumulation_dtype(x.dtype)
+  g, b = _effective(scale, bias, r, d, acc)
+  bs = functools.partial(bcast, shape=x.shape, feat=sfeat)
+  bp = functools.partial(bcast, shape=x.shape, feat=pfeat)
+  if mask is not None:
+    x = jnp.where(mask | jnp.isfinite(x), x, jnp.zeros((), x.dtype))
+  y = ((x.astype(acc) - bs(mean)) if center else x.astype(acc)) * bs(inv)
+  if g is not None:
+    y = y * bp(g)
+  if b is not None:
+    y = y + bp(b)
+  return y.astype(out_dtype), mean, var, count
+
+
+def standardize(fn, x, scale, bias, *, red, param_axes, mask, epsilon, dtype, axis_name,
+                axis_index_groups, use_fast_variance, center=True, correction=None,
+                n_groups=0):
+  """Validates the shared arguments and runs :func:`standardize_train` (``y`` and stats)."""
   checks.epsilon_value(fn, epsilon)
   checks.mask_broadcasts(fn, mask, x.shape)
   checks.axis_name_bound(fn, axis_name, axis_index_groups)
-  groups = None if axis_index_groups is None else [list(g) for g in axis_index_groups]
+  groups = None if axis_index_groups is None else tuple(
+      tuple(int(i) for i in g) for g in axis_index_groups)
   out_dtype = output_dtype(x, scale, bias, dtype)
   acc = accumulation_dtype(x.dtype)
   rdt = jnp.finfo(acc).dtype
+  pshape = tuple(x.shape[a] for a in param_axes)
+  scale = None if scale is None else jnp.asarray(scale).reshape(pshape)
+  bias = None if bias is None else jnp.asarray(bias).reshape(pshape)
+  cfg = (tuple(red), tuple(param_axes), axis_name, groups, bool(use_fast_variance),
+         bool(center), out_dtype, int(n_groups))
+  eps = lax.stop_gradient(jnp.asarray(epsilon, rdt))
   mask = None if mask is None else jnp.asarray(mask)
-  eps = jnp.asarray(epsilon, rdt)
-  scale_k = to_keepdims(scale, x.shape, param_axes)
-  bias_k = to_keepdims(bias, x.shape, param_axes)
-  if center:
-    _, mean, var = moments_keepdims(x, red, mask, axis_name, groups, bool(use_fast_variance))
-  else:
-    mean, var = None, _mean_square(x, red, mask, axis_name, groups)
-  inv = lax.rsqrt(var + eps)
-  if mask is not None:  # masked entries holding NaN/Inf must not leak into the output
-    x = jnp.where(mask | jnp.isfinite(x), x, jnp.zeros((), x.dtype))
-  if mean is None:
-    k = inv if scale_k is None else inv * scale_k.astype(acc)
-    y = x.astype(acc) * k
-    if bias_k is not None:
-      y = y + bias_k.astype(acc)
-    return y.astype(out_dtype)
-  return affine(x, mean, inv, scale_k, bias_k, out_dtype)
+  impl = _standardize_plain if jnp.iscomplexobj(x) else standardize_train
+  return impl(cfg, x, scale, bias, mask, eps, correction)
+
+
+def _standardize(fn, x, scale, bias, **kw):
+  return standardize(fn, x, scale, bias, **kw)[0]
 
 
 def layer_norm(
@@ -392,7 +652,6 @@ def group_norm(
     raise ValueError(f"{fn}: `num_groups`={num_groups!r} must be a positive divisor of the "
                      f"{channels} channels (last axis of `x`).")
   num_groups = int(num_groups)
-  size = channels // num_groups
   if reduction_axes is None:
     red = tuple(range(1, x.ndim))
   else:
@@ -403,22 +662,9 @@ def group_norm(
           f"channels, within each group), e.g. {tuple(sorted(set(red) | {x.ndim - 1}))}.")
   _check_param(fn, "scale", scale, (channels,), "its last (channel) axis")
   _check_param(fn, "bias", bias, (channels,), "its last (channel) axis")
-  if mask is not None:
-    checks.mask_broadcasts(fn, mask, x.shape)
-  # (..., C) -> (..., G, C/G): reduce over the group's channels, keep the group axis.
-  xg = x.reshape(x.shape[:-1] + (num_groups, size))
-  red_g = tuple(a for a in red if a != x.ndim - 1) + (x.ndim,)
-  mask_g = None
-  if mask is not None:
-    m = jnp.asarray(mask)
-    m = m.reshape((1,) * (x.ndim - m.ndim) + m.shape)
-    m = m.reshape(m.shape[:-1] + ((num_groups, size) if m.shape[-1] == channels else (1, 1)))
-    mask_g = m
-  gshape = (num_groups, size)
-  y = _standardize(fn, xg,
-                   None if scale is None else jnp.asarray(scale).reshape(gshape),
-                   None if bias is None else jnp.asarray(bias).reshape(gshape),
-                   red=red_g, param_axes=(x.ndim - 1, x.ndim), mask=mask_g, epsilon=epsilon,
-                   dtype=dtype, axis_name=axis_name, axis_index_groups=axis_index_groups,
-                   use_fast_variance=use_fast_variance)
-  return y.reshape(x.shape)
+  # Statistics per group: reduce over `red` without the channels on x's own layout, then
+  # over each group's channels (no reshape of x: the channels stay the inner axis).
+  return _standardize(fn, x, scale, bias, red=tuple(a for a in red if a != x.ndim - 1),
+                      param_axes=(x.ndim - 1,), mask=mask, epsilon=epsilon, dtype=dtype,
+                      axis_name=axis_name, axis_index_groups=axis_index_groups,
+                      use_fast_variance=use_fast_variance, n_groups=num_groups)

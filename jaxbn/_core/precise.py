@@ -17,6 +17,7 @@ The pieces, from the bottom up:
 
 from __future__ import annotations
 
+import collections.abc
 import contextlib
 import itertools
 import threading
@@ -32,7 +33,7 @@ from jax.typing import ArrayLike, DTypeLike
 from jaxbn._core import checks
 from jaxbn._core.moments import moments_keepdims
 from jaxbn._core.normalize import affine, to_keepdims
-from jaxbn._core.types import BatchStats, Moments, Shape, _as_shape
+from jaxbn._core.types import BatchStats, Moments, Shape, _as_shape, init_stats
 
 MODES = ("train", "sequential")
 
@@ -150,7 +151,6 @@ def population_stats(acc: PopulationMoments, stats: Optional[BatchStats] = None,
     [2.0]
   """
   if stats is None:
-    from jaxbn._core.types import init_stats
     stats = init_stats(jnp.shape(acc.mean))
   if jnp.shape(stats.mean) != jnp.shape(acc.mean):
     raise ValueError(
@@ -241,10 +241,6 @@ class Recorder:
             f"traced; the forward pass must call the same BN layers for every batch.")
       info = self.layers[key] = LayerInfo(key, len(self.layers), tuple(fshape),
                                           bool(unbiased))
-    if info.feature_shape != tuple(fshape):
-      raise ValueError(
-          f"{self.fn}: the BatchNorm layer {key!r} was called with features of shape "
-          f"{tuple(fshape)} and earlier with {info.feature_shape}.")
     return info
 
   def _bound(self, key, axis_name) -> None:
@@ -335,13 +331,15 @@ def _spec_axes(spec) -> tuple:
 
 def run(fn: str, trace: Callable[[Any, Any, Recorder], Any], state: Any, batches: Iterable, *,
         mode: str = "train", num_batches: Optional[int] = None,
-        progress: Optional[bool] = None, mesh: Any = None,
-        batch_spec: Any = None) -> tuple[dict, list]:
+        progress: Optional[bool] = None, mesh: Any = None, batch_spec: Any = None,
+        check_layers: Optional[Callable[[dict], None]] = None) -> tuple[dict, list]:
   """Runs the recomputation; returns ``(layers, accumulators)``.
 
   ``trace(state, batch, recorder)`` runs the model forward once with every BN layer replaced
   by a call to ``recorder`` (under ``recorder.active()``). ``layers`` maps each layer key to
   its :class:`LayerInfo`; ``accumulators[info.index]`` is its :class:`PopulationMoments`.
+  ``check_layers(layers)``, if given, runs after the first trace, before any data is
+  processed (to fail fast).
   """
   if mode not in MODES:
     raise ValueError(f"{fn}: `mode` must be one of {MODES}, got {mode!r}.")
@@ -349,7 +347,7 @@ def run(fn: str, trace: Callable[[Any, Any, Recorder], Any], state: Any, batches
                                   or num_batches < 1):
     raise ValueError(f"{fn}: `num_batches` must be a positive int or None (all batches), "
                      f"got {num_batches!r}.")
-  if mode == "sequential" and iter(batches) is batches:
+  if mode == "sequential" and isinstance(batches, collections.abc.Iterator):
     raise TypeError(
         f"{fn}: mode='sequential' makes one pass over the data per BN layer, so `batches` "
         f"must be re-iterable (a list, a dataset object, or an object whose __iter__ starts "
@@ -390,7 +388,6 @@ def run(fn: str, trace: Callable[[Any, Any, Recorder], Any], state: Any, batches
   def discover(state, batch):
     with finder.active():
       trace(state, batch, finder)
-    return [m for _, m in finder.recorded]
 
   jax.eval_shape(wrap(discover, 2), state, first)
   layers = finder.layers
@@ -399,6 +396,8 @@ def run(fn: str, trace: Callable[[Any, Any, Recorder], Any], state: Any, batches
         f"{fn}: the forward pass called no BatchNorm layer, so there are no statistics to "
         f"recompute; check that the model uses flax or jaxbn BatchNorm (or, for a functional "
         f"model, the `batch_norm` it is given).")
+  if check_layers is not None:
+    check_layers(layers)
   infos = sorted(layers.values(), key=lambda i: i.index)
 
   def step(state, pop, stage, accs, batch):
@@ -538,13 +537,17 @@ def recompute_stats(
   is_stats = lambda v: isinstance(v, BatchStats)
   leaves, treedef = jax.tree.flatten(variables, is_leaf=is_stats)
   stat_positions = [i for i, v in enumerate(leaves) if is_stats(v)]
+  # Layers are named by the path of their stats in `variables`, e.g. "[1]['bn2']".
+  names = {i: jax.tree_util.keystr(path) for i, (path, _) in enumerate(
+      jax.tree_util.tree_flatten_with_path(variables, is_leaf=is_stats)[0])}
+  position = {names[i]: i for i in stat_positions}
   if not stat_positions:
     raise ValueError(f"{fn}: `variables` holds no jaxbn.BatchStats; pass the pytree that "
                      f"holds the parameters and the statistics of the BN layers.")
 
   def trace(variables, batch, rec):
     lv = jax.tree.flatten(variables, is_leaf=is_stats)[0]
-    ids = {id(lv[i].mean): i for i in stat_positions}
+    ids = {id(lv[i].mean): names[i] for i in stat_positions}
 
     def batch_norm(x, stats, scale=None, bias=None, *, training=None, axis=-1, momentum=None,
                    epsilon=1e-5, axis_name=None, axis_index_groups=None, mask=None, dtype=None,
@@ -572,7 +575,8 @@ def recompute_stats(
   layers, accs = run(fn, trace, variables, batches, mode=mode, num_batches=num_batches,
                      progress=progress, mesh=mesh, batch_spec=batch_spec)
   new = list(leaves)
-  for pos, info in layers.items():
+  for key, info in layers.items():
+    pos = position[key]
     old = leaves[pos]
     new[pos] = population_stats(jax.tree.map(jnp.asarray, jax.device_get(accs[info.index])),
                                 old, unbiased_running_var=info.unbiased)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Optional, Sequence
 
 import jax
@@ -11,11 +10,11 @@ from jax import lax
 from jax.typing import ArrayLike, DTypeLike
 
 from jaxbn._core import checks
-from jaxbn._core import collectives
 from jaxbn._core.batch_norm import batch_norm
 from jaxbn._core.ema import update_stats
-from jaxbn._core.moments import accumulation_dtype, moments_keepdims
-from jaxbn._core.normalize import affine, check_affine_args, output_dtype, to_keepdims
+from jaxbn._core.moments import accumulation_dtype
+from jaxbn._core.normalize import check_affine_args
+from jaxbn._core.norms import standardize
 from jaxbn._core.types import BatchStats, Moments
 
 
@@ -69,101 +68,6 @@ def _check_clipping(fn: str, r_max: Any, d_max: Any, r_min: Any) -> None:
     raise ValueError(
         f"{fn}: `r_min` must be in [0, r_max] (r_max={r_max!r}), got {rmin}; leave it None "
         f"for the paper's 1/r_max.")
-
-
-def _corrections(mean, var, epsilon, ref_mean, ref_var, r_lo, r_hi, d_max):
-  r"""Clipped ``r = σ_B/σ`` and ``d = (μ_B − μ)/σ``, with ``σ = sqrt(var + ε)`` (constants)."""
-  inv_ref = lax.rsqrt(ref_var + epsilon)
-  r = jnp.clip(jnp.sqrt(var + epsilon) * inv_ref, r_lo, r_hi)
-  d = jnp.clip((mean - ref_mean) * inv_ref, -d_max, d_max)
-  return lax.stop_gradient(r), lax.stop_gradient(d)
-
-
-def _effective_affine(r, d, scale, bias, acc):
-  """The per-feature ``(γ r, γ d + β)`` that turn ``x̂_B`` into the renormalized output."""
-  g = None if scale is None else scale.astype(acc)
-  k = r if g is None else r * g
-  c = d if g is None else d * g
-  if bias is not None:
-    c = c + bias.astype(acc)
-  return k, c
-
-
-@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
-def _renorm_train(cfg, x, scale, bias, mask, epsilon, ref_mean, ref_var, r_lo, r_hi, d_max):
-  """Training-mode renorm on keepdims-shaped vectors: returns (y, mean, var, count)."""
-  red, axis_name, groups, fast, out_dtype = cfg
-  acc = accumulation_dtype(x.dtype)
-  count, mean, var = moments_keepdims(x, red, mask, axis_name, groups, fast)
-  inv = lax.rsqrt(var + epsilon)
-  r, d = _corrections(mean, var, epsilon, ref_mean, ref_var, r_lo, r_hi, d_max)
-  k, c = _effective_affine(r, d, scale, bias, acc)
-  if mask is not None:
-    x = jnp.where(mask | jnp.isfinite(x), x, jnp.zeros((), x.dtype))
-  return affine(x, mean, inv, k, c, out_dtype), mean, var, count
-
-
-@_renorm_train.defjvp
-def _renorm_train_jvp(cfg, primals, tangents):
-  r"""Closed-form derivative: batch norm's, with ``r`` and ``d`` held constant.
-
-  With :math:`\hat x = (x - \mu_B) s`, :math:`s = (\sigma_B^2 + \epsilon)^{-1/2}` and the
-  effective scale :math:`k = \gamma r s`,
-
-  .. math::
-     \dot y = k\,(\dot x - r_0 - \hat x\, r_1) + \hat x\, r \dot\gamma + d \dot\gamma
-              + \dot\beta, \quad r_0 = \overline{\dot x},\ r_1 = \overline{\dot x \hat x}
-
-  (means over the valid entries of the global batch, one collective for both). The running
-  statistics, ``r_max``, ``d_max`` and ``epsilon`` get no derivative. Reverse mode is JAX's
-  transpose of this linear map; the body is rematerialized so that only ``x`` and
-  per-feature vectors are kept for the backward pass.
-  """
-  red, axis_name, groups, fast, out_dtype = cfg
-  x, scale, bias, mask, epsilon, ref_mean, ref_var, r_lo, r_hi, d_max = primals
-  xd, sd, bd = tangents[:3]
-  y, mean, var, count = _renorm_train(cfg, *primals)
-  acc = accumulation_dtype(x.dtype)
-  inv = lax.rsqrt(var + epsilon)
-  r, d = _corrections(mean, var, epsilon, ref_mean, ref_var, r_lo, r_hi, d_max)
-  k, _ = _effective_affine(r, d, scale, None, acc)
-  k = k * inv
-  # Tangents of the effective scale γr and offset γd + β (r, d are constants).
-  sd_eff = None if sd is None else r * sd.astype(acc)
-  bd_eff = None
-  if sd is not None:
-    bd_eff = d * sd.astype(acc)
-  if bd is not None:
-    bd_eff = bd.astype(acc) if bd_eff is None else bd_eff + bd.astype(acc)
-
-  @functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.nothing_saveable)
-  def tangent(x, mean, inv, k, mask, count, xd, sd_eff, bd_eff):
-    xa = x.astype(acc)
-    xdt = xd.astype(acc)
-    if mask is not None:
-      keep = mask | jnp.isfinite(xa)
-      xa = jnp.where(keep, xa, 0)
-      xdt = jnp.where(keep, xdt, 0)
-      xc = (xa - mean) * inv
-      xc_s = jnp.where(mask, xc, 0)
-      xdm = jnp.where(mask, xdt, 0)
-    else:
-      xc = xc_s = (xa - mean) * inv
-      xdm = xdt
-    s = jnp.stack([jnp.sum(xdm, axis=red, keepdims=True),
-                   jnp.sum(xdm * xc_s, axis=red, keepdims=True)])
-    s = collectives.psum(s, axis_name, groups) / jnp.maximum(count, 1.0)
-    mean_dot, var_dot = s[0], 2.0 * s[1] / inv
-    c0 = -(k * s[0]) if bd_eff is None else bd_eff - k * s[0]
-    c1 = -(k * s[1]) if sd_eff is None else sd_eff - k * s[1]
-    # One stacked `to_varying`: its transpose is the backward pass's only psum (see
-    # jaxbn.batch_norm), and the scale/bias gradients are read off its rows.
-    c = collectives.to_varying(jnp.stack([c0, c1]), axis_name)
-    y_dot = k * xdt + c[0] + xc * c[1]
-    return y_dot.astype(out_dtype), mean_dot.astype(mean.dtype), var_dot.astype(var.dtype)
-
-  y_dot, mean_dot, var_dot = tangent(x, mean, inv, k, mask, count, xd, sd_eff, bd_eff)
-  return (y, mean, var, count), (y_dot, mean_dot, var_dot, jnp.zeros_like(count))
 
 
 def _update_running_std(stats: BatchStats, batch: Moments, epsilon, *, momentum,
@@ -314,23 +218,20 @@ def batch_renorm(
 
   checks.mask_broadcasts(fn, mask, x.shape)
   checks.axis_name_bound(fn, axis_name, axis_index_groups)
-  out_dtype = output_dtype(x, scale, bias, dtype)
   acc = accumulation_dtype(x.dtype)
-  red = checks.reduction_axes(x.ndim, feat)
-  cfg = (red, axis_name, None if axis_index_groups is None else
-         tuple(tuple(int(i) for i in g) for g in axis_index_groups),
-         bool(use_fast_variance), out_dtype)
   sg = lax.stop_gradient
-  eps = sg(jnp.asarray(epsilon, acc))
   r_hi = sg(jnp.asarray(r_max, acc))
-  r_lo = sg(1.0 / r_hi if r_min is None else jnp.asarray(r_min, acc))
-  ref_mean = sg(to_keepdims(stats.mean, x.shape, feat, acc))
-  ref_var = sg(to_keepdims(stats.var, x.shape, feat, acc))
-  y, mean, var, count = _renorm_train(
-      cfg, x, to_keepdims(scale, x.shape, feat), to_keepdims(bias, x.shape, feat),
-      None if mask is None else jnp.asarray(mask), eps, ref_mean, ref_var, r_lo, r_hi,
-      sg(jnp.asarray(d_max, acc)))
-  batch = Moments(sg(mean.reshape(fshape)), sg(var.reshape(fshape)), count.reshape(fshape))
+  correction = (sg(stats.mean.astype(acc)).reshape(fshape),
+                sg(stats.var.astype(acc)).reshape(fshape),
+                sg(1.0 / r_hi if r_min is None else jnp.asarray(r_min, acc)), r_hi,
+                sg(jnp.asarray(d_max, acc)))
+  y, mean, var, count = standardize(
+      fn, x, scale, bias, red=checks.reduction_axes(x.ndim, feat), param_axes=feat,
+      mask=mask, epsilon=epsilon, dtype=dtype, axis_name=axis_name,
+      axis_index_groups=axis_index_groups, use_fast_variance=use_fast_variance,
+      correction=correction)
+  eps = jnp.asarray(epsilon, jnp.float32)
+  batch = Moments(sg(mean), sg(var), count)
   if running_std:
     new_stats = _update_running_std(stats, batch, eps, momentum=momentum,
                                     unbiased_running_var=unbiased_running_var, debias=debias)

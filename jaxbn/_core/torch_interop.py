@@ -182,15 +182,16 @@ def to_torch_batch_norm(
   if batch_count is not None:
     n = float(batch_count)
     var = var * n / (n - 1.0)
+  # Fresh, writable arrays: torch.from_numpy warns about read-only views of JAX arrays.
   out = {
-      p + "running_mean": np.asarray(stats.mean, np.float32),
+      p + "running_mean": np.array(stats.mean, np.float32),
       p + "running_var": var.astype(np.float32),
-      p + "num_batches_tracked": np.asarray(stats.count, np.int64).reshape(()),
+      p + "num_batches_tracked": np.array(stats.count, np.int64).reshape(()),
   }
   if scale is not None:
-    out[p + "weight"] = np.asarray(scale, np.float32)
+    out[p + "weight"] = np.array(scale, np.float32)
   if bias is not None:
-    out[p + "bias"] = np.asarray(bias, np.float32)
+    out[p + "bias"] = np.array(bias, np.float32)
   return out
 
 

@@ -48,14 +48,19 @@ class BatchNorm(nn.Module):
   Variance: ``use_fast_variance`` keeps flax's default ``True`` and meaning,
   ``E[x²] − E[x]²`` in float32 (clamped at 0), so swapping the import reproduces flax's
   numbers. It loses all precision when ``|mean| ≫ std`` (e.g. float32 data ``1e4 ± 1e-2``
-  gets variance 0). ``use_fast_variance=False`` selects jaxbn's stable variance, which — unlike
-  flax's two-pass ``False`` — is one pass over ``x`` (shifted data) and costs the same on one
-  device; it is the better choice for new code.
+  gets variance 0). ``use_fast_variance=False`` selects jaxbn's stable variance (two passes
+  fused with the float32 up-cast, and with ``axis_name`` an exact merge of the per-device
+  moments), accurate for any offset of the data: the better choice when inputs are not
+  centered (e.g. a first BatchNorm on raw features). ``benchmarks/bench_model.py`` reports
+  what it costs in a ResNet train step.
 
-  Differences from flax, all on the side of accuracy: statistics and the normalization are
-  always computed in at least float32, also with ``force_float32_reductions=False`` (which
-  here only selects ``param_dtype`` for the stored running statistics, as in flax), and
-  ``momentum`` must be in ``[0, 1)`` or None.
+  Differences from flax, all on the side of accuracy or stability: statistics and the
+  normalization are always computed in at least float32, also with
+  ``force_float32_reductions=False`` (which here only selects ``param_dtype`` for the stored
+  running statistics, as in flax); the updated statistics keep the dtype they were created
+  with (flax's turn from a bf16 ``param_dtype`` into float32 after the first update of float32
+  input); masked statistics with ``axis_name`` are weighted by each device's count of valid
+  entries; and ``momentum`` must be in ``[0, 1)`` or None.
 
   Attributes:
     use_running_average: if True, normalize with the stored running statistics (eval mode);
@@ -77,7 +82,7 @@ class BatchNorm(nn.Module):
       batch statistics over. Not needed under plain ``jax.jit`` on sharded arrays.
     axis_index_groups: synchronize within these groups of axis indices only.
     use_fast_variance: flax's ``E[x²] − E[x]²`` variance (default True, as flax); False
-      selects jaxbn's stable one-pass variance.
+      selects jaxbn's stable variance.
     force_float32_reductions: True (default): running statistics stored in float32; False:
       in ``param_dtype``. Reductions always run in at least float32 in jaxbn.
     unbiased_running_var: (jaxbn extra) store PyTorch's unbiased running variance
@@ -218,8 +223,9 @@ class BatchNorm(nn.Module):
       bias = self.param("bias", self.bias_init, feature_shape, self.param_dtype)
     out_dtype = dtypes.canonicalize_dtype(x, scale, bias, dtype=self.dtype)
 
-    stats = BatchStats(ra_mean.value, ra_var.value,
-                       init_stats(1).count if ra_count is None else ra_count.value)
+    # The count is only read with momentum=None or debias; otherwise a placeholder.
+    count = jnp.zeros((), jnp.int32) if ra_count is None else ra_count.value
+    stats = BatchStats(ra_mean.value, ra_var.value, count)
     initializing = self.is_initializing()
     y, new_stats = batch_norm(
         x, stats, scale, bias,

@@ -168,15 +168,26 @@ def recompute_batch_stats(
     with nn.intercept_methods(interceptor):
       return apply(variables, batch)
 
+  def check_layers(layers):
+    for key in layers:
+      node = _get(variables["batch_stats"], key)
+      if node is None or "mean" not in node or "var" not in node:
+        raise ValueError(f"{fn}: the BatchNorm layer {'/'.join(key)} has no 'mean'/'var' in "
+                         f"variables['batch_stats']; pass the variables the model was "
+                         f"initialized with.")
+      if tuple(jnp.shape(node["mean"])) != layers[key].feature_shape:
+        raise ValueError(
+            f"{fn}: the BatchNorm layer {'/'.join(key)} normalizes features of shape "
+            f"{layers[key].feature_shape} but stores statistics of shape "
+            f"{tuple(jnp.shape(node['mean']))}: layers inside nn.scan/nn.vmap (stacked "
+            f"statistics) are not supported.")
+
   layers, accs = precise.run(fn, trace, variables, batches, mode=mode, num_batches=num_batches,
-                             progress=progress, mesh=mesh, batch_spec=batch_spec)
+                             progress=progress, mesh=mesh, batch_spec=batch_spec,
+                             check_layers=check_layers)
   new = unfreeze(variables)
   for key, info in layers.items():
     node = _get(new["batch_stats"], key)
-    if node is None or "mean" not in node or "var" not in node:
-      raise ValueError(f"{fn}: the BatchNorm layer {'/'.join(key)} has no 'mean'/'var' in "
-                       f"variables['batch_stats']; pass the variables the model was "
-                       f"initialized with.")
     old = BatchStats(node["mean"], node["var"], jnp.zeros((), jnp.int32))
     acc = jax.tree.map(jnp.asarray, jax.device_get(accs[info.index]))
     stats = precise.population_stats(acc, old, unbiased_running_var=info.unbiased)

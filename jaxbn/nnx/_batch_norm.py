@@ -67,7 +67,8 @@ class BatchNorm(nnx.Module):
 
   Numerics: ``use_fast_variance`` keeps flax's default ``True`` and meaning (``E[x²] −
   E[x]²`` in float32, as flax), so the numbers match flax's; ``use_fast_variance=False`` gives
-  jaxbn's stable variance, which is one pass over ``x`` as well (flax's ``False`` is two).
+  jaxbn's stable variance, accurate for any offset of the data (see
+  :class:`jaxbn.linen.BatchNorm`).
   The output dtype follows ``promote_dtype`` exactly as in flax, but the arithmetic always
   runs in at least float32 with float32 statistics and parameters (flax casts the running
   statistics and parameters to ``dtype`` first, e.g. to bf16): at least as accurate.
@@ -98,7 +99,7 @@ class BatchNorm(nnx.Module):
     axis_name: name(s) of mapped axes to synchronize the batch statistics over.
     axis_index_groups: synchronize within these groups of axis indices only.
     use_fast_variance: flax's fast variance (default True, as flax); False: jaxbn's stable
-      one-pass variance.
+      variance.
     promote_dtype: flax's dtype-promotion function; here it decides the output dtype.
     rngs: ``nnx.Rngs`` for the initializers (drawn exactly as flax does).
     bias_metadata: metadata for the ``bias`` ``nnx.Param``.
@@ -236,7 +237,8 @@ class BatchNorm(nnx.Module):
     out_dtype = _output_dtype(self.promote_dtype, (x, mean, var, scale, bias), self.dtype)
     if not jnp.issubdtype(x.dtype, jnp.inexact):
       x = x.astype(out_dtype)
-    count = init_stats(1).count if self.count is None else self.count[...]
+    # The count is only read with momentum=None or debias; otherwise a placeholder.
+    count = jnp.zeros((), jnp.int32) if self.count is None else self.count[...]
     training = not use_running_average
     y, new = batch_norm(
         x, BatchStats(mean, var, count), scale, bias,

@@ -74,7 +74,7 @@ def _as_path(fn: str, model: Any, path: Any) -> Path:
                   f"string 'blocks/0/conv' or the module itself, got {path!r}.")
 
 
-def _swap_classes(model: Any, choose: Callable[[Any], Optional[dict]]) -> None:
+def _swap_classes(model: Any, choose: Callable[[Path, Any], Optional[dict]]) -> None:
   """Gives every module ``m`` of ``model`` with ``choose(path, m)`` a subclass with those
   methods. Used on private copies only; ``object.__setattr__`` keeps NNX's bookkeeping out."""
   for path, node in list(nnx.iter_graph(model)):
@@ -188,8 +188,18 @@ def recompute_batch_stats(
   def trace(state, batch, rec):
     return run_forward(nnx.merge(graphdef, state), batch)
 
+  def check_layers(layers):
+    for key, info in layers.items():
+      shape = tuple(_get(model, key).mean.shape)
+      if shape != info.feature_shape:
+        raise ValueError(
+            f"{fn}: the BatchNorm layer at {key} normalizes features of shape "
+            f"{info.feature_shape} but stores statistics of shape {shape}: layers inside "
+            f"nnx.scan/nnx.vmap (stacked statistics) are not supported.")
+
   layers, accs = precise.run(fn, trace, state, batches, mode=mode, num_batches=num_batches,
-                             progress=progress, mesh=mesh, batch_spec=batch_spec)
+                             progress=progress, mesh=mesh, batch_spec=batch_spec,
+                             check_layers=check_layers)
   out = nnx.clone(model)
   for key, info in layers.items():
     bn = _get(out, key)
@@ -269,19 +279,14 @@ _FINDING = threading.local()
 
 def _marking_methods(path: Path, node: Any) -> Optional[dict]:
   cls = type(node)
-  if _is_bn(node):
-    def __call__(self, x, *args, **kwargs):
-      log = _FINDING.log
-      x = jnp.asarray(x)
-      log["dst"].append((path, _fold.trailing_axes("jaxbn.nnx.find_conv_bn_pairs", x.ndim,
-                                                   self.axis)))
-      return cls.__call__(self, _fold.mark(x, "dst", len(log["dst"]) - 1), *args, **kwargs)
-    return {"__call__": __call__}
-  kind = _kernel_axes(node)
-  if kind is None:
-    return None
+  def bn_call(self, x, *args, **kwargs):  # tags the BatchNorm's input
+    log = _FINDING.log
+    x = jnp.asarray(x)
+    log["dst"].append((path, _fold.trailing_axes("jaxbn.nnx.find_conv_bn_pairs", x.ndim,
+                                                 self.axis)))
+    return cls.__call__(self, _fold.mark(x, "dst", len(log["dst"]) - 1), *args, **kwargs)
 
-  def __call__(self, *args, **kwargs):  # noqa: F811
+  def layer_call(self, *args, **kwargs):  # tags the Conv/Linear output
     log = _FINDING.log
     y = cls.__call__(self, *args, **kwargs)
     if not isinstance(y, jax.Array):
@@ -289,7 +294,10 @@ def _marking_methods(path: Path, node: Any) -> Optional[dict]:
     log["src"].append((path, kind))
     return _fold.mark(y, "src", len(log["src"]) - 1)
 
-  return {"__call__": __call__}
+  if _is_bn(node):
+    return {"__call__": bn_call}
+  kind = _kernel_axes(node)
+  return None if kind is None else {"__call__": layer_call}
 
 
 def find_conv_bn_pairs(model: nnx.Module, *args: Any,

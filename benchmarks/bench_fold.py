@@ -1,0 +1,125 @@
+"""Eval-step benchmark: BatchNorm folded into the convolutions vs flax's BatchNorm.
+
+The ResNet of ``tests/_resnet.py`` (conv + BN + ReLU blocks with residuals and projection
+shortcuts, no conv bias) is evaluated (``train=False``, under ``jax.jit``, warm) three ways:
+
+* ``flax``: ``flax.linen.BatchNorm`` with running statistics (the baseline);
+* ``jaxbn``: ``jaxbn.linen.BatchNorm`` with running statistics;
+* ``folded``: the flax model's variables folded with ``jaxbn.linen.find_conv_bn_pairs`` +
+  ``fold_batch_norm`` and run through ``jaxbn.linen.folded(model.apply)`` (every BN becomes a
+  bias add after its convolution).
+
+Interleaved rounds (one step of each per round); medians and paired median ratios vs flax
+(< 1 is faster), plus the largest difference between the folded and the flax outputs.
+
+Usage::
+
+    python benchmarks/bench_fold.py            # CIFAR-size ResNet-14, batch 256
+    python benchmarks/bench_fold.py --quick    # small smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import sys
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import linen as nn  # noqa: E402
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, _HERE)
+sys.path.insert(0, os.path.join(os.path.dirname(_HERE), "tests"))
+import _common  # noqa: E402
+import _resnet  # noqa: E402
+
+import jaxbn.linen  # noqa: E402
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def trained(shapes, seed=0):
+  """Filled variables with statistics away from (0, 1), as after training."""
+  variables = _resnet.fill(shapes, seed)
+  rng = np.random.default_rng(seed + 1)
+
+  def leaf(path, v):
+    name = jax.tree_util.keystr(path)
+    if "batch_stats" in name and "mean" in name:
+      return jnp.asarray(0.3 * rng.standard_normal(v.shape), v.dtype)
+    if "batch_stats" in name and "var" in name:
+      return jnp.asarray(rng.uniform(0.5, 2.0, v.shape), v.dtype)
+    return v
+  return jax.tree_util.tree_map_with_path(leaf, variables)
+
+
+def bench_dtype(args, dtype_name):
+  dtype = DTYPES[dtype_name]
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((args.batch, args.size, args.size, 3)), dtype)
+  models = {name: _resnet.ResNet(stage_sizes=tuple(args.stages), num_filters=args.filters,
+                                 batch_norm=bn, dtype=dtype)
+            for name, bn in (("flax", nn.BatchNorm), ("jaxbn", jaxbn.linen.BatchNorm))}
+  shapes = jax.eval_shape(functools.partial(models["flax"].init, train=False),
+                          jax.random.key(0), jax.ShapeDtypeStruct(x.shape, x.dtype))
+  variables = trained(shapes)
+  flax_model = models["flax"]
+  pairs = jaxbn.linen.find_conv_bn_pairs(flax_model.apply, variables, x, train=False)
+  folded_vars = jaxbn.linen.fold_batch_norm(variables, pairs)
+  n_bn = len(jax.tree.leaves(variables["batch_stats"])) // 2
+
+  def compiled(apply, v):
+    return jax.jit(functools.partial(apply, train=False)).lower(v, x).compile(), v
+
+  steps = {
+      "flax": compiled(flax_model.apply, variables),
+      "jaxbn": compiled(models["jaxbn"].apply, variables),
+      "folded": compiled(jaxbn.linen.folded(flax_model.apply), folded_vars),
+  }
+  fns = {k: functools.partial(c, v, x) for k, (c, v) in steps.items()}
+  ref = np.asarray(fns["flax"](), np.float32)
+  err = float(np.max(np.abs(np.asarray(fns["folded"](), np.float32) - ref)))
+  times = _common.interleaved(fns, reps=args.reps, warmup=2)
+  rows = []
+  for name in steps:
+    rows.append(dict(impl=name, ms=1e3 * _common.median(times[name]),
+                     ratio=_common.paired_ratio(times[name], times["flax"])))
+  return rows, len(pairs), n_bn, err, float(np.max(np.abs(ref)))
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--batch", type=int, default=256)
+  p.add_argument("--size", type=int, default=32, help="image height and width")
+  p.add_argument("--filters", type=int, default=16)
+  p.add_argument("--stages", type=int, nargs="+", default=[2, 2, 2])
+  p.add_argument("--reps", type=int, default=30, help="timed rounds")
+  p.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+  p.add_argument("--quick", action="store_true", help="tiny model, few rounds (smoke test)")
+  args = p.parse_args(argv)
+  if args.quick:
+    args.batch, args.size, args.filters, args.stages, args.reps = 16, 8, 8, [1, 1], 5
+
+  print("# ResNet eval step: BatchNorm folded into the convolutions vs flax.linen.BatchNorm\n")
+  print(f"machine: {_common.machine()}\n")
+  print(f"model: ResNet stages={args.stages} filters={args.filters}, input "
+        f"{args.batch}x{args.size}x{args.size}x3 NHWC, one device, train=False under jax.jit; "
+        f"{args.reps} interleaved rounds; ratios are paired medians vs flax (< 1 is faster).\n")
+  print("| dtype | BN | eval step ms | / flax | BNs folded | max abs diff vs flax |")
+  print("|---|---|---:|---:|---:|---:|")
+  for dtype_name in args.dtypes:
+    rows, n_pairs, n_bn, err, scale = bench_dtype(args, dtype_name)
+    for r in rows:
+      folded = f"{n_pairs}/{n_bn}" if r["impl"] == "folded" else "0"
+      diff = f"{err:.1e} (of {scale:.1f})" if r["impl"] == "folded" else ""
+      print(f"| {dtype_name} | {r['impl']} | {r['ms']:.2f} | {r['ratio']:.2f} | {folded} | "
+            f"{diff} |", flush=True)
+
+
+if __name__ == "__main__":
+  main()
