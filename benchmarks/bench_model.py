@@ -153,7 +153,7 @@ def main(argv=None):
   p.add_argument("--filters", type=int, default=16)
   p.add_argument("--stages", type=int, nargs="+", default=[2, 2, 2])
   p.add_argument("--reps", type=int, default=20, help="timed rounds")
-  p.add_argument("--compile-reps", type=int, default=3)
+  p.add_argument("--compile-reps", type=int, default=None, help="default 3 (1 with --quick)")
   p.add_argument("--devices", type=int, nargs="+", default=[1, 8])
   p.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
   p.add_argument("--quick", action="store_true", help="tiny model, few rounds (smoke test)")
@@ -163,6 +163,8 @@ def main(argv=None):
   if args.quick:
     args.batch, args.size, args.filters, args.stages = 16, 8, 8, [1, 1]
     args.reps = 3
+  if args.compile_reps is None:
+    args.compile_reps = 1 if args.quick else 3
 
   print("# ResNet train step: jaxbn.linen.BatchNorm vs flax.linen.BatchNorm\n")
   print(f"machine: {_common.machine()}\n")

@@ -225,8 +225,8 @@ def test_linen_and_nnx_layers():
   model = jaxbn.nnx.GhostBatchNorm(C, 4, momentum=M, stats_update="sequential",
                                    rngs=nnx.Rngs(0))
   y_nnx = model(x)
-  np.testing.assert_allclose(y_linen, y_core, atol=1e-6)
-  np.testing.assert_allclose(y_nnx, y_core, atol=1e-6)
+  np.testing.assert_allclose(y_linen, y_core, atol=1e-5)  # jit vs eager: rounding only
+  np.testing.assert_allclose(y_nnx, y_core, atol=1e-5)
   np.testing.assert_allclose(upd["batch_stats"]["var"], st.var, rtol=1e-6)
   np.testing.assert_allclose(model.var[...], st.var, rtol=1e-6)
   model.eval()

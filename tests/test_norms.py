@@ -1,8 +1,6 @@
 """Layer, RMS, group and instance norm: float64 NumPy references (values, masks, gradients),
 side by side with flax.linen and flax.nnx, model-parallel statistics, and errors."""
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -333,3 +331,40 @@ def test_errors():
   with pytest.raises(ValueError, match=r"jaxbn.nnx.GroupNorm: `num_groups`=4 must be a "
                                        r"positive divisor of num_features=6"):
     jaxbn.nnx.GroupNorm(6, num_groups=4, rngs=nnx.Rngs(0))
+
+
+def test_plain_jit_on_a_sharded_batch():
+  """Under jax.jit on an explicitly batch-sharded input (no axis_name), every variant gives
+  the single-device values and gradients; ghost BN keeps virtual batches on one device."""
+  mesh = jax.make_mesh((8,), ("b",))
+  x = _data(18, shape=(16, 2, 2, 8))
+  sc, bi = _param(19, (8,)), _param(20, (8,))
+  st = jaxbn.init_stats(8)
+  fns = {
+      "group_norm": lambda x, s, b: jaxbn.group_norm(x, s, b, num_groups=4),
+      "instance_norm": lambda x, s, b: jaxbn.instance_norm(x, s, b),
+      "layer_norm": lambda x, s, b: jaxbn.layer_norm(x, s, b),
+      "rms_norm": lambda x, s, b: jaxbn.rms_norm(x, s) + b,
+      "batch_renorm": lambda x, s, b: jaxbn.batch_renorm(x, st, s, b, training=True,
+                                                          r_max=1.5, d_max=0.5)[0],
+      "ghost_batch_norm": lambda x, s, b: jaxbn.ghost_batch_norm(
+          x, st, s, b, training=True, virtual_batch_size=2)[0],
+      "frozen_batch_norm": lambda x, s, b: jaxbn.frozen_batch_norm(x, st, s, b,
+                                                                   freeze_affine=False),
+  }
+
+  def run(x, s, b):
+    return {k: jax.grad(lambda x, s, b: jnp.sum(jnp.sin(f(x, s, b))), argnums=(0, 1, 2))(
+        x, s, b) for k, f in fns.items()}
+
+  ref = jax.jit(run)(x, sc, bi)
+  with jax.set_mesh(mesh):
+    xs = jax.device_put(x, NamedSharding(mesh, P("b")))
+    out = jax.jit(run)(xs, sc, bi)
+    with pytest.raises(ValueError, match=r"ghost_batch_norm: the batch axis is sharded over 8 "
+                                         r"devices but cut into 4 virtual batches of 4"):
+      jax.jit(lambda x: jaxbn.ghost_batch_norm(x, st, training=True,
+                                               virtual_batch_size=4))(xs)
+  for k in fns:
+    for a, b in zip(out[k], ref[k]):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4, err_msg=k)

@@ -38,43 +38,52 @@ def _positive_ints(text: str) -> tuple[int, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-  """One ``--flag`` per :class:`configs.Config` field; None means "the preset's value"."""
+  """One ``--flag`` per :class:`configs.Config` field; unset flags keep the preset's value."""
   p = argparse.ArgumentParser(
       prog="python -m examples.cnn.main",
-      description="Train a small CNN with jaxbn normalization (digits by default).",
-      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+      description="Train a small CNN with jaxbn normalization layers (sklearn digits by "
+                  "default). Defaults shown are the digits preset's.")
+  preset = configs.get_config("digits")
+
+  def add(name: str, help: str = "", **kw):  # pylint: disable=redefined-builtin
+    default = getattr(preset, name)
+    if isinstance(default, tuple):
+      default = ",".join(map(str, default))
+    p.add_argument(f"--{name}", help=f"{help} (default: {default})".lstrip(), **kw)
+
   p.add_argument("--config", default="digits", choices=sorted(configs.CONFIGS),
-                 help="preset the other flags override")
-  p.add_argument("--dataset", choices=("digits", "cifar10", "synthetic"))
-  p.add_argument("--data_dir", help="CIFAR-10 `cifar-10-batches-py` folder")
-  p.add_argument("--norm", choices=configs.NORMS,
-                 help="batch (jaxbn BatchNorm), renorm, ghost, group, layer, none, or flax "
-                      "(flax.linen.BatchNorm, for comparison)")
-  p.add_argument("--devices", type=int,
-                 help="number of devices; on CPU, simulated devices (set before JAX starts)")
-  p.add_argument("--parallel", choices=configs.PARALLEL,
-                 help="jit: sharded arrays; shard_map/pmap: per-device code, synced BN")
-  p.add_argument("--batch_size", type=int, help="global batch size (all devices)")
-  p.add_argument("--epochs", type=int)
-  p.add_argument("--learning_rate", type=float)
-  p.add_argument("--weight_decay", type=float)
-  p.add_argument("--bn_momentum", type=float, help="running-average momentum (flax convention)")
-  p.add_argument("--widths", type=_positive_ints, help="conv stage widths, e.g. 32,64,128")
-  p.add_argument("--ghost_batch_size", type=int, help="virtual batch of --norm ghost")
-  p.add_argument("--groups", type=int, help="groups of --norm group")
-  p.add_argument("--num_train", type=int, help="use only this many training examples")
-  p.add_argument("--num_test", type=int, help="use only this many test examples")
-  p.add_argument("--augment", action=argparse.BooleanOptionalAction,
-                 help="random one-pixel shifts of training images")
-  p.add_argument("--recompute_stats", action=argparse.BooleanOptionalAction,
-                 help="also evaluate with population statistics recomputed after training")
-  p.add_argument("--eval_every", type=int, help="evaluate every N epochs")
-  p.add_argument("--seed", type=int)
-  p.add_argument("--workdir", help="output folder (default runs/cnn/<dataset>-<norm>-...)")
-  p.add_argument("--checkpoint_every", type=int,
-                 help="save every N epochs (0: at the end only, -1: never)")
-  p.add_argument("--resume", action="store_true", default=None,
-                 help="continue from the latest checkpoint in --workdir")
+                 help="preset that the other flags override (default: digits)")
+  add("dataset", choices=("digits", "cifar10", "synthetic"))
+  add("data_dir", "CIFAR-10 `cifar-10-batches-py` folder")
+  add("norm", "batch (jaxbn BatchNorm), renorm, ghost, group, layer, none, or flax "
+      "(flax.linen.BatchNorm, for comparison)", choices=configs.NORMS)
+  add("devices", "number of devices; without an accelerator, simulated CPU devices",
+      type=int)
+  add("parallel", "jit: batch-sharded arrays; shard_map or pmap: per-device code with "
+      "synchronized BN", choices=configs.PARALLEL)
+  add("batch_size", "global batch size (all devices together)", type=int)
+  add("epochs", type=int)
+  add("learning_rate", "peak learning rate (SGD, Nesterov momentum 0.9, cosine schedule)",
+      type=float)
+  add("weight_decay", "on conv and dense kernels", type=float)
+  add("bn_momentum", "running-average momentum, flax convention (PyTorch's 0.1 = 0.9 here)",
+      type=float)
+  add("widths", "channels of the conv stages", type=_positive_ints)
+  add("ghost_batch_size", "virtual batch of --norm ghost", type=int)
+  add("groups", "groups of --norm group", type=int)
+  add("num_train", "use only this many training examples", type=int)
+  add("num_test", "use only this many test examples", type=int)
+  add("augment", "random one-pixel shifts of the training images",
+      action=argparse.BooleanOptionalAction)
+  add("recompute_stats", "also evaluate with BN statistics recomputed after training",
+      action=argparse.BooleanOptionalAction)
+  add("eval_every", "evaluate every N epochs", type=int)
+  add("seed", type=int)
+  add("workdir", "output folder; None: runs/cnn/<dataset>-<norm>-<parallel>-<N>dev")
+  add("checkpoint_every", "save every N epochs and at the end (0: at the end, -1: never)",
+      type=int)
+  add("resume", "continue from the latest checkpoint in --workdir", action="store_true",
+      default=None)
   return p
 
 
@@ -102,7 +111,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   from examples.cnn import report, train  # pylint: disable=import-outside-toplevel
   try:
     _, summary = train.train_and_evaluate(config, start_time=_START)
-  except (train.UsageError, FileNotFoundError) as e:
+  except (configs.UsageError, FileNotFoundError) as e:
     parser.exit(2, f"{parser.prog}: error: {e}\n")
   report.print_summary(summary)
   return 0

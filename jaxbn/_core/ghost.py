@@ -8,52 +8,34 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.sharding import NamedSharding, PartitionSpec as P
 from jax.typing import ArrayLike, DTypeLike
 
 from jaxbn._core import checks
 from jaxbn._core import collectives
 from jaxbn._core.batch_norm import batch_norm
 from jaxbn._core.ema import update_stats
-from jaxbn._core.norms import standardize
+from jaxbn._core.norms import group_values, standardize
 from jaxbn._core.renorm import validate_bn_args
 from jaxbn._core.types import BatchStats, Moments
 
 _RULES = ("average", "sequential")
 
 
-def _split_batch(fn: str, v: jax.Array, batch_axis: int, ghosts: int, size: int) -> jax.Array:
-  """Splits ``batch_axis`` of ``v`` into ``(ghosts, size)`` (row-major: consecutive slices).
-
-  Under ``jax.jit`` on an explicitly sharded batch, the virtual-batch axis keeps the batch's
-  sharding, so that virtual batches never span devices.
-  """
-  if v.shape[batch_axis] == 1:  # broadcast along the batch (e.g. a per-feature mask)
-    return jnp.expand_dims(v, batch_axis)
-  shape = v.shape[:batch_axis] + (ghosts, size) + v.shape[batch_axis + 1:]
-  sharding = collectives.explicit_sharding(v)
-  if sharding is None:
-    return v.reshape(shape)
-  spec = tuple(sharding.spec) + (None,) * (v.ndim - len(sharding.spec))
-  names = spec[batch_axis]
-  if names is not None:
-    shards = int(np.prod([sharding.mesh.shape[n] for n in collectives.names(names)]))
-    if ghosts % shards:
-      raise ValueError(
-          f"{fn}: the batch axis is sharded over {shards} devices but cut into {ghosts} "
-          f"virtual batches of {size}; virtual batches must not span devices. Use a "
-          f"`virtual_batch_size` that divides the per-device batch of "
-          f"{v.shape[batch_axis] // shards}.")
-  out = spec[:batch_axis] + (names, None) + spec[batch_axis + 1:]
-  return lax.reshape(v, shape, out_sharding=NamedSharding(sharding.mesh, P(*out)))
-
-
-def _merge_batch(y: jax.Array, x: jax.Array) -> jax.Array:
-  """The inverse of :func:`_split_batch` (``x``'s shape and sharding)."""
+def _check_layout(fn: str, x: jax.Array, batch_axis: int, ghosts: int, size: int) -> None:
+  """Under ``jax.jit`` on an explicitly sharded batch, virtual batches must not span devices."""
   sharding = collectives.explicit_sharding(x)
   if sharding is None:
-    return y.reshape(x.shape)
-  return lax.reshape(y, x.shape, out_sharding=sharding)
+    return
+  spec = tuple(sharding.spec) + (None,) * (x.ndim - len(sharding.spec))
+  if spec[batch_axis] is None:
+    return
+  shards = int(np.prod([sharding.mesh.shape[n] for n in collectives.names(spec[batch_axis])]))
+  if ghosts % shards:
+    raise ValueError(
+        f"{fn}: the batch axis is sharded over {shards} devices but cut into {ghosts} "
+        f"virtual batches of {size}; virtual batches must not span devices. Use a "
+        f"`virtual_batch_size` that divides the per-device batch of "
+        f"{x.shape[batch_axis] // shards}.")
 
 
 def _merge_ghost_moments(mean, var, count, axis_name, groups, unbiased):
@@ -109,8 +91,11 @@ def ghost_batch_norm(
   When to use: large-batch training where full-batch statistics regularize too little
   (Hoffer et al. recover small-batch generalization with virtual batches of 32–128), or to
   keep the statistics of a fixed, small batch size while the per-device batch grows (TabNet
-  uses it for tabular data). Virtual batches never span devices; to normalize over *more*
-  than one device's batch use :func:`jaxbn.batch_norm` with ``axis_name``.
+  uses it for tabular data). Virtual batches never span devices — under ``jax.shard_map`` /
+  ``jax.pmap`` they cut each device's batch, and under plain ``jax.jit`` on a batch sharded
+  with explicit mesh axes ``virtual_batch_size`` must divide the per-device batch (checked);
+  to normalize over *more* than one device's batch use :func:`jaxbn.batch_norm` with
+  ``axis_name``.
 
   Running statistics, ``stats_update="average"`` (default): one update per call, with the
   mean of all valid entries and the count-weighted mean of the virtual-batch variances (the
@@ -209,24 +194,20 @@ def ghost_batch_norm(
   checks.axis_name_bound(fn, axis_name, axis_index_groups)
   ghosts = size // virtual_batch_size
 
-  # x: (..., B, ...) -> (..., G, V, ...): statistics per virtual batch and feature, i.e.
-  # over every axis but G and the features (batch norm's closed-form gradient per slice).
-  xg = _split_batch(fn, x, ba, ghosts, virtual_batch_size)
-  pfeat = tuple(a + 1 if a > ba else a for a in feat)
-  gfeat = tuple(sorted((ba,) + pfeat))
-  gpos = gfeat.index(ba)
-  mask_g = None
-  if mask is not None:
-    m = jnp.asarray(mask)
-    m = m.reshape((1,) * (x.ndim - m.ndim) + m.shape)
-    mask_g = _split_batch(fn, m, ba, ghosts, virtual_batch_size)
+  _check_layout(fn, x, ba, ghosts, virtual_batch_size)
+  # Statistics per virtual batch and feature: per example over the other non-feature axes,
+  # then summed over each block of `virtual_batch_size` examples (on x's own layout).
+  sfeat = tuple(sorted((ba,) + feat))
+  grouping = (sfeat.index(ba), ghosts)
   y, mean, var, count = standardize(
-      fn, xg, scale, bias, red=checks.reduction_axes(xg.ndim, gfeat), param_axes=pfeat,
-      mask=mask_g, epsilon=epsilon, dtype=dtype, axis_name=None, axis_index_groups=None,
-      use_fast_variance=use_fast_variance)
-  y = _merge_batch(y, x)
-  # Per-virtual-batch moments with the G axis first: (G, *features).
-  mean, var, count = (lax.stop_gradient(jnp.moveaxis(v, gpos, 0)) for v in (mean, var, count))
+      fn, x, scale, bias, red=checks.reduction_axes(x.ndim, sfeat), param_axes=feat,
+      mask=mask, epsilon=epsilon, dtype=dtype, axis_name=None, axis_index_groups=None,
+      use_fast_variance=use_fast_variance, grouping=grouping)
+  # Per-virtual-batch moments with the G axis first: (G, *features). The barrier keeps XLA
+  # from fusing the pooling below back into the reductions over x.
+  mean, var, count = lax.optimization_barrier(tuple(
+      lax.stop_gradient(jnp.moveaxis(group_values(v, grouping), grouping[0], 0))
+      for v in (mean, var, count)))
   groups = None if axis_index_groups is None else [list(g) for g in axis_index_groups]
 
   if stats_update == "average":

@@ -1,9 +1,14 @@
 """Normalizations that do not use the batch: layer, RMS, group and instance normalization.
 
-They share one computation — per-example statistics over some axes, then an affine map —
-and differ only in which axes are reduced and which carry ``scale``/``bias``. None has
-running state, so training and inference are the same function. Argument names follow
-flax's layers (``reduction_axes``, ``feature_axes``, ``num_groups``, ``group_size``).
+They share one computation — statistics over some axes, then an affine map — and differ
+only in which axes are reduced and which carry ``scale``/``bias``. None has running state,
+so training and inference are the same function. Argument names follow flax's layers
+(``reduction_axes``, ``feature_axes``, ``num_groups``, ``group_size``).
+
+The shared engine, :func:`standardize_train` (a ``jax.custom_jvp`` with a closed-form,
+rematerialized derivative), also computes the training step of batch renormalization
+(per-feature statistics with constant corrections) and of ghost batch norm (statistics per
+block of examples), see ``renorm.py`` and ``ghost.py``.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.sharding import NamedSharding, PartitionSpec as P
 from jax.typing import ArrayLike, DTypeLike
 
 from jaxbn._core import checks
@@ -46,24 +52,58 @@ def _check_param(fn: str, name: str, v: Any, shape: tuple[int, ...], where: str)
 
 
 # ---------------------------------------------------------------- the shared engine
-# cfg = (red, pfeat, axis_name, axis_index_groups, fast, center, out_dtype, n_groups):
-# statistics over the axes ``red`` of x (shape of the other axes, "stat axes"), parameters
-# along ``pfeat``; with ``n_groups`` the last (channel) axis, a stat axis, is cut into that
-# many groups that share their statistics (group norm).
+# cfg = (red, pfeat, axis_name, axis_index_groups, fast, center, out_dtype, grouping):
+# statistics over the axes ``red`` of x (shape of the other axes, the "stat axes"),
+# parameters along ``pfeat``. ``grouping = (pos, n)`` cuts stat axis ``pos`` into ``n``
+# consecutive blocks that share their statistics: the channels of group norm, the examples
+# of ghost batch norm. The reductions then run on x's own layout and are summed per block
+# (no reshape of x, whose inner axis stays contiguous).
 
 
-def _group_sum(v, n_groups):
-  """Sums a stat-shaped ``v`` (channels last) over the channels of each group."""
-  if not n_groups:
+def _split(v, pos, n):
+  """Cuts axis ``pos`` of ``v`` into ``(n, length // n)`` (keeping an explicit sharding)."""
+  shape = v.shape[:pos] + (n, v.shape[pos] // n) + v.shape[pos + 1:]
+  sharding = collectives.explicit_sharding(v)
+  if sharding is None:
+    return v.reshape(shape)
+  spec = tuple(sharding.spec) + (None,) * (v.ndim - len(sharding.spec))
+  out = NamedSharding(sharding.mesh, P(*(spec[:pos] + (spec[pos], None) + spec[pos + 1:])))
+  return lax.reshape(v, shape, out_sharding=out)
+
+
+def _merge(v, pos):
+  """Merges axes ``pos`` and ``pos + 1`` of ``v`` (the inverse of :func:`_split`)."""
+  shape = v.shape[:pos] + (v.shape[pos] * v.shape[pos + 1],) + v.shape[pos + 2:]
+  sharding = collectives.explicit_sharding(v)
+  if sharding is None:
+    return v.reshape(shape)
+  spec = tuple(sharding.spec) + (None,) * (v.ndim - len(sharding.spec))
+  out = NamedSharding(sharding.mesh, P(*(spec[:pos + 1] + spec[pos + 2:])))
+  return lax.reshape(v, shape, out_sharding=out)
+
+
+def _group_sum(v, grouping):
+  """Sums a stat-shaped ``v`` over each block of the grouped axis."""
+  if grouping is None:
     return v
-  return v.reshape(v.shape[:-1] + (n_groups, v.shape[-1] // n_groups)).sum(-1)
+  pos, n = grouping
+  return jnp.sum(_split(v, pos, n), axis=pos + 1)
 
 
-def _expand(v, n_groups, channels):
-  """Repeats per-group values ``(..., G)`` to per-channel ``(..., C)``."""
-  if not n_groups:
+def _expand(v, grouping, length):
+  """Repeats per-block values back to the grouped axis's ``length`` entries."""
+  if grouping is None:
     return v
-  return jnp.repeat(v, channels // n_groups, axis=-1)
+  pos, n = grouping
+  e = jnp.expand_dims(v, pos + 1)
+  e = jnp.broadcast_to(e, e.shape[:pos + 1] + (length // n,) + e.shape[pos + 2:])
+  return _merge(e, pos)
+
+
+def group_values(v, grouping):
+  """One value per block of a stat-shaped ``v`` whose blocks hold equal values."""
+  pos, n = grouping
+  return lax.index_in_dim(_split(v, pos, n), 0, pos + 1, keepdims=False)
 
 
 def _local_sums(x, red, mask, acc, rdt, shift=None):
@@ -85,38 +125,41 @@ def _local_sums(x, red, mask, acc, rdt, shift=None):
   return count, s1, jnp.sum(jnp.where(mask, _abs2(xb), 0), axis=red).astype(rdt)
 
 
-def _grouped_moments(x, red, mask, n_groups, axis_name, groups, fast):
-  """Mean and variance per stat entry and channel group, expanded back to channels.
+def _grouped_moments(x, red, mask, grouping, axis_name, groups, fast):
+  """Mean and variance per block of the grouped stat axis, expanded back to its entries.
 
-  Reductions run over ``red`` on ``x``'s own layout (channels stay the contiguous inner
-  axis) and are then summed over each group's channels; the stable variance is two-pass
-  (mean, then the sum of squares about it), the fast one ``Σx² − n·mean²``.
+  Reductions run over ``red`` on ``x``'s own layout and are then summed per block; the
+  stable variance is two-pass (mean, then the sum of squares about it), the fast one
+  ``Σx² − n·mean²``.
   """
   acc = accumulation_dtype(x.dtype)
   rdt = jnp.finfo(acc).dtype
-  c = x.shape[-1]
+  sfeat = tuple(i for i in range(x.ndim) if i not in red)
+  length = x.shape[sfeat[grouping[0]]]
   count, s1, s2 = _local_sums(x, red, mask, acc, rdt)
-  count, s1 = _group_sum(count, n_groups), _group_sum(s1, n_groups)
+  count, s1 = _group_sum(count, grouping), _group_sum(s1, grouping)
   n = jnp.maximum(count, 1.0)
   mean = s1 / n
   if fast:
-    m2 = jnp.maximum(_group_sum(s2, n_groups) - n * _abs2(mean), 0.0).astype(rdt)
+    m2 = jnp.maximum(_group_sum(s2, grouping) - n * _abs2(mean), 0.0).astype(rdt)
   else:
-    _, _, d2 = _local_sums(x, red, mask, acc, rdt, shift=_expand(mean, n_groups, c))
-    m2 = _group_sum(d2, n_groups)
+    _, _, d2 = _local_sums(x, red, mask, acc, rdt, shift=_expand(mean, grouping, length))
+    m2 = _group_sum(d2, grouping)
   count, mean, var = combine(count, mean, m2, axis_name, groups, fast)
-  return tuple(_expand(v, n_groups, c) for v in (count, mean, var))
+  return tuple(_expand(v, grouping, length) for v in (count, mean, var))
 
 
-def _mean_square(x, red, mask, n_groups, axis_name, groups):
+def _mean_square(x, red, mask, grouping, axis_name, groups):
   """Count and mean of ``|x|²`` over ``red`` (stat-shaped), float32, one collective."""
   acc = accumulation_dtype(x.dtype)
   rdt = jnp.finfo(acc).dtype
   count, _, s2 = _local_sums(x, red, mask, acc, rdt)
-  count, s2 = _group_sum(count, n_groups), _group_sum(s2, n_groups)
+  count, s2 = _group_sum(count, grouping), _group_sum(s2, grouping)
   count, s2 = collectives.psum_stacked((count, s2), axis_name, groups)
   ms = s2 / jnp.maximum(count, 1.0)
-  count, ms = (_expand(v, n_groups, x.shape[-1]) for v in (count, ms))
+  if grouping is not None:
+    sfeat = tuple(i for i in range(x.ndim) if i not in red)
+    count, ms = (_expand(v, grouping, x.shape[sfeat[grouping[0]]]) for v in (count, ms))
   return count, jnp.zeros_like(ms), ms
 
 
@@ -140,11 +183,11 @@ def _effective(scale, bias, r, d, acc):
 
 
 def _stats(cfg, x, mask, epsilon, correction):
-  red, pfeat, axis_name, groups, fast, center, out_dtype, n_groups = cfg
+  red, pfeat, axis_name, groups, fast, center, out_dtype, grouping = cfg
   if not center:
-    count, mean, var = _mean_square(x, red, mask, n_groups, axis_name, groups)
-  elif n_groups:
-    count, mean, var = _grouped_moments(x, red, mask, n_groups, axis_name, groups, fast)
+    count, mean, var = _mean_square(x, red, mask, grouping, axis_name, groups)
+  elif grouping is not None:
+    count, mean, var = _grouped_moments(x, red, mask, grouping, axis_name, groups, fast)
   else:
     count, mean, var = feature_moments(x, red, mask, axis_name, groups, fast)
   inv = lax.rsqrt(var + epsilon)
@@ -166,8 +209,9 @@ def standardize_train(cfg, x, scale, bias, mask, epsilon, correction):
   r"""``y = (x − μ) s · γ_e + β_e`` with statistics over ``red``: returns (y, mean, var, count).
 
   The statistics (mean, variance — or the mean square when not ``center`` — and count) are
-  taken over the axes ``red`` of the valid entries of ``x`` (and the channels of a group
-  with ``n_groups``; synchronized over ``axis_name``) and have the shape of the other axes;
+  taken over the axes ``red`` of the valid entries of ``x`` (and the entries of a block of
+  the grouped stat axis with ``grouping``; synchronized over ``axis_name``) and have the
+  shape of the other axes;
   ``scale``/``bias`` have the shape of ``x`` along ``pfeat``. With a ``correction`` (batch
   renorm; then ``pfeat`` are the statistics' axes) ``γ_e = γ r`` and ``β_e = γ d + β`` with
   ``r``, ``d`` constants, else ``γ_e = γ``, ``β_e = β``. Layer, RMS, group and instance norm
@@ -177,7 +221,7 @@ def standardize_train(cfg, x, scale, bias, mask, epsilon, correction):
   Gradients are closed-form (see the JVP); the returned statistics carry none (they only
   feed running averages, under ``stop_gradient``).
   """
-  red, pfeat, axis_name, groups, fast, center, out_dtype, n_groups = cfg
+  red, pfeat, axis_name, groups, fast, center, out_dtype, grouping = cfg
   sfeat = tuple(i for i in range(x.ndim) if i not in red)
   count, mean, var, inv, r, d = _stats(cfg, x, mask, epsilon, correction)
   acc = accumulation_dtype(x.dtype)
@@ -220,7 +264,7 @@ def _standardize_train_jvp(cfg, primals, tangents):
   body is rematerialized, so only ``x`` and statistic/parameter-shaped vectors are kept for
   the backward pass; each pass reads its own alias of ``x`` (see ``jaxbn.batch_norm``).
   """
-  red, pfeat, axis_name, groups, fast, center, out_dtype, n_groups = cfg
+  red, pfeat, axis_name, groups, fast, center, out_dtype, grouping = cfg
   x, scale, bias, mask, epsilon, correction = primals
   xd, sd, bd = tangents[:3]
   y, mean, var, count = standardize_train(cfg, *primals)
@@ -237,7 +281,7 @@ def _standardize_train_jvp(cfg, primals, tangents):
   if bd is not None:
     bd_eff = bd.astype(acc) if bd_eff is None else bd_eff + bd.astype(acc)
   fold = set(pfeat) <= set(sfeat)
-  channels = x.shape[-1]
+  glen = None if grouping is None else x.shape[sfeat[grouping[0]]]
 
   @functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.nothing_saveable)
   def tangent(x, mean, inv, g, mask, count, xd, sd_eff, bd_eff):
@@ -260,16 +304,20 @@ def _standardize_train_jvp(cfg, primals, tangents):
     sums = (jnp.sum(xdm, axis=red), jnp.sum(xdm * xh_s, axis=red))
     if not center:
       sums = sums[1:]
-    sums = collectives.psum_stacked([_group_sum(v, n_groups) for v in sums], axis_name,
+    sums = collectives.psum_stacked([_group_sum(v, grouping) for v in sums], axis_name,
                                     groups)
-    n = jnp.maximum(_group_sum(count, n_groups) / (channels // n_groups if n_groups else 1),
-                    1.0)
-    means = [_expand(v / n, n_groups, channels) for v in sums]
+    n = jnp.maximum(count if grouping is None else group_values(count, grouping), 1.0)
+    means = [_expand(v / n, grouping, glen) for v in sums]
     r1 = means[-1]
     r0 = means[0] if center else None
     if fold:  # per-statistic coefficients (batch, instance, group norm; as jaxbn.batch_norm)
       g_s, sd_s, bd_s = (_in_stat_shape(v, sfeat, pfeat, inv.shape)
                          for v in (g, sd_eff, bd_eff))
+      if sfeat != pfeat and (sd_s is not None or bd_s is not None):
+        # Transposed, the barrier makes the scale/bias gradients sums of the per-statistic
+        # sums (instead of XLA merging them into second reductions over the whole of
+        # dy·x̂, which it then writes out to feed both).
+        sd_s, bd_s = lax.optimization_barrier((sd_s, bd_s))
       k = inv if g_s is None else inv * g_s
       c1 = -(k * r1) if sd_s is None else sd_s - k * r1
       parts = [c1]
@@ -307,7 +355,7 @@ def _standardize_train_jvp(cfg, primals, tangents):
 
 def _standardize_plain(cfg, x, scale, bias, mask, epsilon, correction):
   """Plain autodiff version (complex input)."""
-  red, pfeat, axis_name, groups, fast, center, out_dtype, n_groups = cfg
+  red, pfeat, axis_name, groups, fast, center, out_dtype, grouping = cfg
   sfeat = tuple(i for i in range(x.ndim) if i not in red)
   count, mean, var, inv, r, d = _stats(cfg, x, mask, epsilon, correction)
   acc = accumulation_dtype(x.dtype)
@@ -326,7 +374,7 @@ def _standardize_plain(cfg, x, scale, bias, mask, epsilon, correction):
 
 def standardize(fn, x, scale, bias, *, red, param_axes, mask, epsilon, dtype, axis_name,
                 axis_index_groups, use_fast_variance, center=True, correction=None,
-                n_groups=0):
+                grouping=None):
   """Validates the shared arguments and runs :func:`standardize_train` (``y`` and stats)."""
   checks.epsilon_value(fn, epsilon)
   checks.mask_broadcasts(fn, mask, x.shape)
@@ -340,7 +388,7 @@ def standardize(fn, x, scale, bias, *, red, param_axes, mask, epsilon, dtype, ax
   scale = None if scale is None else jnp.asarray(scale).reshape(pshape)
   bias = None if bias is None else jnp.asarray(bias).reshape(pshape)
   cfg = (tuple(red), tuple(param_axes), axis_name, groups, bool(use_fast_variance),
-         bool(center), out_dtype, int(n_groups))
+         bool(center), out_dtype, None if grouping is None else tuple(int(g) for g in grouping))
   eps = lax.stop_gradient(jnp.asarray(epsilon, rdt))
   mask = None if mask is None else jnp.asarray(mask)
   impl = _standardize_plain if jnp.iscomplexobj(x) else standardize_train
@@ -664,7 +712,9 @@ def group_norm(
   _check_param(fn, "bias", bias, (channels,), "its last (channel) axis")
   # Statistics per group: reduce over `red` without the channels on x's own layout, then
   # over each group's channels (no reshape of x: the channels stay the inner axis).
-  return _standardize(fn, x, scale, bias, red=tuple(a for a in red if a != x.ndim - 1),
-                      param_axes=(x.ndim - 1,), mask=mask, epsilon=epsilon, dtype=dtype,
-                      axis_name=axis_name, axis_index_groups=axis_index_groups,
-                      use_fast_variance=use_fast_variance, n_groups=num_groups)
+  red = tuple(a for a in red if a != x.ndim - 1)
+  nstat = x.ndim - len(red)  # the channels are the last of the statistics' axes
+  return _standardize(fn, x, scale, bias, red=red, param_axes=(x.ndim - 1,), mask=mask,
+                      epsilon=epsilon, dtype=dtype, axis_name=axis_name,
+                      axis_index_groups=axis_index_groups, use_fast_variance=use_fast_variance,
+                      grouping=(nstat - 1, num_groups))
