@@ -345,7 +345,10 @@ def test_stable_variance_across_8_devices(mode):
   err = np.abs(np.asarray(moments(False).var) - var_ref) / var_ref
   assert err.max() <= 1e-3
   err_fast = np.abs(np.asarray(moments(True).var) - var_ref) / var_ref
-  assert err_fast.max() > 1e-2  # the data really defeats E[x²] − E[x]²
+  if mode == "shard_map":
+    assert err_fast.max() > 1e-2  # the data really defeats the synced E[x²] − E[x]²
+  else:  # no axis name: fast mode's guard falls back to the exact two-pass variance
+    assert err_fast.max() <= 1e-3
 
 
 def test_flax_2417_counter_example_weights_devices_by_true_counts():

@@ -53,6 +53,10 @@ def bcast(v: jax.Array, shape: tuple[int, ...], feat: tuple[int, ...],
   return lax.broadcast_in_dim(v, shape, feat, out_sharding=sharding)
 
 
+# Fast (one-pass) variance is trusted while mean² <= FAST_VARIANCE_LIMIT · var per feature.
+FAST_VARIANCE_LIMIT = 1e3
+
+
 def local_moments(x: jax.Array, red: tuple[int, ...], mask: Optional[jax.Array],
                   fast: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Count, mean and centered sum of squares ``M2`` of this device's data (feature shape).
@@ -61,7 +65,12 @@ def local_moments(x: jax.Array, red: tuple[int, ...], mask: Optional[jax.Array],
   ``M2 = Σ(x − mean)²``. It is accurate whatever the offset of the data (for float32 data
   with ``|mean| / std = 1e4`` the relative error of the variance is about 1e-5, where the
   one-pass formula returns garbage). Fast mode (flax's ``use_fast_variance``) is the one-pass
-  ``M2 = Σx² − (Σx)²/n``, clamped at 0.
+  ``M2 = Σx² − (Σx)²/n``, clamped at 0, guarded: its float32 rounding error relative to the
+  variance grows like ``eps · mean²/var``, so when some feature has ``mean² > 1000 · var``
+  (where flax's formula starts to return garbage) a ``lax.cond`` recomputes ``M2`` with the
+  exact two-pass algorithm. On ordinary data the guard never fires and the result is flax's;
+  on data far from zero it is still right. (Under ``axis_name`` the cross-device merge of
+  fast mode is the plain one-pass formula, as in flax.)
 
   Sums are accumulated in float32 (or wider) inside the reduction loops. Each pass reads its
   own alias of ``x`` and per-feature vectors are broadcast with ``broadcast_in_dim``, so that
@@ -73,7 +82,7 @@ def local_moments(x: jax.Array, red: tuple[int, ...], mask: Optional[jax.Array],
   rdt = _real_dtype(acc)
   feat = tuple(i for i in range(x.ndim) if i not in red)
   fshape = tuple(x.shape[i] for i in feat)
-  xa, xb = _aliases(x, 2)
+  xa, xb, xc = _aliases(x, 3)
   if mask is None:
     n = 1.0
     for a in red:
@@ -87,17 +96,22 @@ def local_moments(x: jax.Array, red: tuple[int, ...], mask: Optional[jax.Array],
     s1 = jnp.sum(jnp.where(mask, xa.astype(acc), 0), axis=red)
   mean = s1 / n
   mean_var, mean = _aliases(mean, 2)
-  if fast:
-    sq = _abs2(xb.astype(acc))
-    if mask is not None:
-      sq = jnp.where(mask, sq, 0)
-    m2 = jnp.maximum(jnp.sum(sq, axis=red) - n * _abs2(mean), 0.0)
-  else:
-    d2 = _abs2(xb.astype(acc) - bcast(mean_var, x.shape, feat))
+
+  def centered(xv, m):
+    d2 = _abs2(xv.astype(acc) - bcast(m, x.shape, feat))
     if mask is not None:
       d2 = jnp.where(mask, d2, 0)
-    m2 = jnp.sum(d2, axis=red)
-  return count, mean, m2.astype(rdt)
+    return jnp.sum(d2, axis=red).astype(rdt)
+
+  if not fast:
+    return count, mean, centered(xb, mean_var)
+  sq = _abs2(xb.astype(acc))
+  if mask is not None:
+    sq = jnp.where(mask, sq, 0)
+  m2 = jnp.maximum(jnp.sum(sq, axis=red) - n * _abs2(mean), 0.0).astype(rdt)
+  trusted = jnp.all(n * _abs2(mean) <= FAST_VARIANCE_LIMIT * m2)
+  m2 = lax.cond(trusted, lambda: m2, lambda: centered(xc, mean_var))
+  return count, mean, m2
 
 
 def combine(count, mean, m2, axis_name, axis_index_groups, fast: bool):

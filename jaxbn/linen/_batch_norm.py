@@ -45,14 +45,16 @@ class BatchNorm(nn.Module):
   issued (``axis_name`` need not be bound), and the mode comes from ``use_running_average``
   given either to the constructor or to the call (exactly one of them).
 
-  Variance: ``use_fast_variance`` keeps flax's default ``True`` and meaning,
+  Variance: ``use_fast_variance`` keeps flax's default ``True`` and meaning: the one-pass
   ``E[x²] − E[x]²`` in float32 (clamped at 0), so swapping the import reproduces flax's
-  numbers. It loses all precision when ``|mean| ≫ std`` (e.g. float32 data ``1e4 ± 1e-2``
-  gets variance 0). ``use_fast_variance=False`` selects jaxbn's stable variance (two passes
-  fused with the float32 up-cast, and with ``axis_name`` an exact merge of the per-device
-  moments), accurate for any offset of the data: the better choice when inputs are not
-  centered (e.g. a first BatchNorm on raw features). ``benchmarks/bench_model.py`` reports
-  what it costs in a ResNet train step.
+  numbers on ordinary data. Where that formula loses its digits (some feature with
+  ``mean² > 1000·var``, e.g. float32 data ``1e4 ± 1e-2``, where flax returns variance 0) jaxbn
+  falls back to the exact two-pass variance (a ``lax.cond``; with ``axis_name`` the
+  cross-device merge of fast mode stays one-pass, as in flax). ``use_fast_variance=False``
+  selects jaxbn's stable variance everywhere (two passes fused with the float32 up-cast,
+  and with ``axis_name`` an exact merge of the per-device moments): the better choice when
+  inputs are not centered and statistics are synchronized. ``benchmarks/bench_model.py``
+  reports what it costs in a ResNet train step.
 
   Differences from flax, all on the side of accuracy or stability: statistics and the
   normalization are always computed in at least float32, also with

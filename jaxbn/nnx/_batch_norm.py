@@ -65,10 +65,16 @@ class BatchNorm(nnx.Module):
   and per-feature vectors; float32 accumulation without an up-cast copy of bf16 input; one
   collective per pass with ``axis_name``; masked batches weighted by their true counts).
 
-  Numerics: ``use_fast_variance`` keeps flax's default ``True`` and meaning (``E[x²] −
-  E[x]²`` in float32, as flax), so the numbers match flax's; ``use_fast_variance=False`` gives
-  jaxbn's stable variance, accurate for any offset of the data (see
-  :class:`jaxbn.linen.BatchNorm`).
+  Variance: ``use_fast_variance`` keeps flax's default ``True`` and meaning: the one-pass
+  ``E[x²] − E[x]²`` in float32 (clamped at 0), so swapping the import reproduces flax's
+  numbers on ordinary data. Where that formula loses its digits (some feature with
+  ``mean² > 1000·var``, e.g. float32 data ``1e4 ± 1e-2``, where flax returns variance 0) jaxbn
+  falls back to the exact two-pass variance (a ``lax.cond``; with ``axis_name`` the
+  cross-device merge of fast mode stays one-pass, as in flax). ``use_fast_variance=False``
+  selects jaxbn's stable variance everywhere (two passes fused with the float32 up-cast,
+  and with ``axis_name`` an exact merge of the per-device moments): the better choice when
+  inputs are not centered and statistics are synchronized. ``benchmarks/bench_model.py``
+  reports what it costs in a ResNet train step.
   The output dtype follows ``promote_dtype`` exactly as in flax, but the arithmetic always
   runs in at least float32 with float32 statistics and parameters (flax casts the running
   statistics and parameters to ``dtype`` first, e.g. to bf16): at least as accurate.
