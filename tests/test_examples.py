@@ -279,8 +279,8 @@ def _check_outputs(summary, cfg):
 
 
 @pytest.mark.parametrize("norm, parallel, devices", [
-    ("batch", "pmap", 8),
-    ("renorm", "shard_map", 8),
+    ("batch", "pmap", 2),
+    ("renorm", "shard_map", 2),
     ("ghost", "jit", 1),
     ("group", "jit", 1),
     ("layer", "jit", 1),

@@ -109,8 +109,10 @@ def update_stats(
           f"{fn}: the batch statistics are complex but `stats` are {old.dtype}; create them "
           f"with init_stats(..., dtype=jnp.complex64) for complex input.")
     work = jnp.promote_types(old.dtype, jnp.float32)
-    upd = w_old.astype(work) * old.astype(work) + w_new.astype(work) * new.astype(work)
-    return jnp.where(valid, upd, old).astype(old.dtype)
+    # A feature without valid entries keeps its old value: its weight of the new value is 0
+    # (arithmetic rather than a select, so that operands sharded differently still combine).
+    w = jnp.where(valid, w_new, 0.0).astype(work)
+    return (old.astype(work) + w * (new.astype(work) - old.astype(work))).astype(old.dtype)
 
   return BatchStats(
       mean=blend(stats.mean, batch.mean),

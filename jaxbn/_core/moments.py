@@ -88,6 +88,7 @@ def local_moments(x: jax.Array, red: tuple[int, ...], mask: Optional[jax.Array],
     for a in red:
       n *= x.shape[a]
     count = jnp.full(fshape, n, rdt)
+    n = max(n, 1.0)  # an empty batch: sums are 0, so mean and M2 are 0 (not 0/0)
     s1 = jnp.sum(xa.astype(acc), axis=red)
   else:
     mask = jnp.broadcast_to(mask, x.shape)
