@@ -155,7 +155,8 @@ all_h = conv(jnp.asarray(images), kernel) + offsets
 pop_mean = np.asarray(all_h.mean((0, 1, 2)))
 rng = np.random.default_rng(0)
 idx = rng.integers(0, len(images), size=(steps, 32))
-batches = conv(jnp.asarray(images[idx.ravel()]), kernel).reshape(steps, 32, 8, 8, channels) + offsets
+batches = conv(jnp.asarray(images[idx.ravel()]), kernel) + offsets
+batches = batches.reshape(steps, 32, 8, 8, channels)
 
 @functools.partial(jax.jit, static_argnames=("momentum", "debias"))
 def stream(batches, momentum, debias=False):
@@ -175,7 +176,8 @@ ax.set(xscale="log", yscale="log", xlabel="batches seen", ylabel="|running mean 
        title="convergence of the running mean (average over channels)")
 ax.legend()
 for label, means in runs.items():
-  print(f"{label:28s} error after {steps} batches: {np.abs(np.asarray(means[-1]) - pop_mean).mean():.4f}")'''),
+  err = np.abs(np.asarray(means[-1]) - pop_mean).mean()
+  print(f"{label:28s} error after {steps} batches: {err:.4f}")'''),
     md(r'''
 Momentum 0.9 converges fast but keeps the noise of its last ~10 batches; 0.99 is smoother but is
 still pulled towards its initial value for hundreds of steps unless debiased; the cumulative
@@ -338,7 +340,8 @@ def standardize(v, axes, eps):
 grouped = standardize(xf.reshape(N, 4, 4, 4, C // 4), (1, 2, 4), 1e-6).reshape(xf.shape)
 checks = {
     "batch_norm      over (N, H, W)":
-        (jaxbn.batch_norm(x, jaxbn.init_stats(C), training=True)[0], standardize(xf, (0, 1, 2), 1e-5)),
+        (jaxbn.batch_norm(x, jaxbn.init_stats(C), training=True)[0],
+         standardize(xf, (0, 1, 2), 1e-5)),
     "layer_norm      over (H, W, C)":
         (jaxbn.layer_norm(x, reduction_axes=(1, 2, 3)), standardize(xf, (1, 2, 3), 1e-6)),
     "instance_norm   over (H, W)":
@@ -480,8 +483,9 @@ What to read from it (the committed run: 2 seeds, so differences of a point are 
   256 examples), whatever the per-device batch. It costs one all-reduce per layer forward and
   one backward (notebook 03).
 * **Batch renormalization** keeps per-device statistics but corrects them towards the running
-  averages: it recovers most of the gap at 2 per device; at the largest batches, with few
-  steps, its corrections slowed training here.
+  averages: it recovers part of the gap at 2 per device (how much varies with the seed and the
+  schedule of `r_max`/`d_max`); at the largest batches, with few steps, its corrections slowed
+  training here.
 * **Group norm** does not depend on the batch at all and is good at small batches; with the few
   steps of the largest batches (5 per epoch) it trains more slowly than BN.
 '''),

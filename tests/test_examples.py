@@ -159,11 +159,11 @@ def test_bad_flags_exit_with_usage(argv, message, capsys):
     (dict(epochs=-1), r"--epochs must be a positive integer, got -1"),
     (dict(norm="ghost", batch_size=16, ghost_batch_size=5, parallel="pmap", devices=2),
      r"--norm ghost: the per-device batch \(8\) must be a multiple of --ghost_batch_size 5"),
+    (dict(norm="ghost", devices=8), r"--norm ghost: the per-device batch \(2\) must be a "
+     r"multiple of --ghost_batch_size 4 \(virtual batches do not span devices\)"),
     (dict(norm="group", groups=3), r"--norm group: every width in --widths 4,8 must be "
      r"divisible by --groups 3"),
     (dict(dataset="cifar10"), r"--dataset cifar10 needs --data_dir path/to/cifar-10-batches-py"),
-    (dict(norm="ghost", devices=8), r"--norm ghost with --parallel jit on several devices: "
-     r".*use --parallel shard_map or pmap"),
     (dict(bn_momentum=1.0), r"--bn_momentum must be in \[0, 1\), got 1\.0"),
     (dict(learning_rate=0.0), r"--learning_rate must be > 0"),
     (dict(norm="flax", parallel="shard_map", devices=8),
@@ -232,7 +232,7 @@ def _run_steps(cfg, ds, state, batch, mode, n_devices, steps=2):
   state = runner.put_state(jax.tree.map(np.array, state))  # a copy: the step donates it
   for _ in range(steps):
     state, metrics = runner.train(state, runner.put_batch(batch))
-  return runner.get_state(state), {k: float(v) for k, v in metrics.items()}
+  return state, {k: float(v) for k, v in metrics.items()}
 
 
 def test_padded_batch_equals_unpadded(tiny):
@@ -281,7 +281,7 @@ def _check_outputs(summary, cfg):
 @pytest.mark.parametrize("norm, parallel, devices", [
     ("batch", "pmap", 2),
     ("renorm", "shard_map", 2),
-    ("ghost", "jit", 1),
+    ("ghost", "jit", 2),
     ("group", "jit", 1),
     ("layer", "jit", 1),
     ("none", "jit", 1),
@@ -313,6 +313,9 @@ def test_resume_continues_exactly(tmp_path):
   with pytest.raises(configs.UsageError, match=r"--resume: the checkpoint in .*checkpoints was "
                      r"trained with --norm batch \(now group\); pass the same flags"):
     train.train_and_evaluate(cfg.replace(resume=True, norm="group"), str(tmp_path / "run"))
+  # A new run (no --resume) in the same workdir replaces the old checkpoints.
+  train.train_and_evaluate(cfg.replace(epochs=1, checkpoint_every=0), str(tmp_path / "run"))
+  assert sorted(os.listdir(ckpts)) == ["1"]
 
 
 def test_command_line_script(tmp_path):

@@ -5,8 +5,9 @@ with the training set's per-channel mean and standard deviation; labels are int3
 here starts JAX (no computation), so ``main.py`` can still choose the number of devices.
 
 :func:`batches` yields fixed-size batches. The last partial batch is padded up to the batch size
-(:func:`jaxbn.parallel.pad_batch`) and comes with a boolean ``mask``, so no example is dropped, every step has the same shape (one
-compile), and masked batch normalization keeps the statistics exact.
+(:func:`jaxbn.parallel.pad_batch`) and comes with a boolean ``mask``, so no example is dropped,
+every step has the same shape (one compile), and masked batch normalization keeps the
+statistics exact.
 """
 
 from __future__ import annotations

@@ -13,7 +13,6 @@ import time
 _START = time.time()
 
 import argparse  # noqa: E402
-import dataclasses  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
 from typing import Optional, Sequence  # noqa: E402
@@ -22,8 +21,6 @@ if __package__ in (None, ""):  # `python examples/cnn/main.py`: make `examples` 
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from examples.cnn import configs  # noqa: E402  (no JAX import yet)
-
-_HELP = {f.name: f for f in dataclasses.fields(configs.Config)}
 
 
 def _positive_ints(text: str) -> tuple[int, ...]:

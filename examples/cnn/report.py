@@ -146,6 +146,13 @@ class Checkpoints:
         meta=ocp.args.JsonSave({"config": dataclasses.asdict(self.config),
                                 "history": history})), force=True)
 
+  def clear(self) -> int:
+    """Deletes the checkpoints of an earlier run in this workdir; returns how many."""
+    steps = list(self.manager.all_steps())
+    for step in steps:
+      self.manager.delete(step)
+    return len(steps)
+
   def check_compatible(self) -> None:
     """Raises if the latest checkpoint was written for another model or dataset.
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 import sys
 import time
@@ -32,15 +31,16 @@ from typing import Any, Callable, Optional
 
 import flax
 import jax
-import jaxbn
-import jaxbn.linen
-import jaxbn.parallel
 import jax.numpy as jnp
 import numpy as np
 import optax
 from flax.training import train_state
 from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec as P
+
+import jaxbn
+import jaxbn.linen
+import jaxbn.parallel
 
 from examples.cnn import data as data_lib
 from examples.cnn import models
@@ -82,16 +82,11 @@ def check_config(config: Config) -> None:
         f"--batch_size {config.batch_size} is not a multiple of --devices {config.devices}; "
         f"the global batch is split evenly, so use e.g. --batch_size "
         f"{config.devices * max(1, config.batch_size // config.devices)}.")
-  if config.norm == "ghost" and config.parallel == "jit" and config.devices > 1:
-    raise UsageError(
-        "--norm ghost with --parallel jit on several devices: jaxbn's ghost batch norm cannot "
-        "yet split a batch sharded with explicit axes into virtual batches; use --parallel "
-        "shard_map or pmap (virtual batches within each device).")
-  per_device = config.batch_size // (1 if config.parallel == "jit" else config.devices)
+  per_device = config.batch_size // config.devices
   if config.norm == "ghost" and per_device % config.ghost_batch_size:
     raise UsageError(
-        f"--norm ghost: the {'global' if config.parallel == 'jit' else 'per-device'} batch "
-        f"({per_device}) must be a multiple of --ghost_batch_size {config.ghost_batch_size}.")
+        f"--norm ghost: the per-device batch ({per_device}) must be a multiple of "
+        f"--ghost_batch_size {config.ghost_batch_size} (virtual batches do not span devices).")
   if config.norm == "group" and any(w % config.groups for w in config.widths):
     raise UsageError(f"--norm group: every width in --widths {','.join(map(str, config.widths))}"
                      f" must be divisible by --groups {config.groups}.")
@@ -259,8 +254,8 @@ class Runner:
     devices: the devices used.
     train: ``(state, batch) -> (state, metric sums)``, compiled for the mode.
     eval: ``(state, batch) -> metric sums``.
-    put_state: places a single-copy state for ``train``/``eval``.
-    get_state: the single-copy state back (for checkpoints).
+    put_state: places a state for ``train``/``eval`` (replicated over the devices; the
+      steps return it in the same form, one logical copy, ready to checkpoint).
     put_batch: places a host batch of global size for ``train``/``eval``.
   """
 
@@ -268,8 +263,7 @@ class Runner:
   devices: list[jax.Device]
   train: Callable[..., Any]
   eval: Callable[..., Any]
-  put_state: Callable[[TrainState], Any]
-  get_state: Callable[[Any], TrainState]
+  put_state: Callable[[TrainState], TrainState]
   put_batch: Callable[[data_lib.Batch], Any]
 
 
@@ -290,7 +284,7 @@ def make_runner(mode: str, devices: list[jax.Device], norm_args: Optional[NormAr
     evaluate = jaxbn.parallel.pmap_step(functools.partial(eval_step, axis_name=AXIS),
                                         axis_name=AXIS, devices=devices)
     put_batch = lambda b: jax.tree.map(lambda a: a.reshape((n, -1) + a.shape[1:]), b)
-    return Runner(mode, devices, train, evaluate, lambda s: s, lambda s: s, put_batch)
+    return Runner(mode, devices, train, evaluate, lambda s: s, put_batch)
 
   mesh = jaxbn.parallel.data_mesh(AXIS, devices=devices)
   replicated = NamedSharding(mesh, P())
@@ -303,7 +297,7 @@ def make_runner(mode: str, devices: list[jax.Device], norm_args: Optional[NormAr
     evaluate = jaxbn.parallel.shard_map_step(functools.partial(eval_step, axis_name=AXIS),
                                              mesh)
   return Runner(mode, devices, train, evaluate, lambda s: jax.device_put(s, replicated),
-                lambda s: s, lambda b: jaxbn.parallel.shard_batch(b, mesh))
+                lambda b: jaxbn.parallel.shard_batch(b, mesh))
 
 
 # ----------------------------------------------------------------------------- loop
@@ -401,6 +395,9 @@ def train_and_evaluate(config: Config, workdir: Optional[str] = None, *,
     if ckpt is None:
       raise UsageError("--resume needs checkpoints; do not pass --checkpoint_every -1.")
     ckpt.check_compatible()
+  elif ckpt is not None and ckpt.clear():
+    print(f"note: a new run (no --resume): replaced the earlier checkpoints in "
+          f"{ckpt.directory}", file=sys.stderr)
   model = create_model(config, ds.num_classes,
                        axis_name=None if config.parallel == "jit" else AXIS)
   state = create_train_state(init_key(config.seed), config, model, ds.image_shape,
@@ -441,12 +438,12 @@ def train_and_evaluate(config: Config, workdir: Optional[str] = None, *,
     history.append(row)
     if ckpt is not None and ((config.checkpoint_every > 0 and
                               epoch % config.checkpoint_every == 0) or epoch == config.epochs):
-      ckpt.save(epoch, runner.get_state(state), history)
+      ckpt.save(epoch, state, history)
   progress.close()
   if ckpt is not None:
     ckpt.close()
 
-  final_state = runner.get_state(state)
+  final_state = state
   if history and "test_accuracy" in history[-1] and len(history) >= first_epoch:
     test = {"loss": history[-1]["test_loss"], "accuracy": history[-1]["test_accuracy"]}
   else:  # a --resume of a finished run

@@ -14,6 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jaxbn._core.types import BatchStats
+
 Axes = Union[int, Sequence[int]]
 AxisName = Union[None, str, Sequence[Any]]
 
@@ -233,8 +235,32 @@ def is_number(v: Any) -> bool:
   return isinstance(v, numbers.Number)
 
 
+def validate_bn_args(fn: str, x: jax.Array, stats: Any, scale: Any, bias: Any,
+                     axis: Axes) -> tuple[tuple[int, ...], tuple[int, ...]]:
+  """Checks the arguments every BN-family function shares; returns (feature axes, shape)."""
+  float_input(fn, x)
+  feat = feature_axes(fn, x.ndim, axis)
+  fshape = tuple(x.shape[a] for a in feat)
+  shown = fshape if len(fshape) > 1 else fshape[0]
+  if not isinstance(stats, BatchStats):
+    raise TypeError(
+        f"{fn}: `stats` must be a jaxbn.BatchStats, got {type(stats).__name__}; create it with "
+        f"jaxbn.init_stats({shown}).")
+  if tuple(jnp.shape(stats.mean)) != fshape or tuple(jnp.shape(stats.var)) != fshape:
+    raise ValueError(
+        f"{fn}: `x` has {shown} features on axis {axis!r} but `stats.mean` has shape "
+        f"{tuple(jnp.shape(stats.mean))}; create the stats with jaxbn.init_stats({shown}) or "
+        f"pass the right `axis`.")
+  hint = "pass a vector with one entry per feature, or the right `axis`."
+  for name, v in (("scale", scale), ("bias", bias)):
+    if v is not None:
+      float_input(fn, v, name)
+    feature_shape_matches(fn, name, v, fshape, hint)
+  return feat, fshape
+
+
 __all__ = [
     "feature_axes", "reduction_axes", "float_input", "momentum_value", "epsilon_value",
     "axis_name_bound", "feature_shape_matches", "mask_broadcasts", "static_bool",
-    "Optional",
+    "validate_bn_args", "Optional",
 ]

@@ -11,7 +11,6 @@ from jax.typing import ArrayLike, DTypeLike
 
 from jaxbn._core import checks
 from jaxbn._core.normalize import normalize
-from jaxbn._core.renorm import validate_bn_args
 from jaxbn._core.types import BatchStats
 
 
@@ -78,7 +77,7 @@ def frozen_batch_norm(
   """
   fn = "frozen_batch_norm"
   x = jnp.asarray(x)
-  validate_bn_args(fn, x, stats, scale, bias, axis)
+  checks.validate_bn_args(fn, x, stats, scale, bias, axis)
   checks.epsilon_value(fn, epsilon)
   sg = lax.stop_gradient
   if freeze_affine:

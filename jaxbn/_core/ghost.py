@@ -15,7 +15,6 @@ from jaxbn._core import collectives
 from jaxbn._core.batch_norm import batch_norm
 from jaxbn._core.ema import update_stats
 from jaxbn._core.norms import group_values, standardize
-from jaxbn._core.renorm import validate_bn_args
 from jaxbn._core.types import BatchStats, Moments
 
 _RULES = ("average", "sequential")
@@ -162,7 +161,7 @@ def ghost_batch_norm(
   fn = "ghost_batch_norm"
   training = checks.static_bool(fn, "training", training)
   x = jnp.asarray(x)
-  feat, fshape = validate_bn_args(fn, x, stats, scale, bias, axis)
+  feat, fshape = checks.validate_bn_args(fn, x, stats, scale, bias, axis)
   checks.epsilon_value(fn, epsilon)
   checks.momentum_value(fn, momentum)
   if stats_update not in _RULES:

@@ -51,6 +51,25 @@ def _check_param(fn: str, name: str, v: Any, shape: tuple[int, ...], where: str)
         f"entry per feature (shape {shape}), or set `feature_axes` to the axes it follows.")
 
 
+def _check_affine(fn: str, x: jax.Array, feat: tuple[int, ...], feature_axes: Axes,
+                  scale: Any, bias: Any) -> None:
+  """Checks ``scale`` and ``bias`` (either may be None) against ``x`` along ``feat``."""
+  fshape = tuple(x.shape[a] for a in feat)
+  _check_param(fn, "scale", scale, fshape, f"`feature_axes`={feature_axes!r}")
+  _check_param(fn, "bias", bias, fshape, f"`feature_axes`={feature_axes!r}")
+
+
+def _per_example_args(fn: str, x: ArrayLike, reduction_axes: Axes, feature_axes: Axes,
+                      scale: Any, bias: Any):
+  """Validates layer/RMS norm's arguments; returns ``(x, reduction axes, feature axes)``."""
+  x = jnp.asarray(x)
+  checks.float_input(fn, x)
+  red = _axes(fn, "reduction_axes", x.ndim, reduction_axes)
+  feat = _axes(fn, "feature_axes", x.ndim, feature_axes)
+  _check_affine(fn, x, feat, feature_axes, scale, bias)
+  return x, red, feat
+
+
 # ---------------------------------------------------------------- the shared engine
 # cfg = (red, pfeat, axis_name, axis_index_groups, fast, center, out_dtype, grouping):
 # statistics over the axes ``red`` of x (shape of the other axes, the "stat axes"),
@@ -462,13 +481,7 @@ def layer_norm(
     Ba, Kiros & Hinton, "Layer Normalization", arXiv:1607.06450, 2016.
   """
   fn = "layer_norm"
-  x = jnp.asarray(x)
-  checks.float_input(fn, x)
-  red = _axes(fn, "reduction_axes", x.ndim, reduction_axes)
-  feat = _axes(fn, "feature_axes", x.ndim, feature_axes)
-  fshape = tuple(x.shape[a] for a in feat)
-  _check_param(fn, "scale", scale, fshape, f"`feature_axes`={feature_axes!r}")
-  _check_param(fn, "bias", bias, fshape, f"`feature_axes`={feature_axes!r}")
+  x, red, feat = _per_example_args(fn, x, reduction_axes, feature_axes, scale, bias)
   return _standardize(fn, x, scale, bias, red=red, param_axes=feat, mask=mask,
                       epsilon=epsilon, dtype=dtype, axis_name=axis_name,
                       axis_index_groups=axis_index_groups,
@@ -525,12 +538,7 @@ def rms_norm(
     Zhang & Sennrich, "Root Mean Square Layer Normalization", NeurIPS 2019.
   """
   fn = "rms_norm"
-  x = jnp.asarray(x)
-  checks.float_input(fn, x)
-  red = _axes(fn, "reduction_axes", x.ndim, reduction_axes)
-  feat = _axes(fn, "feature_axes", x.ndim, feature_axes)
-  fshape = tuple(x.shape[a] for a in feat)
-  _check_param(fn, "scale", scale, fshape, f"`feature_axes`={feature_axes!r}")
+  x, red, feat = _per_example_args(fn, x, reduction_axes, feature_axes, scale, None)
   return _standardize(fn, x, scale, None, red=red, param_axes=feat, mask=mask,
                       epsilon=epsilon, dtype=dtype, axis_name=axis_name,
                       axis_index_groups=axis_index_groups, use_fast_variance=False,
@@ -598,9 +606,7 @@ def instance_norm(
         f"{fn}: `feature_axes`={feature_axes!r} includes axis 0, which instance norm treats "
         f"as the batch axis; put the batch first and pass the channel axis (e.g. -1 for "
         f"NHWC, 1 for NCHW).")
-  fshape = tuple(x.shape[a] for a in feat)
-  _check_param(fn, "scale", scale, fshape, f"`feature_axes`={feature_axes!r}")
-  _check_param(fn, "bias", bias, fshape, f"`feature_axes`={feature_axes!r}")
+  _check_affine(fn, x, feat, feature_axes, scale, bias)
   red = tuple(a for a in range(1, x.ndim) if a not in feat)
   return _standardize(fn, x, scale, bias, red=red, param_axes=feat, mask=mask,
                       epsilon=epsilon, dtype=dtype, axis_name=axis_name,

@@ -13,29 +13,8 @@ from jaxbn._core import checks
 from jaxbn._core.batch_norm import batch_norm
 from jaxbn._core.ema import update_stats
 from jaxbn._core.moments import accumulation_dtype
-from jaxbn._core.normalize import check_affine_args
 from jaxbn._core.norms import standardize
 from jaxbn._core.types import BatchStats, Moments
-
-
-def validate_bn_args(fn: str, x: jax.Array, stats: Any, scale: Any, bias: Any,
-                     axis: checks.Axes) -> tuple[tuple[int, ...], tuple[int, ...]]:
-  """Checks the arguments every BN-family function shares; returns (feature axes, shape)."""
-  checks.float_input(fn, x)
-  feat = checks.feature_axes(fn, x.ndim, axis)
-  fshape = tuple(x.shape[a] for a in feat)
-  shown = fshape if len(fshape) > 1 else fshape[0]
-  if not isinstance(stats, BatchStats):
-    raise TypeError(
-        f"{fn}: `stats` must be a jaxbn.BatchStats, got {type(stats).__name__}; create it with "
-        f"jaxbn.init_stats({shown}).")
-  if tuple(jnp.shape(stats.mean)) != fshape or tuple(jnp.shape(stats.var)) != fshape:
-    raise ValueError(
-        f"{fn}: `x` has {shown} features on axis {axis!r} but `stats.mean` has shape "
-        f"{tuple(jnp.shape(stats.mean))}; create the stats with jaxbn.init_stats({shown}) or "
-        f"pass the right `axis`.")
-  check_affine_args(fn, x, feat, fshape, scale, bias)
-  return feat, fshape
 
 
 def _concrete(v: Any) -> Optional[float]:
@@ -205,7 +184,7 @@ def batch_renorm(
   fn = "batch_renorm"
   training = checks.static_bool(fn, "training", training)
   x = jnp.asarray(x)
-  feat, fshape = validate_bn_args(fn, x, stats, scale, bias, axis)
+  feat, fshape = checks.validate_bn_args(fn, x, stats, scale, bias, axis)
   if jnp.iscomplexobj(x):
     raise TypeError(f"{fn}: complex input is not supported (r and d are real ratios); use "
                     f"jaxbn.batch_norm for complex data.")

@@ -7,20 +7,11 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
-from flax.linen import dtypes
 from flax.typing import Axes, Dtype, Initializer
 from jax.nn import initializers
 
-from jaxbn._core import checks
 from jaxbn._core.batch_norm import batch_norm
-from jaxbn._core.types import BatchStats, init_stats
-
-
-def _input_dtype(x: jax.Array) -> Any:
-  """Integer/bool input is normalized in float32 (as flax promotes it)."""
-  if jnp.issubdtype(x.dtype, jnp.inexact):
-    return x.dtype
-  return jnp.promote_types(jnp.float32, x.dtype)
+from jaxbn.linen._common import bn_call
 
 
 class BatchNorm(nn.Module):
@@ -199,53 +190,4 @@ class BatchNorm(nn.Module):
     """
     use_running_average = nn.merge_param(
         "use_running_average", self.use_running_average, use_running_average)
-    x = jnp.asarray(x)
-    x = x.astype(_input_dtype(x))
-    feat = checks.feature_axes("jaxbn.linen.BatchNorm", x.ndim, self.axis)
-    feature_shape = [x.shape[a] for a in feat]
-
-    stats_dtype = jnp.float32 if self.force_float32_reductions else self.param_dtype
-    ra_mean = self.variable("batch_stats", "mean",
-                            lambda s: init_stats(s, stats_dtype).mean, feature_shape)
-    ra_var = self.variable("batch_stats", "var",
-                           lambda s: init_stats(s, stats_dtype).var, feature_shape)
-    ra_count = None
-    if self.momentum is None or self.debias:
-      ra_count = self.variable("batch_stats", "count", lambda: init_stats(1).count)
-    if tuple(ra_mean.value.shape) != tuple(feature_shape):
-      raise ValueError(
-          f"jaxbn.linen.BatchNorm: `x` has features of shape {tuple(feature_shape)} on axis "
-          f"{self.axis!r} but this layer's variables have shape {tuple(ra_mean.value.shape)}; "
-          f"pass inputs with the features the layer was initialized with, or the right `axis`.")
-
-    scale = bias = None
-    if self.use_scale:
-      scale = self.param("scale", self.scale_init, feature_shape, self.param_dtype)
-    if self.use_bias:
-      bias = self.param("bias", self.bias_init, feature_shape, self.param_dtype)
-    out_dtype = dtypes.canonicalize_dtype(x, scale, bias, dtype=self.dtype)
-
-    # The count is only read with momentum=None or debias; otherwise a placeholder.
-    count = jnp.zeros((), jnp.int32) if ra_count is None else ra_count.value
-    stats = BatchStats(ra_mean.value, ra_var.value, count)
-    initializing = self.is_initializing()
-    y, new_stats = batch_norm(
-        x, stats, scale, bias,
-        training=not use_running_average,
-        axis=self.axis,
-        momentum=self.momentum,
-        epsilon=self.epsilon,
-        axis_name=None if initializing else self.axis_name,
-        axis_index_groups=None if initializing else self.axis_index_groups,
-        mask=mask,
-        dtype=out_dtype,
-        use_fast_variance=self.use_fast_variance,
-        unbiased_running_var=self.unbiased_running_var,
-        debias=self.debias,
-    )
-    if not use_running_average and not initializing:
-      ra_mean.value = new_stats.mean
-      ra_var.value = new_stats.var
-      if ra_count is not None:
-        ra_count.value = new_stats.count
-    return y
+    return bn_call(self, batch_norm, "jaxbn.linen.BatchNorm", x, use_running_average, mask)

@@ -7,58 +7,12 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
-from flax.linen import dtypes
 from flax.typing import Axes, Dtype, Initializer
 from jax.nn import initializers
 
-from jaxbn._core import checks
 from jaxbn._core.frozen import frozen_batch_norm
 from jaxbn._core.types import BatchStats, init_stats
-
-
-def _input_dtype(x: jax.Array) -> Any:
-  """Integer/bool input is normalized in float32 (as flax promotes it)."""
-  if jnp.issubdtype(x.dtype, jnp.inexact):
-    return x.dtype
-  return jnp.promote_types(jnp.float32, x.dtype)
-
-
-def bn_variables(mdl: nn.Module, x: jax.typing.ArrayLike, fn: str):
-  """Creates or reads a BN-family layer's variables, exactly as ``jaxbn.linen.BatchNorm``.
-
-  ``batch_stats/mean``, ``batch_stats/var`` (float32, or ``param_dtype`` with
-  ``force_float32_reductions=False``), ``batch_stats/count`` when ``momentum`` is None or
-  ``debias`` is set, then ``params/scale`` and ``params/bias`` — flax's names, shapes, dtypes
-  and creation order. Works for any module with flax ``BatchNorm``'s fields.
-
-  Returns:
-    ``(x, feature_shape, mean_var, var_var, count_var_or_None, scale, bias, out_dtype)``.
-  """
-  x = jnp.asarray(x)
-  x = x.astype(_input_dtype(x))
-  feat = checks.feature_axes(fn, x.ndim, mdl.axis)
-  feature_shape = [x.shape[a] for a in feat]
-  stats_dtype = (jnp.float32 if getattr(mdl, "force_float32_reductions", True)
-                 else mdl.param_dtype)
-  ra_mean = mdl.variable("batch_stats", "mean",
-                         lambda s: init_stats(s, stats_dtype).mean, feature_shape)
-  ra_var = mdl.variable("batch_stats", "var",
-                        lambda s: init_stats(s, stats_dtype).var, feature_shape)
-  ra_count = None
-  if getattr(mdl, "momentum", 0.99) is None or getattr(mdl, "debias", False):
-    ra_count = mdl.variable("batch_stats", "count", lambda: init_stats(1).count)
-  if tuple(ra_mean.value.shape) != tuple(feature_shape):
-    raise ValueError(
-        f"{fn}: `x` has features of shape {tuple(feature_shape)} on axis {mdl.axis!r} but "
-        f"this layer's variables have shape {tuple(ra_mean.value.shape)}; pass inputs with "
-        f"the features the layer was initialized with, or the right `axis`.")
-  scale = bias = None
-  if mdl.use_scale:
-    scale = mdl.param("scale", mdl.scale_init, feature_shape, mdl.param_dtype)
-  if mdl.use_bias:
-    bias = mdl.param("bias", mdl.bias_init, feature_shape, mdl.param_dtype)
-  out_dtype = dtypes.canonicalize_dtype(x, scale, bias, dtype=mdl.dtype)
-  return x, feature_shape, ra_mean, ra_var, ra_count, scale, bias, out_dtype
+from jaxbn.linen._common import bn_variables
 
 
 def frozen_apply(mdl: nn.Module, x: jax.typing.ArrayLike, freeze_affine: bool,

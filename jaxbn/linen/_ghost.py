@@ -11,8 +11,7 @@ from flax.typing import Axes, Dtype, Initializer
 from jax.nn import initializers
 
 from jaxbn._core.ghost import ghost_batch_norm
-from jaxbn._core.types import BatchStats, init_stats
-from jaxbn.linen._frozen import bn_variables
+from jaxbn.linen._common import bn_call
 
 
 class GhostBatchNorm(nn.Module):
@@ -104,34 +103,10 @@ class GhostBatchNorm(nn.Module):
     """
     use_running_average = nn.merge_param(
         "use_running_average", self.use_running_average, use_running_average)
-    fn = "jaxbn.linen.GhostBatchNorm"
-    x, _, ra_mean, ra_var, ra_count, scale, bias, out_dtype = bn_variables(self, x, fn)
-    stats = BatchStats(ra_mean.value, ra_var.value,
-                       init_stats(1).count if ra_count is None else ra_count.value)
-    initializing = self.is_initializing()
     vbs = self.virtual_batch_size
-    if initializing and not use_running_average and -x.ndim <= self.batch_axis < x.ndim:
-      vbs = max(x.shape[self.batch_axis], 1)  # any init batch works, as for BatchNorm
-    y, new = ghost_batch_norm(
-        x, stats, scale, bias,
-        training=not use_running_average,
-        virtual_batch_size=vbs,
-        batch_axis=self.batch_axis,
-        axis=self.axis,
-        momentum=self.momentum,
-        epsilon=self.epsilon,
-        axis_name=None if initializing else self.axis_name,
-        axis_index_groups=None if initializing else self.axis_index_groups,
-        mask=mask,
-        dtype=out_dtype,
-        use_fast_variance=self.use_fast_variance,
-        stats_update=self.stats_update,
-        unbiased_running_var=self.unbiased_running_var,
-        debias=self.debias,
-    )
-    if not use_running_average and not initializing:
-      ra_mean.value = new.mean
-      ra_var.value = new.var
-      if ra_count is not None:
-        ra_count.value = new.count
-    return y
+    if (self.is_initializing() and not use_running_average
+        and -jnp.ndim(x) <= self.batch_axis < jnp.ndim(x)):
+      vbs = max(jnp.shape(x)[self.batch_axis], 1)  # any init batch works, as for BatchNorm
+    return bn_call(self, ghost_batch_norm, "jaxbn.linen.GhostBatchNorm", x,
+                   use_running_average, mask, virtual_batch_size=vbs,
+                   batch_axis=self.batch_axis, stats_update=self.stats_update)

@@ -8,13 +8,12 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
-from flax.linen import dtypes
 from flax.typing import Axes, Dtype, Initializer
 from jax.nn import initializers
 
 from jaxbn._core import checks
 from jaxbn._core.norms import group_norm, instance_norm, layer_norm, rms_norm
-from jaxbn.linen._frozen import _input_dtype
+from jaxbn.linen._common import affine_params, as_float
 
 _COMPAT = """
   Same fields, defaults (``epsilon=1e-6``, ``use_fast_variance=True``), call signature and
@@ -25,20 +24,6 @@ _COMPAT = """
   ``axis_name`` weighted by the true counts, and masked entries holding NaN/Inf do not leak
   into the output.
 """
-
-
-def _params(mdl: nn.Module, x: jax.Array, shape, use_bias: bool):
-  scale = bias = None
-  if mdl.use_scale:
-    scale = mdl.param("scale", mdl.scale_init, shape, mdl.param_dtype)
-  if use_bias:
-    bias = mdl.param("bias", mdl.bias_init, shape, mdl.param_dtype)
-  return scale, bias, dtypes.canonicalize_dtype(x, scale, bias, dtype=mdl.dtype)
-
-
-def _as_float(x) -> jax.Array:
-  x = jnp.asarray(x)
-  return x.astype(_input_dtype(x))
 
 
 class LayerNorm(nn.Module):
@@ -99,9 +84,10 @@ class LayerNorm(nn.Module):
     Returns:
       The normalized input, shaped like ``x``.
     """
-    x = _as_float(x)
+    x = as_float(x)
     feat = checks.feature_axes("jaxbn.linen.LayerNorm", x.ndim, self.feature_axes)
-    scale, bias, out = _params(self, x, [x.shape[a] for a in feat], self.use_bias)
+    scale, bias, out = affine_params(self, x, [x.shape[a] for a in feat], self.use_scale,
+                                     self.use_bias)
     return layer_norm(x, scale, bias, reduction_axes=self.reduction_axes,
                       feature_axes=self.feature_axes, epsilon=self.epsilon, mask=mask,
                       dtype=out, axis_name=self.axis_name,
@@ -160,9 +146,10 @@ class RMSNorm(nn.Module):
     Returns:
       The normalized input, shaped like ``x``.
     """
-    x = _as_float(x)
+    x = as_float(x)
     feat = checks.feature_axes("jaxbn.linen.RMSNorm", x.ndim, self.feature_axes)
-    scale, _, out = _params(self, x, [x.shape[a] for a in feat], False)
+    scale, _, out = affine_params(self, x, [x.shape[a] for a in feat], self.use_scale,
+                                   False)
     return rms_norm(x, scale, reduction_axes=self.reduction_axes,
                     feature_axes=self.feature_axes, epsilon=self.epsilon, mask=mask,
                     dtype=out, axis_name=self.axis_name,
@@ -228,10 +215,10 @@ class GroupNorm(nn.Module):
     Returns:
       The normalized input, shaped like ``x``.
     """
-    x = _as_float(x)
+    x = as_float(x)
     if x.ndim < 1:
       raise ValueError("jaxbn.linen.GroupNorm: `x` must have a channel axis (rank >= 1).")
-    scale, bias, out = _params(self, x, [x.shape[-1]], self.use_bias)
+    scale, bias, out = affine_params(self, x, [x.shape[-1]], self.use_scale, self.use_bias)
     return group_norm(x, scale, bias, num_groups=self.num_groups, group_size=self.group_size,
                       reduction_axes=self.reduction_axes, epsilon=self.epsilon, mask=mask,
                       dtype=out, axis_name=self.axis_name,
@@ -293,9 +280,10 @@ class InstanceNorm(nn.Module):
     Returns:
       The normalized input, shaped like ``x``.
     """
-    x = _as_float(x)
+    x = as_float(x)
     feat = checks.feature_axes("jaxbn.linen.InstanceNorm", x.ndim, self.feature_axes)
-    scale, bias, out = _params(self, x, [x.shape[a] for a in feat], self.use_bias)
+    scale, bias, out = affine_params(self, x, [x.shape[a] for a in feat], self.use_scale,
+                                     self.use_bias)
     return instance_norm(x, scale, bias, feature_axes=self.feature_axes,
                          epsilon=self.epsilon, mask=mask, dtype=out,
                          axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,

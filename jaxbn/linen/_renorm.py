@@ -11,8 +11,7 @@ from flax.typing import Axes, Dtype, Initializer
 from jax.nn import initializers
 
 from jaxbn._core.renorm import batch_renorm
-from jaxbn._core.types import BatchStats, init_stats
-from jaxbn.linen._frozen import bn_variables
+from jaxbn.linen._common import bn_call
 
 
 class BatchRenorm(nn.Module):
@@ -114,32 +113,7 @@ class BatchRenorm(nn.Module):
     """
     use_running_average = nn.merge_param(
         "use_running_average", self.use_running_average, use_running_average)
-    fn = "jaxbn.linen.BatchRenorm"
-    x, _, ra_mean, ra_var, ra_count, scale, bias, out_dtype = bn_variables(self, x, fn)
-    stats = BatchStats(ra_mean.value, ra_var.value,
-                       init_stats(1).count if ra_count is None else ra_count.value)
-    initializing = self.is_initializing()
-    y, new = batch_renorm(
-        x, stats, scale, bias,
-        training=not use_running_average,
-        r_max=self.r_max if r_max is None else r_max,
-        d_max=self.d_max if d_max is None else d_max,
-        r_min=self.r_min,
-        axis=self.axis,
-        momentum=self.momentum,
-        epsilon=self.epsilon,
-        axis_name=None if initializing else self.axis_name,
-        axis_index_groups=None if initializing else self.axis_index_groups,
-        mask=mask,
-        dtype=out_dtype,
-        use_fast_variance=self.use_fast_variance,
-        running_std=self.running_std,
-        unbiased_running_var=self.unbiased_running_var,
-        debias=self.debias,
-    )
-    if not use_running_average and not initializing:
-      ra_mean.value = new.mean
-      ra_var.value = new.var
-      if ra_count is not None:
-        ra_count.value = new.count
-    return y
+    return bn_call(self, batch_renorm, "jaxbn.linen.BatchRenorm", x, use_running_average,
+                   mask, r_max=self.r_max if r_max is None else r_max,
+                   d_max=self.d_max if d_max is None else d_max, r_min=self.r_min,
+                   running_std=self.running_std)

@@ -7,14 +7,13 @@ from typing import Any, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
-from flax import errors, nnx
+from flax import nnx
 from flax.nnx.module import first_from
 from flax.nnx.nn import dtypes, initializers
 from flax.typing import Axes, Dtype, Initializer, PromoteDtypeFn
 
-from jaxbn._core import checks
 from jaxbn._core.batch_norm import batch_norm
-from jaxbn._core.types import BatchStats, init_stats
+from jaxbn.nnx._common import bn_call, init_bn_layer
 
 _MISSING_MODE = (
     "No `use_running_average` argument was provided to BatchNorm. Consider one of the "
@@ -40,14 +39,6 @@ _SHARED_UNDER_VMAP = (
     "statistics. With plain `jax` transformations, call `nnx.merge` inside the transformed "
     "function, or use the `nnx` version of the transformation (`nnx.grad`, `nnx.vmap`)."
 )
-
-
-def _output_dtype(promote_dtype: PromoteDtypeFn, arrays: tuple, dtype: Optional[Dtype]):
-  """The dtype flax.nnx would compute in, found abstractly (no array is cast)."""
-  specs = tuple(None if a is None else jax.ShapeDtypeStruct((), jnp.result_type(a))
-                for a in arrays)
-  out = jax.eval_shape(lambda *a: promote_dtype(a, dtype=dtype), *specs)
-  return out[0].dtype
 
 
 class BatchNorm(nnx.Module):
@@ -163,47 +154,7 @@ class BatchNorm(nnx.Module):
       unbiased_running_var: bool = False,
       debias: bool = False,
   ):
-    feature_shape = (num_features,)
-    stats = init_stats(feature_shape)
-    self.mean = nnx.BatchStat(stats.mean)
-    self.var = nnx.BatchStat(stats.var)
-    self.count: Optional[nnx.BatchStat]
-    if momentum is None or debias:
-      self.count = nnx.BatchStat(stats.count)
-    else:
-      self.count = nnx.data(None)
-
-    # Keys are drawn in flax's order, so that layers built after this one get the same keys.
-    self.scale: Optional[nnx.Param]
-    if use_scale:
-      self.scale = nnx.Param(scale_init(rngs.params(), feature_shape, param_dtype),
-                             **scale_metadata)
-    else:
-      self.scale = nnx.data(None)
-    self.bias: Optional[nnx.Param]
-    if use_bias:
-      self.bias = nnx.Param(bias_init(rngs.params(), feature_shape, param_dtype),
-                            **bias_metadata)
-    else:
-      self.bias = nnx.data(None)
-
-    checks.epsilon_value("jaxbn.nnx.BatchNorm", epsilon)
-    checks.momentum_value("jaxbn.nnx.BatchNorm", momentum)
-    self.num_features = num_features
-    self.use_running_average = use_running_average
-    self.axis = axis
-    self.momentum = momentum
-    self.epsilon = epsilon
-    self.dtype = dtype
-    self.param_dtype = param_dtype
-    self.use_bias = use_bias
-    self.use_scale = use_scale
-    self.axis_name = axis_name
-    self.axis_index_groups = axis_index_groups
-    self.use_fast_variance = use_fast_variance
-    self.promote_dtype = promote_dtype
-    self.unbiased_running_var = unbiased_running_var
-    self.debias = debias
+    init_bn_layer(self, "jaxbn.nnx.BatchNorm", locals())
 
   def __call__(
       self,
@@ -229,47 +180,8 @@ class BatchNorm(nnx.Module):
     """
     use_running_average = first_from(use_running_average, self.use_running_average,
                                      error_msg=_MISSING_MODE)
-    x = jnp.asarray(x)
-    feat = checks.feature_axes("jaxbn.nnx.BatchNorm", x.ndim, self.axis)
-    fshape = tuple(x.shape[a] for a in feat)
-    if fshape != tuple(self.mean.shape):
-      raise ValueError(
-          f"jaxbn.nnx.BatchNorm: `x` has features of shape {fshape} on axis {self.axis!r} "
-          f"but the layer was built with num_features={self.num_features}; pass the number "
-          f"of features of `x` or the right `axis`.")
-    scale = None if self.scale is None else self.scale[...]
-    bias = None if self.bias is None else self.bias[...]
-    mean, var = self.mean[...], self.var[...]
-    out_dtype = _output_dtype(self.promote_dtype, (x, mean, var, scale, bias), self.dtype)
-    if not jnp.issubdtype(x.dtype, jnp.inexact):
-      x = x.astype(out_dtype)
-    # The count is only read with momentum=None or debias; otherwise a placeholder.
-    count = jnp.zeros((), jnp.int32) if self.count is None else self.count[...]
-    training = not use_running_average
-    y, new = batch_norm(
-        x, BatchStats(mean, var, count), scale, bias,
-        training=training,
-        axis=self.axis,
-        momentum=self.momentum,
-        epsilon=self.epsilon,
-        axis_name=self.axis_name,
-        axis_index_groups=self.axis_index_groups,
-        mask=mask,
-        dtype=out_dtype,
-        use_fast_variance=self.use_fast_variance,
-        unbiased_running_var=self.unbiased_running_var,
-        debias=self.debias,
-    )
-    if training:
-      if not (self.mean._can_update and self.var._can_update):
-        raise errors.TraceContextError(_SHARED_UNDER_VMAP)
-      # As flax: the running statistics carry no gradient when updated in place.
-      new = jax.tree.map(jax.lax.stop_gradient, new)
-      self.mean[...] = new.mean
-      self.var[...] = new.var
-      if self.count is not None:
-        self.count[...] = new.count
-    return y
+    return bn_call(self, batch_norm, "jaxbn.nnx.BatchNorm", x, use_running_average, mask,
+                   shared_error=_SHARED_UNDER_VMAP)
 
   def set_view(self, use_running_average: Optional[bool] = None):
     """Used by ``nnx.view``: sets ``use_running_average`` when given.

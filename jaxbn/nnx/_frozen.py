@@ -11,73 +11,8 @@ from flax import nnx
 from flax.nnx.nn import dtypes, initializers
 from flax.typing import Axes, Dtype, Initializer, PromoteDtypeFn
 
-from jaxbn._core import checks
 from jaxbn._core.frozen import frozen_batch_norm
-from jaxbn._core.types import BatchStats, init_stats
-
-
-def output_dtype(promote_dtype: PromoteDtypeFn, arrays: tuple, dtype: Optional[Dtype]):
-  """The dtype flax.nnx would compute in, found abstractly (no array is cast)."""
-  specs = tuple(None if a is None else jax.ShapeDtypeStruct((), jnp.result_type(a))
-                for a in arrays)
-  out = jax.eval_shape(lambda *a: promote_dtype(a, dtype=dtype), *specs)
-  return out[0].dtype
-
-
-def init_bn_state(mdl: nnx.Module, num_features: int, *, momentum: Any, debias: bool,
-                  use_scale: bool, use_bias: bool, scale_init: Initializer,
-                  bias_init: Initializer, param_dtype: Dtype, rngs: nnx.Rngs,
-                  scale_metadata: Mapping[str, Any], bias_metadata: Mapping[str, Any]) -> None:
-  """Creates a BN-family layer's state exactly as ``jaxbn.nnx.BatchNorm`` (and flax) does.
-
-  ``mean``, ``var`` (``nnx.BatchStat``), ``count`` (int32 ``nnx.BatchStat`` when ``momentum``
-  is None or ``debias``, else None), ``scale``, ``bias`` (``nnx.Param``, keys drawn from
-  ``rngs.params()`` in flax's order).
-  """
-  stats = init_stats((num_features,))
-  mdl.mean = nnx.BatchStat(stats.mean)
-  mdl.var = nnx.BatchStat(stats.var)
-  mdl.count = nnx.BatchStat(stats.count) if momentum is None or debias else nnx.data(None)
-  shape = (num_features,)
-  if use_scale:
-    mdl.scale = nnx.Param(scale_init(rngs.params(), shape, param_dtype), **scale_metadata)
-  else:
-    mdl.scale = nnx.data(None)
-  if use_bias:
-    mdl.bias = nnx.Param(bias_init(rngs.params(), shape, param_dtype), **bias_metadata)
-  else:
-    mdl.bias = nnx.data(None)
-
-
-def bn_inputs(mdl: nnx.Module, x: jax.typing.ArrayLike, fn: str):
-  """Reads a BN-family layer's state for a call: ``(x, stats, scale, bias, out_dtype)``."""
-  x = jnp.asarray(x)
-  feat = checks.feature_axes(fn, x.ndim, mdl.axis)
-  fshape = tuple(x.shape[a] for a in feat)
-  if fshape != tuple(mdl.mean.shape):
-    raise ValueError(
-        f"{fn}: `x` has features of shape {fshape} on axis {mdl.axis!r} but the layer was "
-        f"built with num_features={mdl.num_features}; pass the number of features of `x` or "
-        f"the right `axis`.")
-  scale = None if mdl.scale is None else mdl.scale[...]
-  bias = None if mdl.bias is None else mdl.bias[...]
-  mean, var = mdl.mean[...], mdl.var[...]
-  count = getattr(mdl, "count", None)
-  count = init_stats(1).count if count is None else count[...]
-  out = output_dtype(mdl.promote_dtype, (x, mean, var, scale, bias), mdl.dtype)
-  if not jnp.issubdtype(x.dtype, jnp.inexact):
-    x = x.astype(out)
-  return x, BatchStats(mean, var, count), scale, bias, out
-
-
-def write_stats(mdl: nnx.Module, new: BatchStats) -> None:
-  """Stores updated statistics in place (without gradient, as flax)."""
-  if mdl.mean._can_update or mdl.var._can_update:
-    new = jax.tree.map(jax.lax.stop_gradient, new)
-  mdl.mean[...] = new.mean
-  mdl.var[...] = new.var
-  if getattr(mdl, "count", None) is not None:
-    mdl.count[...] = new.count
+from jaxbn.nnx._common import BN_CONFIG, bn_inputs, init_bn_layer
 
 
 class FrozenBatchNorm(nnx.Module):
@@ -153,26 +88,7 @@ class FrozenBatchNorm(nnx.Module):
       debias: bool = False,
       freeze_affine: bool = True,
   ):
-    init_bn_state(self, num_features, momentum=momentum, debias=debias,
-                  use_scale=use_scale, use_bias=use_bias, scale_init=scale_init,
-                  bias_init=bias_init, param_dtype=param_dtype, rngs=rngs,
-                  scale_metadata=scale_metadata, bias_metadata=bias_metadata)
-    checks.epsilon_value("jaxbn.nnx.FrozenBatchNorm", epsilon)
-    self.num_features = num_features
-    self.use_running_average = use_running_average
-    self.axis = axis
-    self.momentum = momentum
-    self.epsilon = epsilon
-    self.dtype = dtype
-    self.param_dtype = param_dtype
-    self.use_bias = use_bias
-    self.use_scale = use_scale
-    self.axis_name = axis_name
-    self.axis_index_groups = axis_index_groups
-    self.use_fast_variance = use_fast_variance
-    self.promote_dtype = promote_dtype
-    self.unbiased_running_var = unbiased_running_var
-    self.debias = debias
+    init_bn_layer(self, "jaxbn.nnx.FrozenBatchNorm", locals(), check_momentum=False)
     self.freeze_affine = freeze_affine
     self.unfrozen = None  # graphdef of the layer this one was converted from, if any
 
@@ -204,9 +120,6 @@ class FrozenBatchNorm(nnx.Module):
 
 
 _VARIABLES = ("mean", "var", "count", "scale", "bias")
-_CONFIG = ("use_running_average", "axis", "momentum", "epsilon", "dtype", "param_dtype",
-           "use_bias", "use_scale", "axis_name", "axis_index_groups", "use_fast_variance",
-           "promote_dtype", "unbiased_running_var", "debias")
 
 
 def _batch_norm_types() -> tuple:
@@ -217,7 +130,7 @@ def _batch_norm_types() -> tuple:
 
 
 def _freeze_one(bn: nnx.Module, freeze_affine: bool) -> FrozenBatchNorm:
-  config = {k: getattr(bn, k) for k in _CONFIG if hasattr(bn, k)}
+  config = {k: getattr(bn, k) for k in BN_CONFIG if hasattr(bn, k)}
   frozen = FrozenBatchNorm(bn.num_features, **config, freeze_affine=freeze_affine,
                            rngs=nnx.Rngs(0))
   for name in _VARIABLES:  # share the very same Variables: same state, same paths
@@ -231,7 +144,7 @@ def _unfreeze_one(frozen: FrozenBatchNorm) -> nnx.Module:
   if frozen.unfrozen is not None:
     return nnx.merge(frozen.unfrozen, nnx.state(frozen))
   from jaxbn.nnx._batch_norm import BatchNorm
-  config = {k: getattr(frozen, k) for k in _CONFIG}
+  config = {k: getattr(frozen, k) for k in BN_CONFIG}
   bn = BatchNorm(frozen.num_features, **config, rngs=nnx.Rngs(0))
   for name in _VARIABLES:
     value = getattr(frozen, name, None)

@@ -12,10 +12,8 @@ from flax.nnx.module import first_from
 from flax.nnx.nn import dtypes, initializers
 from flax.typing import Axes, Dtype, Initializer, PromoteDtypeFn
 
-from jaxbn._core import checks
 from jaxbn._core.ghost import ghost_batch_norm
-from jaxbn.nnx._frozen import bn_inputs, init_bn_state, write_stats
-from jaxbn.nnx._renorm import _MISSING_MODE
+from jaxbn.nnx._common import MISSING_MODE, bn_call, init_bn_layer
 
 
 class GhostBatchNorm(nnx.Module):
@@ -93,30 +91,8 @@ class GhostBatchNorm(nnx.Module):
       batch_axis: int = 0,
       stats_update: str = "average",
   ):
-    init_bn_state(self, num_features, momentum=momentum, debias=debias,
-                  use_scale=use_scale, use_bias=use_bias, scale_init=scale_init,
-                  bias_init=bias_init, param_dtype=param_dtype, rngs=rngs,
-                  scale_metadata=scale_metadata, bias_metadata=bias_metadata)
-    checks.epsilon_value("jaxbn.nnx.GhostBatchNorm", epsilon)
-    checks.momentum_value("jaxbn.nnx.GhostBatchNorm", momentum)
-    self.num_features = num_features
-    self.virtual_batch_size = virtual_batch_size
-    self.use_running_average = use_running_average
-    self.axis = axis
-    self.momentum = momentum
-    self.epsilon = epsilon
-    self.dtype = dtype
-    self.param_dtype = param_dtype
-    self.use_bias = use_bias
-    self.use_scale = use_scale
-    self.axis_name = axis_name
-    self.axis_index_groups = axis_index_groups
-    self.use_fast_variance = use_fast_variance
-    self.promote_dtype = promote_dtype
-    self.unbiased_running_var = unbiased_running_var
-    self.debias = debias
-    self.batch_axis = batch_axis
-    self.stats_update = stats_update
+    init_bn_layer(self, "jaxbn.nnx.GhostBatchNorm", locals(),
+                  extra=("virtual_batch_size", "batch_axis", "stats_update"))
 
   def __call__(
       self,
@@ -137,29 +113,10 @@ class GhostBatchNorm(nnx.Module):
     """
     use_running_average = first_from(
         use_running_average, self.use_running_average,
-        error_msg=_MISSING_MODE.format(name="GhostBatchNorm"))
-    x, stats, scale, bias, out = bn_inputs(self, x, "jaxbn.nnx.GhostBatchNorm")
-    training = not use_running_average
-    y, new = ghost_batch_norm(
-        x, stats, scale, bias,
-        training=training,
-        virtual_batch_size=self.virtual_batch_size,
-        batch_axis=self.batch_axis,
-        axis=self.axis,
-        momentum=self.momentum,
-        epsilon=self.epsilon,
-        axis_name=self.axis_name,
-        axis_index_groups=self.axis_index_groups,
-        mask=mask,
-        dtype=out,
-        use_fast_variance=self.use_fast_variance,
-        stats_update=self.stats_update,
-        unbiased_running_var=self.unbiased_running_var,
-        debias=self.debias,
-    )
-    if training:
-      write_stats(self, new)
-    return y
+        error_msg=MISSING_MODE.format(name="GhostBatchNorm"))
+    return bn_call(self, ghost_batch_norm, "jaxbn.nnx.GhostBatchNorm", x, use_running_average,
+                   mask, virtual_batch_size=self.virtual_batch_size,
+                   batch_axis=self.batch_axis, stats_update=self.stats_update)
 
   def set_view(self, use_running_average: Optional[bool] = None):
     """Used by ``nnx.view``: sets ``use_running_average`` when given.

@@ -13,7 +13,7 @@ from flax.nnx.nn import dtypes, initializers
 from flax.typing import Axes, Dtype, Initializer, PromoteDtypeFn
 
 from jaxbn._core.norms import group_norm, instance_norm, layer_norm, rms_norm
-from jaxbn.nnx._frozen import output_dtype
+from jaxbn.nnx._common import init_norm, output_dtype, store
 
 _COMPAT = """
   Same constructor, defaults (``epsilon=1e-6``, ``use_fast_variance=True``), attributes and
@@ -24,18 +24,9 @@ _COMPAT = """
   entries holding NaN/Inf do not leak into the output.
 """
 
-
-def _init_params(mdl, num_features, *, use_scale, use_bias, scale_init, bias_init,
-                 param_dtype, rngs, scale_metadata, bias_metadata):
-  shape = (num_features,)
-  if use_scale:
-    mdl.scale = nnx.Param(scale_init(rngs.params(), shape, param_dtype), **scale_metadata)
-  else:
-    mdl.scale = nnx.data(None)
-  if use_bias:
-    mdl.bias = nnx.Param(bias_init(rngs.params(), shape, param_dtype), **bias_metadata)
-  else:
-    mdl.bias = nnx.data(None)
+# The settings every layer here stores (each adds its own).
+_SETTINGS = ("num_features", "epsilon", "dtype", "param_dtype", "use_scale", "axis_name",
+             "axis_index_groups", "use_fast_variance", "promote_dtype")
 
 
 def _inputs(mdl, x):
@@ -104,21 +95,7 @@ class LayerNorm(nnx.Module):
       bias_metadata: Mapping[str, Any] = MappingProxyType({}),
       scale_metadata: Mapping[str, Any] = MappingProxyType({}),
   ):
-    _init_params(self, num_features, use_scale=use_scale, use_bias=use_bias,
-                 scale_init=scale_init, bias_init=bias_init, param_dtype=param_dtype,
-                 rngs=rngs, scale_metadata=scale_metadata, bias_metadata=bias_metadata)
-    self.num_features = num_features
-    self.epsilon = epsilon
-    self.dtype = dtype
-    self.param_dtype = param_dtype
-    self.use_bias = use_bias
-    self.use_scale = use_scale
-    self.reduction_axes = reduction_axes
-    self.feature_axes = feature_axes
-    self.axis_name = axis_name
-    self.axis_index_groups = axis_index_groups
-    self.use_fast_variance = use_fast_variance
-    self.promote_dtype = promote_dtype
+    init_norm(self, locals(), _SETTINGS + ("use_bias", "reduction_axes", "feature_axes"))
 
   def __call__(self, x: jax.typing.ArrayLike, *, mask: Optional[jax.Array] = None
                ) -> jax.Array:
@@ -192,17 +169,7 @@ class RMSNorm(nnx.Module):
                              **scale_metadata)
     else:
       self.scale = nnx.data(None)
-    self.num_features = num_features
-    self.epsilon = epsilon
-    self.dtype = dtype
-    self.param_dtype = param_dtype
-    self.use_scale = use_scale
-    self.reduction_axes = reduction_axes
-    self.feature_axes = feature_axes
-    self.axis_name = axis_name
-    self.axis_index_groups = axis_index_groups
-    self.use_fast_variance = use_fast_variance
-    self.promote_dtype = promote_dtype
+    store(self, locals(), _SETTINGS + ("reduction_axes", "feature_axes"))
 
   def __call__(self, x: jax.typing.ArrayLike, mask: Optional[jax.Array] = None) -> jax.Array:
     """Applies RMS normalization.
@@ -298,23 +265,9 @@ class GroupNorm(nnx.Module):
     if not isinstance(num_groups, int) or num_groups <= 0 or num_features % num_groups:
       raise ValueError(f"{fn}: `num_groups`={num_groups!r} must be a positive divisor of "
                        f"num_features={num_features}.")
-    _init_params(self, num_features, use_scale=use_scale, use_bias=use_bias,
-                 scale_init=scale_init, bias_init=bias_init, param_dtype=param_dtype,
-                 rngs=rngs, scale_metadata=scale_metadata, bias_metadata=bias_metadata)
+    init_norm(self, locals(), _SETTINGS + ("num_groups", "use_bias", "reduction_axes"))
     self.feature_axis = -1
-    self.num_features = num_features
-    self.num_groups = num_groups
     self.group_size = num_features // num_groups
-    self.epsilon = epsilon
-    self.dtype = dtype
-    self.param_dtype = param_dtype
-    self.use_bias = use_bias
-    self.use_scale = use_scale
-    self.reduction_axes = reduction_axes
-    self.axis_name = axis_name
-    self.axis_index_groups = axis_index_groups
-    self.use_fast_variance = use_fast_variance
-    self.promote_dtype = promote_dtype
 
   def __call__(self, x: jax.typing.ArrayLike, *, mask: Optional[jax.Array] = None
                ) -> jax.Array:
@@ -388,20 +341,7 @@ class InstanceNorm(nnx.Module):
       bias_metadata: Mapping[str, Any] = MappingProxyType({}),
       scale_metadata: Mapping[str, Any] = MappingProxyType({}),
   ):
-    _init_params(self, num_features, use_scale=use_scale, use_bias=use_bias,
-                 scale_init=scale_init, bias_init=bias_init, param_dtype=param_dtype,
-                 rngs=rngs, scale_metadata=scale_metadata, bias_metadata=bias_metadata)
-    self.num_features = num_features
-    self.epsilon = epsilon
-    self.dtype = dtype
-    self.param_dtype = param_dtype
-    self.use_bias = use_bias
-    self.use_scale = use_scale
-    self.feature_axes = feature_axes
-    self.axis_name = axis_name
-    self.axis_index_groups = axis_index_groups
-    self.use_fast_variance = use_fast_variance
-    self.promote_dtype = promote_dtype
+    init_norm(self, locals(), _SETTINGS + ("use_bias", "feature_axes"))
 
   def __call__(self, x: jax.typing.ArrayLike, *, mask: Optional[jax.Array] = None
                ) -> jax.Array:

@@ -12,15 +12,8 @@ from flax.nnx.module import first_from
 from flax.nnx.nn import dtypes, initializers
 from flax.typing import Axes, Dtype, Initializer, PromoteDtypeFn
 
-from jaxbn._core import checks
 from jaxbn._core.renorm import batch_renorm
-from jaxbn.nnx._frozen import bn_inputs, init_bn_state, write_stats
-
-_MISSING_MODE = (
-    "No `use_running_average` argument was provided to {name}. Pass it to the constructor, "
-    "to the call (`layer(x, use_running_average=True/False)`), or use `model.train()` / "
-    "`model.eval()` / `nnx.view(model, use_running_average=...)`.")
-
+from jaxbn.nnx._common import MISSING_MODE, bn_call, init_bn_layer
 
 class BatchRenorm(nnx.Module):
   r"""Batch renormalization (Ioffe, 2017) for NNX, with BatchNorm's constructor and state.
@@ -103,31 +96,8 @@ class BatchRenorm(nnx.Module):
       r_min: Optional[float] = None,
       running_std: bool = False,
   ):
-    init_bn_state(self, num_features, momentum=momentum, debias=debias,
-                  use_scale=use_scale, use_bias=use_bias, scale_init=scale_init,
-                  bias_init=bias_init, param_dtype=param_dtype, rngs=rngs,
-                  scale_metadata=scale_metadata, bias_metadata=bias_metadata)
-    checks.epsilon_value("jaxbn.nnx.BatchRenorm", epsilon)
-    checks.momentum_value("jaxbn.nnx.BatchRenorm", momentum)
-    self.num_features = num_features
-    self.use_running_average = use_running_average
-    self.axis = axis
-    self.momentum = momentum
-    self.epsilon = epsilon
-    self.dtype = dtype
-    self.param_dtype = param_dtype
-    self.use_bias = use_bias
-    self.use_scale = use_scale
-    self.axis_name = axis_name
-    self.axis_index_groups = axis_index_groups
-    self.use_fast_variance = use_fast_variance
-    self.promote_dtype = promote_dtype
-    self.unbiased_running_var = unbiased_running_var
-    self.debias = debias
-    self.r_max = r_max
-    self.d_max = d_max
-    self.r_min = r_min
-    self.running_std = running_std
+    init_bn_layer(self, "jaxbn.nnx.BatchRenorm", locals(),
+                  extra=("r_max", "d_max", "r_min", "running_std"))
 
   def __call__(
       self,
@@ -152,30 +122,11 @@ class BatchRenorm(nnx.Module):
     """
     use_running_average = first_from(
         use_running_average, self.use_running_average,
-        error_msg=_MISSING_MODE.format(name="BatchRenorm"))
-    x, stats, scale, bias, out = bn_inputs(self, x, "jaxbn.nnx.BatchRenorm")
-    training = not use_running_average
-    y, new = batch_renorm(
-        x, stats, scale, bias,
-        training=training,
-        r_max=self.r_max if r_max is None else r_max,
-        d_max=self.d_max if d_max is None else d_max,
-        r_min=self.r_min,
-        axis=self.axis,
-        momentum=self.momentum,
-        epsilon=self.epsilon,
-        axis_name=self.axis_name,
-        axis_index_groups=self.axis_index_groups,
-        mask=mask,
-        dtype=out,
-        use_fast_variance=self.use_fast_variance,
-        running_std=self.running_std,
-        unbiased_running_var=self.unbiased_running_var,
-        debias=self.debias,
-    )
-    if training:
-      write_stats(self, new)
-    return y
+        error_msg=MISSING_MODE.format(name="BatchRenorm"))
+    return bn_call(self, batch_renorm, "jaxbn.nnx.BatchRenorm", x, use_running_average, mask,
+                   r_max=self.r_max if r_max is None else r_max,
+                   d_max=self.d_max if d_max is None else d_max, r_min=self.r_min,
+                   running_std=self.running_std)
 
   def set_view(self, use_running_average: Optional[bool] = None):
     """Used by ``nnx.view``: sets ``use_running_average`` when given.
