@@ -15,7 +15,7 @@ from jaxbn._core import collectives
 from jaxbn._core.ema import update_stats
 from jaxbn._core import moments as moments_lib
 from jaxbn._core.moments import accumulation_dtype, bcast, feature_moments
-from jaxbn._core.normalize import (affine, check_affine_args, output_dtype, to_keepdims)
+from jaxbn._core.normalize import output_dtype
 from jaxbn._core.types import BatchStats, Moments
 
 
@@ -121,17 +121,6 @@ def _bn_train_jvp(cfg, primals, tangents):
   return (y, mean, var, count), (y_dot, mean_dot, var_dot, jnp.zeros_like(count))
 
 
-def _bn_train_plain(cfg, x, scale, bias, mask, epsilon):
-  """Plain (autodiff) training path, used for complex input."""
-  red, axis_name, groups, fast, out_dtype = cfg
-  feat = tuple(i for i in range(x.ndim) if i not in red)
-  count, mean, var = feature_moments(x, red, mask, axis_name, groups, fast)
-  inv = lax.rsqrt(var + epsilon)
-  if mask is not None:
-    x = jnp.where(mask | jnp.isfinite(x), x, jnp.zeros((), x.dtype))
-  return _affine(x, feat, mean, inv, scale, bias, out_dtype), mean, var, count
-
-
 def batch_norm(
     x: ArrayLike,
     stats: BatchStats,
@@ -228,20 +217,7 @@ def batch_norm(
   fn = "batch_norm"
   training = checks.static_bool(fn, "training", training)
   x = jnp.asarray(x)
-  checks.float_input(fn, x)
-  feat = checks.feature_axes(fn, x.ndim, axis)
-  fshape = tuple(x.shape[a] for a in feat)
-  if not isinstance(stats, BatchStats):
-    raise TypeError(
-        f"{fn}: `stats` must be a jaxbn.BatchStats, got {type(stats).__name__}; create it with "
-        f"jaxbn.init_stats({fshape if len(fshape) > 1 else fshape[0]}).")
-  if tuple(jnp.shape(stats.mean)) != fshape or tuple(jnp.shape(stats.var)) != fshape:
-    raise ValueError(
-        f"{fn}: `x` has {fshape if len(fshape) > 1 else fshape[0]} features on axis "
-        f"{axis!r} but `stats.mean` has shape {tuple(jnp.shape(stats.mean))}; create the stats "
-        f"with jaxbn.init_stats({fshape if len(fshape) > 1 else fshape[0]}) or pass the right "
-        f"`axis`.")
-  check_affine_args(fn, x, feat, fshape, scale, bias)
+  feat, fshape = checks.validate_bn_args(fn, x, stats, scale, bias, axis)
   checks.epsilon_value(fn, epsilon)
   checks.momentum_value(fn, momentum)
   out_dtype = output_dtype(x, scale, bias, dtype)
@@ -263,7 +239,8 @@ def batch_norm(
          bool(use_fast_variance), out_dtype)
   mask_a = None if mask is None else jnp.asarray(mask)
   eps = lax.stop_gradient(jnp.asarray(epsilon, rdt))
-  impl = _bn_train_plain if jnp.iscomplexobj(x) else _bn_train
+  # Complex input differentiates the same forward with plain autodiff.
+  impl = _bn_train.fun if jnp.iscomplexobj(x) else _bn_train
   y, mean, var, count = impl(cfg, x, scale_v, bias_v, mask_a, eps)
   batch = Moments(mean, var, count)
   new_stats = update_stats(stats, batch, momentum=momentum,
