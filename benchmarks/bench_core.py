@@ -322,6 +322,18 @@ def run(args):
               f"{ct / fl[2]:.2f} |", flush=True)
 
 
+def _without_hugepages(argv):
+  out, skip = [], False
+  for a in argv:
+    if skip:
+      skip = False
+    elif a == "--hugepages":
+      skip = True
+    elif not a.startswith("--hugepages="):
+      out.append(a)
+  return out
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--quick", action="store_true", help="tiny shapes, few rounds (smoke test)")
@@ -334,13 +346,13 @@ def main():
   args = p.parse_args()
   if args.hugepages == "on" and "hugetlb" not in os.environ.get("GLIBC_TUNABLES", ""):
     env = dict(os.environ, GLIBC_TUNABLES="glibc.malloc.hugetlb=1")
-    argv = [a for a in sys.argv[1:] if not a.startswith("--hugepages")]
+    argv = _without_hugepages(sys.argv[1:])
     sys.exit(subprocess.call([sys.executable, __file__, *argv, "--hugepages", "off"], env=env))
   run(args)
   if args.hugepages == "both":
     print("\n# Rerun with GLIBC_TUNABLES=glibc.malloc.hugetlb=1\n", flush=True)
     env = dict(os.environ, GLIBC_TUNABLES="glibc.malloc.hugetlb=1")
-    argv = [a for a in sys.argv[1:] if not a.startswith("--hugepages")]
+    argv = _without_hugepages(sys.argv[1:])
     subprocess.call([sys.executable, __file__, *argv, "--hugepages", "off", "--no-cnn"], env=env)
 
 
