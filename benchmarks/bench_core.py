@@ -68,10 +68,14 @@ def make_flax_nnx(c, dtype):
   from flax import nnx
   bn = nnx.BatchNorm(c, momentum=MOMENTUM, epsilon=EPS, dtype=dtype, rngs=nnx.Rngs(0))
   graphdef, params, rest = nnx.split(bn, nnx.Param, ...)
+  names = [str(k[0].key) for k, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+  rest_leaves = [jnp.asarray(v) for v in jax.tree.leaves(rest)]
 
-  def fwd(x, scale, bias):
-    p = nnx.replace_by_pure_dict(params, {"scale": scale, "bias": bias})
-    model = nnx.merge(graphdef, p, rest)
+  def fwd(x, scale, bias):  # fresh state built inside the trace, as nnx.jit would do
+    p = jax.tree.unflatten(jax.tree.structure(params),
+                           [{"scale": scale, "bias": bias}[n] for n in names])
+    r = jax.tree.unflatten(jax.tree.structure(rest), rest_leaves)
+    model = nnx.merge(graphdef, p, r)
     y = model(x)
     return y, nnx.state(model, nnx.BatchStat)
 
