@@ -77,7 +77,7 @@ def _run_workers(tmp_path, num_processes=2):
 def test_two_processes_four_devices_each_equal_single_process_and_float64(tmp_path):
   loopback, address = _hostname_is_loopback()
   if not loopback:
-    pytest.skip(f"the hostname resolves to {address}, not a 127.x loopback address; gloo "
+    pytest.skip(reason=f"the hostname resolves to {address}, not a 127.x loopback address; gloo "
                 f"binds to it and only loopback traffic is allowed here")
   results = _run_workers(tmp_path)
   d = worker.make_data()

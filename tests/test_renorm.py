@@ -212,7 +212,7 @@ def test_keras3_parity():
   os.environ.setdefault("KERAS_BACKEND", "jax")
   keras = pytest.importorskip("keras", reason="keras not installed")
   if keras.backend.backend() != "jax":
-    pytest.skip("keras was imported with another backend")
+    pytest.skip(reason="keras was imported with another backend")
   clip = {"rmax": 2.0, "rmin": 0.6, "dmax": 1.0}
   layer = keras.layers.BatchNormalization(momentum=M, epsilon=EPS, renorm=True,
                                           renorm_clipping=clip, renorm_momentum=M)

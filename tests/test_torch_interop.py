@@ -227,7 +227,7 @@ def test_keras_conventions_of_the_readme_table():
   os.environ.setdefault("KERAS_BACKEND", "jax")
   keras = pytest.importorskip("keras", reason="the Keras conventions check needs keras")
   if keras.backend.backend() != "jax":
-    pytest.skip("keras was imported with a non-JAX backend")
+    pytest.skip(reason="keras was imported with a non-JAX backend")
   layer = keras.layers.BatchNormalization()
   layer.build((None, 4))
   assert (layer.momentum, layer.epsilon) == (0.99, 1e-3)
