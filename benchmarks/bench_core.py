@@ -14,7 +14,18 @@ Usage::
     python benchmarks/bench_core.py --hugepages both   # also rerun under glibc huge pages
 
 On these CPU VMs fresh buffers of 32 MiB or more are dominated by page faults; ``--hugepages
-both`` reruns the timing in a child process with ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``.
+both`` reruns the timing in a child process with ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``
+(its tables go to ``bench_core_hugepages.json``).
+
+Results go to ``benchmarks/results/bench_core.json`` (``benchmarks/out/`` with ``--quick``);
+``render_results.py`` renders them into ``RESULTS.md``. An anchor that is not installed or
+raises is a row with its error, not a missing row.
+
+Equal work: every implementation gets the same input (float32 or bfloat16), float32 scale and
+bias, momentum 0.99, epsilon 1e-5, returns its output in the input dtype and its updated
+running statistics; flax's layers are built with ``dtype`` = the input dtype. Variance
+algorithms differ by design: flax uses its default one-pass ``E[x²] − E[x]²`` and jaxbn its
+default (guarded one-pass with an exact fallback).
 """
 
 from __future__ import annotations
@@ -33,6 +44,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
+import _results  # noqa: E402
 
 import jaxbn  # noqa: E402
 
@@ -124,14 +136,16 @@ ANCHORS = {
 
 
 def available():
-  out = {}
+  """(working anchors, {name: error} for the anchors that failed to import or run)."""
+  out, failed = {}, {}
   for name, make in ANCHORS.items():
     try:
       make(4, jnp.float32)(jnp.ones((2, 4)), jnp.ones(4), jnp.zeros(4))
       out[name] = make
-    except Exception as e:  # optional anchors
-      print(f"# {name} unavailable: {type(e).__name__}: {e}"[:200], file=sys.stderr)
-  return out
+    except Exception as e:  # optional anchors: reported as rows, never dropped silently
+      failed[name] = _results.error_text(e)
+      print(f"# {name} unavailable: {failed[name]}", file=sys.stderr)
+  return out, failed
 
 
 def compile_pair(make, shape, dtype):
@@ -151,10 +165,7 @@ def compile_pair(make, shape, dtype):
 
 # ---------------------------------------------------------------- torch
 def torch_fns(shape, dtype_name, threads):
-  try:
-    import torch
-  except ImportError:
-    return None
+  import torch  # ImportError becomes an error row
   torch.set_num_threads(threads)
   tdt = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype_name]
   n, h, w, c = shape
@@ -252,13 +263,14 @@ def cnn_setup(num_layers, channels, dtype, impl):
 def cnn_memory_and_compile(dtype, quick, rounds=3):
   """(impl, temp bytes, median compile seconds); compiles interleaved so neither pays warm-up."""
   temps, compiles = {}, {"jaxbn": [], "flax.linen": []}
+  n_mem, c_mem, x_shape = (3, 32, (32, 32, 32, 3)) if not quick else (2, 8, (4, 8, 8, 3))
   for impl in ("jaxbn", "flax.linen"):
-    step, params, stats = cnn_setup(3, 32, dtype, impl)
-    x = jnp.ones((32, 32, 32, 3), dtype)
-    labels = jnp.zeros((32,), jnp.int32)
+    step, params, stats = cnn_setup(n_mem, c_mem, dtype, impl)
+    x = jnp.ones(x_shape, dtype)
+    labels = jnp.zeros((x_shape[0],), jnp.int32)
     comp = jax.jit(step).lower(params, stats, x, labels).compile()
     temps[impl] = comp.memory_analysis().temp_size_in_bytes
-  n = 20 if not quick else 4
+  n = 20 if not quick else 2
   for r in range(rounds):
     for impl in (("jaxbn", "flax.linen") if r % 2 else ("flax.linen", "jaxbn")):
       step20, p20, s20 = cnn_setup(n, 16 + r, dtype, impl)  # new shapes: no cache hit
@@ -270,21 +282,26 @@ def cnn_memory_and_compile(dtype, quick, rounds=3):
 
 
 # ---------------------------------------------------------------- main
+STEP_COLUMNS = ["shape", "dtype", "pass", "impl", "median ms", "ratio to flax.linen",
+                "roofline ms", "% of roofline", "error"]
+STEP_FORMATS = [None, None, None, None, ".3f", ".2f", ".2f", ".0f", None]
+
+
 def run(args):
-  impls = available()
+  """Runs the tables; returns (tables, notes) for ``_results.write_results``."""
+  impls, failed = available()
   if args.only:
-    impls = {k: v for k, v in impls.items() if k in args.only.split(",") or k == "flax.linen"}
-  shapes = SHAPES if not args.quick else [(16, 8, 8, 16), (8, 4, 4, 32)]
+    keep = set(args.only.split(",")) | {"flax.linen"}
+    impls = {k: v for k, v in impls.items() if k in keep}
+    failed = {k: v for k, v in failed.items() if k in keep}
+  shapes = SHAPES if not args.quick else [(8, 4, 4, 16)]
   dtypes = ["float32", "bfloat16"]
-  reps = args.reps if not args.quick else 3
-  print(f"## BN training step, NHWC, jit — {_common.machine()}\n")
+  reps = args.reps if not args.quick else 2
   big = max(int(np.prod(s)) for s in shapes) * 4
-  bw = roofline_bandwidth(big, reps=max(reps, 5))
-  print(f"Roofline: in-place donated copy of {big / 2**20:.0f} MiB: {bw / 1e9:.2f} GB/s\n")
-  print("| shape | dtype | pass | impl | median ms | ratio to flax.linen | roofline ms "
-        "| % of roofline |")
-  print("|---|---|---|---|---|---|---|---|")
+  bw = roofline_bandwidth(big, reps=max(reps, 5) if not args.quick else 2)
+  rows = []
   rng = np.random.default_rng(0)
+  torch_error = None
   for dname in dtypes:
     dtype = jnp.dtype(dname)
     for shape in shapes:
@@ -293,71 +310,121 @@ def run(args):
       dy = jnp.asarray(rng.normal(size=shape), dtype)
       scale = jnp.asarray(rng.normal(size=c) * 0.1 + 1, jnp.float32)
       bias = jnp.asarray(rng.normal(size=c) * 0.1, jnp.float32)
-      fwds, fbs = {}, {}
+      fwds, fbs, errors = {}, {}, dict(failed)
       for name, make in impls.items():
-        f, fb = compile_pair(make, shape, dtype)
+        try:
+          f, fb = compile_pair(make, shape, dtype)
+          block(f(x, scale, bias))
+          block(fb(x, scale, bias, dy))
+        except Exception as e:  # a failing anchor is a row with its error
+          errors[name] = _results.error_text(e)
+          continue
         fwds[name] = functools.partial(f, x, scale, bias)
         fbs[name] = functools.partial(fb, x, scale, bias, dy)
-      tfns = torch_fns(shape, dname, os.cpu_count() or 1) if not args.no_torch else None
-      if tfns is not None:
-        fwds["torch (CPU)"], fbs["torch (CPU)"] = tfns
+      if not args.no_torch:
+        try:
+          tfns = torch_fns(shape, dname, os.cpu_count() or 1)
+          fwds["torch (CPU)"], fbs["torch (CPU)"] = tfns
+        except Exception as e:
+          errors["torch (CPU)"] = torch_error = _results.error_text(e)
       size = int(np.prod(shape)) * dtype.itemsize
       for pname, fns, units in (("fwd", fwds, 3), ("fwd+bwd", fbs, 8)):
-        times = _common.interleaved(fns, reps)
-        base = times["flax.linen"]
+        times = _common.interleaved(fns, reps, warmup=1 if args.quick else 2)
+        base = times.get("flax.linen")
         roof = units * size / bw * 1e3
         for name, t in times.items():
           med = _common.median(t) * 1e3
-          ratio = _common.paired_ratio(t, base)
-          print(f"| {shape} | {dname} | {pname} | {name} | {med:.2f} | {ratio:.2f} | "
-                f"{roof:.2f} | {100 * roof / med:.0f}% |", flush=True)
-  print("\nRoofline bytes: fwd = read x twice (statistics, output) + write y; fwd+bwd adds "
-        "read x, dy (reductions) and read x, dy + write dx: 8 array passes in all.\n")
+          ratio = _common.paired_ratio(t, base) if base else None
+          rows.append([str(shape), dname, pname, name, med, ratio, roof, 100 * roof / med, ""])
+        for name, err in errors.items():
+          rows.append([str(shape), dname, pname, name, None, None, roof, None, err])
+  step = _results.table(
+      f"BN training step, NHWC, jit ({'quick: ' if args.quick else ''}{reps} rounds)",
+      STEP_COLUMNS, rows, formats=STEP_FORMATS,
+      note=(f"Roofline: an in-place donated copy of {big / 2**20:.1f} MiB ran at "
+            f"{bw / 1e9:.2f} GB/s. Roofline bytes: fwd = read x twice (statistics, output) + "
+            "write y; fwd+bwd adds read x, dy (reductions) and read x, dy + write dx: 8 array "
+            "passes in all."))
+  tables = [step]
   if not args.no_cnn:
-    print("## Small CNN train step (conv+BN+ReLU): temporary memory and compile time\n")
-    print("| dtype | impl | temp bytes (3 layers, 32x32x32x3) | ratio | compile s "
-          f"({'4' if args.quick else '20'} layers) | ratio |")
-    print("|---|---|---|---|---|---|")
+    cnn_rows = []
     for dname in dtypes:
-      rows = cnn_memory_and_compile(jnp.dtype(dname), args.quick)
-      fl = {r[0]: r for r in rows}["flax.linen"]
-      for impl, temp, ct in rows:
-        print(f"| {dname} | {impl} | {temp} | {temp / fl[1]:.2f} | {ct:.2f} | "
-              f"{ct / fl[2]:.2f} |", flush=True)
+      res = cnn_memory_and_compile(jnp.dtype(dname), args.quick, rounds=1 if args.quick else 3)
+      fl = {r[0]: r for r in res}["flax.linen"]
+      for impl, temp, ct in res:
+        cnn_rows.append([dname, impl, temp, temp / fl[1], ct, ct / fl[2]])
+    mem = "3 layers, 32x32x32x3" if not args.quick else "2 layers, 4x8x8x3"
+    n = 2 if args.quick else 20
+    tables.append(_results.table(
+        "Small CNN train step (conv+BN+ReLU): temporary memory and compile time",
+        ["dtype", "impl", f"temp bytes ({mem})", "temp ratio",
+         f"compile s ({n} layers)", "compile ratio"], cnn_rows,
+        formats=[None, None, "d", ".2f", ".2f", ".2f"],
+        note=("Temporary bytes from `compiled.memory_analysis()`; compile time is the median of "
+              "interleaved `lower().compile()` calls on fresh shapes. Both sides use the "
+              "model's dtype for BN (flax: `dtype=`; jaxbn: the input's).")))
+  notes = [
+      "Equal work: same inputs (float32 or bfloat16 x, float32 scale/bias), momentum 0.99, "
+      "epsilon 1e-5; every implementation returns its output in the input dtype and its "
+      "updated running statistics; flax layers are built with `dtype` = the input dtype. "
+      "flax uses its default one-pass variance, jaxbn its default (guarded one-pass with an "
+      "exact fallback); torch runs `F.batch_norm` on channels-last tensors with "
+      f"{os.cpu_count()} threads.",
+  ]
+  if torch_error:
+    notes.append(f"torch unavailable: {torch_error}")
+  return tables, notes
 
 
-def _without_hugepages(argv):
+def block(out):
+  return jax.block_until_ready(out)
+
+
+def _without(argv, *flags):
+  """``argv`` without the given ``--flag value`` / ``--flag=value`` options."""
   out, skip = [], False
   for a in argv:
     if skip:
       skip = False
-    elif a == "--hugepages":
+    elif a in flags:
       skip = True
-    elif not a.startswith("--hugepages="):
+    elif not any(a.startswith(f + "=") for f in flags):
       out.append(a)
   return out
 
 
 def main():
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--quick", action="store_true", help="tiny shapes, few rounds (smoke test)")
+  p.add_argument("--quick", action="store_true", help="tiny shapes, 2 rounds (smoke test)")
   p.add_argument("--reps", type=int, default=15, help="timed rounds per table cell")
   p.add_argument("--only", default="", help="comma-separated implementations to include")
   p.add_argument("--no-torch", action="store_true")
   p.add_argument("--no-cnn", action="store_true")
   p.add_argument("--hugepages", choices=["off", "on", "both"], default="off",
                  help="'both' reruns the table in a child with glibc huge pages")
+  p.add_argument("--name", default="bench_core", help="result file stem")
+  _results.add_output_args(p)
   args = p.parse_args()
+  command = _results.command_line()
   if args.hugepages == "on" and "hugetlb" not in os.environ.get("GLIBC_TUNABLES", ""):
     env = dict(os.environ, GLIBC_TUNABLES="glibc.malloc.hugetlb=1")
-    argv = _without_hugepages(sys.argv[1:])
+    argv = _without(sys.argv[1:], "--hugepages")
     sys.exit(subprocess.call([sys.executable, __file__, *argv, "--hugepages", "off"], env=env))
-  run(args)
+  tables, notes = run(args)
+  for t in tables:
+    _results.print_table(t)
+  title = "Functional BN: jaxbn vs flax, haiku, equinox, torch (`bench_core.py`)"
+  if "hugetlb" in os.environ.get("GLIBC_TUNABLES", ""):
+    title += ", glibc huge pages"
+  _results.write_results(args.name, tables, command=command, notes=notes, title=title,
+                         out_dir=_results.output_dir(args))
   if args.hugepages == "both":
     print("\n# Rerun with GLIBC_TUNABLES=glibc.malloc.hugetlb=1\n", flush=True)
     env = dict(os.environ, GLIBC_TUNABLES="glibc.malloc.hugetlb=1")
-    argv = _without_hugepages(sys.argv[1:])
-    subprocess.call([sys.executable, __file__, *argv, "--hugepages", "off", "--no-cnn"], env=env)
+    argv = _without(sys.argv[1:], "--hugepages", "--name")
+    rc = subprocess.call([sys.executable, __file__, *argv, "--hugepages", "off", "--no-cnn",
+                          "--name", f"{args.name}_hugepages"], env=env)
+    sys.exit(rc)
 
 
 if __name__ == "__main__":
