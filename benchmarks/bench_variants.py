@@ -21,10 +21,19 @@ drop-in ``jaxbn.linen``/``jaxbn.nnx`` layers keep) are shown. Backward passes ta
 gradient of ``x``, ``scale`` and ``bias`` for a random cotangent; BN-family functions also
 return their updated running statistics (so that nothing is dead code).
 
+Equal work: both sides get the same ``x`` (float32 or bfloat16), float32 ``scale``/``bias``,
+and return their output in ``x``'s dtype: flax's layers are built with ``dtype`` = the input
+dtype and ``param_dtype=float32`` (without ``dtype`` flax would compute and return float32 for
+a bfloat16 input, which is not the same work). Same epsilon (1e-5), momentum (0.99) and group
+count; the variance algorithm is stated per row.
+
 Usage::
 
     python benchmarks/bench_variants.py            # full table (a few minutes on 2 cores)
-    python benchmarks/bench_variants.py --quick    # small shapes, 3 rounds (smoke test)
+    python benchmarks/bench_variants.py --quick    # tiny shapes, bf16, 2 rounds (smoke test)
+
+Results go to ``benchmarks/results/bench_variants.json`` (``benchmarks/out/`` with
+``--quick``); an implementation that raises is a row with its error.
 """
 
 from __future__ import annotations
@@ -41,6 +50,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
+import _results  # noqa: E402
 
 import jaxbn  # noqa: E402
 
@@ -48,12 +58,14 @@ MOMENTUM, EPS = 0.99, 1e-5
 
 
 # ---------------------------------------------------------------- implementations
-# Each maker returns f(x, scale, bias) -> (y, aux); aux (running statistics) is returned too.
+# Each maker make(c, dtype) returns f(x, scale, bias) -> (y, aux); aux (running statistics)
+# is returned too. flax layers get dtype=<input dtype>, param_dtype=float32 (equal work).
 def flax_bn(train):
   import flax.linen as nn
 
-  def make(c):
-    mod = nn.BatchNorm(use_running_average=not train, momentum=MOMENTUM, epsilon=EPS)
+  def make(c, dtype):
+    mod = nn.BatchNorm(use_running_average=not train, momentum=MOMENTUM, epsilon=EPS,
+                       dtype=dtype, param_dtype=jnp.float32)
     stats = {"mean": jnp.zeros(c), "var": jnp.ones(c)}
 
     def f(x, scale, bias):
@@ -69,8 +81,8 @@ def flax_bn(train):
 def flax_norm(name, **kw):
   import flax.linen as nn
 
-  def make(c):
-    mod = getattr(nn, name)(**kw)
+  def make(c, dtype):
+    mod = getattr(nn, name)(dtype=dtype, param_dtype=jnp.float32, **kw)
     has_bias = name != "RMSNorm"
 
     def f(x, scale, bias):
@@ -81,7 +93,7 @@ def flax_norm(name, **kw):
 
 
 def jaxbn_bn_family(fn, **kw):
-  def make(c):
+  def make(c, dtype):
     stats = jaxbn.init_stats(c)
 
     def f(x, scale, bias):
@@ -90,7 +102,7 @@ def jaxbn_bn_family(fn, **kw):
   return make
 
 
-def jaxbn_frozen(c):
+def jaxbn_frozen(c, dtype):
   stats = jaxbn.init_stats(c)
 
   def f(x, scale, bias):
@@ -99,7 +111,7 @@ def jaxbn_frozen(c):
 
 
 def jaxbn_norm(fn, has_bias=True, **kw):
-  def make(c):
+  def make(c, dtype):
     def f(x, scale, bias):
       if has_bias:
         return fn(x, scale, bias, **kw), ()
@@ -109,8 +121,8 @@ def jaxbn_norm(fn, has_bias=True, **kw):
 
 
 def variants(quick):
-  cnn = [(8, 8, 8, 64)] if quick else [(64, 32, 32, 64), (32, 16, 16, 256)]
-  seq = [(4, 16, 128)] if quick else [(16, 256, 512), (8, 128, 2048)]
+  cnn = [(4, 4, 4, 64)] if quick else [(64, 32, 32, 64), (32, 16, 16, 256)]
+  seq = [(2, 8, 64)] if quick else [(16, 256, 512), (8, 128, 2048)]
   vbs = lambda shape: max(shape[0] // 8, 1)  # noqa: E731
   rows = []
   for shape in cnn:
@@ -155,12 +167,28 @@ def compile_pair(f):
 
 
 # ---------------------------------------------------------------- main
+VARIANCE = {  # the variance algorithm of each implementation label, stated per row
+    "flax.linen": "flax default (one-pass E[x²]−E[x]²)",
+    "fast var": "one-pass E[x²]−E[x]² (use_fast_variance=True)",
+}
+
+
+def variance_of(name, label):
+  if name.startswith("frozen"):
+    return "none (running statistics)"
+  if name.startswith("rms"):
+    return "none (mean of squares)"
+  if label == "flax.linen":
+    return VARIANCE["flax.linen"]
+  if label.endswith("fast var"):
+    return VARIANCE["fast var"]
+  return "jaxbn default"
+
+
 def run(args):
-  reps = 3 if args.quick else args.reps
-  dtypes = ["float32", "bfloat16"]
-  print(f"## jaxbn variants vs the closest flax.linen op, jit — {_common.machine()}\n")
-  print("| variant | shape | dtype | pass | impl | median ms | ratio to flax |")
-  print("|---|---|---|---|---|---|---|")
+  reps = 2 if args.quick else args.reps
+  dtypes = args.dtypes or (["bfloat16"] if args.quick else ["float32", "bfloat16"])
+  rows = []
   rng = np.random.default_rng(0)
   for name, shape, ours, theirs in variants(args.quick):
     if args.only and not any(k in name for k in args.only.split(",")):
@@ -173,26 +201,62 @@ def run(args):
       scale = jnp.asarray(rng.normal(size=c) * 0.1 + 1, jnp.float32)
       bias = jnp.asarray(rng.normal(size=c) * 0.1, jnp.float32)
       impls = {"flax.linen": theirs, **ours}
-      fwds, fbs = {}, {}
+      fwds, fbs, errors, out_dtype = {}, {}, {}, {}
       for label, make in impls.items():
-        f, fb = compile_pair(make(c))
+        try:
+          f, fb = compile_pair(make(c, dtype))
+          y = jax.block_until_ready(f(x, scale, bias))[0]
+          jax.block_until_ready(fb(x, scale, bias, dy))
+          out_dtype[label] = str(y.dtype)
+        except Exception as e:  # a failing implementation is a row with its error
+          errors[label] = _results.error_text(e)
+          continue
         fwds[label] = functools.partial(f, x, scale, bias)
         fbs[label] = functools.partial(fb, x, scale, bias, dy)
       for pname, fns in (("fwd", fwds), ("fwd+bwd", fbs)):
-        times = _common.interleaved(fns, reps)
-        base = times["flax.linen"]
+        times = _common.interleaved(fns, reps, warmup=1 if args.quick else 2)
+        base = times.get("flax.linen")
         for label, t in times.items():
-          print(f"| {name} | {shape} | {dname} | {pname} | {label} | "
-                f"{_common.median(t) * 1e3:.3f} | {_common.paired_ratio(t, base):.2f} |",
-                flush=True)
+          rows.append([name, str(shape), dname, pname, label, out_dtype[label],
+                       variance_of(name, label), _common.median(t) * 1e3,
+                       _common.paired_ratio(t, base) if base else None, ""])
+        for label, err in errors.items():
+          rows.append([name, str(shape), dname, pname, label, None, variance_of(name, label), None,
+                       None, err])
+  table = _results.table(
+      f"jaxbn variants vs the closest flax.linen op, jit ({reps} rounds)",
+      ["variant", "shape", "dtype", "pass", "impl", "output dtype", "variance", "median ms",
+       "ratio to flax", "error"], rows,
+      formats=[None, None, None, None, None, None, None, ".3f", ".2f", None],
+      note=("Equal work: flax layers built with `dtype` = input dtype and "
+            "`param_dtype=float32`; the `output dtype` column shows each side's actual output "
+            "dtype. Closest flax op: renorm and ghost BN vs `BatchNorm` training on the whole "
+            "batch; frozen vs `BatchNorm(use_running_average=True)`; group/instance/layer/RMS "
+            "norm vs flax's layer of the same name."))
+  return [table]
 
 
 def main():
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--quick", action="store_true", help="small shapes, 3 rounds (smoke test)")
+  p.add_argument("--quick", action="store_true", help="tiny shapes, 2 rounds (smoke test)")
   p.add_argument("--reps", type=int, default=15, help="timed rounds per table cell")
   p.add_argument("--only", default="", help="comma-separated substrings of variant names")
-  run(p.parse_args())
+  p.add_argument("--dtypes", nargs="+", choices=["float32", "bfloat16"], default=None,
+                 help="default: both (bfloat16 only with --quick)")
+  _results.add_output_args(p)
+  args = p.parse_args()
+  command = _results.command_line()
+  tables = run(args)
+  for t in tables:
+    _results.print_table(t)
+  _results.write_results(
+      "bench_variants", tables, command=command,
+      title="BN variants and batch-free norms vs flax (`bench_variants.py`)",
+      notes=["jaxbn.batch_norm is timed next to the BN-family rows as a reference; for "
+             "layer/group/instance norm both jaxbn's default stable variance and "
+             "`use_fast_variance=True` (flax's default) are shown. Backward passes take the "
+             "gradient of x, scale and bias for a random cotangent."],
+      out_dir=_results.output_dir(args))
 
 
 if __name__ == "__main__":
