@@ -9,10 +9,15 @@ from the same rounds. The run also counts, in the compiled HLO, the all-reduces 
 function (forward, and forward+backward) for both libraries, and prints flax's and jaxbn's
 results on the flax #2417 masked counter-example.
 
+Equal work: both libraries run the same model, inputs, momentum (0.9) and epsilon (1e-5) in
+float32 under the same ``shard_map``; each uses its default variance algorithm.
+
 Usage::
 
     python benchmarks/bench_sync.py            # small and large shapes, 30 rounds
-    python benchmarks/bench_sync.py --quick    # smoke run: small shape, 5 rounds
+    python benchmarks/bench_sync.py --quick    # smoke run: tiny shape, 2 rounds
+
+Results go to ``benchmarks/results/bench_sync.json`` (``benchmarks/out/`` with ``--quick``).
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
+import _results  # noqa: E402
 
 import jaxbn  # noqa: E402
 from jaxbn import parallel  # noqa: E402
@@ -42,6 +48,7 @@ from jaxbn import parallel  # noqa: E402
 MOMENTUM, EPS, LR = 0.9, 1e-5, 0.01
 # name: (global batch, height = width, channels, conv+BN layers)
 SHAPES = {"small": (32, 16, 16, 3), "large": (128, 32, 64, 3)}
+QUICK_SHAPES = {"tiny": (16, 4, 8, 1)}
 
 
 def conv(x, w):
@@ -174,52 +181,83 @@ def counter_example():
 
 def main():
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  ap.add_argument("--quick", action="store_true", help="small shape only, 5 rounds")
+  ap.add_argument("--quick", action="store_true", help="tiny shape only, 2 rounds")
   ap.add_argument("--reps", type=int, default=30)
+  _results.add_output_args(ap)
   args = ap.parse_args()
-  reps = 5 if args.quick else args.reps
-  shapes = {"small": SHAPES["small"]} if args.quick else SHAPES
+  command = _results.command_line()
+  reps = 2 if args.quick else args.reps
+  shapes = QUICK_SHAPES if args.quick else SHAPES
   mesh = parallel.data_mesh()
 
-  print(f"# Synced BN benchmark\n\n{_common.machine()}; {jax.device_count()} simulated "
-        f"devices; {reps} interleaved rounds (median)\n")
-  print("## Train step (3x3 conv + BN + ReLU) x layers, jit(shard_map), 8 devices\n")
-  print("| shape (global N, H=W, C, layers) | variant | ms/step | vs flax (same sync) | "
-        "synced / unsynced | all-reduces (ops / arrays) |")
-  print("|---|---|---|---|---|---|")
+  rows = []
   for sname, shape in shapes.items():
-    fns, counts = {}, {}
+    fns, counts, errors = {}, {}, {}
     for lib, factory in (("jaxbn", jaxbn_norm), ("flax", flax_norm)):
       for synced in (True, False):
         key = f"{lib} {'synced' if synced else 'unsynced'}"
-        fns[key], compiled = build(shape, factory, synced, mesh)
+        try:
+          fns[key], compiled = build(shape, factory, synced, mesh)
+        except Exception as e:  # a failing variant is a row with its error
+          errors[key] = _results.error_text(e)
+          continue
         counts[key] = (parallel.collective_counts(compiled).get("all-reduce", 0),
                        parallel.collective_counts(compiled, operands=True).get("all-reduce", 0))
-    times = _common.interleaved(fns, reps=reps)
+    times = _common.interleaved(fns, reps=reps, warmup=1 if args.quick else 2)
     for key in fns:
       lib, mode = key.split()
       other = "unsynced" if mode == "synced" else "synced"
-      vs_flax = _common.paired_ratio(times[key], times[f"flax {mode}"])
-      sync_ratio = (f"{_common.paired_ratio(times[key], times[f'{lib} {other}']):.3f}"
-                    if mode == "synced" else "")
-      print(f"| {sname} {shape} | {key} | {_common.median(times[key]) * 1e3:.2f} | "
-            f"{vs_flax:.3f} | {sync_ratio} | {counts[key][0]} / {counts[key][1]} |")
+      ref = times.get(f"flax {mode}")
+      vs_flax = _common.paired_ratio(times[key], ref) if ref else None
+      sync_ratio = (_common.paired_ratio(times[key], times[f"{lib} {other}"])
+                    if mode == "synced" and f"{lib} {other}" in times else None)
+      rows.append([f"{sname} {shape}", key, _common.median(times[key]) * 1e3, vs_flax,
+                   sync_ratio, counts[key][0], counts[key][1], ""])
+    for key, err in errors.items():
+      rows.append([f"{sname} {shape}", key, None, None, None, None, None, err])
+  tables = [_results.table(
+      f"Train step (3x3 conv + BN + ReLU) x layers, jit(shard_map), "
+      f"{jax.device_count()} devices ({reps} rounds)",
+      ["shape (global N, H=W, C, layers)", "variant", "ms/step", "vs flax (same sync)",
+       "synced / unsynced", "all-reduce ops", "all-reduce arrays", "error"], rows,
+      formats=[None, None, ".2f", ".3f", ".3f", "d", "d", None],
+      note="All-reduces counted in the compiled HLO of the whole train step "
+           "(`jaxbn.parallel.collective_counts`).")]
 
-  print("\n## All-reduces of one synced BN call (BN-only function, 8 devices)\n")
-  print("| library | pass | lowered (JAX emitted) | compiled ops | compiled arrays |")
-  print("|---|---|---|---|---|")
+  count_rows = []
   for lib, factory in (("jaxbn", jaxbn_norm), ("flax", flax_norm)):
-    for name, (lo, ops, arrays) in bn_only_counts(factory, mesh).items():
-      print(f"| {lib} | {name} | {lo} | {ops} | {arrays} |")
+    try:
+      for name, (lo, ops, arrays) in bn_only_counts(factory, mesh).items():
+        count_rows.append([lib, name, lo, ops, arrays, ""])
+    except Exception as e:
+      count_rows.append([lib, "forward, forward+backward", None, None, None,
+                         _results.error_text(e)])
+  tables.append(_results.table(
+      f"All-reduces of one synced BN call (BN-only function, {jax.device_count()} devices)",
+      ["library", "pass", "lowered (JAX emitted)", "compiled ops", "compiled arrays", "error"],
+      count_rows, formats=[None, None, "d", "d", "d", None]))
 
-  res = counter_example()
-  print("\n## flax #2417 masked counter-example (2 devices)\n")
-  print("Valid entries: device 0 holds (2, 2, 2), device 1 holds (10,); the true masked mean "
-        "is 4.0.\n")
-  print("| library | synced masked mean |")
-  print("|---|---|")
-  for name, value in res.items():
-    print(f"| {name} | {value:.4f} |")
+  try:
+    res = counter_example()
+    ce_rows = [[name, 4.0, value, ""] for name, value in res.items()]
+  except Exception as e:
+    ce_rows = [["flax, jaxbn", 4.0, None, _results.error_text(e)]]
+  tables.append(_results.table(
+      "flax #2417 masked counter-example (2 devices)",
+      ["library", "true masked mean", "synced masked mean", "error"], ce_rows,
+      formats=[None, ".4f", ".4f", None],
+      note="Valid entries: device 0 holds (2, 2, 2), device 1 holds (10,); the true masked "
+           "mean is 4.0 (the test `tests/test_oracle_flax2417.py` asserts both values)."))
+  for t in tables:
+    _results.print_table(t)
+  _results.write_results(
+      "bench_sync", tables, command=command,
+      title="Synchronized BN: synced vs unsynced train steps, jaxbn vs flax (`bench_sync.py`)",
+      notes=[f"{jax.device_count()} simulated CPU devices on one machine: the collectives are "
+             "memory copies, so this measures the overhead of synchronization in the program, "
+             "not network cost. Equal work: same model, inputs, momentum 0.9, epsilon 1e-5, "
+             "float32, same shard_map; each library uses its default variance algorithm."],
+      out_dir=_results.output_dir(args))
 
 
 if __name__ == "__main__":
