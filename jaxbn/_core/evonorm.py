@@ -1,0 +1,207 @@
+"""EvoNorm-B0 and EvoNorm-S0 (Liu, Brock, Simonyan & Le, 2020): normalization and activation in one.
+
+B0 divides by the larger of the batch standard deviation (running statistics at inference,
+as batch norm) and ``v·x +`` the instance standard deviation; S0 is batch-independent,
+``x·σ(v·x)`` divided by the group standard deviation. Both are built on
+:func:`jaxbn.moments` (batch, instance and group variances alike) and
+:func:`jaxbn.update_stats` (the running variance of B0).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike, DTypeLike
+
+import jaxbn
+from jaxbn._core.frn import _axes, _float, _per_channel, acc_dtype
+
+
+def _keep(v: jax.Array, x: jax.Array, feat: tuple[int, ...]) -> jax.Array:
+  shape = [1] * x.ndim
+  for a in feat:
+    shape[a] = x.shape[a]
+  return v.reshape(shape)
+
+
+def _affine(fn, y, x, feat, scale, bias, acc, out):
+  g = _per_channel(fn, "scale", scale, x, feat)
+  b = _per_channel(fn, "bias", bias, x, feat)
+  if g is not None:
+    y = y * g.astype(acc)
+  if b is not None:
+    y = y + b.astype(acc)
+  return y.astype(out)
+
+
+def evonorm_b0(
+    x: ArrayLike,
+    stats: jaxbn.BatchStats,
+    scale: Optional[ArrayLike],
+    bias: Optional[ArrayLike],
+    v: ArrayLike,
+    *,
+    training: bool,
+    axis=-1,
+    momentum: Optional[ArrayLike] = 0.99,
+    epsilon: ArrayLike = 1e-5,
+    axis_name: Any = None,
+    axis_index_groups: Optional[Sequence[Sequence[int]]] = None,
+    mask: Optional[ArrayLike] = None,
+    dtype: Optional[DTypeLike] = None,
+    unbiased_running_var: bool = False,
+) -> tuple[jax.Array, jaxbn.BatchStats]:
+  r"""EvoNorm-B0: batch-variance normalization fused with its activation (Liu et al., 2020).
+
+  .. math::
+     y = \frac{x}{\max\left(\sqrt{s^2_{b} + \epsilon},\; v\,x + \sqrt{s^2_{i}(x) + \epsilon}
+     \right)}\,\gamma + \beta
+
+  ``s²_b``: per-channel variance over the batch and spatial axes (all but ``axis``) in
+  training — synchronized over ``axis_name``, masked, as :func:`jaxbn.moments` — and the
+  running variance ``stats.var`` in evaluation; ``s²_i``: per-example, per-channel variance
+  over the spatial axes (all but 0 and ``axis``). In training ``stats`` is updated as by
+  :func:`jaxbn.batch_norm` (flax momentum convention, biased variance unless
+  ``unbiased_running_var``; the running mean is updated too but never used). No centering:
+  ``x`` itself is divided, and there is no separate activation.
+
+  Args:
+    x: input, real float, batch axis 0, channels on ``axis``.
+    stats: running statistics (:func:`jaxbn.init_stats` of the channel shape).
+    scale: ``γ`` per channel, or None.
+    bias: ``β`` per channel, or None.
+    v: the per-channel ``v`` of the paper (the activation's slope; init 1).
+    training: Python bool: batch variance and update (True), running variance (False).
+    axis: channel axis or axes (default -1), not 0.
+    momentum: weight of the old running value (flax convention; PyTorch's ``p`` is ``1-p``).
+    epsilon: added to both variances (default 1e-5).
+    axis_name: mapped axis name(s) to synchronize the batch variance over.
+    axis_index_groups: synchronize within these groups of devices only.
+    mask: optional bool array broadcastable to ``x``: which entries count in the statistics.
+    dtype: output dtype (default ``x``'s).
+    unbiased_running_var: fold ``var·n/(n−1)`` into the running variance (timm's and
+      PyTorch's convention) instead of the biased one.
+
+  Returns:
+    ``(y, new_stats)``; in evaluation ``new_stats`` is ``stats``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, jaxbn
+    >>> x = jax.random.normal(jax.random.key(0), (4, 3, 3, 2))
+    >>> y, stats = jaxbn.evonorm_b0(x, jaxbn.init_stats(2), None, None, jnp.ones(2),
+    ...                             training=True, momentum=0.9)
+    >>> y.shape, int(stats.count)
+    ((4, 3, 3, 2), 1)
+
+  References:
+    Liu, Brock, Simonyan & Le, "Evolving Normalization-Activation Layers", NeurIPS 2020
+    (arXiv:2004.02967).
+  """
+  fn = "evonorm_b0"
+  x = _float(fn, "x", x)
+  feat = _axes(fn, x.ndim, axis)
+  fshape = tuple(x.shape[a] for a in feat)
+  got = tuple(stats.var.shape) if isinstance(stats, jaxbn.BatchStats) else type(stats).__name__
+  if got != fshape:
+    raise ValueError(f"{fn}: `stats` must be a jaxbn.BatchStats of the channel shape {fshape}, "
+                     f"got {got}; create it with jaxbn.init_stats({fshape}).")
+  if not isinstance(training, bool):
+    raise TypeError(f"{fn}: `training` must be a Python bool, got {type(training).__name__}.")
+  out = jnp.dtype(dtype) if dtype is not None else x.dtype
+  acc = acc_dtype(x.dtype)
+  if training:
+    batch = jaxbn.moments(x, axis=feat, mask=mask, axis_name=axis_name,
+                    axis_index_groups=axis_index_groups)
+    var_b = batch.var
+    new = jaxbn.update_stats(stats, jax.tree.map(jax.lax.stop_gradient, batch),
+                             momentum=momentum, unbiased_running_var=unbiased_running_var)
+  else:
+    var_b, new = stats.var, stats
+  inst = jaxbn.moments(x, axis=(0,) + feat, mask=mask).var  # per example and channel
+  xf = x.astype(acc)
+  eps = jnp.asarray(epsilon, acc)
+  left = jnp.sqrt(_keep(var_b.astype(acc), x, feat) + eps)
+  right = xf * _per_channel(fn, "v", v, x, feat).astype(acc) + jnp.sqrt(
+      jnp.expand_dims(inst.astype(acc), [a for a in range(1, x.ndim) if a not in feat]) + eps)
+  y = xf / jnp.maximum(left, right)
+  return _affine(fn, y, x, feat, scale, bias, acc, out), new
+
+
+def evonorm_s0(
+    x: ArrayLike,
+    scale: Optional[ArrayLike],
+    bias: Optional[ArrayLike],
+    v: ArrayLike,
+    *,
+    num_groups: Optional[int] = 32,
+    group_size: Optional[int] = None,
+    epsilon: ArrayLike = 1e-5,
+    mask: Optional[ArrayLike] = None,
+    dtype: Optional[DTypeLike] = None,
+) -> jax.Array:
+  r"""EvoNorm-S0: ``x·σ(v·x)`` over the group standard deviation (Liu et al., 2020).
+
+  .. math::
+     y = \frac{x\, \mathrm{sigmoid}(v\,x)}{\sqrt{s^2_{g}(x) + \epsilon}}\,\gamma + \beta
+
+  ``s²_g``: per example, the (biased) variance over the spatial axes and the channels of
+  each group — the last axis holds the ``C`` channels, split into ``num_groups`` consecutive
+  groups (or groups of ``group_size``; give one of the two, as :func:`jaxbn.group_norm`).
+  Batch-independent: training and inference are the same function.
+
+  Args:
+    x: input, real float, batch axis 0, channels last, rank >= 2.
+    scale: ``γ`` of shape ``(C,)``, or None.
+    bias: ``β`` of shape ``(C,)``, or None.
+    v: ``v`` of shape ``(C,)`` (init 1).
+    num_groups: number of channel groups (default 32); None with ``group_size``.
+    group_size: channels per group (pass ``num_groups=None``).
+    epsilon: added to the variance (default 1e-5).
+    mask: optional bool array broadcastable to ``x``: which entries count in ``s²_g``.
+    dtype: output dtype (default ``x``'s).
+
+  Returns:
+    ``y``, shaped like ``x``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, jaxbn
+    >>> x = jax.random.normal(jax.random.key(0), (2, 3, 3, 4))
+    >>> jaxbn.evonorm_s0(x, None, None, jnp.ones(4), num_groups=2).shape
+    (2, 3, 3, 4)
+
+  References:
+    Liu, Brock, Simonyan & Le, "Evolving Normalization-Activation Layers", NeurIPS 2020.
+  """
+  fn = "evonorm_s0"
+  x = _float(fn, "x", x)
+  if x.ndim < 2:
+    raise ValueError(f"{fn}: `x` must have a batch and a channel axis, got shape {x.shape}.")
+  c = x.shape[-1]
+  if (num_groups is None) == (group_size is None):
+    raise ValueError(f"{fn}: give exactly one of `num_groups` and `group_size`, got "
+                     f"num_groups={num_groups!r}, group_size={group_size!r} (to set "
+                     f"group_size pass num_groups=None).")
+  if group_size is not None:
+    if not isinstance(group_size, int) or group_size <= 0 or c % group_size:
+      raise ValueError(f"{fn}: `group_size`={group_size!r} must divide the {c} channels.")
+    num_groups = c // group_size
+  if not isinstance(num_groups, int) or num_groups <= 0 or c % num_groups:
+    raise ValueError(f"{fn}: `num_groups`={num_groups!r} must divide the {c} channels; pass "
+                     f"a divisor of {c} (or group_size=...).")
+  feat = (x.ndim - 1,)
+  out = jnp.dtype(dtype) if dtype is not None else x.dtype
+  acc = acc_dtype(x.dtype)
+  blocked = x.shape[:-1] + (num_groups, c // num_groups)
+  xg = x.reshape(blocked)
+  mg = None if mask is None else jnp.broadcast_to(jnp.asarray(mask, bool), x.shape).reshape(
+      blocked)
+  var = jaxbn.moments(xg, axis=(0, x.ndim - 1), mask=mg).var  # (N, G)
+  inv = jax.lax.rsqrt(var.astype(acc) + jnp.asarray(epsilon, acc))
+  inv = jnp.broadcast_to(inv.reshape((x.shape[0],) + (1,) * (x.ndim - 2) + (num_groups, 1)),
+                         blocked).reshape(x.shape)
+  xf = x.astype(acc)
+  vv = _per_channel(fn, "v", v, x, feat).astype(acc)
+  y = xf * jax.nn.sigmoid(vv * xf) * inv
+  return _affine(fn, y, x, feat, scale, bias, acc, out)

@@ -1,0 +1,144 @@
+"""Filter Response Normalization with a Thresholded Linear Unit (Singh & Krishnan, 2019).
+
+Batch-independent: each example and channel is divided by the root mean square of its own
+spatial positions, so training and inference are the same function and per-example gradients
+need no special care. No centering (hence the learned threshold ``tau`` of the TLU).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike, DTypeLike
+
+
+def _axes(fn: str, ndim: int, axis) -> tuple[int, ...]:
+  """Normalizes the channel ``axis`` (int or tuple) of a rank-``ndim`` input; not axis 0."""
+  axes = (axis,) if isinstance(axis, int) else tuple(axis)
+  out = []
+  for a in axes:
+    if not isinstance(a, int) or not -ndim <= a < ndim:
+      raise ValueError(f"{fn}: `axis`={axis!r} is out of range for an input of rank {ndim}; "
+                       f"pass the channel axis (e.g. -1 for NHWC).")
+    out.append(a % ndim)
+  if 0 in out:
+    raise ValueError(f"{fn}: `axis`={axis!r} includes axis 0, the batch axis; the statistics "
+                     f"are per example, so put the batch first and pass the channel axis.")
+  return tuple(sorted(set(out)))
+
+
+def _float(fn: str, name: str, v) -> jax.Array:
+  v = jnp.asarray(v)
+  if not jnp.issubdtype(v.dtype, jnp.floating):
+    raise TypeError(f"{fn}: `{name}` must be a real floating array, got dtype {v.dtype}; "
+                    f"cast it, e.g. `{name}.astype(jnp.float32)`.")
+  return v
+
+
+def _per_channel(fn: str, name: str, v, x: jax.Array, feat: tuple[int, ...]):
+  """``v`` (shape of ``x`` along ``feat``, or None) broadcast to ``x``'s rank."""
+  if v is None:
+    return None
+  v = _float(fn, name, v)
+  fshape = tuple(x.shape[a] for a in feat)
+  if v.shape != fshape:
+    raise ValueError(f"{fn}: `{name}` has shape {v.shape} but `x` has {fshape} channels on "
+                     f"`axis`; pass one value per channel.")
+  shape = [1] * x.ndim
+  for a in feat:
+    shape[a] = x.shape[a]
+  return v.reshape(shape)
+
+
+def acc_dtype(dtype) -> jnp.dtype:
+  """float32 for half-precision inputs, the input's dtype otherwise."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+def filter_response_norm(
+    x: ArrayLike,
+    scale: Optional[ArrayLike] = None,
+    bias: Optional[ArrayLike] = None,
+    tau: Optional[ArrayLike] = None,
+    *,
+    axis=-1,
+    epsilon: ArrayLike = 1e-6,
+    learned_epsilon: Optional[ArrayLike] = None,
+    mask: Optional[ArrayLike] = None,
+    dtype: Optional[DTypeLike] = None,
+) -> jax.Array:
+  r"""Filter Response Normalization, optionally followed by the TLU (Singh & Krishnan, 2019).
+
+  .. math::
+     \nu^2 = \frac{1}{|S|}\sum_{s \in S} x_s^2, \qquad
+     y = \gamma \frac{x}{\sqrt{\nu^2 + \epsilon}} + \beta, \qquad z = \max(y, \tau)
+
+  with ``S`` every axis but the batch axis 0 and the channel ``axis`` (for NHWC, H and W),
+  per example and channel. ``ε = epsilon + |learned_epsilon|``: pass a trainable scalar as
+  ``learned_epsilon`` for the paper's learned-ε variant (``epsilon`` is then its floor). For
+  an input without spatial axes (``(N, C)``) ``ν² = x²``, so ``y ≈ γ·sign(x) + β``: use it on
+  feature maps. Plain differentiable JAX (``jax.grad`` gives the exact derivative, also for
+  ``learned_epsilon``); the mean square is accumulated in at least float32.
+
+  Args:
+    x: input, real float, batch axis 0.
+    scale: optional ``γ``, one per channel (shape of ``x`` along ``axis``).
+    bias: optional ``β``, same shape.
+    tau: optional TLU threshold ``τ``, same shape; None: no TLU (FRN alone).
+    axis: channel axis or axes (default -1); must not include 0.
+    epsilon: constant added to ``ν²`` (default 1e-6, the paper's), ``> 0``.
+    learned_epsilon: optional scalar (a parameter); ``|learned_epsilon|`` is added to ``ε``.
+    mask: optional bool array broadcastable to ``x``: which positions count in ``ν²``
+      (padding excluded); an example/channel without a valid position gets ``ν² = 0``.
+    dtype: output dtype (default ``x``'s).
+
+  Returns:
+    ``z`` (with ``tau``) or ``y``, shaped like ``x``.
+
+  Raises:
+    ValueError: bad ``axis``, parameter shapes or ``epsilon <= 0``. TypeError: non-float input.
+
+  Example:
+    >>> import jax.numpy as jnp, jaxbn
+    >>> x = jnp.array([[[3.0], [-4.0]]])          # one example, 2 positions, 1 channel
+    >>> jaxbn.filter_response_norm(x, epsilon=1e-12).round(4).tolist()
+    [[[0.8485], [-1.1314]]]
+    >>> jaxbn.filter_response_norm(x, tau=jnp.zeros(1), epsilon=1e-12).round(4).tolist()
+    [[[0.8485], [0.0]]]
+
+  References:
+    Singh & Krishnan, "Filter Response Normalization Layer: Eliminating Batch Dependence in
+    the Training of Deep Neural Networks", CVPR 2020 (arXiv:1911.09737).
+  """
+  fn = "filter_response_norm"
+  x = _float(fn, "x", x)
+  if isinstance(epsilon, (int, float)) and not epsilon > 0:
+    raise ValueError(f"{fn}: `epsilon` must be > 0, got {epsilon!r}.")
+  feat = _axes(fn, x.ndim, axis)
+  red = tuple(a for a in range(1, x.ndim) if a not in feat)
+  out = jnp.dtype(dtype) if dtype is not None else x.dtype
+  acc = acc_dtype(x.dtype)
+  xf = x.astype(acc)
+  sq = jnp.square(xf)
+  if mask is None:
+    nu2 = jnp.mean(sq, axis=red, keepdims=True)
+  else:
+    m = jnp.broadcast_to(jnp.asarray(mask, bool), x.shape)
+    n = jnp.sum(m, axis=red, keepdims=True, dtype=acc)
+    nu2 = jnp.sum(jnp.where(m, sq, 0), axis=red, keepdims=True) / jnp.maximum(n, 1)
+  eps = jnp.asarray(epsilon, acc)
+  if learned_epsilon is not None:
+    eps = eps + jnp.abs(_float(fn, "learned_epsilon", learned_epsilon).astype(acc))
+  y = xf * jax.lax.rsqrt(nu2 + eps)
+  g = _per_channel(fn, "scale", scale, x, feat)
+  b = _per_channel(fn, "bias", bias, x, feat)
+  t = _per_channel(fn, "tau", tau, x, feat)
+  if g is not None:
+    y = y * g.astype(acc)
+  if b is not None:
+    y = y + b.astype(acc)
+  if t is not None:
+    y = jnp.maximum(y, t.astype(acc))
+  return y.astype(out)
