@@ -12,6 +12,11 @@ shortcuts, no conv bias) is evaluated (``train=False``, under ``jax.jit``, warm)
 Interleaved rounds (one step of each per round); medians and paired median ratios vs flax
 (< 1 is faster), plus the largest difference between the folded and the flax outputs.
 
+Equal work: the three rows evaluate the same ResNet with the same variables, inputs and model
+``dtype``; only the norm (or its folded form) differs.
+
+Results go to ``benchmarks/results/bench_fold.json`` (``benchmarks/out/`` with ``--quick``).
+
 Usage::
 
     python benchmarks/bench_fold.py            # CIFAR-size ResNet-14, batch 256
@@ -36,6 +41,7 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, _HERE)
 sys.path.insert(0, os.path.join(os.path.dirname(_HERE), "tests"))
 import _common  # noqa: E402
+import _results  # noqa: E402
 import _resnet  # noqa: E402
 
 import jaxbn.linen  # noqa: E402
@@ -84,7 +90,7 @@ def bench_dtype(args, dtype_name):
   fns = {k: functools.partial(c, v, x) for k, (c, v) in steps.items()}
   ref = np.asarray(fns["flax"](), np.float32)
   err = float(np.max(np.abs(np.asarray(fns["folded"](), np.float32) - ref)))
-  times = _common.interleaved(fns, reps=args.reps, warmup=2)
+  times = _common.interleaved(fns, reps=args.reps, warmup=1 if args.quick else 2)
   rows = []
   for name in steps:
     rows.append(dict(impl=name, ms=1e3 * _common.median(times[name]),
@@ -101,24 +107,44 @@ def main(argv=None):
   p.add_argument("--reps", type=int, default=30, help="timed rounds")
   p.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
   p.add_argument("--quick", action="store_true", help="tiny model, few rounds (smoke test)")
+  _results.add_output_args(p)
   args = p.parse_args(argv)
   if args.quick:
-    args.batch, args.size, args.filters, args.stages, args.reps = 16, 8, 8, [1, 1], 5
+    args.batch, args.size, args.filters, args.stages, args.reps = 4, 4, 4, [1], 2
+    if args.dtypes == list(DTYPES):
+      args.dtypes = ["bfloat16"]
 
-  print("# ResNet eval step: BatchNorm folded into the convolutions vs flax.linen.BatchNorm\n")
-  print(f"machine: {_common.machine()}\n")
-  print(f"model: ResNet stages={args.stages} filters={args.filters}, input "
-        f"{args.batch}x{args.size}x{args.size}x3 NHWC, one device, train=False under jax.jit; "
-        f"{args.reps} interleaved rounds; ratios are paired medians vs flax (< 1 is faster).\n")
-  print("| dtype | BN | eval step ms | / flax | BNs folded | max abs diff vs flax |")
-  print("|---|---|---:|---:|---:|---:|")
+  command = _results.command_line()
+  rows = []
   for dtype_name in args.dtypes:
-    rows, n_pairs, n_bn, err, scale = bench_dtype(args, dtype_name)
-    for r in rows:
-      folded = f"{n_pairs}/{n_bn}" if r["impl"] == "folded" else "0"
-      diff = f"{err:.1e} (of {scale:.1f})" if r["impl"] == "folded" else ""
-      print(f"| {dtype_name} | {r['impl']} | {r['ms']:.2f} | {r['ratio']:.2f} | {folded} | "
-            f"{diff} |", flush=True)
+    try:
+      res, n_pairs, n_bn, err, scale = bench_dtype(args, dtype_name)
+    except Exception as e:  # a failing configuration is a row with its error
+      rows.append([dtype_name, "flax, jaxbn, folded", None, None, None, None, None,
+                   _results.error_text(e)])
+      continue
+    for r in res:
+      folded = r["impl"] == "folded"
+      rows.append([dtype_name, r["impl"], r["ms"], r["ratio"],
+                   f"{n_pairs}/{n_bn}" if folded else "0", err if folded else None,
+                   scale if folded else None, ""])
+  tables = [_results.table(
+      "ResNet eval step: BatchNorm folded into the convolutions vs flax.linen.BatchNorm",
+      ["dtype", "BN", "eval step ms", "/ flax", "BNs folded", "max abs diff vs flax",
+       "max abs output", "error"], rows,
+      formats=[None, None, ".2f", ".2f", None, ".1e", ".2f", None],
+      note=(f"ResNet stages={args.stages} filters={args.filters}, input "
+            f"{args.batch}x{args.size}x{args.size}x3 NHWC, one device, train=False under "
+            f"jax.jit; {args.reps} interleaved rounds; ratios are paired medians vs flax "
+            "(< 1 is faster)."))]
+  for t in tables:
+    _results.print_table(t)
+  _results.write_results(
+      "bench_fold", tables, command=command,
+      title="Folding BN into convolutions, eval step (`bench_fold.py`)",
+      notes=["Equal work: same ResNet, variables (statistics away from (0, 1), as after "
+             "training), inputs and model dtype on every row; only the norm differs."],
+      out_dir=_results.output_dir(args))
 
 
 if __name__ == "__main__":

@@ -16,6 +16,12 @@ with ``axis_name='batch'``), it reports:
   (tracing, lowering and XLA compilation; interleaved, median);
 * temporary memory: ``compiled.memory_analysis().temp_size_in_bytes``.
 
+Equal work: every row is the same ResNet, optimizer, inputs and ``dtype`` (flax's ``dtype=``
+of the model, float32 parameters), differing only in the norm layer (stated per row).
+
+Results go to ``benchmarks/results/bench_model.json`` (``benchmarks/out/`` with ``--quick``);
+an implementation that fails to build or compile is a row with its error.
+
 Usage::
 
     python benchmarks/bench_model.py                 # CIFAR-size ResNet-14, batch 128
@@ -50,6 +56,7 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, _HERE)
 sys.path.insert(0, os.path.join(os.path.dirname(_HERE), "tests"))
 import _common  # noqa: E402
+import _results  # noqa: E402
 import _resnet  # noqa: E402
 
 import jaxbn.linen  # noqa: E402
@@ -114,36 +121,56 @@ def bench_config(args, dtype_name, devices):
   dtype = DTYPES[dtype_name]
   x, labels = make_inputs(args, devices, dtype)
   tx = optax.sgd(0.01, momentum=0.9)
-  steps, state, compiled, temp, compile_s = {}, {}, {}, {}, {k: [] for k in IMPLS}
+  steps, state, compiled, temp, errors = {}, {}, {}, {}, {}
+  compile_s = {k: [] for k in IMPLS}
   for name, (bn, kw) in IMPLS.items():
-    model = _resnet.ResNet(stage_sizes=tuple(args.stages), num_filters=args.filters,
-                           batch_norm=bn, dtype=dtype,
-                           axis_name="batch" if devices > 1 else None, norm_kwargs=kw)
-    shapes = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
-                            jax.ShapeDtypeStruct(x.shape, x.dtype))
-    variables = _resnet.fill(shapes)
-    params, stats = variables["params"], variables["batch_stats"]
-    state[name] = (params, stats, tx.init(params))
-    steps[name] = make_step(model, tx, devices)
+    try:
+      model = _resnet.ResNet(stage_sizes=tuple(args.stages), num_filters=args.filters,
+                             batch_norm=bn, dtype=dtype,
+                             axis_name="batch" if devices > 1 else None, norm_kwargs=kw)
+      shapes = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
+                              jax.ShapeDtypeStruct(x.shape, x.dtype))
+      variables = _resnet.fill(shapes)
+      params, stats = variables["params"], variables["batch_stats"]
+      state[name] = (params, stats, tx.init(params))
+      steps[name] = make_step(model, tx, devices)
+    except Exception as e:  # a failing implementation is a row with its error
+      errors[name] = _results.error_text(e)
   for _ in range(args.compile_reps):  # interleaved compiles, fresh each time
-    for name in IMPLS:
+    for name in list(steps):
       jax.clear_caches()
       t0 = time.perf_counter()
-      c = steps[name].lower(*state[name], x, labels).compile()
+      try:
+        c = steps[name].lower(*state[name], x, labels).compile()
+      except Exception as e:
+        errors[name] = _results.error_text(e)
+        del steps[name]
+        continue
       compile_s[name].append(time.perf_counter() - t0)
       compiled[name] = c
       temp[name] = c.memory_analysis().temp_size_in_bytes
-  fns = {name: functools.partial(compiled[name], *state[name], x, labels) for name in IMPLS}
-  times = _common.interleaved(fns, reps=args.reps, warmup=2)
+  fns = {name: functools.partial(compiled[name], *state[name], x, labels) for name in steps}
+  times = _common.interleaved(fns, reps=args.reps, warmup=1 if args.quick else 2)
   rows = []
+  base = "flax" if "flax" in fns else None
   for name in IMPLS:
-    rows.append(dict(
-        impl=name, step_ms=1e3 * _common.median(times[name]),
-        step_ratio=_common.paired_ratio(times[name], times["flax"]),
-        compile_s=_common.median(compile_s[name]),
-        compile_ratio=_common.paired_ratio(compile_s[name], compile_s["flax"]),
-        temp_mib=temp[name] / 2**20, temp_ratio=temp[name] / max(temp["flax"], 1)))
+    kw = IMPLS[name][1]
+    if name in errors:
+      rows.append([dtype_name, devices, name, str(kw) if kw else "", None, None, None, None,
+                   None, None, errors[name]])
+      continue
+    rows.append([
+        dtype_name, devices, name, str(kw) if kw else "", 1e3 * _common.median(times[name]),
+        _common.paired_ratio(times[name], times[base]) if base else None,
+        _common.median(compile_s[name]),
+        _common.paired_ratio(compile_s[name], compile_s[base]) if base else None,
+        temp[name] / 2**20, temp[name] / max(temp[base], 1) if base else None, ""])
   return rows
+
+
+COLUMNS = ["dtype", "devices", "BN", "options", "step ms", "step / flax", "compile s",
+           "compile / flax", "temp MiB", "temp / flax", "error"]
+FORMATS = [None, "d", None, None, ".1f", ".2f", ".2f", ".2f", ".1f", ".2f", None]
 
 
 def main(argv=None):
@@ -154,33 +181,52 @@ def main(argv=None):
   p.add_argument("--stages", type=int, nargs="+", default=[2, 2, 2])
   p.add_argument("--reps", type=int, default=20, help="timed rounds")
   p.add_argument("--compile-reps", type=int, default=None, help="default 3 (1 with --quick)")
-  p.add_argument("--devices", type=int, nargs="+", default=[1, 8])
-  p.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+  p.add_argument("--devices", type=int, nargs="+", default=None,
+                 help="default: 1 and 8 (8 only with --quick)")
+  p.add_argument("--dtypes", nargs="+", default=None, choices=list(DTYPES),
+                 help="default: both (bfloat16 only with --quick)")
   p.add_argument("--quick", action="store_true", help="tiny model, few rounds (smoke test)")
+  p.add_argument("--name", default="bench_model", help="result file stem")
+  _results.add_output_args(p)
   p.add_argument("--hugepages", choices=["off", "both"], default="off",
                  help="'both': rerun in a child process with GLIBC_TUNABLES=glibc.malloc.hugetlb=1")
   args = p.parse_args(argv)
   if args.quick:
-    args.batch, args.size, args.filters, args.stages = 16, 8, 8, [1, 1]
-    args.reps = 3
+    args.batch, args.size, args.filters, args.stages = 8, 4, 4, [1]
+    args.reps = 2
   if args.compile_reps is None:
     args.compile_reps = 1 if args.quick else 3
+  if args.dtypes is None:
+    args.dtypes = ["bfloat16"] if args.quick else list(DTYPES)
+  if args.devices is None:
+    args.devices = [8] if args.quick else [1, 8]
 
-  print("# ResNet train step: jaxbn.linen.BatchNorm vs flax.linen.BatchNorm\n")
-  print(f"machine: {_common.machine()}\n")
-  print(f"model: ResNet stages={args.stages} filters={args.filters}, input "
-        f"{args.batch}x{args.size}x{args.size}x3 NHWC, SGD+momentum; {args.reps} interleaved "
-        f"rounds, {args.compile_reps} compiles each; ratios are paired medians vs flax "
-        f"(< 1 is better).\n")
-  print("| dtype | devices | BN | step ms | step / flax | compile s | compile / flax "
-        "| temp MiB | temp / flax |")
-  print("|---|---|---|---:|---:|---:|---:|---:|---:|")
+  command = _results.command_line()
+  rows = []
   for dtype_name in args.dtypes:
     for devices in args.devices:
-      for r in bench_config(args, dtype_name, devices):
-        print(f"| {dtype_name} | {devices} | {r['impl']} | {r['step_ms']:.1f} | "
-              f"{r['step_ratio']:.2f} | {r['compile_s']:.2f} | {r['compile_ratio']:.2f} | "
-              f"{r['temp_mib']:.1f} | {r['temp_ratio']:.2f} |", flush=True)
+      rows += bench_config(args, dtype_name, devices)
+  huge = "hugetlb" in os.environ.get("GLIBC_TUNABLES", "")
+  tables = [_results.table(
+      f"ResNet train step{' (glibc huge pages)' if huge else ''}: "
+      "jaxbn.linen.BatchNorm vs flax.linen.BatchNorm",
+      COLUMNS, rows, formats=FORMATS,
+      note=(f"ResNet stages={args.stages} filters={args.filters}, input "
+            f"{args.batch}x{args.size}x{args.size}x3 NHWC, SGD+momentum; {args.reps} "
+            f"interleaved rounds, {args.compile_reps} compiles each; ratios are paired medians "
+            "vs flax (< 1 is better). 'no norm (bound)' is an identity in place of BN."))]
+  for t in tables:
+    _results.print_table(t)
+  name = args.name + ("_hugepages" if huge and not args.name.endswith("_hugepages") else "")
+  _results.write_results(
+      name, tables, command=command,
+      title="ResNet train step: jaxbn vs flax (`bench_model.py`)"
+            + (", glibc huge pages" if huge else ""),
+      notes=["Equal work: the same ResNet, optimizer, inputs and model `dtype` on every row "
+             "(flax's `dtype=`, float32 parameters); only the norm layer differs. `jaxbn` keeps "
+             "flax's defaults (use_fast_variance=True); `jaxbn stable var` uses jaxbn's "
+             "stable variance."],
+      out_dir=_results.output_dir(args))
   if args.hugepages == "both":
     env = dict(os.environ, GLIBC_TUNABLES="glibc.malloc.hugetlb=1")
     child = [a for a in (argv if argv is not None else sys.argv[1:])
