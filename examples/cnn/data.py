@@ -172,19 +172,35 @@ DATASETS = ("digits", "cifar10", "synthetic")
 
 
 def load(name: str, data_dir: Optional[str] = None, *, num_train: Optional[int] = None,
-         num_test: Optional[int] = None, seed: int = 0) -> Dataset:
-  """Loads a dataset by name (one of :data:`DATASETS`)."""
+         num_test: Optional[int] = None, noise: float = 0.0, seed: int = 0) -> Dataset:
+  """Loads a dataset by name (one of :data:`DATASETS`).
+
+  Args:
+    name: ``digits``, ``cifar10`` or ``synthetic``.
+    data_dir: the CIFAR-10 folder.
+    num_train: keep only the first ``num_train`` training examples.
+    num_test: keep only the first ``num_test`` test examples.
+    noise: add Gaussian noise of this standard deviation to every standardized image (train
+      and test; drawn once from ``seed``, so every epoch sees the same noisy images).
+    seed: the split (digits), the synthetic templates and the noise.
+  """
   if name == "digits":
     ds = load_digits(seed=seed)
     if num_train or num_test:
       ds = ds._replace(x_train=ds.x_train[:num_train], y_train=ds.y_train[:num_train],
                        x_test=ds.x_test[:num_test], y_test=ds.y_test[:num_test])
-    return ds
-  if name == "cifar10":
-    return load_cifar10(data_dir, num_train, num_test)
-  if name == "synthetic":
-    return load_synthetic(num_train or 512, num_test or 128, seed=seed)
-  raise ValueError(f"data.load: unknown dataset {name!r}; choose one of {', '.join(DATASETS)}.")
+  elif name == "cifar10":
+    ds = load_cifar10(data_dir, num_train, num_test)
+  elif name == "synthetic":
+    ds = load_synthetic(num_train or 512, num_test or 128, seed=seed)
+  else:
+    raise ValueError(f"data.load: unknown dataset {name!r}; choose one of "
+                     f"{', '.join(DATASETS)}.")
+  if noise:
+    rng = np.random.default_rng([seed, 7])
+    noisy = lambda x: (x + noise * rng.standard_normal(x.shape)).astype(np.float32)
+    ds = ds._replace(x_train=noisy(ds.x_train), x_test=noisy(ds.x_test))
+  return ds
 
 
 def num_batches(n: int, batch_size: int) -> int:
@@ -205,6 +221,35 @@ def batches(x: np.ndarray, y: np.ndarray, batch_size: int,
     idx = order[start:start + batch_size]
     (image, label), mask = pad_batch((x[idx], y[idx]), batch_size)
     yield Batch(image, label, mask)
+
+
+def num_class_sorted_batches(n: int, batch_size: int, devices: int) -> int:
+  """Batches per pass of :func:`class_sorted_batches`."""
+  return -(-(-(-n // devices)) // (batch_size // devices))
+
+
+def class_sorted_batches(x: np.ndarray, y: np.ndarray, batch_size: int, devices: int,
+                         rng: np.random.Generator) -> Iterator[Batch]:
+  """Non-i.i.d. batches: device ``d``'s share always comes from the ``d``-th class-sorted part.
+
+  The training set is sorted by label (ties in random order) and split into ``devices``
+  contiguous parts, so each part holds one or two classes (10 classes, 8 devices). Every batch
+  is the concatenation, in device order, of ``batch_size // devices`` examples of each part —
+  what :func:`jaxbn.parallel.shard_batch` splits back onto the devices. Each example is seen
+  once per pass; a part that runs out pads its share (mask False).
+  """
+  per_device = batch_size // devices
+  order = np.lexsort((rng.random(len(y)), y))
+  parts = [rng.permutation(p) for p in np.array_split(order, devices)]
+  for step in range(num_class_sorted_batches(len(y), batch_size, devices)):
+    images, labels, masks = [], [], []
+    for part in parts:
+      idx = part[step * per_device:(step + 1) * per_device]
+      (image, label), mask = pad_batch((x[idx], y[idx]), per_device)
+      images.append(image)
+      labels.append(label)
+      masks.append(mask)
+    yield Batch(np.concatenate(images), np.concatenate(labels), np.concatenate(masks))
 
 
 def random_shift(images: np.ndarray, rng: np.random.Generator, max_shift: int = 1) -> np.ndarray:

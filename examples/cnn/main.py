@@ -50,19 +50,34 @@ def build_parser() -> argparse.ArgumentParser:
 
   p.add_argument("--config", default="digits", choices=sorted(configs.CONFIGS),
                  help="preset that the other flags override (default: digits)")
-  add("dataset", choices=("digits", "cifar10", "synthetic"))
+  add("dataset", "digits (bundled with scikit-learn), cifar10 (needs --data_dir) or "
+      "synthetic (random class templates)", choices=("digits", "cifar10", "synthetic"))
   add("data_dir", "CIFAR-10 `cifar-10-batches-py` folder")
+  add("api", "Flax API of the model: linen (jaxbn.linen layers) or nnx (jaxbn.nnx layers, "
+      "nnx.Optimizer)", choices=configs.APIS)
+  add("dtype", "activation dtype: float32, or bfloat16 (mixed precision: float32 parameters, "
+      "optimizer state and BN statistics)", choices=configs.DTYPES)
   add("norm", "batch (jaxbn BatchNorm), renorm, ghost, group, layer, none, or flax "
       "(flax.linen.BatchNorm, for comparison)", choices=configs.NORMS)
   add("devices", "number of devices; without an accelerator, simulated CPU devices",
       type=int)
   add("parallel", "jit: batch-sharded arrays; shard_map or pmap: per-device code with "
       "synchronized BN", choices=configs.PARALLEL)
+  add("sync_bn", "with shard_map/pmap: synchronize BN statistics over the devices "
+      "(--no-sync_bn: each device normalizes with its own shard's statistics)",
+      action=argparse.BooleanOptionalAction)
+  add("shard_by_class", "non-i.i.d. devices: each device's share of every batch comes from "
+      "its own class-sorted part of the training set", action=argparse.BooleanOptionalAction)
   add("batch_size", "global batch size (all devices together)", type=int)
-  add("epochs", type=int)
-  add("learning_rate", "peak learning rate (SGD, Nesterov momentum 0.9, cosine schedule)",
+  add("epochs", "passes over the training set (ignored with --steps)", type=int)
+  add("steps", "fixed step budget: train exactly this many steps (overrides --epochs)",
+      type=int)
+  add("learning_rate", "peak learning rate (SGD with Nesterov momentum 0.9; linear warm-up, "
+      "then cosine decay to 0)", type=float)
+  add("warmup_fraction", "fraction of the steps spent warming the learning rate up from 0",
       type=float)
-  add("weight_decay", "on conv and dense kernels", type=float)
+  add("weight_decay", "L2 weight decay added to the gradients of conv and dense kernels",
+      type=float)
   add("bn_momentum", "running-average momentum, flax convention (PyTorch's 0.1 = 0.9 here)",
       type=float)
   add("widths", "channels of the conv stages", type=_positive_ints)
@@ -70,17 +85,22 @@ def build_parser() -> argparse.ArgumentParser:
   add("groups", "groups of --norm group", type=int)
   add("num_train", "use only this many training examples", type=int)
   add("num_test", "use only this many test examples", type=int)
+  add("noise", "std of Gaussian noise added to every standardized image (a harder task)",
+      type=float)
   add("augment", "random one-pixel shifts of the training images",
       action=argparse.BooleanOptionalAction)
   add("recompute_stats", "also evaluate with BN statistics recomputed after training",
       action=argparse.BooleanOptionalAction)
   add("eval_every", "evaluate every N epochs", type=int)
-  add("seed", type=int)
-  add("workdir", "output folder; None: runs/cnn/<dataset>-<norm>-<parallel>-<N>dev")
+  add("seed", "seed of the initialization, the data split, shuffling and augmentation",
+      type=int)
+  add("workdir", f"output folder; None: {configs.RUNS_DIR}/<dataset>-<norm>-<parallel>-<N>dev")
   add("checkpoint_every", "save every N epochs and at the end (0: at the end, -1: never)",
       type=int)
   add("resume", "continue from the latest checkpoint in --workdir", action="store_true",
       default=None)
+  add("overwrite", "delete an earlier run's checkpoints in --workdir and start again",
+      action="store_true", default=None)
   return p
 
 

@@ -14,7 +14,25 @@ import jax
 from examples.cnn.configs import Config, UsageError
 
 # Fields that define the shapes of the saved state: --resume refuses a checkpoint that differs.
-_STRUCTURAL = ("dataset", "norm", "widths", "groups", "ghost_batch_size")
+_STRUCTURAL = ("dataset", "api", "norm", "widths", "groups", "ghost_batch_size")
+
+
+def check_workdir(workdir: str, *, resume: bool, overwrite: bool) -> None:
+  """Refuses to start a new run over an earlier one unless told what to do with it.
+
+  Raises:
+    UsageError: ``workdir`` holds checkpoints or ``metrics.json`` of an earlier run and
+      neither ``resume`` nor ``overwrite`` is set.
+  """
+  if resume or overwrite:
+    return
+  ckpts = os.path.join(workdir, "checkpoints")
+  earlier = [p for p in (ckpts, os.path.join(workdir, "metrics.json"))
+             if os.path.isfile(p) or (os.path.isdir(p) and os.listdir(p))]
+  if earlier:
+    raise UsageError(f"--workdir {workdir} holds an earlier run ({', '.join(map(os.path.basename, earlier))}); "
+                     f"pass --resume to continue it, --overwrite to replace it, or another "
+                     f"--workdir.")
 
 
 class Progress:
@@ -67,8 +85,9 @@ def epoch_line(row: dict[str, Any], epochs: int) -> str:
 
 
 def run_title(config: Config) -> str:
-  return (f"{config.dataset}, --norm {config.norm}, --parallel {config.parallel}, "
-          f"--devices {config.devices}, batch {config.batch_size}")
+  return (f"{config.dataset}, --api {config.api}, --dtype {config.dtype}, --norm "
+          f"{config.norm}, --parallel {config.parallel}, --devices {config.devices}, batch "
+          f"{config.batch_size}")
 
 
 def summary_line(s: dict[str, Any]) -> str:
@@ -79,7 +98,9 @@ def summary_line(s: dict[str, Any]) -> str:
     if "test_accuracy_recomputed" in s:
       acc += f"; {s['test_accuracy_recomputed']:.2%} with recomputed stats"
     acc += ")"
-  return (f"done: {s['dataset']} --norm {s['norm']} --parallel {s['parallel']} --devices "
+  flags = "".join(f" --{k} {s[k]}" for k in ("api", "dtype") if s.get(k) not in
+                  (None, "linen", "float32"))
+  return (f"done: {s['dataset']}{flags} --norm {s['norm']} --parallel {s['parallel']} --devices "
           f"{s['devices']}: {acc} on {s['test_examples']} examples; {s['epochs']} epochs "
           f"({s['steps']} steps) in {s['train_seconds']:.1f} s, {s['examples_per_s']:,.0f} "
           f"examples/s; wall time {s['wall_seconds']:.1f} s. Wrote {s['metrics_path']} and "

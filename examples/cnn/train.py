@@ -16,6 +16,16 @@ whole global batch:
 * ``pmap``: the same per-device step under ``jax.pmap``; here the gradients are per device, so
   the step sums them with ``lax.psum``.
 
+With ``sync_bn=False`` the per-device modes normalize each device's shard with its own
+statistics ("local BN") and average the running statistics over the devices after every step.
+
+Two Flax APIs (``--api``): ``linen`` (``jaxbn.linen`` layers in a ``flax.training`` TrainState)
+and ``nnx`` (``jaxbn.nnx`` layers, ``nnx.Optimizer(model, tx, wrt=nnx.Param)``). The NNX model
+and optimizer are split into a graph definition and a state pytree (:class:`NnxTrainState`)
+and merged again inside the step, so one jitted/shard_mapped/pmapped step function serves all
+three parallel modes for both APIs (NNX modules are not pytrees: ``jax.shard_map`` and
+``jax.pmap`` need the split; ``nnx.jit`` would do it for single-program ``jit`` only).
+
 The loss of a step is the sum over the real (unmasked) examples divided by the global number of
 real examples, so padding the last batch changes neither the loss nor the gradients.
 """
@@ -27,24 +37,27 @@ import functools
 import os
 import sys
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import flax
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from flax.training import train_state
+from flax import nnx
 from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import jaxbn
 import jaxbn.linen
+import jaxbn.nnx
 import jaxbn.parallel
 
 from examples.cnn import data as data_lib
 from examples.cnn import models
-from examples.cnn.configs import NORMS, PARALLEL, Config, UsageError
+from examples.cnn.configs import APIS, DTYPES, NORMS, PARALLEL, RUNS_DIR, Config, UsageError
 
 AXIS = "data"
 Metrics = dict[str, jax.Array]
@@ -55,6 +68,27 @@ class TrainState(train_state.TrainState):
   """flax's TrainState plus the norm layers' running statistics (``batch_stats``)."""
 
   batch_stats: Any = None
+
+
+class NnxTrainState(flax.struct.PyTreeNode):
+  """An NNX model and its ``nnx.Optimizer``, split into a static graph and a state pytree.
+
+  Attributes:
+    graphdef: ``nnx.split((model, optimizer))``'s graph definition (static, not a leaf).
+    state: the matching ``nnx.State``: parameters, running statistics, optimizer state and
+      the optimizer's step counter.
+  """
+
+  graphdef: Any = flax.struct.field(pytree_node=False)
+  state: Any = None
+
+  def merge(self) -> tuple[Any, nnx.Optimizer]:
+    """``(model, optimizer)``: fresh NNX objects holding this state."""
+    return nnx.merge(self.graphdef, self.state)
+
+  @property
+  def step(self) -> jax.Array:
+    return self.merge()[1].step[...]
 
 
 # ----------------------------------------------------------------------------- setup
@@ -73,10 +107,27 @@ def check_config(config: Config) -> None:
     raise UsageError(f"--norm {config.norm!r}: choose one of {', '.join(NORMS)}.")
   if config.parallel not in PARALLEL:
     raise UsageError(f"--parallel {config.parallel!r}: choose one of {', '.join(PARALLEL)}.")
+  if config.api not in APIS:
+    raise UsageError(f"--api {config.api!r}: choose one of {', '.join(APIS)}.")
+  if config.dtype not in DTYPES:
+    raise UsageError(f"--dtype {config.dtype!r}: choose one of {', '.join(DTYPES)}.")
   for flag in ("devices", "batch_size", "epochs", "eval_every", "ghost_batch_size", "groups"):
     value = getattr(config, flag)
     if not isinstance(value, int) or value < 1:
       raise UsageError(f"--{flag} must be a positive integer, got {value!r}.")
+  if config.steps is not None and (not isinstance(config.steps, int) or config.steps < 1):
+    raise UsageError(f"--steps must be a positive integer (or unset), got {config.steps!r}.")
+  if not 0 <= config.warmup_fraction < 1:
+    raise UsageError(f"--warmup_fraction must be in [0, 1), got {config.warmup_fraction}.")
+  if not config.noise >= 0:
+    raise UsageError(f"--noise must be >= 0, got {config.noise}.")
+  if not config.sync_bn and config.parallel == "jit" and config.devices > 1:
+    raise UsageError(
+        "--no-sync_bn needs per-device code: use --parallel shard_map or pmap (under --parallel "
+        "jit the batch is one global array and XLA always computes global statistics).")
+  if config.resume and config.overwrite:
+    raise UsageError("--resume and --overwrite contradict each other: --resume continues the "
+                     "run in --workdir, --overwrite deletes it; pass one.")
   if config.batch_size % config.devices:
     raise UsageError(
         f"--batch_size {config.batch_size} is not a multiple of --devices {config.devices}; "
@@ -126,12 +177,37 @@ def select_devices(n: int) -> list[jax.Device]:
   return devices[:n]
 
 
+def compute_dtype(config: Config) -> Any:
+  """The activations' dtype: ``jnp.float32`` or ``jnp.bfloat16`` (``--dtype``)."""
+  return jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
+
+
+def norm_axis_name(config: Config) -> Optional[str]:
+  """The axis the norm layers synchronize over: ``data`` for synced per-device modes."""
+  return AXIS if config.parallel != "jit" and config.sync_bn else None
+
+
+def _norm_kwargs(config: Config, axis_name: Optional[str]) -> dict[str, Any]:
+  dtype = compute_dtype(config)
+  return dict(momentum=config.bn_momentum, axis_name=axis_name,
+              ghost_batch_size=config.ghost_batch_size, groups=config.groups,
+              dtype=None if dtype == jnp.float32 else dtype)
+
+
 def create_model(config: Config, num_classes: int, axis_name: Optional[str] = None
                  ) -> models.CNN:
-  """The CNN with the configured norm layer (synchronized over ``axis_name`` if given)."""
-  norm = models.norm_layer(config.norm, momentum=config.bn_momentum, axis_name=axis_name,
-                           ghost_batch_size=config.ghost_batch_size, groups=config.groups)
-  return models.CNN(num_classes=num_classes, widths=tuple(config.widths), norm=norm)
+  """The linen CNN with the configured norm layer (synchronized over ``axis_name`` if given)."""
+  norm = models.norm_layer(config.norm, **_norm_kwargs(config, axis_name))
+  return models.CNN(num_classes=num_classes, widths=tuple(config.widths), norm=norm,
+                    dtype=compute_dtype(config))
+
+
+def create_nnx_model(config: Config, num_classes: int, in_channels: int,
+                     axis_name: Optional[str] = None, *, seed: int = 0) -> Any:
+  """The NNX CNN (:class:`models.NnxCNN`) with the configured ``jaxbn.nnx`` norm layer."""
+  norm = models.nnx_norm_layer(config.norm, **_norm_kwargs(config, axis_name))
+  return models.NnxCNN(num_classes, in_channels, widths=tuple(config.widths), norm=norm,
+                       dtype=compute_dtype(config), rngs=nnx.Rngs(params=init_key(seed)))
 
 
 def renorm_args(config: Config, total_steps: int) -> Optional[NormArgs]:
@@ -151,14 +227,25 @@ def renorm_args(config: Config, total_steps: int) -> Optional[NormArgs]:
   return args
 
 
-def create_optimizer(config: Config, steps_per_epoch: int) -> optax.GradientTransformation:
-  """SGD with Nesterov momentum, a warmup + cosine schedule, weight decay on kernels only."""
-  total = config.epochs * steps_per_epoch
+def total_steps(config: Config, steps_per_epoch: int) -> int:
+  """The run's step budget: ``--steps``, or ``--epochs`` passes over the training set."""
+  return config.steps if config.steps is not None else config.epochs * steps_per_epoch
+
+
+def create_optimizer(config: Config, total: int) -> optax.GradientTransformation:
+  """SGD with Nesterov momentum 0.9, warm-up + cosine decay over ``total`` steps.
+
+  The learning rate rises linearly from 0 to ``--learning_rate`` over ``--warmup_fraction`` of
+  the steps, then decays to 0 along a cosine; ``--weight_decay`` times the kernel is added to
+  the gradient of every conv and dense kernel (not to biases or norm scales).
+  """
   schedule = optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=config.learning_rate,
       warmup_steps=max(1, int(config.warmup_fraction * total)), decay_steps=max(total, 2))
-  decay_mask = lambda params: jax.tree.map_with_path(
-      lambda path, _: getattr(path[-1], "key", None) == "kernel", params)
+  def is_kernel(path) -> bool:  # linen: (..., 'kernel'); NNX: (..., 'kernel', '.value')
+    keys = [getattr(k, "key", getattr(k, "name", None)) for k in path]
+    return "kernel" in keys[-2:]
+  decay_mask = lambda params: jax.tree.map_with_path(lambda path, _: is_kernel(path), params)
   return optax.chain(
       optax.add_decayed_weights(config.weight_decay, mask=decay_mask),
       optax.sgd(schedule, momentum=0.9, nesterov=True))
@@ -174,13 +261,36 @@ def init_key(seed: int) -> jax.Array:
 
 
 def create_train_state(rng: jax.Array, config: Config, model: models.CNN,
-                       image_shape: tuple[int, ...], steps_per_epoch: int) -> TrainState:
-  """Initializes parameters, running statistics and optimizer state."""
+                       image_shape: tuple[int, ...], total: int) -> TrainState:
+  """Initializes parameters, running statistics and optimizer state (linen)."""
   variables = jax.jit(functools.partial(model.init, train=False))(
       rng, jnp.zeros((1,) + tuple(image_shape), jnp.float32))
   return TrainState.create(apply_fn=model.apply, params=variables["params"],
-                           tx=create_optimizer(config, steps_per_epoch),
+                           tx=create_optimizer(config, total),
                            batch_stats=variables.get("batch_stats", {}))
+
+
+def create_nnx_train_state(config: Config, num_classes: int, image_shape: tuple[int, ...],
+                           total: int, axis_name: Optional[str] = None) -> NnxTrainState:
+  """Builds the NNX model and ``nnx.Optimizer(model, tx, wrt=nnx.Param)`` and splits them."""
+  model = create_nnx_model(config, num_classes, image_shape[-1], axis_name, seed=config.seed)
+  optimizer = nnx.Optimizer(model, create_optimizer(config, total), wrt=nnx.Param)
+  graphdef, state = nnx.split((model, optimizer))
+  return NnxTrainState(graphdef=graphdef, state=state)
+
+
+def init_state(config: Config, ds: data_lib.Dataset, total: int) -> tuple[Any, Any]:
+  """``(model, state)`` of ``--api``: the linen CNN and its TrainState, or the NNX graph's state.
+
+  For NNX the returned model is the module at initialization (read-only use: its class and
+  norm factory); the training state lives in the :class:`NnxTrainState`.
+  """
+  axis_name = norm_axis_name(config)
+  if config.api == "nnx":
+    state = create_nnx_train_state(config, ds.num_classes, ds.image_shape, total, axis_name)
+    return state.merge()[0], state
+  model = create_model(config, ds.num_classes, axis_name=axis_name)
+  return model, create_train_state(init_key(config.seed), config, model, ds.image_shape, total)
 
 
 # ----------------------------------------------------------------------------- steps
@@ -201,9 +311,9 @@ def _metric_sums(logits: jax.Array, labels: jax.Array, mask: jax.Array,
 
 
 def train_step(state: TrainState, batch: data_lib.Batch, *, axis_name: Optional[str] = None,
-               sum_grads: bool = False, norm_args: Optional[NormArgs] = None
-               ) -> tuple[TrainState, Metrics]:
-  """One SGD step on a (possibly padded) batch.
+               sum_grads: bool = False, norm_args: Optional[NormArgs] = None,
+               average_stats: bool = False) -> tuple[TrainState, Metrics]:
+  """One SGD step on a (possibly padded) batch (linen).
 
   Args:
     state: the train state (replicated).
@@ -211,6 +321,8 @@ def train_step(state: TrainState, batch: data_lib.Batch, *, axis_name: Optional[
     axis_name: the mapped axis of ``shard_map``/``pmap`` (None under plain ``jit``).
     sum_grads: sum the gradients over ``axis_name`` (``pmap``; ``shard_map`` does it itself).
     norm_args: ``step -> dict`` of extra norm-layer arguments (batch renorm's schedule).
+    average_stats: local (unsynchronized) BN: average the per-device running statistics over
+      ``axis_name`` after the update (:func:`jaxbn.parallel.average_stats`).
 
   Returns:
     The new state and the global sums ``loss``, ``correct`` and ``count`` (real examples).
@@ -222,16 +334,55 @@ def train_step(state: TrainState, batch: data_lib.Batch, *, axis_name: Optional[
     logits, updates = state.apply_fn(
         variables, batch.image, train=True, mask=batch.mask,
         norm_args=None if norm_args is None else norm_args(state.step), mutable=["batch_stats"])
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch.label)
-    loss = jnp.sum(jnp.where(batch.mask, losses, 0.0)) / jnp.maximum(count, 1.0)
-    return loss, (logits, updates)
+    return _loss(logits, batch, count), (logits, updates)
 
   grads, (logits, updates) = jax.grad(loss_fn, has_aux=True)(state.params)
   if sum_grads:
     grads = lax.psum(grads, axis_name)
-  state = state.apply_gradients(grads=grads,
-                                batch_stats=updates.get("batch_stats", state.batch_stats))
+  stats = updates.get("batch_stats", state.batch_stats)
+  if average_stats and stats:
+    stats = jaxbn.parallel.average_stats(stats, axis_name=axis_name)
+  state = state.apply_gradients(grads=grads, batch_stats=stats)
   return state, _metric_sums(logits, batch.label, batch.mask, axis_name)
+
+
+def _loss(logits: jax.Array, batch: data_lib.Batch, count: jax.Array) -> jax.Array:
+  """Sum of the real examples' cross-entropies (in float32) / the global count."""
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32),
+                                                           batch.label)
+  return jnp.sum(jnp.where(batch.mask, losses, 0.0)) / jnp.maximum(count, 1.0)
+
+
+def nnx_train_step(state: NnxTrainState, batch: data_lib.Batch, *,
+                   axis_name: Optional[str] = None, sum_grads: bool = False,
+                   norm_args: Optional[NormArgs] = None, average_stats: bool = False
+                   ) -> tuple[NnxTrainState, Metrics]:
+  """:func:`train_step` for ``--api nnx``: merge, ``nnx.value_and_grad``, optimizer update, split.
+
+  Arguments and results as :func:`train_step`. ``nnx.value_and_grad`` differentiates with
+  respect to the ``nnx.Param`` variables; the norm layers' ``nnx.BatchStat`` updates made in
+  the forward pass are kept in the model.
+  """
+  model, optimizer = state.merge()
+  model.train()
+  count = _global_sum(jnp.sum(batch.mask.astype(jnp.float32)), axis_name)
+  extra = None if norm_args is None else norm_args(optimizer.step[...])
+
+  def loss_fn(model):
+    logits = model(batch.image, mask=batch.mask, norm_args=extra)
+    return _loss(logits, batch, count), logits
+
+  (_, logits), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+  if sum_grads:
+    grads = lax.psum(grads, axis_name)
+  optimizer.update(model, grads)
+  if average_stats:
+    stats = nnx.state(model, nnx.BatchStat)
+    averaged = jaxbn.parallel.average_stats(nnx.to_pure_dict(stats), axis_name=axis_name)
+    nnx.replace_by_pure_dict(stats, averaged)
+    nnx.update(model, stats)
+  new = state.replace(state=nnx.state((model, optimizer)))
+  return new, _metric_sums(logits, batch.label, batch.mask, axis_name)
 
 
 def eval_step(state: TrainState, batch: data_lib.Batch, *, axis_name: Optional[str] = None
@@ -240,6 +391,14 @@ def eval_step(state: TrainState, batch: data_lib.Batch, *, axis_name: Optional[s
   variables = {"params": state.params, "batch_stats": state.batch_stats}
   logits = state.apply_fn(variables, batch.image, train=False)
   return _metric_sums(logits, batch.label, batch.mask, axis_name)
+
+
+def nnx_eval_step(state: NnxTrainState, batch: data_lib.Batch, *,
+                  axis_name: Optional[str] = None) -> Metrics:
+  """:func:`eval_step` for ``--api nnx`` (``model.eval()``: running statistics)."""
+  model, _ = state.merge()
+  model.eval()
+  return _metric_sums(model(batch.image), batch.label, batch.mask, axis_name)
 
 
 # ----------------------------------------------------------------------------- parallel modes
@@ -267,21 +426,26 @@ class Runner:
   put_batch: Callable[[data_lib.Batch], Any]
 
 
-def make_runner(mode: str, devices: list[jax.Device], norm_args: Optional[NormArgs] = None
-                ) -> Runner:
-  """Compiles :func:`train_step` and :func:`eval_step` for ``--parallel mode``.
+def make_runner(mode: str, devices: list[jax.Device], norm_args: Optional[NormArgs] = None,
+                *, api: str = "linen", sync_bn: bool = True) -> Runner:
+  """Compiles the train and eval steps of ``--api`` for ``--parallel mode``.
 
   ``jit``: the single-device steps under ``jax.jit``, the batch sharded over the mesh.
   ``shard_map`` and ``pmap``: the per-device steps with ``axis_name='data'``, wrapped by
-  :func:`jaxbn.parallel.shard_map_step` / :func:`jaxbn.parallel.pmap_step`.
+  :func:`jaxbn.parallel.shard_map_step` / :func:`jaxbn.parallel.pmap_step`. With
+  ``sync_bn=False`` the per-device steps average the running statistics after each update
+  (the layers themselves are built without ``axis_name``).
   """
-  step = functools.partial(train_step, norm_args=norm_args)
+  train_fn, eval_fn = (nnx_train_step, nnx_eval_step) if api == "nnx" else (train_step,
+                                                                             eval_step)
+  step = functools.partial(train_fn, norm_args=norm_args,
+                           average_stats=not sync_bn and mode != "jit")
   if mode == "pmap":
     n = len(devices)
     train = jaxbn.parallel.pmap_step(
         functools.partial(step, axis_name=AXIS, sum_grads=True), axis_name=AXIS,
         devices=devices, donate_state=True)
-    evaluate = jaxbn.parallel.pmap_step(functools.partial(eval_step, axis_name=AXIS),
+    evaluate = jaxbn.parallel.pmap_step(functools.partial(eval_fn, axis_name=AXIS),
                                         axis_name=AXIS, devices=devices)
     put_batch = lambda b: jax.tree.map(lambda a: a.reshape((n, -1) + a.shape[1:]), b)
     return Runner(mode, devices, train, evaluate, lambda s: s, put_batch)
@@ -290,11 +454,11 @@ def make_runner(mode: str, devices: list[jax.Device], norm_args: Optional[NormAr
   replicated = NamedSharding(mesh, P())
   if mode == "jit":
     train = jax.jit(step, donate_argnums=0)
-    evaluate = jax.jit(eval_step)
+    evaluate = jax.jit(eval_fn)
   else:
     train = jaxbn.parallel.shard_map_step(functools.partial(step, axis_name=AXIS), mesh,
                                           donate_state=True)
-    evaluate = jaxbn.parallel.shard_map_step(functools.partial(eval_step, axis_name=AXIS),
+    evaluate = jaxbn.parallel.shard_map_step(functools.partial(eval_fn, axis_name=AXIS),
                                              mesh)
   return Runner(mode, devices, train, evaluate, lambda s: jax.device_put(s, replicated),
                 lambda b: jaxbn.parallel.shard_batch(b, mesh))
@@ -318,29 +482,53 @@ def evaluate(runner: Runner, state: Any, x: np.ndarray, y: np.ndarray, batch_siz
   return _sums_to_metrics(sums)
 
 
-def recompute_and_evaluate(runner: Runner, model: models.CNN, state: TrainState,
-                           ds: data_lib.Dataset, config: Config) -> Optional[dict[str, float]]:
+def recompute_stats(runner: Runner, model: Any, state: Any, ds: data_lib.Dataset,
+                    config: Config) -> Optional[Any]:
+  """The state with population statistics recomputed over the training set ("precise BN").
+
+  :func:`jaxbn.linen.recompute_batch_stats` (or :func:`jaxbn.nnx.recompute_batch_stats`)
+  runs the trained network over the (unaugmented) training set in batches of the training
+  size and replaces every BatchNorm layer's running averages by the exact mean and variance
+  of its inputs (Wu & Johnson 2021). Synchronized layers run under the devices' mesh; local
+  (``sync_bn=False``) layers see whole batches, so both get the statistics of the whole
+  training set.
+
+  Returns:
+    The new state (placed for ``runner``), or None for norms without BatchNorm layers
+    (renorm, ghost, group, layer, none), where the recomputation does not apply.
+  """
+  if config.norm not in ("batch", "flax"):
+    return None
+  synced = norm_axis_name(config) is not None
+  mesh = jaxbn.parallel.data_mesh(AXIS, devices=runner.devices) if synced else None
+  train_batches = data_lib.batches(ds.x_train, ds.y_train, config.batch_size,
+                                   np.random.default_rng(config.seed))
+  if config.api == "nnx":
+    net, optimizer = state.merge()
+    new = jaxbn.nnx.recompute_batch_stats(net, train_batches, mesh=mesh, progress=False,
+                                          forward=lambda m, b: m(b.image, mask=b.mask))
+    nnx.update(net, nnx.state(new, nnx.BatchStat))
+    return runner.put_state(state.replace(state=nnx.state((net, optimizer))))
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  new = jaxbn.linen.recompute_batch_stats(
+      lambda v, b: model.apply(v, b.image, train=False, mask=b.mask), variables,
+      train_batches, mesh=mesh, progress=False)
+  return runner.put_state(state.replace(batch_stats=new["batch_stats"]))
+
+
+def recompute_and_evaluate(runner: Runner, model: Any, state: Any, ds: data_lib.Dataset,
+                           config: Config) -> Optional[dict[str, float]]:
   """Test metrics with population statistics recomputed over the training set.
 
-  :func:`jaxbn.linen.recompute_batch_stats` runs the trained network over the (unaugmented)
-  training set in batches of the training size and replaces every BatchNorm layer's running
-  averages by the exact mean and variance of its inputs ("precise BN", Wu & Johnson 2021).
+  See :func:`recompute_stats`.
 
   Returns:
     The test metrics, or None for norms without BatchNorm layers (renorm, ghost, group,
     layer, none), where the recomputation does not apply.
   """
-  if config.norm not in ("batch", "flax"):
+  recomputed = recompute_stats(runner, model, state, ds, config)
+  if recomputed is None:
     return None
-  synced = config.parallel != "jit"
-  mesh = jaxbn.parallel.data_mesh(AXIS, devices=runner.devices) if synced else None
-  train_batches = data_lib.batches(ds.x_train, ds.y_train, config.batch_size,
-                                   np.random.default_rng(config.seed))
-  variables = {"params": state.params, "batch_stats": state.batch_stats}
-  new = jaxbn.linen.recompute_batch_stats(
-      lambda v, b: model.apply(v, b.image, train=False, mask=b.mask), variables,
-      train_batches, mesh=mesh, progress=False)
-  recomputed = runner.put_state(state.replace(batch_stats=new["batch_stats"]))
   return evaluate(runner, recomputed, ds.x_test, ds.y_test, config.batch_size)
 
 
@@ -358,23 +546,60 @@ def _hardware() -> dict[str, Any]:
           "jax": jax.__version__, "flax": flax.__version__}
 
 
+def default_workdir(config: Config) -> str:
+  """``RUNS_DIR/<dataset>-<norm>-<parallel>-<N>dev[-nnx][-bfloat16]``, absolute."""
+  name = f"{config.dataset}-{config.norm}-{config.parallel}-{config.devices}dev"
+  name += "-nnx" if config.api == "nnx" else ""
+  name += "-bfloat16" if config.dtype == "bfloat16" else ""
+  return os.path.join(RUNS_DIR, name)
+
+
+def epoch_batches(config: Config, ds: data_lib.Dataset, epoch: int
+                  ) -> Iterator[data_lib.Batch]:
+  """The training batches of ``epoch``: shuffled (and shifted) as the config says.
+
+  The random stream depends only on ``(seed, epoch)``, so a resumed run sees the same batches.
+  """
+  rng = np.random.default_rng([config.seed, epoch])
+  x = data_lib.random_shift(ds.x_train, rng) if config.augment else ds.x_train
+  if config.shard_by_class:
+    return data_lib.class_sorted_batches(x, ds.y_train, config.batch_size, config.devices, rng)
+  return data_lib.batches(x, ds.y_train, config.batch_size, rng)
+
+
+def steps_per_epoch(config: Config, ds: data_lib.Dataset) -> int:
+  """Steps in one pass over the training set (the last batch padded)."""
+  if config.shard_by_class:
+    return data_lib.num_class_sorted_batches(len(ds.x_train), config.batch_size,
+                                             config.devices)
+  return data_lib.num_batches(len(ds.x_train), config.batch_size)
+
+
+def load_data(config: Config) -> data_lib.Dataset:
+  """The dataset of ``config`` (with ``--num_train``/``--num_test``/``--noise`` applied)."""
+  return data_lib.load(config.dataset, config.data_dir, num_train=config.num_train,
+                       num_test=config.num_test, noise=config.noise, seed=config.seed)
+
+
 def train_and_evaluate(config: Config, workdir: Optional[str] = None, *,
-                       start_time: Optional[float] = None) -> tuple[TrainState, dict[str, Any]]:
+                       start_time: Optional[float] = None) -> tuple[Any, dict[str, Any]]:
   """Trains and evaluates; writes checkpoints, ``metrics.json`` and ``curves.png``.
 
   Args:
     config: the run's configuration (checked by :func:`check_config`).
-    workdir: output folder (default ``config.workdir`` or ``runs/cnn/<name>``), made absolute.
+    workdir: output folder (default ``config.workdir`` or :func:`default_workdir`), made
+      absolute and printed.
     start_time: ``time.time()`` at process start, to report the wall time including JAX's
       startup (default: now).
 
   Returns:
-    ``(state, summary)``: the final train state (one copy) and the summary: test accuracy
-    with the running statistics (and with recomputed statistics for BatchNorm), times,
-    throughput and file paths.
+    ``(state, summary)``: the final train state (one copy; a :class:`TrainState` or an
+    :class:`NnxTrainState`) and the summary: test accuracy with the running statistics (and
+    with recomputed statistics for BatchNorm), times, throughput and file paths.
 
   Raises:
-    UsageError: bad flags or more devices than exist.
+    UsageError: bad flags, more devices than exist, or a workdir holding an earlier run
+      without ``resume``/``overwrite``.
     FileNotFoundError: a missing dataset folder.
   """
   from examples.cnn import report  # pylint: disable=import-outside-toplevel
@@ -382,26 +607,24 @@ def train_and_evaluate(config: Config, workdir: Optional[str] = None, *,
   t0 = time.time() if start_time is None else start_time
   check_config(config)
   devices = select_devices(config.devices)
-  workdir = os.path.abspath(workdir or config.workdir or os.path.join(
-      "runs", "cnn", f"{config.dataset}-{config.norm}-{config.parallel}-{config.devices}dev"))
+  workdir = os.path.abspath(os.path.expanduser(workdir or config.workdir or
+                                               default_workdir(config)))
+  report.check_workdir(workdir, resume=config.resume, overwrite=config.overwrite)
+  print(f"workdir: {workdir}", flush=True)
   os.makedirs(workdir, exist_ok=True)
 
-  ds = data_lib.load(config.dataset, config.data_dir, num_train=config.num_train,
-                     num_test=config.num_test, seed=config.seed)
-  steps_per_epoch = data_lib.num_batches(len(ds.x_train), config.batch_size)
-  total_steps = config.epochs * steps_per_epoch
+  ds = load_data(config)
+  per_epoch = steps_per_epoch(config, ds)
+  total = total_steps(config, per_epoch)
+  num_epochs = -(-total // per_epoch)
   ckpt = report.Checkpoints(workdir, config) if config.checkpoint_every >= 0 else None
   if config.resume:
     if ckpt is None:
       raise UsageError("--resume needs checkpoints; do not pass --checkpoint_every -1.")
     ckpt.check_compatible()
-  elif ckpt is not None and ckpt.clear():
-    print(f"note: a new run (no --resume): replaced the earlier checkpoints in "
-          f"{ckpt.directory}", file=sys.stderr)
-  model = create_model(config, ds.num_classes,
-                       axis_name=None if config.parallel == "jit" else AXIS)
-  state = create_train_state(init_key(config.seed), config, model, ds.image_shape,
-                             steps_per_epoch)
+  elif ckpt is not None and ckpt.clear():  # --overwrite (check_workdir refused otherwise)
+    print(f"--overwrite: deleted the earlier checkpoints in {ckpt.directory}", file=sys.stderr)
+  model, state = init_state(config, ds, total)
   history: list[dict[str, Any]] = []
   if config.resume:
     restored = ckpt.restore(state)
@@ -411,33 +634,37 @@ def train_and_evaluate(config: Config, workdir: Optional[str] = None, *,
     else:
       state, _, history = restored
 
-  runner = make_runner(config.parallel, devices, renorm_args(config, total_steps))
+  runner = make_runner(config.parallel, devices, renorm_args(config, total), api=config.api,
+                       sync_bn=config.sync_bn)
   state = runner.put_state(state)
   first_epoch = len(history) + 1
-  progress = report.Progress(total=total_steps, initial=(first_epoch - 1) * steps_per_epoch)
+  step = (first_epoch - 1) * per_epoch
+  progress = report.Progress(total=total, initial=step)
   steady_seconds, steady_examples = 0.0, 0  # epochs after the first (no compilation)
-  for epoch in range(first_epoch, config.epochs + 1):
-    epoch_rng = np.random.default_rng([config.seed, epoch])  # the same after --resume
-    x = data_lib.random_shift(ds.x_train, epoch_rng) if config.augment else ds.x_train
+  for epoch in range(first_epoch, num_epochs + 1):
     t_epoch = time.time()
     sums = []
-    for batch in data_lib.batches(x, ds.y_train, config.batch_size, epoch_rng):
+    for batch in epoch_batches(config, ds, epoch):
+      if step == total:  # --steps ends inside this epoch
+        break
       state, metrics = runner.train(state, runner.put_batch(batch))
       sums.append(metrics)
+      step += 1
       progress.step(metrics, config.batch_size)
     train = _sums_to_metrics(sums)  # waits for the epoch's steps
     seconds = time.time() - t_epoch
     if epoch > first_epoch:
       steady_seconds, steady_examples = steady_seconds + seconds, steady_examples + train["count"]
-    row = {"epoch": epoch, "train_loss": train["loss"], "train_accuracy": train["accuracy"],
-           "seconds": seconds, "examples_per_s": train["count"] / seconds}
-    if epoch % config.eval_every == 0 or epoch == config.epochs:
+    row = {"epoch": epoch, "steps": step, "train_loss": train["loss"],
+           "train_accuracy": train["accuracy"], "seconds": seconds,
+           "examples_per_s": train["count"] / seconds}
+    if epoch % config.eval_every == 0 or epoch == num_epochs:
       test = evaluate(runner, state, ds.x_test, ds.y_test, config.batch_size)
       row.update(test_loss=test["loss"], test_accuracy=test["accuracy"])
-    progress.log(report.epoch_line(row, config.epochs))
+    progress.log(report.epoch_line(row, num_epochs))
     history.append(row)
     if ckpt is not None and ((config.checkpoint_every > 0 and
-                              epoch % config.checkpoint_every == 0) or epoch == config.epochs):
+                              epoch % config.checkpoint_every == 0) or epoch == num_epochs):
       ckpt.save(epoch, state, history)
   progress.close()
   if ckpt is not None:
@@ -451,14 +678,15 @@ def train_and_evaluate(config: Config, workdir: Optional[str] = None, *,
   train_seconds = sum(r["seconds"] for r in history[first_epoch - 1:])
   summary: dict[str, Any] = {
       "dataset": config.dataset, "norm": config.norm, "parallel": config.parallel,
-      "devices": config.devices, "epochs": config.epochs,
-      "steps": int(np.asarray(final_state.step)),
-      "running_stats": models.uses_batch_stats(model.norm),
+      "devices": config.devices, "api": config.api, "dtype": config.dtype,
+      "epochs": num_epochs, "steps": int(np.asarray(final_state.step)),
+      "running_stats": model.stats if config.api == "nnx" else models.uses_batch_stats(
+          model.norm),
       "test_accuracy": test["accuracy"], "test_loss": test["loss"],
       "test_examples": len(ds.x_test), "train_examples": len(ds.x_train),
       "train_seconds": train_seconds,
       "examples_per_s": (steady_examples / steady_seconds if steady_seconds else
-                         len(ds.x_train) * (config.epochs - first_epoch + 1) /
+                         len(ds.x_train) * (num_epochs - first_epoch + 1) /
                          max(train_seconds, 1e-9)),
   }
   if config.recompute_stats:
@@ -466,6 +694,7 @@ def train_and_evaluate(config: Config, workdir: Optional[str] = None, *,
     if recomputed is not None:
       summary["test_accuracy_recomputed"] = recomputed["accuracy"]
       summary["test_loss_recomputed"] = recomputed["loss"]
+  summary["workdir"] = workdir
   summary["metrics_path"] = os.path.join(workdir, "metrics.json")
   summary["plot_path"] = os.path.join(workdir, "curves.png")
   report.plot_curves(summary["plot_path"], history, title=report.run_title(config))
