@@ -13,7 +13,8 @@ from jaxbn._core.moments import moments
 from jaxbn._core.normalize import normalize
 from jaxbn._core.precise import (PopulationMoments, init_population_moments, merge_moments,
                                  population_stats, recompute_stats)
-from jaxbn._core.norms import group_norm, instance_norm, layer_norm, rms_norm
+from jaxbn._core.group_norm import group_norm, instance_norm
+from jaxbn._core.layer_norm import layer_norm, rms_norm
 from jaxbn._core.renorm import batch_renorm, renorm_schedule
 from jaxbn._core.torch_interop import (BatchNormVariables, from_torch_batch_norm,
                                        kernel_from_torch, kernel_to_torch,

@@ -259,8 +259,46 @@ def validate_bn_args(fn: str, x: jax.Array, stats: Any, scale: Any, bias: Any,
   return feat, fshape
 
 
+def named_axes(fn: str, name: str, ndim: int, axes: Axes) -> tuple[int, ...]:
+  """Like ``checks.feature_axes`` but the message names the argument."""
+  try:
+    return feature_axes(fn, ndim, axes)
+  except (ValueError, TypeError) as e:
+    raise type(e)(str(e).replace("`axis`", f"`{name}`")) from None
+
+
+def param_shape(fn: str, name: str, v: Any, shape: tuple[int, ...], where: str) -> None:
+  if v is None:
+    return
+  float_input(fn, v, name)
+  got = tuple(jnp.shape(v))
+  if got != shape and got != (int(np.prod(shape)),):
+    raise ValueError(
+        f"{fn}: `{name}` has shape {got} but `x` has shape {shape} along {where}; pass one "
+        f"entry per feature (shape {shape}), or set `feature_axes` to the axes it follows.")
+
+
+def affine_params(fn: str, x: jax.Array, feat: tuple[int, ...], feature_axes: Axes,
+                  scale: Any, bias: Any) -> None:
+  """Checks ``scale`` and ``bias`` (either may be None) against ``x`` along ``feat``."""
+  fshape = tuple(x.shape[a] for a in feat)
+  param_shape(fn, "scale", scale, fshape, f"`feature_axes`={feature_axes!r}")
+  param_shape(fn, "bias", bias, fshape, f"`feature_axes`={feature_axes!r}")
+
+
+def per_example_args(fn: str, x: ArrayLike, reduction_axes: Axes, feature_axes: Axes,
+                      scale: Any, bias: Any):
+  """Validates layer/RMS norm's arguments; returns ``(x, reduction axes, feature axes)``."""
+  x = jnp.asarray(x)
+  float_input(fn, x)
+  red = named_axes(fn, "reduction_axes", x.ndim, reduction_axes)
+  feat = named_axes(fn, "feature_axes", x.ndim, feature_axes)
+  affine_params(fn, x, feat, feature_axes, scale, bias)
+  return x, red, feat
+
+
 __all__ = [
     "feature_axes", "reduction_axes", "float_input", "momentum_value", "epsilon_value",
     "axis_name_bound", "feature_shape_matches", "mask_broadcasts", "static_bool",
-    "validate_bn_args", "Optional",
+    "validate_bn_args", "named_axes", "param_shape", "affine_params", "per_example_args",
 ]

@@ -1,7 +1,8 @@
 """The cross-device reductions of the forward pass (the only place jaxbn communicates).
 
-Each BN call issues exactly one collective in its forward pass: everything that must be
-reduced is stacked into one array first.
+Each BN call issues one collective in its forward pass (a second, of the same size, only on
+the rare exact-correction branch of ``moments.py``) and one in its backward pass: everything
+that must be reduced is stacked into one array first.
 """
 
 from __future__ import annotations
@@ -28,20 +29,23 @@ def psum(x: jax.Array, axis_name: Any, axis_index_groups: Optional[Sequence] = N
   return lax.psum(x, names(axis_name), axis_index_groups=axis_index_groups)
 
 
-def gather(x: jax.Array, axis_name: Any, axis_index_groups: Optional[Sequence] = None):
-  """Stacks every device's ``x`` along a new leading axis with one all-reduce.
+def axis_size(axis_name: Any, axis_index_groups: Optional[Sequence] = None) -> int:
+  """Number of devices a ``psum`` over ``axis_name`` (within its group) adds up (1 for None)."""
+  if axis_name is None:
+    return 1
+  if axis_index_groups is not None:
+    return len(axis_index_groups[0])
+  size = 1
+  for name in names(axis_name):
+    size *= int(lax.axis_size(name))
+  return size
 
-  Each device writes its value into its own row of a zero buffer and the buffers are summed.
-  Unlike ``all_gather`` the result is typed as replicated (invariant) under ``shard_map``'s
-  checking, so it can leave ``shard_map`` with ``out_specs=P()``. With ``axis_index_groups``
-  the rows of devices outside the caller's group are zero.
-  """
-  ax = names(axis_name)
-  size = lax.psum(1, ax)
-  index = lax.axis_index(ax)
-  buf = jnp.zeros((size,) + x.shape, x.dtype)
-  buf = lax.dynamic_update_index_in_dim(buf, x, index, axis=0)
-  return lax.psum(buf, ax, axis_index_groups=axis_index_groups)
+
+def groups_tuple(axis_index_groups: Optional[Sequence]) -> Optional[tuple]:
+  """``axis_index_groups`` as a hashable tuple of tuples of ints (or None)."""
+  if axis_index_groups is None:
+    return None
+  return tuple(tuple(int(i) for i in g) for g in axis_index_groups)
 
 
 def to_varying(x: jax.Array, axis_name: Any):

@@ -14,7 +14,8 @@ from jaxbn._core import checks
 from jaxbn._core import collectives
 from jaxbn._core.batch_norm import batch_norm
 from jaxbn._core.ema import update_stats
-from jaxbn._core.norms import group_values, standardize
+from jaxbn._core.engine import standardize
+from jaxbn._core.moments import block_values
 from jaxbn._core.types import BatchStats, Moments
 
 _RULES = ("average", "sequential")
@@ -198,14 +199,19 @@ def ghost_batch_norm(
   # then summed over each block of `virtual_batch_size` examples (on x's own layout).
   sfeat = tuple(sorted((ba,) + feat))
   grouping = (sfeat.index(ba), ghosts)
+  # Shift: the running mean, for every virtual batch (block-shaped: `ghosts` on the batch axis).
+  bshape = tuple(ghosts if a == ba else x.shape[a] for a in sfeat)
+  shift = None if use_fast_variance else lax.broadcast_in_dim(
+      jnp.asarray(stats.mean).reshape(tuple(x.shape[a] for a in feat)), bshape,
+      tuple(sfeat.index(a) for a in feat))
   y, mean, var, count = standardize(
       fn, x, scale, bias, red=checks.reduction_axes(x.ndim, sfeat), param_axes=feat,
       mask=mask, epsilon=epsilon, dtype=dtype, axis_name=None, axis_index_groups=None,
-      use_fast_variance=use_fast_variance, grouping=grouping)
+      use_fast_variance=use_fast_variance, grouping=grouping, shift=shift)
   # Per-virtual-batch moments with the G axis first: (G, *features). The barrier keeps XLA
   # from fusing the pooling below back into the reductions over x.
   mean, var, count = lax.optimization_barrier(tuple(
-      lax.stop_gradient(jnp.moveaxis(group_values(v, grouping), grouping[0], 0))
+      lax.stop_gradient(jnp.moveaxis(block_values(v, grouping), grouping[0], 0))
       for v in (mean, var, count)))
   groups = None if axis_index_groups is None else [list(g) for g in axis_index_groups]
 

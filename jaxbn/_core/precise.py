@@ -31,7 +31,8 @@ from jax import lax
 from jax.typing import ArrayLike, DTypeLike
 
 from jaxbn._core import checks
-from jaxbn._core.moments import moments_keepdims
+from jaxbn._core import collectives
+from jaxbn._core.moments import Plan, batch_moments
 from jaxbn._core.normalize import affine, to_keepdims
 from jaxbn._core.types import BatchStats, Moments, Shape, _as_shape, init_stats
 
@@ -269,15 +270,14 @@ class Recorder:
     mask_a = None if mask is None else jnp.asarray(mask)
     info = self._layer(key, fshape, unbiased)
 
-    groups = None if axis_index_groups is None else tuple(
-        tuple(int(i) for i in g) for g in axis_index_groups)
-    n, mean, var = moments_keepdims(x, red, mask_a, axis_name, groups, False)
+    groups = collectives.groups_tuple(axis_index_groups)
+    n, mean, var = batch_moments(x, mask_a, Plan(red, axis_name, groups))
     if set(_names(axis_name)) == set(self.sync_axes) and groups is None:
       pn, pmean, pvar = n, mean, var
     else:
-      pn, pmean, pvar = moments_keepdims(x, red, mask_a, self.sync_axes or None, None, False)
-    self.recorded.append((info.index, Moments(pmean.reshape(fshape), pvar.reshape(fshape),
-                                              pn.reshape(fshape))))
+      pn, pmean, pvar = batch_moments(x, mask_a, Plan(red, self.sync_axes or None))
+    self.recorded.append((info.index, Moments(pmean, pvar, pn)))
+    mean, var = (to_keepdims(v, x.shape, feat) for v in (mean, var))
 
     if self.mode == "sequential" and self.pop is not None and not self.discovering:
       use_pop = info.index < self.stage

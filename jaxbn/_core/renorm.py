@@ -13,7 +13,7 @@ from jaxbn._core import checks
 from jaxbn._core.batch_norm import batch_norm
 from jaxbn._core.ema import update_stats
 from jaxbn._core.moments import accumulation_dtype
-from jaxbn._core.norms import standardize
+from jaxbn._core.engine import standardize
 from jaxbn._core.types import BatchStats, Moments
 
 
@@ -208,7 +208,7 @@ def batch_renorm(
       fn, x, scale, bias, red=checks.reduction_axes(x.ndim, feat), param_axes=feat,
       mask=mask, epsilon=epsilon, dtype=dtype, axis_name=axis_name,
       axis_index_groups=axis_index_groups, use_fast_variance=use_fast_variance,
-      correction=correction)
+      correction=correction, shift=None if use_fast_variance else correction[0])
   eps = jnp.asarray(epsilon, jnp.float32)
   batch = Moments(sg(mean), sg(var), count)
   if running_std:

@@ -12,7 +12,7 @@ from flax.typing import Axes, Dtype, Initializer
 from jax.nn import initializers
 
 from jaxbn._core import checks
-from jaxbn._core.norms import group_norm, instance_norm, layer_norm, rms_norm
+from jaxbn import group_norm, instance_norm, layer_norm, rms_norm
 from jaxbn.linen._common import affine_params, as_float
 
 _COMPAT = """

@@ -9,11 +9,11 @@ from typing import Any, Mapping, Optional
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from flax.nnx.nn import dtypes, initializers
 from flax.typing import Axes, Dtype, Initializer, PromoteDtypeFn
+from jax.nn import initializers
 
-from jaxbn._core.norms import group_norm, instance_norm, layer_norm, rms_norm
-from jaxbn.nnx._common import init_norm, output_dtype, store
+from jaxbn import group_norm, instance_norm, layer_norm, rms_norm
+from jaxbn.nnx._common import init_norm, output_dtype, promote_dtype, store
 
 _COMPAT = """
   Same constructor, defaults (``epsilon=1e-6``, ``use_fast_variance=True``), attributes and
@@ -83,14 +83,14 @@ class LayerNorm(nnx.Module):
       param_dtype: Dtype = jnp.float32,
       use_bias: bool = True,
       use_scale: bool = True,
-      bias_init: Initializer = initializers.zeros_init(),
-      scale_init: Initializer = initializers.ones_init(),
+      bias_init: Initializer = initializers.zeros,
+      scale_init: Initializer = initializers.ones,
       reduction_axes: Axes = -1,
       feature_axes: Axes = -1,
       axis_name: Any = None,
       axis_index_groups: Any = None,
       use_fast_variance: bool = True,
-      promote_dtype: PromoteDtypeFn = dtypes.promote_dtype,
+      promote_dtype: PromoteDtypeFn = promote_dtype,
       rngs: nnx.Rngs,
       bias_metadata: Mapping[str, Any] = MappingProxyType({}),
       scale_metadata: Mapping[str, Any] = MappingProxyType({}),
@@ -160,7 +160,7 @@ class RMSNorm(nnx.Module):
       axis_name: Any = None,
       axis_index_groups: Any = None,
       use_fast_variance: bool = True,
-      promote_dtype: PromoteDtypeFn = dtypes.promote_dtype,
+      promote_dtype: PromoteDtypeFn = promote_dtype,
       rngs: nnx.Rngs,
       scale_metadata: Mapping[str, Any] = MappingProxyType({}),
   ):
@@ -240,13 +240,13 @@ class GroupNorm(nnx.Module):
       param_dtype: Dtype = jnp.float32,
       use_bias: bool = True,
       use_scale: bool = True,
-      bias_init: Initializer = initializers.zeros_init(),
-      scale_init: Initializer = initializers.ones_init(),
+      bias_init: Initializer = initializers.zeros,
+      scale_init: Initializer = initializers.ones,
       reduction_axes: Optional[Axes] = None,
       axis_name: Any = None,
       axis_index_groups: Any = None,
       use_fast_variance: bool = True,
-      promote_dtype: PromoteDtypeFn = dtypes.promote_dtype,
+      promote_dtype: PromoteDtypeFn = promote_dtype,
       rngs: nnx.Rngs,
       bias_metadata: Mapping[str, Any] = MappingProxyType({}),
       scale_metadata: Mapping[str, Any] = MappingProxyType({}),
@@ -336,7 +336,7 @@ class InstanceNorm(nnx.Module):
       axis_name: Any = None,
       axis_index_groups: Any = None,
       use_fast_variance: bool = True,
-      promote_dtype: PromoteDtypeFn = dtypes.promote_dtype,
+      promote_dtype: PromoteDtypeFn = promote_dtype,
       rngs: nnx.Rngs,
       bias_metadata: Mapping[str, Any] = MappingProxyType({}),
       scale_metadata: Mapping[str, Any] = MappingProxyType({}),

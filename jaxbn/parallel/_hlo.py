@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Optional
 
 # HLO opcodes of cross-device communication, and their StableHLO spelling.
 _KINDS = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute",
@@ -29,7 +29,84 @@ def _operand_count(text: str, start: int) -> int:
   return count
 
 
-def collective_counts(program: Any, *, operands: bool = False) -> dict[str, int]:
+_HLO_HEADER = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s*\(.*\{\s*$")
+_HLO_BRANCHES = re.compile(
+    r"(?:branch_computations=\{([^}]*)\}|true_computation=%?([\w.\-]+)|"
+    r"false_computation=%?([\w.\-]+))")
+_HLO_REF = re.compile(r"%([\w.\-]+)")
+_MLIR_FUNC = re.compile(r"func\.func\s+(?:public|private)?\s*@([\w.\-]+)")
+_MLIR_CALL = re.compile(r"call\s+@([\w.\-]+)")
+_MLIR_BRANCHING = re.compile(r"stablehlo\.(case|if)\b")
+
+
+def _hlo_computations(text: str) -> dict[str, list[str]]:
+  """The lines of each computation of an HLO module, by name."""
+  comps: dict[str, list[str]] = {}
+  current = None
+  for line in text.splitlines():
+    m = _HLO_HEADER.match(line)
+    if m and not line.startswith(" "):
+      current = m.group(1)
+      comps[current] = []
+    elif line.startswith("}"):
+      current = None
+    elif current is not None:
+      comps[current].append(line.split(", metadata=")[0])
+  return comps
+
+
+def _reachable(roots, edges) -> set:
+  seen, todo = set(), list(roots)
+  while todo:
+    name = todo.pop()
+    if name not in seen:
+      seen.add(name)
+      todo.extend(edges.get(name, ()))
+  return seen
+
+
+def _hlo_lines(text: str):
+  """Yields ``(line, in_branch)`` for every instruction line of an HLO module."""
+  comps = _hlo_computations(text)
+  edges = {c: {r for line in lines for r in _HLO_REF.findall(line) if r in comps}
+           for c, lines in comps.items()}
+  roots = set()
+  for lines in comps.values():
+    for line in lines:
+      for m in _HLO_BRANCHES.finditer(line):
+        roots.update(r.strip().lstrip("%") for g in m.groups() if g for r in g.split(","))
+  branch = _reachable(roots, edges)
+  for c, lines in comps.items():
+    for line in lines:
+      yield line, c in branch
+
+
+def _mlir_lines(text: str):
+  """Yields ``(line, in_branch)`` for every line of a StableHLO module."""
+  funcs: dict[str, list[tuple[str, bool]]] = {}
+  current, depth, case_depths = "", 0, []
+  for line in text.splitlines():
+    m = _MLIR_FUNC.search(line)
+    if m:
+      current = m.group(1)
+    funcs.setdefault(current, []).append((line, bool(case_depths)))
+    if _MLIR_BRANCHING.search(line):
+      case_depths.append(depth)
+    depth += line.count("{") - line.count("}")
+    while case_depths and depth <= case_depths[-1]:
+      case_depths.pop()
+  calls = {f: {c for line, _ in lines for c in _MLIR_CALL.findall(line)}
+           for f, lines in funcs.items()}
+  branch_calls = {c for lines in funcs.values() for line, b in lines if b
+                  for c in _MLIR_CALL.findall(line)}
+  branch = _reachable(branch_calls, calls)
+  for f, lines in funcs.items():
+    for line, b in lines:
+      yield line, b or f in branch
+
+
+def collective_counts(program: Any, *, operands: bool = False,
+                      conditional: Optional[bool] = None) -> dict[str, int]:
   """Counts the cross-device collectives in a compiled or lowered JAX program.
 
   Give it what ``jax.jit(f).lower(*args)`` returns (a ``Lowered``: the StableHLO that JAX
@@ -41,9 +118,16 @@ def collective_counts(program: Any, *, operands: bool = False) -> dict[str, int]
   operands. ``operands=True`` counts the arrays reduced instead of the ops, so that a program
   that asks for three reductions shows 3 even after they were combined into one op.
 
+  Ops inside the branches of a ``lax.cond`` (HLO ``conditional``, StableHLO
+  ``case``/``if``, and what those branches call) run only when their branch is taken, e.g.
+  jaxbn's exact-statistics correction. ``conditional=False`` counts only the ops outside
+  any branch (the path every call takes), ``conditional=True`` only those inside; the
+  default counts all.
+
   Args:
     program: a ``jax.stages.Lowered``, a ``jax.stages.Compiled``, or HLO/StableHLO text.
     operands: count reduced arrays (operands) instead of ops.
+    conditional: None (all ops), False (outside conditional branches) or True (inside).
 
   Returns:
     A dict from the HLO op name (``'all-reduce'``, ``'all-gather'``, ``'reduce-scatter'``,
@@ -60,23 +144,26 @@ def collective_counts(program: Any, *, operands: bool = False) -> dict[str, int]
     >>> f = jax.jit(jax.shard_map(bn, mesh=mesh, in_specs=P('data'), out_specs=P('data')))
     >>> x = jax.ShapeDtypeStruct((16, 3), jnp.float32,
     ...                          sharding=jax.NamedSharding(mesh, P('data')))
-    >>> collective_counts(f.lower(x).compile())
-    {'all-reduce': 1}
+    >>> compiled = f.lower(x).compile()
+    >>> collective_counts(compiled, conditional=False), collective_counts(compiled)
+    ({'all-reduce': 1}, {'all-reduce': 2})
   """
   text = program if isinstance(program, str) else program.as_text()
   counts: dict[str, int] = {}
-  if "stablehlo." in text or "mhlo." in text:
-    for m in _MLIR_OP.finditer(text):
-      kind = m.group(1).replace("_", "-")
-      n = 1
-      if operands:
-        paren = text.find("(", m.end())
-        n = _operand_count(text, paren) if paren >= 0 else 1
-      counts[kind] = counts.get(kind, 0) + n
-    return counts
-  for line in text.splitlines():
-    code = line.split(", metadata=")[0]
-    for m in _HLO_OP.finditer(code):
-      n = _operand_count(code, m.end() - 1) if operands else 1
-      counts[m.group(1)] = counts.get(m.group(1), 0) + n
+  mlir = "stablehlo." in text or "mhlo." in text
+  for line, in_branch in (_mlir_lines(text) if mlir else _hlo_lines(text)):
+    if conditional is not None and in_branch != conditional:
+      continue
+    if mlir:
+      for m in _MLIR_OP.finditer(line):
+        kind = m.group(1).replace("_", "-")
+        n = 1
+        if operands:
+          paren = line.find("(", m.end())
+          n = _operand_count(line, paren) if paren >= 0 else 1
+        counts[kind] = counts.get(kind, 0) + n
+    else:
+      for m in _HLO_OP.finditer(line):
+        n = _operand_count(line, m.end() - 1) if operands else 1
+        counts[m.group(1)] = counts.get(m.group(1), 0) + n
   return counts
