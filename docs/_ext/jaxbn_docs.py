@@ -1,0 +1,256 @@
+"""Build-time helpers of the jaxbn docs: generated pages and the ``results-table`` directive.
+
+``generate`` (called from ``conf.py``) writes into ``docs/_generated/``:
+
+* ``api/<module>.rst`` — one page per public module, an ``autosummary`` over its ``__all__``
+  (so a name added to or removed from ``__all__`` appears or disappears without editing the
+  docs), and ``api/index.rst`` listing the modules that import. A module listed in ``conf.py``
+  that does not exist yet is left out with a message; one that exists but fails to import fails
+  the build.
+* ``notebooks/*.ipynb`` — copies of ``notebooks/*.ipynb``, rendered with their stored outputs.
+* ``benchmarks_tables.md`` — every ``benchmarks/results/*.json`` as Markdown tables, with the
+  command, machine, versions and commit of its run.
+
+The directive ``.. results-table:: NAME`` (``{results-table} NAME`` in MyST) renders the table
+of ``benchmarks/results/NAME.json`` whose title contains ``:table:``; if that file has not been
+produced yet it says which command produces it instead of showing a number. A file that exists
+but has no such table is a build warning (the page went stale).
+"""
+
+from __future__ import annotations
+
+import ast
+import glob
+import importlib
+import json
+import os
+import shutil
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from docutils import nodes
+from docutils.parsers.rst import directives
+from docutils.statemachine import StringList
+from sphinx.util import logging
+from sphinx.util.docutils import SphinxDirective
+
+LOG = logging.getLogger(__name__)
+
+# Benchmark scripts in the order of the benchmarks page; others follow alphabetically.
+BENCH_ORDER = ["bench_core", "bench_variants", "bench_sync", "bench_model", "bench_fold"]
+
+
+def read_version(root: str) -> str:
+  """The version string of ``jaxbn/_version.py``, read without importing jaxbn."""
+  with open(os.path.join(root, "jaxbn", "_version.py")) as f:
+    tree = ast.parse(f.read())
+  for node in tree.body:
+    if isinstance(node, ast.Assign) and any(
+        isinstance(t, ast.Name) and t.id == "__version__" for t in node.targets):
+      return ast.literal_eval(node.value)
+  raise RuntimeError("jaxbn/_version.py defines no __version__")
+
+
+def _write(path: str, text: str) -> None:
+  """Writes only when the content changed (keeps Sphinx's incremental rebuilds incremental)."""
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  if os.path.exists(path):
+    with open(path) as f:
+      if f.read() == text:
+        return
+  with open(path, "w") as f:
+    f.write(text)
+
+
+def _api_pages(out: str, modules: Sequence[Tuple[str, str]]) -> None:
+  present = []
+  for name, title in modules:
+    try:
+      mod = importlib.import_module(name)
+    except ModuleNotFoundError as e:
+      if e.name == name:
+        print(f"jaxbn docs: module {name} does not exist (yet); its API page is left out")
+        continue
+      raise
+    public = list(getattr(mod, "__all__", []))
+    if not public:
+      raise RuntimeError(f"jaxbn docs: {name} has no __all__; the API reference lists __all__")
+    present.append(name)
+    lines = [title, "=" * len(title), "", f".. automodule:: {name}", "   :no-members:", "",
+             f".. currentmodule:: {name}", "", ".. autosummary::", "   :toctree: generated",
+             "   :nosignatures:", ""]
+    lines += [f"   {n}" for n in public]
+    _write(os.path.join(out, f"{name}.rst"), "\n".join(lines) + "\n")
+  index = ["API reference", "=============", "",
+           "Generated from the docstrings of each module's public names (its ``__all__``).", "",
+           ".. toctree::", "   :maxdepth: 1", ""] + [f"   {n}" for n in present]
+  _write(os.path.join(out, "index.rst"), "\n".join(index) + "\n")
+
+
+def _copy_notebooks(root: str, out: str) -> None:
+  os.makedirs(out, exist_ok=True)
+  wanted = {os.path.basename(p) for p in glob.glob(os.path.join(root, "notebooks", "*.ipynb"))}
+  for stale in set(os.listdir(out)) - wanted:
+    os.remove(os.path.join(out, stale))
+  for nb in sorted(wanted):
+    src = os.path.join(root, "notebooks", nb)
+    with open(src) as f:
+      text = f.read()
+    _write(os.path.join(out, nb), text)
+
+
+def load_results(root: str) -> Dict[str, Dict[str, Any]]:
+  """Every ``benchmarks/results/*.json``, keyed by file stem."""
+  out = {}
+  for path in sorted(glob.glob(os.path.join(root, "benchmarks", "results", "*.json"))):
+    with open(path) as f:
+      out[os.path.splitext(os.path.basename(path))[0]] = json.load(f)
+  return out
+
+
+def _cell(v: Any, spec: Optional[str]) -> str:
+  if v is None:
+    return "—"
+  if isinstance(v, bool):
+    return "yes" if v else "no"
+  if spec and isinstance(v, (int, float)):
+    try:
+      return format(v, spec)
+    except (TypeError, ValueError):
+      pass
+  if isinstance(v, float):
+    return format(v, ".4g")
+  return str(v).replace("|", "\\|").replace("\n", " ")
+
+
+def table_markdown(t: Dict[str, Any]) -> List[str]:
+  """One result table (``_results.table`` format) as Markdown lines, without its title."""
+  cols = t["columns"]
+  formats = t.get("formats") or [None] * len(cols)
+  lines = []
+  if t.get("note"):
+    lines += [t["note"], ""]
+  lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cols) + " |")
+  lines.append("|" + "---|" * len(cols))
+  for row in t["rows"]:
+    lines.append("| " + " | ".join(_cell(v, f) for v, f in zip(row, formats)) + " |")
+  return lines
+
+
+def run_line(doc: Dict[str, Any]) -> str:
+  """Where and how a result file was produced, in one sentence."""
+  meta = doc.get("meta", {})
+  mach = meta.get("machine", {})
+  ver = meta.get("versions", {})
+  dev = meta.get("devices", {})
+  commit = (meta.get("git_commit") or "?")[:10]
+  dirty = " (with uncommitted changes)" if meta.get("git_dirty") else ""
+  return (f"Produced by `{meta.get('command', '?')}` on {meta.get('date_utc', '?')}: "
+          f"{mach.get('cpu', '?')}, {mach.get('cores', '?')} cores, "
+          f"{dev.get('count', '?')} {dev.get('platform', '?')} device(s); "
+          f"jax {ver.get('jax')}, flax {ver.get('flax')}; commit `{commit}`{dirty}.")
+
+
+def _benchmarks_page(root: str, path: str) -> None:
+  results = load_results(root)
+  names = [n for n in BENCH_ORDER if n in results] + sorted(set(results) - set(BENCH_ORDER))
+  lines: List[str] = []
+  if not names:
+    lines += ["No benchmark results are committed yet. Run a script in `benchmarks/` (see "
+              "below); it writes `benchmarks/results/<script>.json`, and the next docs build "
+              "shows it here.", ""]
+  for name in names:
+    doc = results[name]
+    lines += [f"## {doc.get('title') or name}", "", run_line(doc), ""]
+    for t in doc.get("tables", []):
+      lines += [f"### {t['title']}", ""] + table_markdown(t) + [""]
+    for note in doc.get("notes", []):
+      lines += [f"- {note}"]
+    lines.append("")
+  missing = [n for n in BENCH_ORDER if n not in results]
+  if missing:
+    lines += ["## Not yet measured", "",
+              "These scripts have no committed result file yet: "
+              + ", ".join(f"`python benchmarks/{n}.py`" for n in missing) + ".", ""]
+  _write(path, "\n".join(lines))
+
+
+def generate(docs: str, root: str, api_modules: Sequence[Tuple[str, str]]) -> None:
+  """Writes every generated page under ``docs/_generated`` (see the module docstring)."""
+  gen = os.path.join(docs, "_generated")
+  _api_pages(os.path.join(gen, "api"), api_modules)
+  _copy_notebooks(root, os.path.join(gen, "notebooks"))
+  _benchmarks_page(root, os.path.join(gen, "benchmarks_tables.md"))
+
+
+def _select(t: Dict[str, Any], columns: Optional[str], where: Optional[str]):
+  """The table restricted to ``columns`` ("a, b") and to rows matching ``where`` ("col=v; ...").
+
+  Returns the new table, or an error message when a column does not exist.
+  """
+  cols = t["columns"]
+  rows = t["rows"]
+  for cond in filter(None, (c.strip() for c in (where or "").split(";"))):
+    key, _, value = cond.partition("=")
+    key, value = key.strip(), value.strip()
+    if key not in cols:
+      return f"`:where:` names column {key!r}, not among {cols}"
+    i = cols.index(key)
+    rows = [r for r in rows if str(r[i]) == value]
+  keep = list(range(len(cols)))
+  if columns:
+    names = [c.strip() for c in columns.split(",")]
+    bad = [c for c in names if c not in cols]
+    if bad:
+      return f"`:columns:` names {bad}, not among {cols}"
+    keep = [cols.index(c) for c in names]
+  formats = t.get("formats") or [None] * len(cols)
+  return {"title": t["title"], "note": t.get("note", ""), "columns": [cols[i] for i in keep],
+          "formats": [formats[i] for i in keep], "rows": [[r[i] for i in keep] for r in rows]}
+
+
+class ResultsTable(SphinxDirective):
+  """``.. results-table:: NAME`` with ``:table: TITLE-SUBSTRING``: a committed result table."""
+
+  required_arguments = 1
+  option_spec = {"table": directives.unchanged_required,
+                 "columns": directives.unchanged_required,
+                 "where": directives.unchanged_required}
+
+  def run(self) -> List[nodes.Node]:
+    name = self.arguments[0]
+    want = self.options.get("table", "")
+    root = os.path.dirname(os.fspath(self.env.srcdir))
+    path = os.path.join(root, "benchmarks", "results", f"{name}.json")
+    self.env.note_dependency(path)
+    if not os.path.exists(path):
+      text = (f"*Not measured yet on the committed tree: `python benchmarks/{name}.py` "
+              f"produces this table (`benchmarks/results/{name}.json`).*")
+      return self._parse([text])
+    with open(path) as f:
+      doc = json.load(f)
+    tables = [t for t in doc.get("tables", []) if want in t["title"]]
+    if not tables:
+      LOG.warning(f"results-table: benchmarks/results/{name}.json has no table whose title "
+                  f"contains {want!r}; titles: {[t['title'] for t in doc.get('tables', [])]}",
+                  location=self.get_location())
+      return []
+    t = _select(tables[0], self.options.get("columns"), self.options.get("where"))
+    if isinstance(t, str):
+      LOG.warning(f"results-table: benchmarks/results/{name}.json: {t}",
+                  location=self.get_location())
+      return []
+    lines = [f"**{t['title']}**", ""] + table_markdown(t) + [
+        "", f"*{run_line(doc)}*"]
+    return self._parse(lines)
+
+  def _parse(self, lines: List[str]) -> List[nodes.Node]:
+    # Used from MyST pages: nested_parse reads the lines as Markdown there.
+    container = nodes.container()
+    self.state.nested_parse(StringList(lines, source=self.get_source_info()[0]),
+                            self.content_offset, container)
+    return container.children
+
+
+def setup(app) -> Dict[str, Any]:
+  app.add_directive("results-table", ResultsTable)
+  return {"version": "1", "parallel_read_safe": True, "parallel_write_safe": True}

@@ -1,0 +1,176 @@
+"""Opens the built site in headless Chromium and checks that pages really render.
+
+Usage::
+
+    apt-get install -y chromium chromium-driver     # Debian's browser and its WebDriver
+    pip install -e ".[docs,browser]"
+    python -m sphinx -W --keep-going -b html docs docs/_build/html
+    python docs/check_browser.py                    # or: python docs/check_browser.py SITE_DIR
+
+It serves the site on 127.0.0.1 (a free port, nothing else is contacted), opens
+
+* the index page — it has the page title and the navigation sidebar;
+* the API page of ``jaxbn.batch_norm`` — MathJax typeset its ``.. math::`` formula (there are
+  ``mjx-container`` elements and no raw ``\\frac`` left in the text);
+* a notebook page — its math is typeset and every ``<img>`` loaded (``naturalWidth > 0``);
+* the search page with ``?q=batch_norm`` — the search index loaded and found results;
+
+and saves a screenshot of each to ``docs/_build/screenshots/<name>.png`` (``index``,
+``api_batch_norm``, ``notebook``, ``notebook_plot``: the first plot, ``search``). Exit status 1 with
+one line per failed check.
+"""
+
+from __future__ import annotations
+
+import functools
+import glob
+import http.server
+import os
+import sys
+import threading
+import time
+from typing import Callable, List, Tuple
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _serve(site: str) -> Tuple[http.server.ThreadingHTTPServer, str]:
+  handler = functools.partial(_QuietHandler, directory=site)
+  server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+  threading.Thread(target=server.serve_forever, daemon=True).start()
+  return server, f"http://127.0.0.1:{server.server_address[1]}"
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+
+  def log_message(self, *args):  # keep the check's output readable
+    pass
+
+
+def _driver():
+  from selenium import webdriver
+  from selenium.webdriver.chrome.service import Service
+  opts = webdriver.ChromeOptions()
+  for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+              "--window-size=1280,1000", "--hide-scrollbars"):
+    opts.add_argument(arg)
+  for binary in ("/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/google-chrome"):
+    if os.path.exists(binary):
+      opts.binary_location = binary
+      break
+  driver_path = next((p for p in ("/usr/bin/chromedriver", "/usr/lib/chromium/chromedriver")
+                      if os.path.exists(p)), None)
+  if driver_path is None:
+    raise SystemExit("check_browser: no chromedriver found; apt-get install -y chromium-driver")
+  return webdriver.Chrome(service=Service(driver_path), options=opts)
+
+
+def _wait(driver, predicate: Callable[[], bool], timeout: float = 20.0) -> bool:
+  end = time.time() + timeout
+  while time.time() < end:
+    try:
+      if predicate():
+        return True
+    except Exception:  # the page is still loading
+      pass
+    time.sleep(0.2)
+  return False
+
+
+MATH_DONE = ("return !!(window.MathJax && MathJax.startup && MathJax.startup.promise && "
+             "document.querySelectorAll('mjx-container').length > 0)")
+
+
+def _page_checks(driver, base: str, site: str,
+                 shot: Callable[[str], object]) -> List[Tuple[str, str, List[str]]]:
+  """Visits each page, screenshots it after its checks; returns (name, url, failures)."""
+  results = []
+
+  def visit(name: str, path: str) -> List[str]:
+    driver.get(f"{base}/{path}")
+    _wait(driver, lambda: driver.execute_script("return document.readyState") == "complete")
+    return []
+
+  # 1. Index.
+  fails = visit("index", "index.html")
+  if "jaxbn" not in driver.title:
+    fails.append(f"title is {driver.title!r}, expected it to contain 'jaxbn'")
+  if not driver.execute_script("return document.querySelectorAll('.sidebar-tree a').length"):
+    fails.append("no navigation links in the sidebar")
+  shot("index")
+  results.append(("index", "index.html", fails))
+
+  # 2. An API page with math.
+  api = "_generated/api/generated/jaxbn.batch_norm.html"
+  fails = visit("api_batch_norm", api)
+  if not driver.execute_script("return document.querySelectorAll('dl.py.function').length"):
+    fails.append("no function signature rendered (autodoc)")
+  if not _wait(driver, lambda: driver.execute_script(MATH_DONE)):
+    fails.append("MathJax typeset no formula (no mjx-container)")
+  elif "\\frac" in driver.execute_script("return document.body.innerText") or "\\sqrt" in \
+      driver.execute_script("return document.body.innerText"):
+    fails.append("raw LaTeX left in the page text")
+  shot("api_batch_norm")
+  results.append(("api_batch_norm", api, fails))
+
+  # 3. A notebook page with plots and math.
+  nbs = sorted(glob.glob(os.path.join(site, "_generated", "notebooks", "*.html")))
+  if not nbs:
+    results.append(("notebook", "_generated/notebooks/", ["no notebook page was built"]))
+  else:
+    nb = os.path.relpath(nbs[0], site)
+    fails = visit("notebook", nb)
+    n_img = driver.execute_script("return document.images.length")
+    if not n_img:
+      fails.append("no images on the notebook page")
+    ok = _wait(driver, lambda: driver.execute_script(
+        "return Array.from(document.images).every(i => i.complete)"))
+    broken = driver.execute_script(
+        "return Array.from(document.images).filter(i => !(i.naturalWidth > 0))"
+        ".map(i => i.getAttribute('src'))")
+    if not ok or broken:
+      fails.append(f"images not loaded: {broken}")
+    if not _wait(driver, lambda: driver.execute_script(MATH_DONE)):
+      fails.append("MathJax typeset no formula on the notebook page")
+    shot("notebook")
+    if n_img:  # and its first plot, scrolled into view
+      driver.execute_script("document.images[0].scrollIntoView({block: 'center'})")
+      time.sleep(0.3)
+      shot("notebook_plot")
+    results.append(("notebook", nb, fails))
+
+  # 4. Search.
+  fails = visit("search", "search.html?q=batch_norm")
+  if not _wait(driver, lambda: driver.execute_script(
+      "return document.querySelectorAll('#search-results li, ul.search li').length > 0")):
+    fails.append("the search for 'batch_norm' showed no result (search index missing?)")
+  shot("search")
+  results.append(("search", "search.html?q=batch_norm", fails))
+  return results
+
+
+def main(argv: List[str]) -> int:
+  site = os.path.abspath(argv[1] if len(argv) > 1 else os.path.join(HERE, "_build", "html"))
+  if not os.path.exists(os.path.join(site, "index.html")):
+    print(f"check_browser: no site at {site}; build it first (see this file's docstring)")
+    return 1
+  shots = os.path.join(HERE, "_build", "screenshots")
+  os.makedirs(shots, exist_ok=True)
+  server, base = _serve(site)
+  driver = _driver()
+  failures = 0
+  try:
+    shot = lambda name: driver.save_screenshot(os.path.join(shots, f"{name}.png"))
+    for name, url, fails in _page_checks(driver, base, site, shot):
+      status = "ok" if not fails else "FAILED: " + "; ".join(fails)
+      print(f"{name:16s} {url}: {status}")
+      failures += len(fails)
+  finally:
+    driver.quit()
+    server.shutdown()
+  print(f"check_browser: {failures} failed check(s); screenshots in {shots}")
+  return 1 if failures else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main(sys.argv))
