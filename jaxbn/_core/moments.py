@@ -218,18 +218,26 @@ def batch_moments(x: jax.Array, mask: Optional[jax.Array], plan: Plan,
     size = collectives.axis_size(plan.axis_name, plan.groups)
     return jnp.full(bshape, c * per_block * size, rdt)
 
-  def global_sums(count, s1, s2):
-    count = count if isinstance(count, float) else block_sum(count, grouping)
+  def global_sums(count, s1, s2, known_count=None):
+    """Block sums, then ONE psum of ``(S1, S2[, count])``; a known count is not resent."""
+    if known_count is not None:
+      count = known_count
+    elif not isinstance(count, float):
+      count = block_sum(count, grouping)
     s1 = None if s1 is None else block_sum(s1, grouping)
     s2 = block_sum(s2, grouping)
     parts = [v for v in (s1, s2) if v is not None]
-    if not isinstance(count, float):
+    send_count = known_count is None and not isinstance(count, float)
+    if send_count:
       parts.append(count.astype(parts[0].dtype))
     if plan.axis_name is not None:
       parts = list(collectives.psum_stacked(parts, plan.axis_name, plan.groups))
     s1g = parts.pop(0) if s1 is not None else None
     s2g = parts.pop(0).real.astype(rdt)
-    count = as_counts(count) if isinstance(count, float) else parts.pop(0).real.astype(rdt)
+    if send_count:
+      count = parts.pop(0).real.astype(rdt)
+    elif isinstance(count, float):
+      count = as_counts(count)
     return count, s1g, s2g
 
   if not plan.center:
@@ -244,8 +252,9 @@ def batch_moments(x: jax.Array, mask: Optional[jax.Array], plan: Plan,
     k = lax.stop_gradient(jnp.asarray(shift).astype(acc))
     k = jnp.where(jnp.isfinite(abs2(k)), k, jnp.zeros((), acc))  # a corrupt shift is 0
 
-  def shifted(k):
-    count, s1, s2 = global_sums(*_local_sums(x, red, mask, expand(k, grouping, glen)))
+  def shifted(k, known_count=None):
+    count, s1, s2 = global_sums(*_local_sums(x, red, mask, expand(k, grouping, glen)),
+                                known_count=known_count)
     n = jnp.maximum(count, 1.0)
     d = s1 / n
     return count, k + d, jnp.maximum(s2 - n * abs2(d), 0.0), s2
@@ -256,7 +265,7 @@ def batch_moments(x: jax.Array, mask: Optional[jax.Array], plan: Plan,
   trusted = jnp.all(s2 <= plan.limit * m2)
 
   def exact():
-    _, mean2, m2_2, _ = shifted(mean)
+    _, mean2, m2_2, _ = shifted(mean, known_count=count)
     return mean2, m2_2
 
   mean, m2 = lax.cond(trusted, lambda: (mean, m2), exact)

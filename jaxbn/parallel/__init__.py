@@ -12,10 +12,11 @@ sharded arrays). This module adds what a data-parallel training loop needs aroun
   per-device train step, with their gradient semantics documented;
 * :func:`pad_batch`: pad a last partial batch and get the mask of real examples;
 * :func:`average_stats`: combine per-device running statistics (models trained without sync);
-* :func:`collective_counts`: count the collectives in a compiled program.
+* :func:`collective_counts`, :func:`collective_bytes`: count and size the collectives in a
+  compiled program.
 """
 
-from jaxbn.parallel._hlo import collective_counts
+from jaxbn.parallel._hlo import collective_bytes, collective_counts
 from jaxbn.parallel._mesh import batch_sharding, data_mesh, shard_batch, shard_local_batch
 from jaxbn.parallel._padding import pad_batch
 from jaxbn.parallel._stats import average_stats
@@ -24,6 +25,7 @@ from jaxbn.parallel._steps import pmap_step, shard_map_step
 __all__ = [
     "average_stats",
     "batch_sharding",
+    "collective_bytes",
     "collective_counts",
     "data_mesh",
     "pad_batch",

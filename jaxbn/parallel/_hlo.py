@@ -167,3 +167,58 @@ def collective_counts(program: Any, *, operands: bool = False,
         n = _operand_count(line, m.end() - 1) if operands else 1
         counts[m.group(1)] = counts.get(m.group(1), 0) + n
   return counts
+
+
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "s16": 2, "u16": 2,
+                "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8,
+                "f64": 8, "c64": 8, "c128": 16}
+_SHAPE = re.compile(r"\b([a-z]+\d*[a-z0-9]*)\[([\d,]*)\]")
+
+
+def collective_bytes(program: Any, *, conditional: Optional[bool] = None) -> dict[str, int]:
+  """Bytes each kind of collective reduces or moves in a compiled program (result shapes).
+
+  Reads the compiled HLO (a ``jax.stages.Compiled`` or its text): for every collective op,
+  the size of its result (all operands of a combined op), per device. ``conditional`` selects
+  ops as in :func:`collective_counts`. Use it to check that a program's communication does
+  not grow with the number of devices (compile at several ``jax_num_cpu_devices`` values).
+
+  Returns:
+    A dict from the HLO op name (e.g. ``'all-reduce'``) to the total bytes of its results.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, jaxbn
+    >>> from jax.sharding import PartitionSpec as P
+    >>> from jaxbn.parallel import collective_bytes, data_mesh
+    >>> mesh = data_mesh()
+    >>> def bn(x):
+    ...   return jaxbn.batch_norm(x, jaxbn.init_stats(256), training=True, axis_name='data')[0]
+    >>> f = jax.jit(jax.shard_map(bn, mesh=mesh, in_specs=P('data'), out_specs=P('data')))
+    >>> x = jax.ShapeDtypeStruct((16, 256), jnp.float32,
+    ...                          sharding=jax.NamedSharding(mesh, P('data')))
+    >>> collective_bytes(f.lower(x).compile(), conditional=False)  # Σ(x−K), Σ(x−K)²: 2×256×4
+    {'all-reduce': 2048}
+  """
+  text = program if isinstance(program, str) else program.as_text()
+  if "stablehlo." in text or "mhlo." in text:
+    raise ValueError("collective_bytes: give it the compiled program (`.compile()`), whose "
+                     "HLO has the shapes XLA really communicates, not the lowered StableHLO.")
+  out: dict[str, int] = {}
+  for line, in_branch in _hlo_lines(text):
+    if conditional is not None and in_branch != conditional:
+      continue
+    m = _HLO_OP.search(line)
+    if not m or "=" not in line[:m.start()]:
+      continue
+    result = line[line.index("=") + 1:m.start()]
+    size = 0
+    for dt, dims in _SHAPE.findall(result):
+      n = 1
+      for d in dims.split(","):
+        if d:
+          n *= int(d)
+      size += n * _DTYPE_BYTES.get(dt, 4)
+    if m.group(2):  # an async start returns (operands, results): count the results once
+      size //= 2
+    out[m.group(1)] = out.get(m.group(1), 0) + size
+  return out
