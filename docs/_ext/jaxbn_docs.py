@@ -24,7 +24,6 @@ import glob
 import importlib
 import json
 import os
-import shutil
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from docutils import nodes
@@ -32,6 +31,8 @@ from docutils.parsers.rst import directives
 from docutils.statemachine import StringList
 from sphinx.util import logging
 from sphinx.util.docutils import SphinxDirective
+
+from results_tables import load_results, run_line, select_table, table_markdown
 
 LOG = logging.getLogger(__name__)
 
@@ -98,58 +99,6 @@ def _copy_notebooks(root: str, out: str) -> None:
     _write(os.path.join(out, nb), text)
 
 
-def load_results(root: str) -> Dict[str, Dict[str, Any]]:
-  """Every ``benchmarks/results/*.json``, keyed by file stem."""
-  out = {}
-  for path in sorted(glob.glob(os.path.join(root, "benchmarks", "results", "*.json"))):
-    with open(path) as f:
-      out[os.path.splitext(os.path.basename(path))[0]] = json.load(f)
-  return out
-
-
-def _cell(v: Any, spec: Optional[str]) -> str:
-  if v is None:
-    return "—"
-  if isinstance(v, bool):
-    return "yes" if v else "no"
-  if spec and isinstance(v, (int, float)):
-    try:
-      return format(v, spec)
-    except (TypeError, ValueError):
-      pass
-  if isinstance(v, float):
-    return format(v, ".4g")
-  return str(v).replace("|", "\\|").replace("\n", " ")
-
-
-def table_markdown(t: Dict[str, Any]) -> List[str]:
-  """One result table (``_results.table`` format) as Markdown lines, without its title."""
-  cols = t["columns"]
-  formats = t.get("formats") or [None] * len(cols)
-  lines = []
-  if t.get("note"):
-    lines += [t["note"], ""]
-  lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cols) + " |")
-  lines.append("|" + "---|" * len(cols))
-  for row in t["rows"]:
-    lines.append("| " + " | ".join(_cell(v, f) for v, f in zip(row, formats)) + " |")
-  return lines
-
-
-def run_line(doc: Dict[str, Any]) -> str:
-  """Where and how a result file was produced, in one sentence."""
-  meta = doc.get("meta", {})
-  mach = meta.get("machine", {})
-  ver = meta.get("versions", {})
-  dev = meta.get("devices", {})
-  commit = (meta.get("git_commit") or "?")[:10]
-  dirty = " (with uncommitted changes)" if meta.get("git_dirty") else ""
-  return (f"Produced by `{meta.get('command', '?')}` on {meta.get('date_utc', '?')}: "
-          f"{mach.get('cpu', '?')}, {mach.get('cores', '?')} cores, "
-          f"{dev.get('count', '?')} {dev.get('platform', '?')} device(s); "
-          f"jax {ver.get('jax')}, flax {ver.get('flax')}; commit `{commit}`{dirty}.")
-
-
 def _benchmarks_page(root: str, path: str) -> None:
   results = load_results(root)
   names = [n for n in BENCH_ORDER if n in results] + sorted(set(results) - set(BENCH_ORDER))
@@ -182,32 +131,6 @@ def generate(docs: str, root: str, api_modules: Sequence[Tuple[str, str]]) -> No
   _benchmarks_page(root, os.path.join(gen, "benchmarks_tables.md"))
 
 
-def _select(t: Dict[str, Any], columns: Optional[str], where: Optional[str]):
-  """The table restricted to ``columns`` ("a, b") and to rows matching ``where`` ("col=v; ...").
-
-  Returns the new table, or an error message when a column does not exist.
-  """
-  cols = t["columns"]
-  rows = t["rows"]
-  for cond in filter(None, (c.strip() for c in (where or "").split(";"))):
-    key, _, value = cond.partition("=")
-    key, value = key.strip(), value.strip()
-    if key not in cols:
-      return f"`:where:` names column {key!r}, not among {cols}"
-    i = cols.index(key)
-    rows = [r for r in rows if str(r[i]) == value]
-  keep = list(range(len(cols)))
-  if columns:
-    names = [c.strip() for c in columns.split(",")]
-    bad = [c for c in names if c not in cols]
-    if bad:
-      return f"`:columns:` names {bad}, not among {cols}"
-    keep = [cols.index(c) for c in names]
-  formats = t.get("formats") or [None] * len(cols)
-  return {"title": t["title"], "note": t.get("note", ""), "columns": [cols[i] for i in keep],
-          "formats": [formats[i] for i in keep], "rows": [[r[i] for i in keep] for r in rows]}
-
-
 class ResultsTable(SphinxDirective):
   """``.. results-table:: NAME`` with ``:table: TITLE-SUBSTRING``: a committed result table."""
 
@@ -234,7 +157,7 @@ class ResultsTable(SphinxDirective):
                   f"contains {want!r}; titles: {[t['title'] for t in doc.get('tables', [])]}",
                   location=self.get_location())
       return []
-    t = _select(tables[0], self.options.get("columns"), self.options.get("where"))
+    t = select_table(tables[0], self.options.get("columns"), self.options.get("where"))
     if isinstance(t, str):
       LOG.warning(f"results-table: benchmarks/results/{name}.json: {t}",
                   location=self.get_location())
