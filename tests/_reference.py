@@ -67,3 +67,99 @@ def grads(x, scale, bias, dy, axis=-1, eps=1e-5, mask=None):
   nn = np.maximum(n, 1)
   dx = g * inv * dy - np.where(m, inv * (s0 + xhat * s1) / nn, 0)
   return dx, dscale.reshape(-1), dbias.reshape(-1)
+
+
+# ------------------------------------------------------------------ tolerances from numerics
+# The rule (tests/README.md): a float comparison allows
+#     |actual - expected| <= k * cond * u(dtype) * (|expected| + scale)
+# where u is the unit roundoff of the dtype the result is *computed or stored* in, cond is the
+# condition factor of the quantity (how much the inputs' rounding is amplified: 1 for a
+# normalized output, 1 + |mean|/std for statistics of offset data, log2(n) for n-term sums),
+# k is a small constant (default 4: rounding of inputs, statistics, output and one spare), and
+# ``scale`` (default: the RMS of ``expected``) gives entries near zero the absolute slack of a
+# typical entry. The expected value is a float64 NumPy computation on the *same quantized
+# inputs* the library saw, so the bound measures the library's arithmetic only.
+
+_MANTISSA_BITS = {"float64": 53, "float32": 24, "bfloat16": 8, "float16": 11,
+                  "complex64": 24, "complex128": 53}
+
+
+def unit_roundoff(dtype) -> float:
+  """u = 2^-p for a p-bit significand: float32 5.96e-8, bfloat16 3.91e-3, float16 4.88e-4."""
+  name = np.dtype(dtype).name
+  return 2.0 ** -_MANTISSA_BITS[name]
+
+
+def tol(dtype, cond: float = 1.0, k: float = 4.0) -> float:
+  """The relative bound ``k * cond * u(dtype)`` (see the rule above)."""
+  return k * cond * unit_roundoff(dtype)
+
+
+def error_ratio(actual, expected, dtype, *, cond: float = 1.0, k: float = 4.0, scale=None,
+                where=None) -> float:
+  """max |actual - expected| / bound over the entries; <= 1 means within tolerance."""
+  a = np.asarray(actual).astype(np.complex128 if np.iscomplexobj(actual) else np.float64)
+  e = np.asarray(expected).astype(np.complex128 if np.iscomplexobj(expected) else np.float64)
+  a, e = np.broadcast_arrays(a, e)
+  if where is not None:
+    w = np.broadcast_to(np.asarray(where, bool), e.shape)
+    a, e = a[w], e[w]
+  if e.size == 0:
+    return 0.0
+  if scale is None:
+    scale = float(np.sqrt(np.mean(np.abs(e) ** 2))) or 1.0
+  bound = tol(dtype, cond, k) * (np.abs(e) + scale)
+  with np.errstate(invalid="ignore"):
+    r = np.abs(a - e) / bound
+  r = np.where(np.isnan(a) & np.isnan(e), 0.0, r)  # NaN where expected NaN is equal
+  r = np.where(np.isnan(r), np.inf, r)
+  return float(np.max(r))
+
+
+def close(actual, expected, dtype, **kw) -> bool:
+  """True when ``actual`` is within the numerics-derived bound of ``expected``."""
+  return error_ratio(actual, expected, dtype, **kw) <= 1.0
+
+
+def assert_close(actual, expected, dtype, *, cond: float = 1.0, k: float = 4.0, scale=None,
+                 where=None, what: str = "value"):
+  """Asserts :func:`close`; the message shows the error in units of the bound."""
+  r = error_ratio(actual, expected, dtype, cond=cond, k=k, scale=scale, where=where)
+  assert r <= 1.0, (f"{what}: max error is {r:.3g}x the bound k*cond*u = {k}*{cond:.3g}*"
+                    f"{unit_roundoff(dtype):.3g} ({np.dtype(dtype).name})")
+
+
+def cond_offset(x, axis=-1) -> float:
+  """1 + max |mean| / min std over features: the condition factor of statistics of x."""
+  _, mean, var = moments(x, axis)
+  std = np.sqrt(np.maximum(var, np.finfo(np.float64).tiny))
+  return float(1 + np.max(np.abs(mean)) / np.min(std))
+
+
+def bn_output_cond(x64, dtype, axis=-1) -> float:
+  """Condition factor of a BN output in ``dtype`` relative to u(dtype).
+
+  The statistics are computed in float32; the shifted one-pass (or two-pass) variance has
+  relative error ~ u32 * cond_offset², and the output is rounded once to ``dtype``. So the
+  error is about u(dtype) + u32 * cond_offset², i.e. cond = 1 + cond_offset² * u32 / u(dtype):
+  ~1 for bfloat16/float16 output, cond_offset² for float32.
+  """
+  c = cond_offset(x64, axis)
+  return 1.0 + c * c * unit_roundoff(np.float32) / unit_roundoff(dtype)
+
+
+def quantize(x, dtype):
+  """``x`` rounded to ``dtype`` (as an implementation returning ``dtype`` would), as float64."""
+  import jax.numpy as jnp  # noqa: PLC0415
+  return np.asarray(jnp.asarray(np.asarray(x, np.float64), dtype).astype(jnp.float32),
+                    np.float64)
+
+
+def stats_cond(x64, axis=-1, order: int = 1) -> float:
+  """Condition factor of float32 batch statistics: log2(n) (summation) × cond_offset^order.
+
+  ``order=1`` for the mean, ``order=2`` for the variance (the one-pass or shifted formula loses
+  cond_offset² of relative accuracy; a two-pass formula does better, so this is an upper bound).
+  """
+  n, _, _ = moments(x64, axis)
+  return float(max(1.0, np.log2(float(np.max(n)))) * cond_offset(x64, axis) ** order)
