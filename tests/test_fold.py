@@ -217,7 +217,7 @@ def test_linen_resnet_fold(bn_cls, x_img):
   pairs = jaxbn.linen.find_conv_bn_pairs(model.apply, variables, x_img, train=False)
   assert [(p.layer, p.bn) for p in pairs] == EXPECTED
   assert all(p.epsilon == 1e-3 and p.kernel_axes == (-1,) for p in pairs)
-  folded_vars = jax.jit(lambda v: jaxbn.linen.fold_batch_norm(v, pairs))(variables)
+  folded_vars = jax.jit(lambda v: jaxbn.linen.fold_batch_norm_layers(v, pairs))(variables)
   # The folded BNs keep only a bias; the two others are untouched; the input is unchanged.
   assert set(folded_vars["batch_stats"]) == {"twice_bn", "add_bn"}
   assert set(folded_vars["params"]["stem_bn"]) == {"bias"}
@@ -244,34 +244,34 @@ def test_linen_fold_tuples_and_errors(x_img):
   v = _trained(jax.eval_shape(Small().init, jax.random.key(1), x_img))
   pairs = jaxbn.linen.find_conv_bn_pairs(Small(), v, x_img)
   assert pairs[1].kernel_axes == (-2,) and pairs[1].epsilon == 1e-2
-  folded_vars = jax.jit(lambda v: jaxbn.linen.fold_batch_norm(
+  folded_vars = jax.jit(lambda v: jaxbn.linen.fold_batch_norm_layers(
       v, [("c", "BatchNorm_0"), pairs[1]]))(v)
   want = jax.jit(Small().apply)(v, x_img)
   got = jax.jit(jaxbn.linen.folded(Small()))(folded_vars, x_img)
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(jnp.abs(want).max()))
-  with pytest.raises(ValueError, match=r"jaxbn.linen.fold_batch_norm: no batch_stats\['c'\] "
-                                       r"in `variables`: not a BatchNorm path, or already "
+  with pytest.raises(ValueError, match=r"jaxbn.linen.fold_batch_norm_layers: no batch_stats\['c'\] "
+                                       r"in `variables`: not a batch norm path, or already "
                                        r"folded"):
-    jaxbn.linen.fold_batch_norm(v, [("t", "c")])
+    jaxbn.linen.fold_batch_norm_layers(v, [("t", "c")])
   with pytest.raises(ValueError, match=r"no params\['nope'\]\['kernel'\] in `variables`"):
-    jaxbn.linen.fold_batch_norm(v, [("nope", "BatchNorm_0")])
-  with pytest.raises(ValueError, match=r"reuses a layer or BatchNorm of an earlier pair"):
-    jaxbn.linen.fold_batch_norm(v, [("c", "BatchNorm_0"), ("t", "BatchNorm_0")])
+    jaxbn.linen.fold_batch_norm_layers(v, [("nope", "BatchNorm_0")])
+  with pytest.raises(ValueError, match=r"reuses a layer or batch norm of an earlier pair"):
+    jaxbn.linen.fold_batch_norm_layers(v, [("c", "BatchNorm_0"), ("t", "BatchNorm_0")])
   with pytest.raises(ValueError, match=r"cannot fold BatchNorm_0 into t: fold_batch_norm: the "
                                        r"kernel has \(2,\) output features along axis"):
-    jaxbn.linen.fold_batch_norm(v, [jaxbn.linen.FoldPair(("t",), ("BatchNorm_0",),
+    jaxbn.linen.fold_batch_norm_layers(v, [jaxbn.linen.FoldPair(("t",), ("BatchNorm_0",),
                                                          kernel_axes=(0,))])
   with pytest.raises(TypeError, match=r"each pair must be a FoldPair or a \(layer_path, "
                                       r"bn_path\) tuple"):
-    jaxbn.linen.fold_batch_norm(v, ["c"])
-  with pytest.raises(ValueError, match=r"jaxbn.linen.fold_batch_norm: `variables` must be the "
+    jaxbn.linen.fold_batch_norm_layers(v, ["c"])
+  with pytest.raises(ValueError, match=r"jaxbn.linen.fold_batch_norm_layers: `variables` must be the "
                                        r"model's variables with 'params'"):
-    jaxbn.linen.fold_batch_norm({"batch_stats": {}}, [])
+    jaxbn.linen.fold_batch_norm_layers({"batch_stats": {}}, [])
   with pytest.raises(TypeError, match=r"a module path must be a tuple of names"):
-    jaxbn.linen.fold_batch_norm(v, [(("c", 0), "BatchNorm_0")])
+    jaxbn.linen.fold_batch_norm_layers(v, [(("c", 0), "BatchNorm_0")])
   broken = jax.tree.map(lambda a: a, folded_vars)
   del broken["params"]["BatchNorm_0"]
-  with pytest.raises(ValueError, match=r"jaxbn.linen.folded: the BatchNorm layer BatchNorm_0 "
+  with pytest.raises(ValueError, match=r"jaxbn.linen.folded: the batch norm BatchNorm_0 "
                                        r"has neither running statistics nor a folded bias"):
     jaxbn.linen.folded(Small().apply)(broken, x_img)
 
@@ -315,7 +315,7 @@ def test_nnx_resnet_fold(bn_cls, x_img):
   assert [(p.layer, p.bn) for p in pairs] == [
       (("stem",), ("stem_bn",)), (("convs", 0), ("bns", 0)), (("convs", 1), ("bns", 1)),
       (("head",), ("head_bn",))]
-  fast = jaxbn.nnx.fold_batch_norm(model, pairs)
+  fast = jaxbn.nnx.fold_batch_norm_layers(model, pairs)
   assert type(fast.stem_bn) is jaxbn.nnx.FoldedBatchNorm and type(model.stem_bn) is bn_cls
   assert type(fast.add_bn) is bn_cls and fast.convs[1].bias is not None
   run = nnx.jit(lambda m, x: m(x))
@@ -325,7 +325,7 @@ def test_nnx_resnet_fold(bn_cls, x_img):
   view = nnx.view(fast, use_running_average=True)                # still answers like BN
   np.testing.assert_allclose(run(view, x_img), got, rtol=1e-6, atol=1e-6)
   # Pairs given as modules or path strings fold the same way.
-  again = jaxbn.nnx.fold_batch_norm(model, [(model.stem, "stem_bn"), ("convs/0", ("bns", 0))])
+  again = jaxbn.nnx.fold_batch_norm_layers(model, [(model.stem, "stem_bn"), ("convs/0", ("bns", 0))])
   assert type(again.bns[0]) is jaxbn.nnx.FoldedBatchNorm and type(again.bns[1]) is bn_cls
   np.testing.assert_allclose(run(again, x_img), want, rtol=1e-4,
                              atol=1e-4 * float(jnp.abs(want).max()))
@@ -333,28 +333,55 @@ def test_nnx_resnet_fold(bn_cls, x_img):
 
 def test_nnx_fold_errors(x_img):
   model = _nnx_model(nnx.BatchNorm)
-  with pytest.raises(ValueError, match=r"jaxbn.nnx.fold_batch_norm: the module at \('stem',\) "
-                                       r"is a Conv, not a BatchNorm"):
-    jaxbn.nnx.fold_batch_norm(model, [("stem_bn", "stem")])
+  with pytest.raises(ValueError, match=r"jaxbn.nnx.fold_batch_norm_layers: the module at \('stem',\) "
+                                       r"is a Conv, not a batch norm"):
+    jaxbn.nnx.fold_batch_norm_layers(model, [("stem_bn", "stem")])
   with pytest.raises(ValueError, match=r"the module at \('add_bn',\) \(BatchNorm\) has no "
                                        r"`kernel`"):
-    jaxbn.nnx.fold_batch_norm(model, [("add_bn", "stem_bn")])
+    jaxbn.nnx.fold_batch_norm_layers(model, [("add_bn", "stem_bn")])
   with pytest.raises(ValueError, match=r"no module at \('nope',\) or \('stem_bn',\)"):
-    jaxbn.nnx.fold_batch_norm(model, [("nope", "stem_bn")])
-  with pytest.raises(ValueError, match=r"pass `pairs`, or an example input after it"):
-    jaxbn.nnx.fold_batch_norm(model)
-  with pytest.raises(ValueError, match=r"reuses a layer or BatchNorm of an earlier pair"):
-    jaxbn.nnx.fold_batch_norm(model, [("stem", "stem_bn"), ("head", "stem_bn")])
+    jaxbn.nnx.fold_batch_norm_layers(model, [("nope", "stem_bn")])
+  with pytest.raises(ValueError, match=r"reuses a layer or batch norm of an earlier pair"):
+    jaxbn.nnx.fold_batch_norm_layers(model, [("stem", "stem_bn"), ("head", "stem_bn")])
   with pytest.raises(ValueError, match=r"cannot fold \('bns', 0\) into \('convs', 0\): "
                                        r"fold_batch_norm: the kernel has \(3,\) output features"):
-    jaxbn.nnx.fold_batch_norm(model, [jaxbn.nnx.FoldPair(("convs", 0), ("bns", 0), (0,))])
+    jaxbn.nnx.fold_batch_norm_layers(model, [jaxbn.nnx.FoldPair(("convs", 0), ("bns", 0), kernel_axes=(0,))])
   with pytest.raises(TypeError, match=r"a module path must be a tuple such as \('blocks', 0, "
                                       r"'conv'\), a string 'blocks/0/conv' or the module"):
-    jaxbn.nnx.fold_batch_norm(model, [(3, "stem_bn")])
+    jaxbn.nnx.fold_batch_norm_layers(model, [(3, "stem_bn")])
   with pytest.raises(TypeError, match=r"each pair must be a FoldPair or a \(layer, bn\) tuple"):
-    jaxbn.nnx.fold_batch_norm(model, ["stem"])
-  for f in (jaxbn.nnx.fold_batch_norm, jaxbn.nnx.find_conv_bn_pairs):
+    jaxbn.nnx.fold_batch_norm_layers(model, ["stem"])
+  for f in (jaxbn.nnx.fold_batch_norm_layers, jaxbn.nnx.find_conv_bn_pairs):
     with pytest.raises(TypeError, match=r"jaxbn.nnx.\w+: `model` must be an nnx.Module"):
-      f(lambda x: x)
+      f(lambda x: x, [])
   with pytest.raises(ValueError, match=r"the module Conv given in `pairs` is not part of"):
-    jaxbn.nnx.fold_batch_norm(model, [(_nnx_model(nnx.BatchNorm).stem, "stem_bn")])
+    jaxbn.nnx.fold_batch_norm_layers(model, [(_nnx_model(nnx.BatchNorm).stem, "stem_bn")])
+
+
+def test_old_layer_level_fold_names_warn_and_still_work(x_img):
+  """`fold_batch_norm` in linen/nnx is deprecated for one release (it is the name of the
+  array-level jaxbn.fold_batch_norm); the old calls give the same result as the new names."""
+  model = _nnx_model(nnx.BatchNorm)
+  pairs = jaxbn.nnx.find_conv_bn_pairs(model, x_img)
+  with pytest.warns(DeprecationWarning, match=r"jaxbn.nnx.fold_batch_norm is deprecated.*"
+                                              r"fold_batch_norm_layers"):
+    old = jaxbn.nnx.fold_batch_norm(model, None, x_img)
+  new = jaxbn.nnx.fold_batch_norm_layers(model, pairs)
+  assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)),
+                                   nnx.state(old), nnx.state(new)))
+  with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match=r"pass `pairs`, or "
+                                                                         r"an example input"):
+    jaxbn.nnx.fold_batch_norm(model)
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.BatchNorm(use_running_average=True)(nn.Conv(4, (3, 3))(x))
+
+  v = Net().init(jax.random.key(0), x_img)
+  pairs = jaxbn.linen.find_conv_bn_pairs(Net(), v, x_img)
+  with pytest.warns(DeprecationWarning, match=r"jaxbn.linen.fold_batch_norm is deprecated.*"
+                                              r"fold_batch_norm_layers"):
+    old = jaxbn.linen.fold_batch_norm(v, pairs)
+  new = jaxbn.linen.fold_batch_norm_layers(v, pairs)
+  assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), old, new))

@@ -6,11 +6,13 @@ alone does not.
 """
 
 from jaxbn.linen._batch_norm import BatchNorm
-from jaxbn.linen._frozen import FrozenBatchNorm, freeze_batch_norm, unfreeze_batch_norm
+from jaxbn.linen._freeze import freeze_batch_norm, unfreeze_batch_norm
+from jaxbn.linen._frozen import FrozenBatchNorm
 from jaxbn.linen._ghost import GhostBatchNorm
-from jaxbn.linen._inference import (FoldPair, find_conv_bn_pairs, fold_batch_norm, folded,
-                                    recompute_batch_stats)
+from jaxbn.linen._inference import (FoldPair, find_conv_bn_pairs, fold_batch_norm,
+                                    fold_batch_norm_layers, folded, recompute_batch_stats)
 from jaxbn.linen._norms import GroupNorm, InstanceNorm, LayerNorm, RMSNorm
+from jaxbn.linen._registry import register_batch_norm
 from jaxbn.linen._renorm import BatchRenorm
 
 __all__ = [
@@ -22,12 +24,15 @@ __all__ = [
     "InstanceNorm",
     "LayerNorm",
     "RMSNorm",
+    # the batch-norm family's tools (jaxbn.linen._registry lists the layers they handle)
+    "register_batch_norm",
     "freeze_batch_norm",
     "unfreeze_batch_norm",
-    # after training: recomputed statistics and folding (jaxbn.linen._inference)
     "FoldPair",
     "find_conv_bn_pairs",
-    "fold_batch_norm",
+    "fold_batch_norm_layers",
     "folded",
     "recompute_batch_stats",
+    # deprecated (one release): the name of jaxbn.fold_batch_norm, which folds arrays
+    "fold_batch_norm",
 ]

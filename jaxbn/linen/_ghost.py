@@ -10,8 +10,8 @@ from flax import linen as nn
 from flax.typing import Axes, Dtype, Initializer
 from jax.nn import initializers
 
-from jaxbn._core.ghost import ghost_batch_norm
-from jaxbn.linen._common import bn_call
+import jaxbn
+from jaxbn.linen._common import bn_call, resolve_mode
 
 
 class GhostBatchNorm(nn.Module):
@@ -101,12 +101,12 @@ class GhostBatchNorm(nn.Module):
     Returns:
       The normalized input, shaped like ``x``.
     """
-    use_running_average = nn.merge_param(
-        "use_running_average", self.use_running_average, use_running_average)
+    use_running_average = resolve_mode("jaxbn.linen.GhostBatchNorm", self.use_running_average,
+                                       use_running_average)
     vbs = self.virtual_batch_size
     if (self.is_initializing() and not use_running_average
         and -jnp.ndim(x) <= self.batch_axis < jnp.ndim(x)):
       vbs = max(jnp.shape(x)[self.batch_axis], 1)  # any init batch works, as for BatchNorm
-    return bn_call(self, ghost_batch_norm, "jaxbn.linen.GhostBatchNorm", x,
+    return bn_call(self, jaxbn.ghost_batch_norm, "jaxbn.linen.GhostBatchNorm", x,
                    use_running_average, mask, virtual_batch_size=vbs,
                    batch_axis=self.batch_axis, stats_update=self.stats_update)

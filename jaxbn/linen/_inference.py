@@ -1,34 +1,31 @@
 """After training, for Linen models: recomputed population statistics and BN folding.
 
-Both work on an unchanged model definition by intercepting the BatchNorm layers
-(``flax.linen.BatchNorm`` and ``jaxbn.linen.BatchNorm``) with ``nn.intercept_methods``.
+Both work on an unchanged model definition by intercepting the batch-norm layers of the
+registry (``jaxbn.linen._registry``) with ``nn.intercept_methods``.
 """
 
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Any, Callable, Iterable, NamedTuple, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 from flax.core import FrozenDict, freeze, unfreeze
-from flax.linen import dtypes
 
-from jaxbn._core import checks
+import jaxbn
+# Private core machinery with no public equivalent: the recomputation driver (`run`, which
+# traces the model, places batches on a mesh and merges moments) and the jaxpr tags that find
+# Conv/Dense -> BN pairs (`mark`, `marked_pairs`, `trailing_axes`).
 from jaxbn._core import fold as _fold
 from jaxbn._core import precise
-from jaxbn._core.normalize import to_keepdims
-from jaxbn._core.types import BatchStats
-from jaxbn.linen._batch_norm import BatchNorm as _JaxbnBatchNorm
+from jaxbn.linen._common import feature_axes, keepdims, result_dtype
+from jaxbn.linen._registry import kind_of
 
-_BN_TYPES = (nn.BatchNorm, _JaxbnBatchNorm)
 Path = tuple[str, ...]
 PathLike = Union[str, Sequence[str]]
-
-
-def _is_bn(module: Any) -> bool:
-  return isinstance(module, _BN_TYPES)
 
 
 def _apply(fn: str, apply_fn: Any) -> Callable:
@@ -73,7 +70,7 @@ def _bn_inputs(module: Any, args: tuple, kwargs: dict):
   x = jnp.asarray(args[0])
   scale = module.get_variable("params", "scale") if module.use_scale else None
   bias = module.get_variable("params", "bias") if module.use_bias else None
-  out_dtype = dtypes.canonicalize_dtype(x, scale, bias, dtype=module.dtype)
+  out_dtype = result_dtype(x, scale, bias, dtype=module.dtype)
   return x, kwargs.get("mask"), scale, bias, out_dtype
 
 
@@ -100,10 +97,13 @@ def recompute_batch_stats(
   data — count-weighted across batches of different sizes and masks, and over all devices
   of ``mesh`` — see :func:`jaxbn.recompute_stats` for the two modes (``"train"``: layer
   inputs as in training, one pass; ``"sequential"``: layer inputs as at inference, one pass
-  per layer). Works with ``flax.linen.BatchNorm`` and ``jaxbn.linen.BatchNorm`` in an
-  unchanged model: the layers are intercepted (``nn.intercept_methods``), whatever their
-  ``use_running_average``; masks passed to them (``mask=``) are honoured, and so is
-  ``unbiased_running_var``.
+  per layer). Works in an unchanged model: the registered layers that train on batch
+  statistics (``jaxbn.linen.BatchNorm``, ``BatchRenorm``, ``GhostBatchNorm``,
+  ``flax.linen.BatchNorm``; see :func:`register_batch_norm`) are intercepted whatever their
+  ``use_running_average`` and normalize with the statistics of the whole batch (so also
+  renorm and ghost layers, without their corrections); ``mask=`` and
+  ``unbiased_running_var`` are honoured. A ``FrozenBatchNorm`` keeps its statistics and runs
+  as itself.
 
   Args:
     apply_fn: ``apply_fn(variables, batch)`` running the model in inference mode (dropout
@@ -128,6 +128,7 @@ def recompute_batch_stats(
   Raises:
     ValueError: no batch, no BatchNorm layer, ``variables`` without those layers'
       ``batch_stats``, or an ``axis_name`` that needs ``mesh``.
+    TypeError: a module with batch statistics that is not registered.
 
   Example:
     >>> import jax, jax.numpy as jnp, flax.linen as nn, jaxbn.linen
@@ -157,7 +158,7 @@ def recompute_batch_stats(
   def trace(variables, batch, rec):
     def interceptor(next_fun, args, kwargs, context):
       module = context.module
-      if context.method_name != "__call__" or not _is_bn(module):
+      if context.method_name != "__call__" or kind_of(fn, module) != "trains":
         return next_fun(*args, **kwargs)
       x, mask, scale, bias, out_dtype = _bn_inputs(module, args, kwargs)
       return rec(module.path, x, axis=module.axis, epsilon=module.epsilon, scale=scale,
@@ -188,9 +189,9 @@ def recompute_batch_stats(
   new = unfreeze(variables)
   for key, info in layers.items():
     node = _get(new["batch_stats"], key)
-    old = BatchStats(node["mean"], node["var"], jnp.zeros((), jnp.int32))
+    old = jaxbn.BatchStats(node["mean"], node["var"], jnp.zeros((), jnp.int32))
     acc = jax.tree.map(jnp.asarray, jax.device_get(accs[info.index]))
-    stats = precise.population_stats(acc, old, unbiased_running_var=info.unbiased)
+    stats = jaxbn.population_stats(acc, old, unbiased_running_var=info.unbiased)
     node["mean"], node["var"] = stats.mean, stats.var
   return freeze(new) if isinstance(variables, FrozenDict) else new
 
@@ -201,19 +202,21 @@ def recompute_batch_stats(
 
 
 class FoldPair(NamedTuple):
-  """A Conv/Dense layer and the BatchNorm it feeds, as found by :func:`find_conv_bn_pairs`.
+  """A Conv/Dense layer and the batch norm it feeds, as found by :func:`find_conv_bn_pairs`.
 
   Attributes:
     layer: module path of the Conv/Dense layer, e.g. ``('ResNetBlock_0', 'Conv_0')``.
-    bn: module path of the BatchNorm.
-    epsilon: the BatchNorm's epsilon.
-    kernel_axes: the kernel's output-feature axes (``(-1,)`` for flax Conv/Dense).
+    bn: module path of the batch norm.
+    epsilon: the batch norm's epsilon (None: the ``epsilon`` given to
+      :func:`fold_batch_norm_layers`).
+    kernel_axes: the kernel's output-feature axes (``(-1,)`` for flax Conv/Dense; None: the
+      trailing axes, as many as the batch norm has feature axes).
   """
 
   layer: Path
   bn: Path
-  epsilon: float = 1e-5
-  kernel_axes: tuple[int, ...] = (-1,)
+  epsilon: Optional[float] = None
+  kernel_axes: Optional[tuple[int, ...]] = None
 
 
 def _kernel_axes(module: Any):
@@ -226,22 +229,27 @@ def _kernel_axes(module: Any):
 
 
 def find_conv_bn_pairs(apply_fn: Any, variables: Any, *args: Any, **kwargs: Any) -> list[FoldPair]:
-  """Finds the Conv/Dense -> BatchNorm pairs of a linen model that can be folded.
+  """Finds the Conv/Dense -> batch norm pairs of a linen model that can be folded.
 
   Traces ``apply_fn(variables, *args, **kwargs)`` once (``jax.make_jaxpr``, nothing runs)
   with every ``nn.Conv``, ``nn.ConvLocal``, ``nn.ConvTranspose``, ``nn.Dense`` and
-  ``nn.DenseGeneral`` output and every BatchNorm input tagged, and keeps the pairs where a
-  layer's output goes straight into a BatchNorm and nowhere else, each module is called
-  once, and the BatchNorm normalizes the trailing (channel) axes. Pairs inside ``nn.scan``,
-  loops or branches are not reported; ``nn.remat`` and ``jit`` bodies are searched.
+  ``nn.DenseGeneral`` output and every registered batch norm's input tagged (see
+  :func:`register_batch_norm`), and keeps the pairs where a layer's output goes straight into
+  a batch norm and nowhere else, each module is called once, and the batch norm normalizes
+  the trailing (channel) axes. Pairs inside ``nn.scan``, loops or branches are not reported;
+  ``nn.remat`` and ``jit`` bodies are searched.
 
   Args:
     apply_fn: ``apply_fn(variables, *args, **kwargs)``, e.g. ``model.apply``, or the Module.
     variables: the model's variables.
-    *args, **kwargs: an example input, e.g. ``x, train=False`` (shapes matter, values don't).
+    *args: an example input, e.g. ``x`` (shapes matter, values don't).
+    **kwargs: keyword arguments of ``apply_fn``, e.g. ``train=False``.
 
   Returns:
-    A list of :class:`FoldPair` in the order of the BatchNorm calls.
+    A list of :class:`FoldPair` in the order of the batch norm calls.
+
+  Raises:
+    TypeError: a module with batch statistics that is not registered.
 
   Example:
     >>> import jax, jax.numpy as jnp, flax.linen as nn, jaxbn.linen
@@ -264,7 +272,7 @@ def find_conv_bn_pairs(apply_fn: Any, variables: Any, *args: Any, **kwargs: Any)
     module = context.module
     if context.method_name != "__call__":
       return next_fun(*a, **kw)
-    if _is_bn(module):
+    if kind_of(fn, module) is not None:
       x = jnp.asarray(a[0])
       dsts.append((module.path, float(module.epsilon),
                    _fold.trailing_axes(fn, x.ndim, module.axis)))
@@ -280,11 +288,10 @@ def find_conv_bn_pairs(apply_fn: Any, variables: Any, *args: Any, **kwargs: Any)
 
   with nn.intercept_methods(interceptor):
     jaxpr = jax.make_jaxpr(lambda v: apply(v, *args, **kwargs))(variables)
-  calls = {}
-  for path, _ in srcs:
-    calls[("src", path)] = calls.get(("src", path), 0) + 1
-  for path, _, _ in dsts:
-    calls[("dst", path)] = calls.get(("dst", path), 0) + 1
+  calls: dict = {}
+  for role, log in (("src", srcs), ("dst", dsts)):
+    for entry in log:
+      calls[(role, entry[0])] = calls.get((role, entry[0]), 0) + 1
   pairs = []
   for s, d in _fold.marked_pairs(jaxpr):
     layer, kind = srcs[s]
@@ -299,29 +306,28 @@ def find_conv_bn_pairs(apply_fn: Any, variables: Any, *args: Any, **kwargs: Any)
   return pairs
 
 
-def fold_batch_norm(variables: Any, pairs: Sequence[Union[FoldPair, tuple]], *,
-                    epsilon: float = 1e-5) -> Any:
-  r"""Folds eval-mode BatchNorm layers into the Conv/Dense layers feeding them.
+def fold_batch_norm_layers(variables: Any, pairs: Sequence[Union[FoldPair, tuple]], *,
+                           epsilon: float = 1e-5) -> Any:
+  r"""Folds eval-mode batch norms into the Conv/Dense layers feeding them.
 
-  For each pair, with ``k = γ/√(σ²+ε)`` (see :func:`jaxbn.fold_batch_norm`): the layer's
-  ``kernel`` (and ``bias``, if it has one) is multiplied by ``k`` along its output features,
-  and the BatchNorm's variables are replaced by a single ``params/bias = β - μ·k`` (its
-  ``scale`` and ``batch_stats`` are removed). Run the result with :func:`folded`, which
-  turns each folded BatchNorm into ``x + bias``; BatchNorm layers not folded run as before.
+  For each pair, with ``k = γ/√(σ²+ε)`` (see :func:`jaxbn.fold_batch_norm`, which folds one
+  kernel): the layer's ``kernel`` (and ``bias``, if it has one) is multiplied by ``k`` along
+  its output features, and the batch norm's variables are replaced by a single
+  ``params/bias = β - μ·k`` (its ``scale`` and ``batch_stats`` are removed). Run the result
+  with :func:`folded`, which turns each folded batch norm into ``x + bias``.
 
   Args:
     variables: the model's variables (``params``, ``batch_stats``). Not modified.
     pairs: :class:`FoldPair` from :func:`find_conv_bn_pairs`, or ``(layer_path, bn_path)``
-      tuples (paths as tuples of names or ``"a/b"`` strings; the kernel's output features
-      are its trailing axes and ``epsilon`` applies).
-    epsilon: the BatchNorm epsilon for plain tuples (flax's default 1e-5).
+      tuples (paths as tuples of names or ``"a/b"`` strings).
+    epsilon: the batch norms' epsilon where a pair does not give it (flax's default 1e-5).
 
   Returns:
     The folded variables (a dict, or a FrozenDict if given one).
 
   Raises:
-    ValueError: a path not found, a BatchNorm already folded or listed twice, a layer without
-      ``kernel``, or features that do not match.
+    ValueError: a path not found, a batch norm already folded or listed twice, a layer
+      without ``kernel``, or features that do not match.
 
   Example:
     >>> import jax, jax.numpy as jnp, flax.linen as nn, jaxbn.linen
@@ -332,12 +338,12 @@ def fold_batch_norm(variables: Any, pairs: Sequence[Union[FoldPair, tuple]], *,
     >>> x = jax.random.normal(jax.random.key(1), (2, 8, 8, 3))
     >>> variables = Net().init(jax.random.key(0), x)
     >>> pairs = jaxbn.linen.find_conv_bn_pairs(Net().apply, variables, x)
-    >>> folded_vars = jaxbn.linen.fold_batch_norm(variables, pairs)
+    >>> folded_vars = jaxbn.linen.fold_batch_norm_layers(variables, pairs)
     >>> y = jaxbn.linen.folded(Net().apply)(folded_vars, x)
     >>> bool(jnp.allclose(y, Net().apply(variables, x), atol=1e-5))
     True
   """
-  fn = "jaxbn.linen.fold_batch_norm"
+  fn = "jaxbn.linen.fold_batch_norm_layers"
   if not isinstance(variables, (dict, FrozenDict)) or "params" not in variables:
     raise ValueError(f"{fn}: `variables` must be the model's variables with 'params' and "
                      f"'batch_stats'.")
@@ -346,40 +352,31 @@ def fold_batch_norm(variables: Any, pairs: Sequence[Union[FoldPair, tuple]], *,
   stats_tree = new.get("batch_stats", {})
   seen_layers, seen_bns = set(), set()
   for pair in pairs:
-    if isinstance(pair, FoldPair):
-      layer, bn, eps, kaxes = (_as_path(fn, pair.layer), _as_path(fn, pair.bn), pair.epsilon,
-                               tuple(pair.kernel_axes))
-    else:
-      try:
-        layer, bn = pair
-      except (TypeError, ValueError):
-        raise TypeError(f"{fn}: each pair must be a FoldPair or a (layer_path, bn_path) "
-                        f"tuple, got {pair!r}.") from None
-      layer, bn, eps, kaxes = _as_path(fn, layer), _as_path(fn, bn), epsilon, None
+    layer, bn, eps, kaxes = _unpack(fn, pair)
+    eps = epsilon if eps is None else eps
     name_l, name_b = "/".join(layer), "/".join(bn)
     if bn in seen_bns or layer in seen_layers:
-      raise ValueError(f"{fn}: the pair ({name_l}, {name_b}) reuses a layer or BatchNorm of "
-                       f"an earlier pair; each layer and each BatchNorm folds once.")
+      raise ValueError(f"{fn}: the pair ({name_l}, {name_b}) reuses a layer or batch norm of "
+                       f"an earlier pair; each layer and each batch norm folds once.")
     seen_layers.add(layer)
     seen_bns.add(bn)
     lp = _get(params, layer)
     if lp is None or "kernel" not in lp:
       raise ValueError(f"{fn}: no params['{name_l}']['kernel'] in `variables`; pass the path "
-                       f"of the Conv/Dense layer that feeds the BatchNorm.")
+                       f"of the Conv/Dense layer that feeds the batch norm.")
     bs = _get(stats_tree, bn)
     if bs is None or "mean" not in bs:
-      raise ValueError(f"{fn}: no batch_stats['{name_b}'] in `variables`: not a BatchNorm "
+      raise ValueError(f"{fn}: no batch_stats['{name_b}'] in `variables`: not a batch norm "
                        f"path, or already folded.")
     bp = _get(params, bn) or {}
-    stats = BatchStats(jnp.asarray(bs["mean"]), jnp.asarray(bs["var"]),
-                       jnp.zeros((), jnp.int32))
+    stats = jaxbn.BatchStats(jnp.asarray(bs["mean"]), jnp.asarray(bs["var"]),
+                             jnp.zeros((), jnp.int32))
     if kaxes is None:
       kaxes = tuple(range(-stats.mean.ndim, 0))
-    kernel = jnp.asarray(lp["kernel"])
-    k, c = _fold.eval_affine(stats, bp.get("scale"), bp.get("bias"), epsilon=eps)
+    k, c = jaxbn.eval_affine(stats, bp.get("scale"), bp.get("bias"), epsilon=eps)
     try:
-      lp["kernel"], _ = _fold.fold_batch_norm(kernel, None, stats, bp.get("scale"), None,
-                                              epsilon=eps, axis=kaxes)
+      lp["kernel"], _ = jaxbn.fold_batch_norm(jnp.asarray(lp["kernel"]), None, stats,
+                                              bp.get("scale"), None, epsilon=eps, axis=kaxes)
     except ValueError as e:
       raise ValueError(f"{fn}: cannot fold {name_b} into {name_l}: {e}") from None
     if lp.get("bias") is not None:
@@ -391,6 +388,37 @@ def fold_batch_norm(variables: Any, pairs: Sequence[Union[FoldPair, tuple]], *,
   return freeze(new) if isinstance(variables, FrozenDict) else new
 
 
+def fold_batch_norm(variables: Any, pairs: Sequence[Union[FoldPair, tuple]], *,
+                    epsilon: float = 1e-5) -> Any:
+  """Deprecated name of :func:`fold_batch_norm_layers` (``jaxbn.fold_batch_norm`` folds arrays).
+
+  Args:
+    variables: see :func:`fold_batch_norm_layers`.
+    pairs: see :func:`fold_batch_norm_layers`.
+    epsilon: see :func:`fold_batch_norm_layers`.
+
+  Returns:
+    The folded variables.
+  """
+  warnings.warn("jaxbn.linen.fold_batch_norm is deprecated and will be removed in the next "
+                "release; use jaxbn.linen.fold_batch_norm_layers (same arguments).",
+                DeprecationWarning, stacklevel=2)
+  return fold_batch_norm_layers(variables, pairs, epsilon=epsilon)
+
+
+def _unpack(fn: str, pair: Any):
+  """``(layer, bn, epsilon_or_None, kernel_axes_or_None)`` of a FoldPair or a 2-tuple."""
+  if isinstance(pair, FoldPair):
+    kaxes = None if pair.kernel_axes is None else tuple(pair.kernel_axes)
+    return _as_path(fn, pair.layer), _as_path(fn, pair.bn), pair.epsilon, kaxes
+  try:
+    layer, bn = pair
+  except (TypeError, ValueError):
+    raise TypeError(f"{fn}: each pair must be a FoldPair or a (layer_path, bn_path) tuple, "
+                    f"got {pair!r}.") from None
+  return _as_path(fn, layer), _as_path(fn, bn), None, None
+
+
 def _set_dict(tree: dict, path: Path, value: Any) -> None:
   for p in path[:-1]:
     tree = tree.setdefault(p, {})
@@ -398,31 +426,30 @@ def _set_dict(tree: dict, path: Path, value: Any) -> None:
 
 
 def _folded_interceptor(next_fun, args, kwargs, context):
+  fn = "jaxbn.linen.folded"
   module = context.module
-  if (context.method_name != "__call__" or not _is_bn(module)
+  if (context.method_name != "__call__" or kind_of(fn, module) is None
       or module.has_variable("batch_stats", "mean")):
     return next_fun(*args, **kwargs)
-  fn = "jaxbn.linen.folded"
   bias = module.get_variable("params", "bias")
   if bias is None:
     raise ValueError(
-        f"{fn}: the BatchNorm layer {'/'.join(module.path)} has neither running statistics "
-        f"nor a folded bias in `variables`; pass the output of jaxbn.linen.fold_batch_norm "
+        f"{fn}: the batch norm {'/'.join(module.path)} has neither running statistics nor a "
+        f"folded bias in `variables`; pass the output of jaxbn.linen.fold_batch_norm_layers "
         f"(or the original variables).")
   x = jnp.asarray(args[0])
-  feat = checks.feature_axes(fn, x.ndim, module.axis)
-  out_dtype = dtypes.canonicalize_dtype(x, bias, dtype=module.dtype)
-  return (x + to_keepdims(bias, x.shape, feat)).astype(out_dtype)
+  feat = feature_axes(fn, x.ndim, module.axis)
+  out_dtype = result_dtype(x, bias, dtype=module.dtype)
+  return (x + keepdims(bias, x.shape, feat)).astype(out_dtype)
 
 
 def folded(apply_fn: Any) -> Callable:
   """Wraps ``apply_fn`` so that it runs a model with folded variables.
 
-  Inside the returned function every BatchNorm layer whose ``batch_stats`` were removed by
-  :func:`fold_batch_norm` computes ``x + bias`` (its folded offset); the other BatchNorm
-  layers and all other modules run unchanged. Nothing else about the model changes, so the
-  compiled eval step is a convolution followed by a bias add (which XLA fuses with what
-  follows). Jit the returned function as usual.
+  Inside the returned function every batch norm whose ``batch_stats`` were removed by
+  :func:`fold_batch_norm_layers` computes ``x + bias`` (its folded offset); the other layers
+  run unchanged, so the compiled eval step is a convolution followed by a bias add. Jit the
+  returned function as usual.
 
   Args:
     apply_fn: ``model.apply`` (or any function of ``(variables, *args, **kwargs)`` that calls
@@ -445,5 +472,5 @@ def folded(apply_fn: Any) -> Callable:
   return folded_apply
 
 
-__all__ = ["FoldPair", "find_conv_bn_pairs", "fold_batch_norm", "folded",
-           "recompute_batch_stats"]
+__all__ = ["FoldPair", "find_conv_bn_pairs", "fold_batch_norm", "fold_batch_norm_layers",
+           "folded", "recompute_batch_stats"]

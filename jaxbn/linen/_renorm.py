@@ -10,8 +10,8 @@ from flax import linen as nn
 from flax.typing import Axes, Dtype, Initializer
 from jax.nn import initializers
 
-from jaxbn._core.renorm import batch_renorm
-from jaxbn.linen._common import bn_call
+import jaxbn
+from jaxbn.linen._common import bn_call, resolve_mode
 
 
 class BatchRenorm(nn.Module):
@@ -111,9 +111,9 @@ class BatchRenorm(nn.Module):
     Returns:
       The normalized input, shaped like ``x``.
     """
-    use_running_average = nn.merge_param(
-        "use_running_average", self.use_running_average, use_running_average)
-    return bn_call(self, batch_renorm, "jaxbn.linen.BatchRenorm", x, use_running_average,
+    use_running_average = resolve_mode("jaxbn.linen.BatchRenorm", self.use_running_average,
+                                       use_running_average)
+    return bn_call(self, jaxbn.batch_renorm, "jaxbn.linen.BatchRenorm", x, use_running_average,
                    mask, r_max=self.r_max if r_max is None else r_max,
                    d_max=self.d_max if d_max is None else d_max, r_min=self.r_min,
                    running_std=self.running_std)

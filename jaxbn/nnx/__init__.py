@@ -6,16 +6,19 @@ flax; ``import jaxbn`` alone does not.
 """
 
 from jaxbn.nnx._batch_norm import BatchNorm
-from jaxbn.nnx._frozen import FrozenBatchNorm, freeze_batch_norm, unfreeze_batch_norm
+from jaxbn.nnx._common import promote_dtype
+from jaxbn.nnx._freeze import freeze_batch_norm, unfreeze_batch_norm
+from jaxbn.nnx._frozen import FrozenBatchNorm
 from jaxbn.nnx._ghost import GhostBatchNorm
-from jaxbn.nnx._norms import GroupNorm, InstanceNorm, LayerNorm, RMSNorm
-from jaxbn.nnx._renorm import BatchRenorm
 from jaxbn.nnx._inference import (FoldPair, FoldedBatchNorm, find_conv_bn_pairs,
-                                  fold_batch_norm, recompute_batch_stats)
+                                  fold_batch_norm, fold_batch_norm_layers,
+                                  recompute_batch_stats)
+from jaxbn.nnx._norms import GroupNorm, InstanceNorm, LayerNorm, RMSNorm
+from jaxbn.nnx._registry import register_batch_norm
+from jaxbn.nnx._renorm import BatchRenorm
 
 __all__ = [
     "BatchNorm",
-    # variants (jaxbn.nnx._renorm, _ghost, _norms, _frozen)
     "BatchRenorm",
     "FrozenBatchNorm",
     "GhostBatchNorm",
@@ -23,12 +26,16 @@ __all__ = [
     "InstanceNorm",
     "LayerNorm",
     "RMSNorm",
+    "promote_dtype",
+    # the batch-norm family's tools (jaxbn.nnx._registry lists the layers they handle)
+    "register_batch_norm",
     "freeze_batch_norm",
     "unfreeze_batch_norm",
-    # after training: recomputed statistics and folding (jaxbn.nnx._inference)
     "FoldPair",
     "FoldedBatchNorm",
     "find_conv_bn_pairs",
-    "fold_batch_norm",
+    "fold_batch_norm_layers",
     "recompute_batch_stats",
+    # deprecated (one release): the name of jaxbn.fold_batch_norm, which folds arrays
+    "fold_batch_norm",
 ]

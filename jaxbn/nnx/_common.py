@@ -1,4 +1,5 @@
-"""What the NNX layers share: parameters and statistics, dtype promotion and the BN call."""
+"""What the NNX layers share: dtype promotion, flax's errors, parameters, statistics and the
+BN call. Only public flax names are used (no ``flax.nnx.nn``/``flax.nnx.module`` helpers)."""
 
 from __future__ import annotations
 
@@ -7,28 +8,135 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import jax
 import jax.numpy as jnp
 from flax import errors, nnx
-from flax.typing import Dtype, Initializer, PromoteDtypeFn
+from flax.typing import Dtype, Initializer
 
-from jaxbn._core import checks
-from jaxbn._core.types import BatchStats, init_stats
+import jaxbn
 
-MISSING_MODE = (
-    "No `use_running_average` argument was provided to {name}. Pass it to the constructor, "
-    "to the call (`layer(x, use_running_average=True/False)`), or use `model.train()` / "
-    "`model.eval()` / `nnx.view(model, use_running_average=...)`.")
+
+# --------------------------------------------------------------------------------------------
+# Dtypes.
+# --------------------------------------------------------------------------------------------
+
+
+def promote_dtype(args: tuple, /, *, dtype: Optional[Dtype] = None, inexact: bool = True
+                  ) -> tuple:
+  """Casts ``args`` (None entries kept) to ``dtype``, or to their promoted dtype.
+
+  flax.nnx's default ``promote_dtype``, written here so that no private flax helper is
+  imported: with ``inexact``, an integer/bool result is promoted to (at least) float32.
+
+  Args:
+    args: arrays or None.
+    dtype: the dtype to cast to (default: ``jnp.result_type`` of the arrays).
+    inexact: the dtype must be floating (or complex).
+
+  Returns:
+    A tuple of ``args`` cast to one dtype.
+
+  Raises:
+    ValueError: an integer ``dtype`` with ``inexact=True``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from jaxbn.nnx import promote_dtype
+    >>> [a.dtype.name for a in promote_dtype((jnp.ones(2, jnp.int8), jnp.ones(2, jnp.bfloat16)))]
+    ['bfloat16', 'bfloat16']
+  """
+  if dtype is None:
+    dtype = jnp.result_type(*(jnp.asarray(a) for a in args if a is not None))
+    if inexact and not jnp.issubdtype(dtype, jnp.inexact):
+      dtype = jnp.promote_types(jnp.float32, dtype)
+  if inexact and not jnp.issubdtype(dtype, jnp.inexact):
+    raise ValueError(f"Dtype must be inexact: {dtype}")
+  return tuple(None if a is None else jnp.asarray(a, dtype) for a in args)
+
+
+def output_dtype(promote: Callable[..., tuple], arrays: tuple, dtype: Optional[Dtype]):
+  """The dtype ``promote`` would compute in, found abstractly (no array is cast)."""
+  specs = tuple(None if a is None else jax.ShapeDtypeStruct((), jnp.result_type(a))
+                for a in arrays)
+  out = jax.eval_shape(lambda *a: promote(a, dtype=dtype), *specs)
+  return out[0].dtype
+
+
+def feature_axes(fn: str, ndim: int, axis: Any, name: str = "axis") -> tuple[int, ...]:
+  """``axis`` (an int or a sequence of ints) as sorted non-negative axes of a rank-``ndim`` x."""
+  axes = (axis,) if isinstance(axis, int) else tuple(axis)
+  if not axes or not all(isinstance(a, int) and -ndim <= a < ndim for a in axes):
+    raise ValueError(f"{fn}: `{name}`={axis!r} is not a valid axis (or tuple of axes) of an "
+                     f"input of rank {ndim}; pass axes in [-{ndim}, {ndim}).")
+  out = tuple(sorted({a % ndim for a in axes}))
+  if len(out) != len(axes):
+    raise ValueError(f"{fn}: `{name}`={axis!r} names an axis twice; pass each axis once.")
+  return out
+
+
+def keepdims(v: jax.Array, shape: Sequence[int], feat: Sequence[int]) -> jax.Array:
+  """A feature-shaped ``v`` reshaped to broadcast against an input of ``shape``."""
+  return jnp.reshape(v, [shape[a] if a in feat else 1 for a in range(len(shape))])
+
+
+# --------------------------------------------------------------------------------------------
+# Errors that flax also raises (flax's type and sentence first), and argument checks.
+# --------------------------------------------------------------------------------------------
+
+
+def flax_error(flax_sentence: str, explanation: str) -> ValueError:
+  """flax's ``ValueError`` for a refused input, with jaxbn's explanation appended."""
+  return ValueError(f"{flax_sentence} {explanation}")
+
+
+MODE_HOWTO = (
+    "{layer}: give `use_running_average` (True: normalize with the stored statistics, "
+    "eval; False: with the batch statistics, updating the stored ones, training) to the "
+    "constructor or to the call (`layer(x, use_running_average=True/False)`), or set it on "
+    "the whole model with `model.train()` / `model.eval()` / `nnx.view(model, "
+    "use_running_average=...)`.")
+
+
+def resolve_mode(layer: str, call: Optional[bool], attribute: Optional[bool]) -> bool:
+  """The call's ``use_running_average``, else the attribute's (flax.nnx's rule)."""
+  if call is not None:
+    return call
+  if attribute is not None:
+    return attribute
+  name = layer.rsplit(".", 1)[-1]
+  raise flax_error(f"No `use_running_average` argument was provided to {name}.",
+                   MODE_HOWTO.format(layer=layer))
+
+
+def check_momentum(fn: str, momentum: Any) -> None:
+  """``momentum`` in ``[0, 1]`` or None (1: the running statistics stay as they are)."""
+  if momentum is None or isinstance(momentum, jax.Array):
+    return
+  if not isinstance(momentum, (int, float)) or not 0.0 <= momentum <= 1.0:
+    raise ValueError(
+        f"{fn}: `momentum` must be in [0, 1] (flax convention: the weight of the old running "
+        f"value; 1 keeps the running statistics as they are) or None (cumulative average), "
+        f"got {momentum!r}. A PyTorch momentum p converts to 1 - p "
+        f"(jaxbn.momentum_from_torch).")
+
+
+def check_epsilon(fn: str, epsilon: Any) -> None:
+  """A positive ``epsilon`` (traced values are checked by the functional core)."""
+  if isinstance(epsilon, (int, float)) and not epsilon > 0:
+    raise ValueError(f"{fn}: `epsilon` must be > 0 (it keeps 1/sqrt(var + epsilon) finite), "
+                     f"got {epsilon!r}; flax's default is 1e-5 for batch norm.")
+
+
+def frozen_momentum(momentum: Any) -> bool:
+  """True for a static ``momentum`` of 1: training keeps the running statistics unchanged."""
+  return isinstance(momentum, (int, float)) and not isinstance(momentum, bool) and momentum == 1
+
+
+# --------------------------------------------------------------------------------------------
+# Parameters, statistics and the BN call.
+# --------------------------------------------------------------------------------------------
 
 # The settings every BN-family layer stores, in the order its constructor takes them.
 BN_CONFIG = ("use_running_average", "axis", "momentum", "epsilon", "dtype", "param_dtype",
              "use_bias", "use_scale", "axis_name", "axis_index_groups", "use_fast_variance",
              "promote_dtype", "unbiased_running_var", "debias")
-
-
-def output_dtype(promote_dtype: PromoteDtypeFn, arrays: tuple, dtype: Optional[Dtype]):
-  """The dtype flax.nnx would compute in, found abstractly (no array is cast)."""
-  specs = tuple(None if a is None else jax.ShapeDtypeStruct((), jnp.result_type(a))
-                for a in arrays)
-  out = jax.eval_shape(lambda *a: promote_dtype(a, dtype=dtype), *specs)
-  return out[0].dtype
 
 
 def init_affine(mdl: nnx.Module, num_features: int, *, use_scale: bool, use_bias: bool,
@@ -65,28 +173,13 @@ def init_norm(mdl: nnx.Module, args: Mapping[str, Any], names: Sequence[str]) ->
   store(mdl, args, names)
 
 
-def init_bn_state(mdl: nnx.Module, num_features: int, *, momentum: Any, debias: bool,
-                  use_scale: bool, use_bias: bool, scale_init: Initializer,
-                  bias_init: Initializer, param_dtype: Dtype, rngs: nnx.Rngs,
-                  scale_metadata: Mapping[str, Any], bias_metadata: Mapping[str, Any]) -> None:
-  """Creates a BN-family layer's state exactly as ``jaxbn.nnx.BatchNorm`` (and flax) does.
-
-  ``mean``, ``var`` (``nnx.BatchStat``), ``count`` (int32 ``nnx.BatchStat`` when ``momentum``
-  is None or ``debias``, else None), ``scale``, ``bias`` (``nnx.Param``, keys drawn from
-  ``rngs.params()`` in flax's order).
-  """
-  stats = init_stats((num_features,))
-  mdl.mean = nnx.BatchStat(stats.mean)
-  mdl.var = nnx.BatchStat(stats.var)
-  mdl.count = nnx.BatchStat(stats.count) if momentum is None or debias else nnx.data(None)
-  init_affine(mdl, num_features, use_scale=use_scale, use_bias=use_bias,
-              scale_init=scale_init, bias_init=bias_init, param_dtype=param_dtype, rngs=rngs,
-              scale_metadata=scale_metadata, bias_metadata=bias_metadata)
-
-
 def init_bn_layer(mdl: nnx.Module, fn: str, args: Mapping[str, Any], *,
-                  extra: Sequence[str] = (), check_momentum: bool = True) -> None:
-  """A BN-family constructor: state, checks, then the settings stored as attributes.
+                  extra: Sequence[str] = ()) -> None:
+  """A BN-family constructor: flax BatchNorm's state, checks, then the settings.
+
+  ``mean``, ``var`` (``nnx.BatchStat``, float32), ``count`` (int32 ``nnx.BatchStat`` when
+  ``momentum`` is None or ``debias``, else None), ``scale``, ``bias`` (``nnx.Param``, keys
+  drawn from ``rngs.params()`` in flax's order).
 
   Args:
     mdl: the layer being constructed.
@@ -94,24 +187,25 @@ def init_bn_layer(mdl: nnx.Module, fn: str, args: Mapping[str, Any], *,
     args: the constructor's arguments by name (its ``locals()``): ``num_features``, every
       name in :data:`BN_CONFIG`, the initializers, ``rngs`` and the metadata.
     extra: the names of the layer's own further settings, stored after the shared ones.
-    check_momentum: validate ``momentum`` (layers that never update the statistics do not).
   """
-  init_bn_state(mdl, args["num_features"], momentum=args["momentum"], debias=args["debias"],
-                use_scale=args["use_scale"], use_bias=args["use_bias"],
-                scale_init=args["scale_init"], bias_init=args["bias_init"],
-                param_dtype=args["param_dtype"], rngs=args["rngs"],
-                scale_metadata=args["scale_metadata"], bias_metadata=args["bias_metadata"])
-  checks.epsilon_value(fn, args["epsilon"])
-  if check_momentum:
-    checks.momentum_value(fn, args["momentum"])
+  check_epsilon(fn, args["epsilon"])
+  check_momentum(fn, args["momentum"])
+  stats = jaxbn.init_stats((args["num_features"],))
+  mdl.mean = nnx.BatchStat(stats.mean)
+  mdl.var = nnx.BatchStat(stats.var)
+  with_count = args["momentum"] is None or args.get("debias", False)
+  mdl.count = nnx.BatchStat(stats.count) if with_count else nnx.data(None)
+  init_affine(mdl, args["num_features"], use_scale=args["use_scale"],
+              use_bias=args["use_bias"], scale_init=args["scale_init"],
+              bias_init=args["bias_init"], param_dtype=args["param_dtype"], rngs=args["rngs"],
+              scale_metadata=args["scale_metadata"], bias_metadata=args["bias_metadata"])
   store(mdl, args, ("num_features",) + BN_CONFIG + tuple(extra))
 
 
 def bn_inputs(mdl: nnx.Module, x: jax.typing.ArrayLike, fn: str):
   """Reads a BN-family layer's state for a call: ``(x, stats, scale, bias, out_dtype)``."""
   x = jnp.asarray(x)
-  feat = checks.feature_axes(fn, x.ndim, mdl.axis)
-  fshape = tuple(x.shape[a] for a in feat)
+  fshape = tuple(x.shape[a] for a in feature_axes(fn, x.ndim, mdl.axis))
   if fshape != tuple(mdl.mean.shape):
     raise ValueError(
         f"{fn}: `x` has features of shape {fshape} on axis {mdl.axis!r} but the layer was "
@@ -120,29 +214,39 @@ def bn_inputs(mdl: nnx.Module, x: jax.typing.ArrayLike, fn: str):
   scale = None if mdl.scale is None else mdl.scale[...]
   bias = None if mdl.bias is None else mdl.bias[...]
   mean, var = mdl.mean[...], mdl.var[...]
-  # The count is only read with momentum=None or debias; otherwise a placeholder.
-  count = getattr(mdl, "count", None)
-  count = init_stats(1).count if count is None else count[...]
+  count = getattr(mdl, "count", None)  # read with momentum=None or debias only
+  count = jaxbn.init_stats(1).count if count is None else count[...]
   out = output_dtype(mdl.promote_dtype, (x, mean, var, scale, bias), mdl.dtype)
   if not jnp.issubdtype(x.dtype, jnp.inexact):
     x = x.astype(out)
-  return x, BatchStats(mean, var, count), scale, bias, out
+  return x, jaxbn.BatchStats(mean, var, count), scale, bias, out
 
 
-def write_stats(mdl: nnx.Module, new: BatchStats, shared_error: Optional[str] = None) -> None:
-  """Stores updated statistics in place (without gradient, as flax).
+def _write(var: nnx.Variable, value: jax.Array) -> None:
+  if value.dtype == var[...].dtype:
+    var[...] = value
+  else:  # complex input: the running mean turns complex (as in flax.linen)
+    var.set_value(value)
 
-  With ``shared_error``, a layer whose statistics cannot be written from the current trace
-  (it belongs to an outer trace) raises ``TraceContextError(shared_error)`` first.
+
+def write_stats(mdl: nnx.Module, new: jaxbn.BatchStats, keep: bool = False,
+                shared_error: Optional[str] = None) -> None:
+  """Stores updated statistics in place, without gradient (``keep``: the count only).
+
+  A layer whose statistics cannot be written from the current trace (it belongs to an outer
+  trace) raises ``TraceContextError(shared_error)`` when ``shared_error`` is given.
   """
-  if shared_error is not None and not (mdl.mean._can_update and mdl.var._can_update):
-    raise errors.TraceContextError(shared_error)
-  if mdl.mean._can_update or mdl.var._can_update:
-    new = jax.tree.map(jax.lax.stop_gradient, new)
-  mdl.mean[...] = new.mean
-  mdl.var[...] = new.var
-  if getattr(mdl, "count", None) is not None:
-    mdl.count[...] = new.count
+  new = jax.tree.map(jax.lax.stop_gradient, new)
+  try:
+    if not keep:
+      _write(mdl.mean, new.mean)
+      _write(mdl.var, new.var)
+    if getattr(mdl, "count", None) is not None:
+      mdl.count[...] = new.count
+  except errors.TraceContextError:
+    if shared_error is None:
+      raise
+    raise errors.TraceContextError(shared_error) from None
 
 
 def bn_call(mdl: nnx.Module, core: Callable[..., Any], fn: str, x: jax.typing.ArrayLike,
@@ -152,14 +256,20 @@ def bn_call(mdl: nnx.Module, core: Callable[..., Any], fn: str, x: jax.typing.Ar
 
   ``core`` is a functional op with :func:`jaxbn.batch_norm`'s signature (plus ``extra``
   keyword arguments); ``use_running_average`` is the mode already resolved for this call.
+  Complex input turns the running mean complex after the first update, and ``momentum=1``
+  trains on batch statistics while the running ones stay as they are.
   """
   x, stats, scale, bias, out = bn_inputs(mdl, x, fn)
+  if jnp.iscomplexobj(x) and not jnp.iscomplexobj(stats.mean):
+    stats = stats._replace(mean=stats.mean.astype(jnp.promote_types(stats.mean.dtype,
+                                                                    jnp.complex64)))
+  keep = frozen_momentum(mdl.momentum)
   training = not use_running_average
   y, new = core(
       x, stats, scale, bias,
       training=training,
       axis=mdl.axis,
-      momentum=mdl.momentum,
+      momentum=0.0 if keep else mdl.momentum,
       epsilon=mdl.epsilon,
       axis_name=mdl.axis_name,
       axis_index_groups=mdl.axis_index_groups,
@@ -171,5 +281,5 @@ def bn_call(mdl: nnx.Module, core: Callable[..., Any], fn: str, x: jax.typing.Ar
       **extra,
   )
   if training:
-    write_stats(mdl, new, shared_error)
+    write_stats(mdl, new, keep, shared_error)
   return y

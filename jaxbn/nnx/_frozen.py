@@ -1,4 +1,4 @@
-"""Frozen batch norm for NNX, and the conversion of a model's BatchNorms to it and back."""
+"""``jaxbn.nnx.FrozenBatchNorm``: batch norm with frozen statistics over :func:`jaxbn.frozen_batch_norm`."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ from typing import Any, Mapping, Optional
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from flax.nnx.nn import dtypes, initializers
 from flax.typing import Axes, Dtype, Initializer, PromoteDtypeFn
+from jax.nn import initializers
 
-from jaxbn._core.frozen import frozen_batch_norm
-from jaxbn.nnx._common import BN_CONFIG, bn_inputs, init_bn_layer
+import jaxbn
+from jaxbn.nnx._common import bn_inputs, init_bn_layer, promote_dtype
 
 
 class FrozenBatchNorm(nnx.Module):
@@ -75,12 +75,12 @@ class FrozenBatchNorm(nnx.Module):
       param_dtype: Dtype = jnp.float32,
       use_bias: bool = True,
       use_scale: bool = True,
-      bias_init: Initializer = initializers.zeros_init(),
-      scale_init: Initializer = initializers.ones_init(),
+      bias_init: Initializer = initializers.zeros,
+      scale_init: Initializer = initializers.ones,
       axis_name: Any = None,
       axis_index_groups: Any = None,
       use_fast_variance: bool = True,
-      promote_dtype: PromoteDtypeFn = dtypes.promote_dtype,
+      promote_dtype: PromoteDtypeFn = promote_dtype,
       rngs: nnx.Rngs,
       bias_metadata: Mapping[str, Any] = MappingProxyType({}),
       scale_metadata: Mapping[str, Any] = MappingProxyType({}),
@@ -88,7 +88,7 @@ class FrozenBatchNorm(nnx.Module):
       debias: bool = False,
       freeze_affine: bool = True,
   ):
-    init_bn_layer(self, "jaxbn.nnx.FrozenBatchNorm", locals(), check_momentum=False)
+    init_bn_layer(self, "jaxbn.nnx.FrozenBatchNorm", locals())
     self.freeze_affine = freeze_affine
     self.unfrozen = None  # graphdef of the layer this one was converted from, if any
 
@@ -106,7 +106,7 @@ class FrozenBatchNorm(nnx.Module):
     """
     del use_running_average, mask
     x, stats, scale, bias, out = bn_inputs(self, x, "jaxbn.nnx.FrozenBatchNorm")
-    return frozen_batch_norm(x, stats, scale, bias, axis=self.axis, epsilon=self.epsilon,
+    return jaxbn.frozen_batch_norm(x, stats, scale, bias, axis=self.axis, epsilon=self.epsilon,
                              dtype=out, freeze_affine=self.freeze_affine)
 
   def set_view(self, use_running_average: Optional[bool] = None):
@@ -117,100 +117,3 @@ class FrozenBatchNorm(nnx.Module):
     """
     if use_running_average is not None:
       self.use_running_average = use_running_average
-
-
-_VARIABLES = ("mean", "var", "count", "scale", "bias")
-
-
-def _batch_norm_types() -> tuple:
-  from jaxbn.nnx._batch_norm import BatchNorm
-  from jaxbn.nnx._ghost import GhostBatchNorm
-  from jaxbn.nnx._renorm import BatchRenorm
-  return (BatchNorm, BatchRenorm, GhostBatchNorm, nnx.BatchNorm)
-
-
-def _freeze_one(bn: nnx.Module, freeze_affine: bool) -> FrozenBatchNorm:
-  config = {k: getattr(bn, k) for k in BN_CONFIG if hasattr(bn, k)}
-  frozen = FrozenBatchNorm(bn.num_features, **config, freeze_affine=freeze_affine,
-                           rngs=nnx.Rngs(0))
-  for name in _VARIABLES:  # share the very same Variables: same state, same paths
-    value = getattr(bn, name, None)
-    setattr(frozen, name, nnx.data(None) if value is None else value)
-  frozen.unfrozen = nnx.graphdef(bn)
-  return frozen
-
-
-def _unfreeze_one(frozen: FrozenBatchNorm) -> nnx.Module:
-  if frozen.unfrozen is not None:
-    return nnx.merge(frozen.unfrozen, nnx.state(frozen))
-  from jaxbn.nnx._batch_norm import BatchNorm
-  config = {k: getattr(frozen, k) for k in BN_CONFIG}
-  bn = BatchNorm(frozen.num_features, **config, rngs=nnx.Rngs(0))
-  for name in _VARIABLES:
-    value = getattr(frozen, name, None)
-    setattr(bn, name, nnx.data(None) if value is None else value)
-  return bn
-
-
-def freeze_batch_norm(model: Any, *, freeze_affine: bool = True) -> Any:
-  """Returns a view of ``model`` whose batch-norm layers are :class:`FrozenBatchNorm`.
-
-  Every ``jaxbn.nnx.BatchNorm``, ``BatchRenorm``, ``GhostBatchNorm`` and ``flax.nnx.BatchNorm``
-  in the graph of ``model`` (attributes, lists, nested modules) is replaced by a
-  :class:`FrozenBatchNorm` with the same settings that holds the *same* ``nnx.Variable``
-  objects, so ``nnx.state`` of the result has exactly the paths, types and values of
-  ``model``'s and the two share their state (like ``nnx.view``): a checkpoint of one loads
-  into the other, and fine-tuning the frozen view trains ``model``'s other parameters.
-  ``model`` itself is not modified. :func:`unfreeze_batch_norm` converts back.
-
-  Args:
-    model: an NNX module (or graph of modules).
-    freeze_affine: stop the gradients of the layers' ``scale`` and ``bias`` (default True).
-
-  Returns:
-    The frozen view of ``model``.
-
-  Example:
-    >>> import jax, jax.numpy as jnp, jaxbn.nnx
-    >>> from flax import nnx
-    >>> model = nnx.Sequential(nnx.Linear(3, 4, rngs=nnx.Rngs(0)),
-    ...                        jaxbn.nnx.BatchNorm(4, rngs=nnx.Rngs(0)))
-    >>> frozen = jaxbn.nnx.freeze_batch_norm(model)
-    >>> type(frozen.layers[1]).__name__, frozen.layers[1].mean is model.layers[1].mean
-    ('FrozenBatchNorm', True)
-    >>> y = frozen(jnp.ones((2, 3)))            # train mode, yet statistics unchanged
-    >>> model.layers[1].mean[...].tolist()
-    [0.0, 0.0, 0.0, 0.0]
-    >>> type(jaxbn.nnx.unfreeze_batch_norm(frozen).layers[1]).__name__
-    'BatchNorm'
-  """
-  types = _batch_norm_types()
-
-  def convert(path, node):
-    if isinstance(node, types) and not isinstance(node, FrozenBatchNorm):
-      return _freeze_one(node, freeze_affine)
-    return node
-
-  return nnx.recursive_map(convert, model)
-
-
-def unfreeze_batch_norm(model: Any) -> Any:
-  """Undoes :func:`freeze_batch_norm`: every :class:`FrozenBatchNorm` becomes a batch norm.
-
-  A layer made by :func:`freeze_batch_norm` gets back its original class and settings (a
-  ``FrozenBatchNorm`` built directly becomes a :class:`jaxbn.nnx.BatchNorm` with its
-  settings); the ``nnx.Variable`` objects are kept, so the state is unchanged and shared.
-
-  Args:
-    model: an NNX module (or graph of modules).
-
-  Returns:
-    A view of ``model`` whose batch-norm layers train normally again.
-  """
-
-  def convert(path, node):
-    if isinstance(node, FrozenBatchNorm):
-      return _unfreeze_one(node)
-    return node
-
-  return nnx.recursive_map(convert, model)

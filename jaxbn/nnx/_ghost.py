@@ -8,12 +8,11 @@ from typing import Any, Mapping, Optional
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from flax.nnx.module import first_from
-from flax.nnx.nn import dtypes, initializers
 from flax.typing import Axes, Dtype, Initializer, PromoteDtypeFn
+from jax.nn import initializers
 
-from jaxbn._core.ghost import ghost_batch_norm
-from jaxbn.nnx._common import MISSING_MODE, bn_call, init_bn_layer
+import jaxbn
+from jaxbn.nnx._common import bn_call, init_bn_layer, promote_dtype, resolve_mode
 
 
 class GhostBatchNorm(nnx.Module):
@@ -77,12 +76,12 @@ class GhostBatchNorm(nnx.Module):
       param_dtype: Dtype = jnp.float32,
       use_bias: bool = True,
       use_scale: bool = True,
-      bias_init: Initializer = initializers.zeros_init(),
-      scale_init: Initializer = initializers.ones_init(),
+      bias_init: Initializer = initializers.zeros,
+      scale_init: Initializer = initializers.ones,
       axis_name: Any = None,
       axis_index_groups: Any = None,
       use_fast_variance: bool = False,
-      promote_dtype: PromoteDtypeFn = dtypes.promote_dtype,
+      promote_dtype: PromoteDtypeFn = promote_dtype,
       rngs: nnx.Rngs,
       bias_metadata: Mapping[str, Any] = MappingProxyType({}),
       scale_metadata: Mapping[str, Any] = MappingProxyType({}),
@@ -111,10 +110,9 @@ class GhostBatchNorm(nnx.Module):
     Returns:
       The normalized input, shaped like ``x``.
     """
-    use_running_average = first_from(
-        use_running_average, self.use_running_average,
-        error_msg=MISSING_MODE.format(name="GhostBatchNorm"))
-    return bn_call(self, ghost_batch_norm, "jaxbn.nnx.GhostBatchNorm", x, use_running_average,
+    use_running_average = resolve_mode("jaxbn.nnx.GhostBatchNorm", use_running_average,
+                                       self.use_running_average)
+    return bn_call(self, jaxbn.ghost_batch_norm, "jaxbn.nnx.GhostBatchNorm", x, use_running_average,
                    mask, virtual_batch_size=self.virtual_batch_size,
                    batch_axis=self.batch_axis, stats_update=self.stats_update)
 

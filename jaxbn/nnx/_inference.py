@@ -1,34 +1,31 @@
 """After training, for NNX models: recomputed population statistics and BN folding.
 
-Both return a new model and leave the given one untouched. The BatchNorm layers
-(``flax.nnx.BatchNorm`` and ``jaxbn.nnx.BatchNorm``) of a private copy are given a
-recording ``__call__`` (a subclass made for the occasion), so the model's own code runs
-unchanged.
+Both return a new model and leave the given one untouched. The batch-norm layers of the
+registry (``jaxbn.nnx._registry``) in a private copy are given a recording ``__call__`` (a
+subclass made for the occasion), so the model's own code runs unchanged.
 """
 
 from __future__ import annotations
 
 import threading
+import warnings
 from typing import Any, Callable, Iterable, NamedTuple, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxbn._core import checks
+import jaxbn
+# Private core machinery with no public equivalent: the recomputation driver (`run`,
+# `current_recorder`) and the jaxpr tags that find Conv/Linear -> BN pairs (`mark`,
+# `marked_pairs`, `trailing_axes`).
 from jaxbn._core import fold as _fold
 from jaxbn._core import precise
-from jaxbn._core.normalize import to_keepdims
-from jaxbn._core.types import BatchStats
-from jaxbn.nnx._batch_norm import BatchNorm as _JaxbnBatchNorm
+from jaxbn.nnx._common import feature_axes, keepdims, output_dtype
+from jaxbn.nnx._registry import kind_of
 
-_BN_TYPES = (nnx.BatchNorm, _JaxbnBatchNorm)
 Path = tuple
 PathLike = Union[str, Sequence[Any]]
-
-
-def _is_bn(node: Any) -> bool:
-  return isinstance(node, _BN_TYPES)
 
 
 def _kernel_axes(node: Any):
@@ -102,7 +99,7 @@ def _forward(fn: str, forward: Optional[Callable]) -> Callable:
 
 
 def _recording_methods(path: Path, node: Any) -> Optional[dict]:
-  if not _is_bn(node):
+  if kind_of("jaxbn.nnx.recompute_batch_stats", node, path) != "trains":
     return None
   cls = type(node)
 
@@ -113,8 +110,8 @@ def _recording_methods(path: Path, node: Any) -> Optional[dict]:
     x = jnp.asarray(x)
     scale = None if self.scale is None else self.scale[...]
     bias = None if self.bias is None else self.bias[...]
-    out_dtype = self.dtype or jnp.result_type(
-        *(a for a in (x, self.mean[...], self.var[...], scale, bias) if a is not None))
+    out_dtype = output_dtype(self.promote_dtype, (x, self.mean[...], self.var[...], scale, bias),
+                             self.dtype)
     return rec(path, x, axis=self.axis, epsilon=self.epsilon, scale=scale, bias=bias,
                mask=mask, axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
                out_dtype=out_dtype, unbiased=getattr(self, "unbiased_running_var", False))
@@ -140,8 +137,12 @@ def recompute_batch_stats(
   input over all the data — count-weighted across batches of different sizes and masks,
   and over all devices of ``mesh``. See :func:`jaxbn.recompute_stats` for the two modes
   (``"train"``: layer inputs as in training, one pass; ``"sequential"``: layer inputs as at
-  inference, one pass per layer). Works with ``flax.nnx.BatchNorm`` and
-  ``jaxbn.nnx.BatchNorm``; masks passed to them and ``unbiased_running_var`` are honoured.
+  inference, one pass per layer). The registered layers that train on batch statistics
+  (``jaxbn.nnx.BatchNorm``, ``BatchRenorm``, ``GhostBatchNorm``, ``flax.nnx.BatchNorm``; see
+  :func:`register_batch_norm`) normalize with the statistics of the whole batch (so also
+  renorm and ghost layers, without their corrections); ``mask=`` and
+  ``unbiased_running_var`` are honoured. A ``FrozenBatchNorm`` keeps its statistics and runs
+  as itself.
 
   Args:
     model: the trained model. Not modified.
@@ -162,6 +163,7 @@ def recompute_batch_stats(
 
   Raises:
     ValueError: no batch, no BatchNorm layer, or an ``axis_name`` that needs ``mesh``.
+    TypeError: a module with batch statistics that is not registered.
 
   Example:
     >>> import jax, jax.numpy as jnp, jaxbn.nnx
@@ -203,9 +205,9 @@ def recompute_batch_stats(
   out = nnx.clone(model)
   for key, info in layers.items():
     bn = _get(out, key)
-    old = BatchStats(bn.mean[...], bn.var[...], jnp.zeros((), jnp.int32))
+    old = jaxbn.BatchStats(bn.mean[...], bn.var[...], jnp.zeros((), jnp.int32))
     acc = jax.tree.map(jnp.asarray, jax.device_get(accs[info.index]))
-    stats = precise.population_stats(acc, old, unbiased_running_var=info.unbiased)
+    stats = jaxbn.population_stats(acc, old, unbiased_running_var=info.unbiased)
     bn.mean[...] = stats.mean
     bn.var[...] = stats.var
   return out
@@ -217,23 +219,26 @@ def recompute_batch_stats(
 
 
 class FoldPair(NamedTuple):
-  """A Conv/Linear layer and the BatchNorm it feeds, as found by :func:`find_conv_bn_pairs`.
+  """A Conv/Linear layer and the batch norm it feeds, as found by :func:`find_conv_bn_pairs`.
 
   Attributes:
     layer: graph path of the Conv/Linear layer, e.g. ``('blocks', 0, 'conv')``.
-    bn: graph path of the BatchNorm.
-    kernel_axes: the kernel's output-feature axes (``(-1,)`` for flax Conv/Linear).
+    bn: graph path of the batch norm.
+    epsilon: the batch norm's epsilon (None: the layer's own ``epsilon``).
+    kernel_axes: the kernel's output-feature axes (``(-1,)`` for flax Conv/Linear; None: the
+      trailing axes, as many as the batch norm has feature axes).
   """
 
   layer: Path
   bn: Path
-  kernel_axes: tuple[int, ...] = (-1,)
+  epsilon: Optional[float] = None
+  kernel_axes: Optional[tuple[int, ...]] = None
 
 
 class FoldedBatchNorm(nnx.Module):
   """What remains of a BatchNorm folded into the layer before it: ``y = x + bias``.
 
-  Created by :func:`fold_batch_norm`. It takes BatchNorm's call arguments (and ignores
+  Created by :func:`fold_batch_norm_layers`. It takes BatchNorm's call arguments (and ignores
   ``use_running_average`` and ``mask``) and answers ``model.eval()``/``nnx.view`` like one.
 
   Args:
@@ -247,7 +252,7 @@ class FoldedBatchNorm(nnx.Module):
     [[1.0, 2.0]]
   """
 
-  def __init__(self, bias: jax.typing.ArrayLike, *, axis: checks.Axes = -1,
+  def __init__(self, bias: jax.typing.ArrayLike, *, axis: Any = -1,
                dtype: Optional[Any] = None):
     self.bias = nnx.Param(jnp.asarray(bias))
     self.axis = axis
@@ -260,9 +265,9 @@ class FoldedBatchNorm(nnx.Module):
     del use_running_average, mask
     x = jnp.asarray(x)
     bias = self.bias[...]
-    feat = checks.feature_axes("jaxbn.nnx.FoldedBatchNorm", x.ndim, self.axis)
+    feat = feature_axes("jaxbn.nnx.FoldedBatchNorm", x.ndim, self.axis)
     out_dtype = self.dtype or jnp.result_type(x, bias)
-    return (x + to_keepdims(bias, x.shape, feat)).astype(out_dtype)
+    return (x + keepdims(bias, x.shape, feat)).astype(out_dtype)
 
   def set_view(self, use_running_average: Optional[bool] = None):
     """Used by ``nnx.view``; a folded layer has one behaviour, so this only records it.
@@ -282,8 +287,8 @@ def _marking_methods(path: Path, node: Any) -> Optional[dict]:
   def bn_call(self, x, *args, **kwargs):  # tags the BatchNorm's input
     log = _FINDING.log
     x = jnp.asarray(x)
-    log["dst"].append((path, _fold.trailing_axes("jaxbn.nnx.find_conv_bn_pairs", x.ndim,
-                                                 self.axis)))
+    log["dst"].append((path, float(self.epsilon),
+                       _fold.trailing_axes("jaxbn.nnx.find_conv_bn_pairs", x.ndim, self.axis)))
     return cls.__call__(self, _fold.mark(x, "dst", len(log["dst"]) - 1), *args, **kwargs)
 
   def layer_call(self, *args, **kwargs):  # tags the Conv/Linear output
@@ -294,7 +299,7 @@ def _marking_methods(path: Path, node: Any) -> Optional[dict]:
     log["src"].append((path, kind))
     return _fold.mark(y, "src", len(log["src"]) - 1)
 
-  if _is_bn(node):
+  if kind_of("jaxbn.nnx.find_conv_bn_pairs", node, path) is not None:
     return {"__call__": bn_call}
   kind = _kernel_axes(node)
   return None if kind is None else {"__call__": layer_call}
@@ -302,11 +307,11 @@ def _marking_methods(path: Path, node: Any) -> Optional[dict]:
 
 def find_conv_bn_pairs(model: nnx.Module, *args: Any,
                        forward: Optional[Callable[..., Any]] = None) -> list[FoldPair]:
-  """Finds the Conv/Linear -> BatchNorm pairs of an NNX model that can be folded.
+  """Finds the Conv/Linear -> batch norm pairs of an NNX model that can be folded.
 
   Traces the model once (``jax.make_jaxpr``, nothing runs) with every ``nnx.Conv``,
   ``nnx.ConvTranspose``, ``nnx.Linear`` and ``nnx.LinearGeneral`` output and every
-  BatchNorm input tagged, and keeps the pairs where a layer's output goes straight into a
+  registered batch norm's input tagged (see :func:`register_batch_norm`), and keeps the pairs where a layer's output goes straight into a
   BatchNorm and nowhere else, each module is called once, and the BatchNorm normalizes the
   trailing (channel) axes. Pairs inside loops or branches (``nnx.scan``, ``cond``) are not
   reported.
@@ -325,7 +330,7 @@ def find_conv_bn_pairs(model: nnx.Module, *args: Any,
     >>> model = nnx.Sequential(nnx.Conv(3, 4, (3, 3), rngs=nnx.Rngs(0)),
     ...                        nnx.BatchNorm(4, rngs=nnx.Rngs(0)))
     >>> jaxbn.nnx.find_conv_bn_pairs(model, jnp.ones((1, 8, 8, 3)))
-    [FoldPair(layer=('layers', 0), bn=('layers', 1), kernel_axes=(-1,))]
+    [FoldPair(layer=('layers', 0), bn=('layers', 1), epsilon=1e-05, kernel_axes=(-1,))]
   """
   fn = "jaxbn.nnx.find_conv_bn_pairs"
   if not isinstance(model, nnx.Module):
@@ -348,41 +353,39 @@ def find_conv_bn_pairs(model: nnx.Module, *args: Any,
   pairs = []
   for s, d in _fold.marked_pairs(jaxpr):
     layer, kind = log["src"][s]
-    bn, bn_axes = log["dst"][d]
+    bn, eps, bn_axes = log["dst"][d]
     if calls[("src", layer)] != 1 or calls[("dst", bn)] != 1 or bn_axes is None:
       continue
     if kind != "trailing":
       if len(bn_axes) != 1:
         continue
       bn_axes = kind
-    pairs.append(FoldPair(tuple(layer), tuple(bn), tuple(bn_axes)))
+    pairs.append(FoldPair(tuple(layer), tuple(bn), eps, tuple(bn_axes)))
   return pairs
 
 
-def fold_batch_norm(model: nnx.Module,
-                    pairs: Optional[Sequence[Union[FoldPair, tuple]]] = None,
-                    *example_args: Any) -> nnx.Module:
-  r"""A copy of ``model`` with eval-mode BatchNorm layers folded into the layers feeding them.
+def fold_batch_norm_layers(model: nnx.Module,
+                           pairs: Sequence[Union[FoldPair, tuple]]) -> nnx.Module:
+  r"""A copy of ``model`` with eval-mode batch norms folded into the layers feeding them.
 
-  For each pair, with ``k = γ/√(σ²+ε)`` (see :func:`jaxbn.fold_batch_norm`), the layer's
-  ``kernel`` (and ``bias``, if any) is multiplied by ``k`` along its output features and the
-  BatchNorm is replaced by a :class:`FoldedBatchNorm` adding ``β - μ·k``. The result
-  computes the same eval-mode function with one normalization pass less per pair; it is an
-  inference model (folded layers ignore ``use_running_average``).
+  For each pair, with ``k = γ/√(σ²+ε)`` (see :func:`jaxbn.fold_batch_norm`, which folds one
+  kernel), the layer's ``kernel`` (and ``bias``, if any) is multiplied by ``k`` along its
+  output features and the batch norm is replaced by a :class:`FoldedBatchNorm` adding
+  ``β - μ·k``. The result computes the same eval-mode function with one normalization pass
+  less per pair; it is an inference model (folded layers ignore ``use_running_average``).
 
   Args:
     model: the model (not modified).
     pairs: :class:`FoldPair` from :func:`find_conv_bn_pairs`, or ``(layer, bn)`` tuples
       of graph paths (``('blocks', 0, 'conv')`` or ``'blocks/0/conv'``) or of the modules
-      themselves. None: found with :func:`find_conv_bn_pairs` on ``example_args``.
-    *example_args: an example input, when ``pairs`` is None.
+      themselves.
 
   Returns:
     The folded model.
 
   Raises:
-    ValueError: a path that is not a BatchNorm / a layer with a ``kernel``, a layer or
-      BatchNorm listed twice, or features that do not match.
+    ValueError: a path that is not a batch norm / a layer with a ``kernel``, a layer or
+      batch norm listed twice, or features that do not match.
 
   Example:
     >>> import jax, jax.numpy as jnp, jaxbn.nnx
@@ -390,56 +393,54 @@ def fold_batch_norm(model: nnx.Module,
     >>> model = nnx.Sequential(nnx.Conv(3, 4, (3, 3), rngs=nnx.Rngs(0)),
     ...                        nnx.BatchNorm(4, use_running_average=True, rngs=nnx.Rngs(0)))
     >>> x = jax.random.normal(jax.random.key(1), (2, 8, 8, 3))
-    >>> fast = jaxbn.nnx.fold_batch_norm(model, None, x)
+    >>> pairs = jaxbn.nnx.find_conv_bn_pairs(model, x)
+    >>> fast = jaxbn.nnx.fold_batch_norm_layers(model, pairs)
     >>> type(fast.layers[1]).__name__, bool(jnp.allclose(fast(x), model(x), atol=1e-5))
     ('FoldedBatchNorm', True)
   """
-  fn = "jaxbn.nnx.fold_batch_norm"
+  fn = "jaxbn.nnx.fold_batch_norm_layers"
   if not isinstance(model, nnx.Module):
     raise TypeError(f"{fn}: `model` must be an nnx.Module, got {type(model).__name__}.")
-  if pairs is None:
-    if not example_args:
-      raise ValueError(f"{fn}: pass `pairs`, or an example input after it "
-                       f"(fold_batch_norm(model, None, x)) to find them.")
-    pairs = find_conv_bn_pairs(model, *example_args)
   resolved = []
   for pair in pairs:
     if isinstance(pair, FoldPair):
-      layer, bn, kaxes = pair.layer, pair.bn, tuple(pair.kernel_axes)
+      layer, bn, eps = pair.layer, pair.bn, pair.epsilon
+      kaxes = None if pair.kernel_axes is None else tuple(pair.kernel_axes)
     else:
       try:
         layer, bn = pair
       except (TypeError, ValueError):
         raise TypeError(f"{fn}: each pair must be a FoldPair or a (layer, bn) tuple, got "
                         f"{pair!r}.") from None
-      kaxes = None
-    resolved.append((_as_path(fn, model, layer), _as_path(fn, model, bn), kaxes))
+      eps = kaxes = None
+    resolved.append((_as_path(fn, model, layer), _as_path(fn, model, bn), eps, kaxes))
   out = nnx.clone(model)
   seen = set()
-  for layer, bn, kaxes in resolved:
+  for layer, bn, eps, kaxes in resolved:
     if ("l", layer) in seen or ("b", bn) in seen:
-      raise ValueError(f"{fn}: the pair ({layer}, {bn}) reuses a layer or BatchNorm of an "
-                       f"earlier pair; each folds once.")
+      raise ValueError(f"{fn}: the pair ({layer}, {bn}) reuses a layer or batch norm of an "
+                       f"earlier pair; each layer and each batch norm folds once.")
     seen.update({("l", layer), ("b", bn)})
     try:
       lin, norm = _get(out, layer), _get(out, bn)
     except (AttributeError, KeyError, IndexError, TypeError):
       raise ValueError(f"{fn}: no module at {layer} or {bn} in `model`.") from None
-    if not _is_bn(norm):
-      raise ValueError(f"{fn}: the module at {bn} is a {type(norm).__name__}, not a BatchNorm "
+    if kind_of(fn, norm, bn) is None:
+      raise ValueError(f"{fn}: the module at {bn} is a {type(norm).__name__}, not a batch norm "
                        f"(already folded?).")
     if getattr(lin, "kernel", None) is None:
       raise ValueError(f"{fn}: the module at {layer} ({type(lin).__name__}) has no `kernel`.")
-    stats = BatchStats(norm.mean[...], norm.var[...], jnp.zeros((), jnp.int32))
+    eps = norm.epsilon if eps is None else eps
+    stats = jaxbn.BatchStats(norm.mean[...], norm.var[...], jnp.zeros((), jnp.int32))
     scale = None if norm.scale is None else norm.scale[...]
     beta = None if norm.bias is None else norm.bias[...]
     if kaxes is None:
       kind = _kernel_axes(lin)
       kaxes = (-2,) if kind == (-2,) else tuple(range(-stats.mean.ndim, 0))
-    k, c = _fold.eval_affine(stats, scale, beta, epsilon=norm.epsilon)
+    k, c = jaxbn.eval_affine(stats, scale, beta, epsilon=eps)
     try:
-      lin.kernel[...], _ = _fold.fold_batch_norm(lin.kernel[...], None, stats, scale, None,
-                                                 epsilon=norm.epsilon, axis=kaxes)
+      lin.kernel[...], _ = jaxbn.fold_batch_norm(lin.kernel[...], None, stats, scale, None,
+                                                 epsilon=eps, axis=kaxes)
     except ValueError as e:
       raise ValueError(f"{fn}: cannot fold {bn} into {layer}: {e}") from None
     if getattr(lin, "bias", None) is not None:
@@ -450,5 +451,30 @@ def fold_batch_norm(model: nnx.Module,
   return out
 
 
+def fold_batch_norm(model: nnx.Module,
+                    pairs: Optional[Sequence[Union[FoldPair, tuple]]] = None,
+                    *example_args: Any) -> nnx.Module:
+  """Deprecated name of :func:`fold_batch_norm_layers` (``jaxbn.fold_batch_norm`` folds arrays).
+
+  Args:
+    model: see :func:`fold_batch_norm_layers`.
+    pairs: see :func:`fold_batch_norm_layers`; None: found with :func:`find_conv_bn_pairs`
+      on ``example_args``.
+    *example_args: an example input, when ``pairs`` is None.
+
+  Returns:
+    The folded model.
+  """
+  warnings.warn("jaxbn.nnx.fold_batch_norm is deprecated and will be removed in the next "
+                "release; use jaxbn.nnx.fold_batch_norm_layers(model, "
+                "jaxbn.nnx.find_conv_bn_pairs(model, x)).", DeprecationWarning, stacklevel=2)
+  if pairs is None:
+    if not example_args:
+      raise ValueError("jaxbn.nnx.fold_batch_norm: pass `pairs`, or an example input after "
+                       "it (fold_batch_norm(model, None, x)) to find them.")
+    pairs = find_conv_bn_pairs(model, *example_args)
+  return fold_batch_norm_layers(model, pairs)
+
+
 __all__ = ["FoldPair", "FoldedBatchNorm", "find_conv_bn_pairs", "fold_batch_norm",
-           "recompute_batch_stats"]
+           "fold_batch_norm_layers", "recompute_batch_stats"]

@@ -8,12 +8,11 @@ from typing import Any, Mapping, Optional
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from flax.nnx.module import first_from
-from flax.nnx.nn import dtypes, initializers
 from flax.typing import Axes, Dtype, Initializer, PromoteDtypeFn
+from jax.nn import initializers
 
-from jaxbn._core.renorm import batch_renorm
-from jaxbn.nnx._common import MISSING_MODE, bn_call, init_bn_layer
+import jaxbn
+from jaxbn.nnx._common import bn_call, init_bn_layer, promote_dtype, resolve_mode
 
 class BatchRenorm(nnx.Module):
   r"""Batch renormalization (Ioffe, 2017) for NNX, with BatchNorm's constructor and state.
@@ -80,12 +79,12 @@ class BatchRenorm(nnx.Module):
       param_dtype: Dtype = jnp.float32,
       use_bias: bool = True,
       use_scale: bool = True,
-      bias_init: Initializer = initializers.zeros_init(),
-      scale_init: Initializer = initializers.ones_init(),
+      bias_init: Initializer = initializers.zeros,
+      scale_init: Initializer = initializers.ones,
       axis_name: Any = None,
       axis_index_groups: Any = None,
       use_fast_variance: bool = False,
-      promote_dtype: PromoteDtypeFn = dtypes.promote_dtype,
+      promote_dtype: PromoteDtypeFn = promote_dtype,
       rngs: nnx.Rngs,
       bias_metadata: Mapping[str, Any] = MappingProxyType({}),
       scale_metadata: Mapping[str, Any] = MappingProxyType({}),
@@ -120,10 +119,9 @@ class BatchRenorm(nnx.Module):
     Returns:
       The normalized input, shaped like ``x``.
     """
-    use_running_average = first_from(
-        use_running_average, self.use_running_average,
-        error_msg=MISSING_MODE.format(name="BatchRenorm"))
-    return bn_call(self, batch_renorm, "jaxbn.nnx.BatchRenorm", x, use_running_average, mask,
+    use_running_average = resolve_mode("jaxbn.nnx.BatchRenorm", use_running_average,
+                                       self.use_running_average)
+    return bn_call(self, jaxbn.batch_renorm, "jaxbn.nnx.BatchRenorm", x, use_running_average, mask,
                    r_max=self.r_max if r_max is None else r_max,
                    d_max=self.d_max if d_max is None else d_max, r_min=self.r_min,
                    running_std=self.running_std)
