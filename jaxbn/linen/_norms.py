@@ -11,9 +11,8 @@ from flax import linen as nn
 from flax.typing import Axes, Dtype, Initializer
 from jax.nn import initializers
 
-from jaxbn._core import checks
 from jaxbn import group_norm, instance_norm, layer_norm, rms_norm
-from jaxbn.linen._common import affine_params, as_float
+from jaxbn.linen._common import affine_params, as_float, feature_axes, flax_error
 
 _COMPAT = """
   Same fields, defaults (``epsilon=1e-6``, ``use_fast_variance=True``), call signature and
@@ -24,6 +23,25 @@ _COMPAT = """
   ``axis_name`` weighted by the true counts, and masked entries holding NaN/Inf do not leak
   into the output.
 """
+
+
+def check_groups(fn: str, channels: int, num_groups, group_size, what: str, of: str) -> None:
+  """flax GroupNorm's checks of ``num_groups``/``group_size`` (its sentences first)."""
+  if (num_groups is None) == (group_size is None):
+    raise flax_error(
+        "Either `num_groups` or `group_size` should be specified. If `group_size` is to be "
+        "specified, pass `num_groups=None` as argument to override the default `num_groups` "
+        "value of 32.", f"{fn}: got num_groups={num_groups!r} and group_size={group_size!r}.")
+  if group_size is not None:
+    if not isinstance(group_size, int) or group_size <= 0 or channels % group_size:
+      raise flax_error(
+          f"Number of {what} ({channels}) is not multiple of the group size ({group_size}).",
+          f"{fn}: `group_size`={group_size!r} must be a positive divisor of {of}.")
+    num_groups = channels // group_size
+  if not isinstance(num_groups, int) or num_groups <= 0 or channels % num_groups:
+    raise flax_error(
+        f"Number of groups ({num_groups}) does not divide the number of channels ({channels}).",
+        f"{fn}: `num_groups`={num_groups!r} must be a positive divisor of {of}.")
 
 
 class LayerNorm(nn.Module):
@@ -85,7 +103,7 @@ class LayerNorm(nn.Module):
       The normalized input, shaped like ``x``.
     """
     x = as_float(x)
-    feat = checks.feature_axes("jaxbn.linen.LayerNorm", x.ndim, self.feature_axes)
+    feat = feature_axes("jaxbn.linen.LayerNorm", x.ndim, self.feature_axes, "feature_axes")
     scale, bias, out = affine_params(self, x, [x.shape[a] for a in feat], self.use_scale,
                                      self.use_bias)
     return layer_norm(x, scale, bias, reduction_axes=self.reduction_axes,
@@ -147,7 +165,7 @@ class RMSNorm(nn.Module):
       The normalized input, shaped like ``x``.
     """
     x = as_float(x)
-    feat = checks.feature_axes("jaxbn.linen.RMSNorm", x.ndim, self.feature_axes)
+    feat = feature_axes("jaxbn.linen.RMSNorm", x.ndim, self.feature_axes, "feature_axes")
     scale, _, out = affine_params(self, x, [x.shape[a] for a in feat], self.use_scale,
                                    False)
     return rms_norm(x, scale, reduction_axes=self.reduction_axes,
@@ -215,9 +233,19 @@ class GroupNorm(nn.Module):
     Returns:
       The normalized input, shaped like ``x``.
     """
+    fn = "jaxbn.linen.GroupNorm"
     x = as_float(x)
     if x.ndim < 1:
-      raise ValueError("jaxbn.linen.GroupNorm: `x` must have a channel axis (rank >= 1).")
+      raise ValueError(f"{fn}: `x` must have a channel axis (rank >= 1).")
+    if self.reduction_axes is not None:
+      red = feature_axes(fn, x.ndim, self.reduction_axes, "reduction_axes")
+      if red[-1] != x.ndim - 1:
+        raise flax_error(
+            "The reduction axes must include the final dimension as this is assumed to be the "
+            "feature axis.", f"{fn}: `reduction_axes`={self.reduction_axes!r} must include the "
+            f"last axis (the channels, within each group), e.g. {tuple(range(1, x.ndim))}.")
+    check_groups(fn, x.shape[-1], self.num_groups, self.group_size, "channels",
+                 f"the {x.shape[-1]} channels (last axis of `x`)")
     scale, bias, out = affine_params(self, x, [x.shape[-1]], self.use_scale, self.use_bias)
     return group_norm(x, scale, bias, num_groups=self.num_groups, group_size=self.group_size,
                       reduction_axes=self.reduction_axes, epsilon=self.epsilon, mask=mask,
@@ -280,8 +308,14 @@ class InstanceNorm(nn.Module):
     Returns:
       The normalized input, shaped like ``x``.
     """
+    fn = "jaxbn.linen.InstanceNorm"
     x = as_float(x)
-    feat = checks.feature_axes("jaxbn.linen.InstanceNorm", x.ndim, self.feature_axes)
+    feat = feature_axes(fn, x.ndim, self.feature_axes, "feature_axes")
+    if 0 in feat:
+      raise flax_error(
+          "The channel axes cannot include the leading dimension as this is assumed to be the "
+          "batch axis.", f"{fn}: `feature_axes`={self.feature_axes!r} includes axis 0; put the "
+          f"batch first and pass the channel axis (e.g. -1 for NHWC, 1 for NCHW).")
     scale, bias, out = affine_params(self, x, [x.shape[a] for a in feat], self.use_scale,
                                      self.use_bias)
     return instance_norm(x, scale, bias, feature_axes=self.feature_axes,

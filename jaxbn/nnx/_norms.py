@@ -13,7 +13,8 @@ from flax.typing import Axes, Dtype, Initializer, PromoteDtypeFn
 from jax.nn import initializers
 
 from jaxbn import group_norm, instance_norm, layer_norm, rms_norm
-from jaxbn.nnx._common import init_norm, output_dtype, promote_dtype, store
+from jaxbn.nnx._common import (feature_axes, flax_error, init_norm, output_dtype,
+                               promote_dtype, store)
 
 _COMPAT = """
   Same constructor, defaults (``epsilon=1e-6``, ``use_fast_variance=True``), attributes and
@@ -37,6 +38,25 @@ def _inputs(mdl, x):
   if not jnp.issubdtype(x.dtype, jnp.inexact):
     x = x.astype(out)
   return x, scale, bias, out
+
+
+def check_groups(fn: str, channels: int, num_groups, group_size, what: str, of: str) -> None:
+  """flax GroupNorm's checks of ``num_groups``/``group_size`` (its sentences first)."""
+  if (num_groups is None) == (group_size is None):
+    raise flax_error(
+        "Either `num_groups` or `group_size` should be specified. If `group_size` is to be "
+        "specified, pass `num_groups=None` as argument to override the default `num_groups` "
+        "value of 32.", f"{fn}: got num_groups={num_groups!r} and group_size={group_size!r}.")
+  if group_size is not None:
+    if not isinstance(group_size, int) or group_size <= 0 or channels % group_size:
+      raise flax_error(
+          f"Number of {what} ({channels}) is not multiple of the group size ({group_size}).",
+          f"{fn}: `group_size`={group_size!r} must be a positive divisor of {of}.")
+    num_groups = channels // group_size
+  if not isinstance(num_groups, int) or num_groups <= 0 or channels % num_groups:
+    raise flax_error(
+        f"Number of groups ({num_groups}) does not divide the number of channels ({channels}).",
+        f"{fn}: `num_groups`={num_groups!r} must be a positive divisor of {of}.")
 
 
 class LayerNorm(nnx.Module):
@@ -252,19 +272,10 @@ class GroupNorm(nnx.Module):
       scale_metadata: Mapping[str, Any] = MappingProxyType({}),
   ):
     fn = "jaxbn.nnx.GroupNorm"
-    if (num_groups is None) == (group_size is None):
-      raise ValueError(
-          f"{fn}: give exactly one of `num_groups` and `group_size`, got num_groups="
-          f"{num_groups!r} and group_size={group_size!r}; to set group_size, also pass "
-          f"num_groups=None (its default is 32).")
+    check_groups(fn, num_features, num_groups, group_size, "features",
+                 f"num_features={num_features}")
     if group_size is not None:
-      if not isinstance(group_size, int) or group_size <= 0 or num_features % group_size:
-        raise ValueError(f"{fn}: `group_size`={group_size!r} must be a positive divisor of "
-                         f"num_features={num_features}.")
       num_groups = num_features // group_size
-    if not isinstance(num_groups, int) or num_groups <= 0 or num_features % num_groups:
-      raise ValueError(f"{fn}: `num_groups`={num_groups!r} must be a positive divisor of "
-                       f"num_features={num_features}.")
     init_norm(self, locals(), _SETTINGS + ("num_groups", "use_bias", "reduction_axes"))
     self.feature_axis = -1
     self.group_size = num_features // num_groups
@@ -355,6 +366,12 @@ class InstanceNorm(nnx.Module):
       The normalized input, shaped like ``x``.
     """
     x, scale, bias, out = _inputs(self, x)
+    fn = "jaxbn.nnx.InstanceNorm"
+    if 0 in feature_axes(fn, x.ndim, self.feature_axes, "feature_axes"):
+      raise flax_error(
+          "The channel axes cannot include the leading dimension as this is assumed to be the "
+          "batch axis.", f"{fn}: `feature_axes`={self.feature_axes!r} includes axis 0; put the "
+          f"batch first and pass the channel axis (e.g. -1 for NHWC, 1 for NCHW).")
     return instance_norm(x, scale, bias, feature_axes=self.feature_axes,
                          epsilon=self.epsilon, mask=mask, dtype=out,
                          axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
