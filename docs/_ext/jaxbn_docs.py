@@ -9,7 +9,8 @@
   the build.
 * ``notebooks/*.ipynb`` — copies of ``notebooks/*.ipynb``, rendered with their stored outputs.
 * ``benchmarks_tables.md`` — every ``benchmarks/results/*.json`` as Markdown tables, with the
-  command, machine, versions and commit of its run.
+  command, machine, versions and commit of its run, and the ``benchmarks/bench_*.py`` scripts
+  that have no result file yet.
 
 The directive ``.. results-table:: NAME`` (``{results-table} NAME`` in MyST) renders the table
 of ``benchmarks/results/NAME.json`` whose title contains ``:table:``; if that file has not been
@@ -36,8 +37,9 @@ from results_tables import load_results, run_line, select_table, table_markdown
 
 LOG = logging.getLogger(__name__)
 
-# Benchmark scripts in the order of the benchmarks page; others follow alphabetically.
-BENCH_ORDER = ["bench_core", "bench_variants", "bench_sync", "bench_model", "bench_fold"]
+# Benchmark results in this order on the benchmarks page; others follow alphabetically.
+BENCH_ORDER = ["bench_core", "bench_variants", "bench_sync", "bench_collectives", "bench_model",
+               "bench_fold"]
 
 
 def read_version(root: str) -> str:
@@ -115,7 +117,9 @@ def _benchmarks_page(root: str, path: str) -> None:
     for note in doc.get("notes", []):
       lines += [f"- {note}"]
     lines.append("")
-  missing = [n for n in BENCH_ORDER if n not in results]
+  scripts = sorted(os.path.splitext(os.path.basename(p))[0]
+                   for p in glob.glob(os.path.join(root, "benchmarks", "bench_*.py")))
+  missing = [n for n in scripts if n not in results]
   if missing:
     lines += ["## Not yet measured", "",
               "These scripts have no committed result file yet: "
