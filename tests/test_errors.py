@@ -14,8 +14,8 @@ S = jaxbn.init_stats(3)
 @pytest.mark.parametrize("kwargs,exc,pattern", [
     (dict(axis=2), ValueError, r"batch_norm: `axis`=2 is out of range for `x` of rank 2"),
     (dict(axis=(0, 0)), ValueError, r"`axis`=\(0, 0\) repeats an axis"),
-    (dict(momentum=1.0), ValueError, r"`momentum` must be in \[0, 1\).*momentum_from_torch"),
-    (dict(momentum=-0.1), ValueError, r"`momentum` must be in \[0, 1\)"),
+    (dict(momentum=1.5), ValueError, r"`momentum` must be in \[0, 1\].*momentum_from_torch"),
+    (dict(momentum=-0.1), ValueError, r"`momentum` must be in \[0, 1\]"),
     (dict(epsilon=0.0), ValueError, r"`epsilon` must be > 0"),
     (dict(epsilon=-1e-5), ValueError, r"`epsilon` must be > 0"),
     (dict(axis_name="batch"), ValueError,
@@ -74,7 +74,7 @@ def test_update_stats_errors():
   m = jaxbn.Moments(jnp.zeros(2), jnp.ones(2), jnp.ones(2))
   with pytest.raises(ValueError, match=r"update_stats: batch moments have feature shape \(2,\)"):
     jaxbn.update_stats(S, m)
-  with pytest.raises(ValueError, match=r"update_stats: `momentum` must be in \[0, 1\)"):
+  with pytest.raises(ValueError, match=r"update_stats: `momentum` must be in \[0, 1\]"):
     jaxbn.update_stats(jaxbn.init_stats(2), m, momentum=2.0)
 
 

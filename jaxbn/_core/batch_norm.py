@@ -75,7 +75,7 @@ def batch_norm(
     bias: optional per-feature offset ``β`` (None: 0).
     training: Python bool, static. True: batch statistics and updated running statistics.
     axis: feature axis or axes (default -1 for NHWC; 1 for NCHW).
-    momentum: running-average momentum in [0, 1) (flax convention), or None (cumulative).
+    momentum: running-average momentum in [0, 1] (flax convention), or None (cumulative).
     epsilon: added to the variance, > 0 (default 1e-5).
     axis_name: mapped axis name(s) to synchronize statistics over (``shard_map``, ``pmap``,
       ``vmap``); not needed under plain ``jax.jit`` on sharded arrays.
@@ -93,7 +93,7 @@ def batch_norm(
   Raises:
     ValueError / TypeError: a non-float ``x``, an out-of-range ``axis``, ``stats``/``scale``/
       ``bias`` that do not match the features, a ``mask`` that does not broadcast, a momentum
-      outside [0, 1), ``epsilon <= 0`` or an unbound ``axis_name`` — each naming the fix.
+      outside [0, 1], ``epsilon <= 0`` or an unbound ``axis_name`` — each naming the fix.
 
   Example:
     >>> import jax, jax.numpy as jnp, jaxbn

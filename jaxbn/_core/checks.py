@@ -54,16 +54,20 @@ def float_input(fn: str, x: Any, name: str = "x") -> None:
 
 
 def momentum_value(fn: str, momentum: Any) -> None:
-  """Checks a concrete momentum is in [0, 1); traced values are accepted unchecked."""
+  """Checks a concrete momentum is in [0, 1]; traced values are accepted unchecked.
+
+  ``momentum=1`` keeps the running statistics as they are while training on batch statistics
+  (flax accepts it too).
+  """
   if momentum is None or isinstance(momentum, jax.core.Tracer):
     return
   try:
     m = float(momentum)
   except (TypeError, ValueError):
-    raise TypeError(f"{fn}: `momentum` must be a float in [0, 1) or None, got {momentum!r}.")
-  if not 0.0 <= m < 1.0:
+    raise TypeError(f"{fn}: `momentum` must be a float in [0, 1] or None, got {momentum!r}.")
+  if not 0.0 <= m <= 1.0:
     raise ValueError(
-        f"{fn}: `momentum` must be in [0, 1) (flax convention: the weight of the old running "
+        f"{fn}: `momentum` must be in [0, 1] (flax convention: the weight of the old running "
         f"value), got {m}. A PyTorch momentum p converts to 1 - p "
         f"(jaxbn.momentum_from_torch); use momentum=None for a cumulative average."
     )

@@ -27,9 +27,9 @@ def momentum_from_torch(torch_momentum: Optional[float]) -> Optional[float]:
   if torch_momentum is None:
     return None
   p = float(torch_momentum)
-  if not 0.0 < p <= 1.0:
+  if not 0.0 <= p <= 1.0:
     raise ValueError(
-        f"momentum_from_torch: `torch_momentum` must be in (0, 1], got {p}.")
+        f"momentum_from_torch: `torch_momentum` must be in [0, 1], got {p}.")
   return round(1.0 - p, 12)
 
 
@@ -57,7 +57,8 @@ def update_stats(
   Args:
     stats: the current :class:`BatchStats`.
     batch: the batch :class:`Moments` (feature shape matching ``stats``).
-    momentum: float in [0, 1) (may be traced), or None for a cumulative average.
+    momentum: float in [0, 1] (may be traced), or None for a cumulative average; 1 keeps
+      the running values (only ``count`` advances).
     unbiased_running_var: fold in ``var * n / (n - 1)`` (PyTorch's running variance) instead
       of the biased batch variance (flax's).
     debias: zero-debiased average (as Adam and haiku): the stored value is
@@ -100,7 +101,8 @@ def update_stats(
     w_old = jnp.asarray(momentum, jnp.float32)
     if debias:
       t = stats.count.astype(jnp.float32) + 1.0
-      w_old = w_old * (1.0 - w_old ** (t - 1.0)) / jnp.maximum(1.0 - w_old ** t, 1e-30)
+      debiased = w_old * (1.0 - w_old ** (t - 1.0)) / jnp.maximum(1.0 - w_old ** t, 1e-30)
+      w_old = jnp.where(w_old >= 1.0, 1.0, debiased)  # momentum 1: frozen, debiased or not
   w_new = 1.0 - w_old
 
   def blend(old, new):

@@ -123,7 +123,7 @@ def ghost_batch_norm(
     virtual_batch_size: examples per virtual batch (static int > 0 dividing the batch).
     batch_axis: the axis cut into virtual batches (default 0); not a feature axis.
     axis: feature axis or axes (default -1).
-    momentum: running-average momentum in [0, 1) (weight of the old value), or None.
+    momentum: running-average momentum in [0, 1] (weight of the old value), or None.
     epsilon: added to the variance, > 0 (default 1e-5).
     axis_name: mapped axis name(s) over which the running-statistics update is averaged.
     axis_index_groups: average within these groups of device indices only.

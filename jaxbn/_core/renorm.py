@@ -144,7 +144,7 @@ def batch_renorm(
     d_max: clip of ``|d|``, >= 0 (default 5, the paper's final value). May be traced.
     r_min: lower clip of ``r`` (default ``1 / r_max``). May be traced.
     axis: feature axis or axes (default -1).
-    momentum: running-average momentum in [0, 1) (weight of the old value), or None.
+    momentum: running-average momentum in [0, 1] (weight of the old value), or None.
     epsilon: added to the variances, > 0 (default 1e-5).
     axis_name: mapped axis name(s) to synchronize the batch statistics over, as in
       :func:`jaxbn.batch_norm` (one collective forward, one backward).

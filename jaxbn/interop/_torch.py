@@ -112,7 +112,7 @@ def from_torch_batch_norm(
     >>> import numpy as np, jaxbn
     >>> sd = {"running_mean": np.array([1.0, 2.0]), "running_var": np.array([4.0, 9.0]),
     ...       "weight": np.ones(2), "bias": np.zeros(2), "num_batches_tracked": np.array(7)}
-    >>> stats, scale, bias = jaxbn.from_torch_batch_norm(sd)
+    >>> stats, scale, bias = jaxbn.interop.from_torch_batch_norm(sd)
     >>> stats.var.tolist(), int(stats.count)
     ([4.0, 9.0], 7)
   """
@@ -169,7 +169,7 @@ def to_torch_batch_norm(
 
   Example:
     >>> import jaxbn
-    >>> sd = jaxbn.to_torch_batch_norm(jaxbn.init_stats(2), prefix="bn1")
+    >>> sd = jaxbn.interop.to_torch_batch_norm(jaxbn.init_stats(2), prefix="bn1")
     >>> sorted(sd), sd["bn1.num_batches_tracked"].dtype
     (['bn1.num_batches_tracked', 'bn1.running_mean', 'bn1.running_var'], dtype('int64'))
   """
@@ -216,7 +216,7 @@ def torch_batch_norm_config(module: Any) -> dict[str, Any]:
     >>> import types, jaxbn
     >>> bn = types.SimpleNamespace(momentum=0.1, eps=1e-5, affine=True,
     ...                            track_running_stats=True)
-    >>> jaxbn.torch_batch_norm_config(bn)["momentum"]
+    >>> jaxbn.interop.torch_batch_norm_config(bn)["momentum"]
     0.9
   """
   fn = "torch_batch_norm_config"
@@ -245,7 +245,7 @@ def kernel_from_torch(weight: Any) -> np.ndarray:
 
   Example:
     >>> import numpy as np, jaxbn
-    >>> jaxbn.kernel_from_torch(np.zeros((8, 3, 5, 7))).shape
+    >>> jaxbn.interop.kernel_from_torch(np.zeros((8, 3, 5, 7))).shape
     (5, 7, 3, 8)
   """
   w = _numpy(weight)
@@ -260,7 +260,7 @@ def kernel_to_torch(kernel: Any) -> np.ndarray:
 
   Example:
     >>> import numpy as np, jaxbn
-    >>> jaxbn.kernel_to_torch(np.zeros((5, 7, 3, 8))).shape
+    >>> jaxbn.interop.kernel_to_torch(np.zeros((5, 7, 3, 8))).shape
     (8, 3, 5, 7)
   """
   k = _numpy(kernel)
