@@ -1,0 +1,256 @@
+"""The batch-norm registry: every registered class is handled by every tool (freeze,
+recompute, fold) in linen and nnx, and an unregistered batch-norm-like module is refused.
+
+References: the eval-mode output computed in float64 NumPy from the layer's own variables
+(freeze, fold) and the float64 population mean / biased variance of the layer's input over all
+batches (recompute).
+
+Tolerances: float32 data of size O(1-10) through one Dense layer of 3 inputs and a batch norm:
+outputs ``atol = rtol = 256 * eps32 ~ 3e-5`` (a few roundings in the matmul, the rsqrt and the
+affine, times the scale ~2 and inverse std ~1.5); population moments over 48 rows
+``rtol = 64 * eps32``. A planted epsilon off by 1e-3 moves the outputs by ~3e-4 relative.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import jaxbn.linen
+import jaxbn.nnx
+
+EPS32 = float(jnp.finfo(jnp.float32).eps)
+TOL = dict(rtol=256 * EPS32, atol=256 * EPS32)
+EPSILON = 1e-3
+BATCHES = [jax.random.normal(jax.random.key(i), (16, 3)) * 2 + 1 for i in range(3)]
+
+LINEN = {
+    "BatchNorm": jaxbn.linen.BatchNorm,
+    "BatchRenorm": jaxbn.linen.BatchRenorm,
+    "GhostBatchNorm": functools.partial(jaxbn.linen.GhostBatchNorm, virtual_batch_size=4),
+    "FrozenBatchNorm": jaxbn.linen.FrozenBatchNorm,
+    "flax.BatchNorm": nn.BatchNorm,
+}
+NNX = {
+    "BatchNorm": jaxbn.nnx.BatchNorm,
+    "BatchRenorm": jaxbn.nnx.BatchRenorm,
+    "GhostBatchNorm": functools.partial(jaxbn.nnx.GhostBatchNorm, virtual_batch_size=4),
+    "FrozenBatchNorm": jaxbn.nnx.FrozenBatchNorm,
+    "flax.BatchNorm": nnx.BatchNorm,
+}
+FROZEN = "FrozenBatchNorm"
+
+
+def _eval64(h, mean, var, scale, bias):
+  h, mean, var, scale, bias = (np.asarray(a, np.float64) for a in (h, mean, var, scale, bias))
+  return (h - mean) / np.sqrt(var + EPSILON) * scale + bias
+
+
+def _population(h):
+  h = np.asarray(h, np.float64)
+  return h.mean(0), h.var(0)
+
+
+# --------------------------------------------------------------------------------------------
+# Linen.
+# --------------------------------------------------------------------------------------------
+
+
+class _LinenNet(nn.Module):
+  bn: type
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    return self.bn(use_running_average=not train, epsilon=EPSILON, momentum=0.9)(
+        nn.Dense(4, name="dense")(x))
+
+
+def _linen_variables(net):
+  v = net.init(jax.random.key(0), BATCHES[0], train=False)
+  r = np.random.default_rng(1)
+  bn = {"params": {"scale": r.uniform(0.5, 2, 4), "bias": r.normal(size=4)},
+        "batch_stats": {"mean": r.normal(size=4), "var": r.uniform(0.5, 2, 4)}}
+  v = {"params": {**v["params"], "bn": jax.tree.map(jnp.float32, bn["params"])},
+       "batch_stats": {"bn": jax.tree.map(jnp.float32, bn["batch_stats"])}}
+  return v
+
+
+def _named(bn_cls):
+  return functools.partial(bn_cls, name="bn") if not isinstance(bn_cls, functools.partial) \
+      else functools.partial(bn_cls.func, *bn_cls.args, **bn_cls.keywords, name="bn")
+
+
+def _linen_h(v, x):
+  d = v["params"]["dense"]
+  return np.asarray(x, np.float64) @ np.asarray(d["kernel"], np.float64) + np.asarray(
+      d["bias"], np.float64)
+
+
+@pytest.mark.parametrize("name", list(LINEN))
+def test_linen_tools_handle_every_registered_class(name):
+  net = _LinenNet(_named(LINEN[name]))
+  v = _linen_variables(net)
+  x = BATCHES[0]
+  p, s = v["params"]["bn"], v["batch_stats"]["bn"]
+  want_eval = _eval64(_linen_h(v, x), s["mean"], s["var"], p["scale"], p["bias"])
+  np.testing.assert_allclose(net.apply(v, x, train=False), want_eval, **TOL)
+
+  # Freeze: training mode normalizes with the stored statistics and updates nothing.
+  frozen = jaxbn.linen.freeze_batch_norm(net)
+  y, upd = frozen.apply(v, x, train=True, mutable=["batch_stats"])
+  np.testing.assert_allclose(y, want_eval, **TOL)
+  jax.tree.map(np.testing.assert_array_equal, upd["batch_stats"], v["batch_stats"])
+
+  # Recompute: population statistics of the layer's input (a frozen layer keeps its own).
+  recompute = functools.partial(jaxbn.linen.recompute_batch_stats,
+                                lambda v, b: net.apply(v, b, train=False), v, BATCHES,
+                                progress=False)
+  if name == FROZEN:  # not recomputed: here the only batch norm, so nothing to do
+    with pytest.raises(ValueError, match=r"the forward pass called no BatchNorm layer"):
+      recompute()
+  else:
+    got = recompute()["batch_stats"]["bn"]
+    mean, var = _population(np.concatenate([_linen_h(v, b) for b in BATCHES]))
+    np.testing.assert_allclose(got["mean"], mean, rtol=64 * EPS32, atol=64 * EPS32 * 8)
+    np.testing.assert_allclose(got["var"], var, rtol=64 * EPS32)
+
+  # Fold: one pair found; the folded model computes the eval-mode function.
+  pairs = jaxbn.linen.find_conv_bn_pairs(net.apply, v, x, train=False)
+  assert pairs == [jaxbn.linen.FoldPair(("dense",), ("bn",), EPSILON, (-1,))]
+  folded_v = jaxbn.linen.fold_batch_norm_layers(v, pairs)
+  assert "bn" not in folded_v["batch_stats"]
+  np.testing.assert_allclose(jaxbn.linen.folded(net.apply)(folded_v, x, train=False),
+                             want_eval, **TOL)
+
+
+class _LinenCustomBN(nn.Module):
+  """A batch-norm-like module that no tool knows: running statistics in ``batch_stats``."""
+
+  use_running_average: bool = True
+  epsilon: float = EPSILON
+  momentum: float = 0.9
+
+  @nn.compact
+  def __call__(self, x):
+    mean = self.variable("batch_stats", "mean", jnp.zeros, x.shape[-1:])
+    var = self.variable("batch_stats", "var", jnp.ones, x.shape[-1:])
+    return (x - mean.value) / jnp.sqrt(var.value + self.epsilon)
+
+
+def test_linen_tools_refuse_an_unregistered_batch_norm_like_module():
+  class Custom(_LinenCustomBN):  # a fresh class, so registering it below stays local
+    pass
+
+  net = _LinenNet(functools.partial(Custom, name="bn"))
+  v = net.init(jax.random.key(0), BATCHES[0], train=False)
+  msg = (r"the module bn \(Custom\) has batch_stats 'mean' and 'var' like a batch norm, but "
+         r"Custom is not registered.*jaxbn.linen.register_batch_norm\(Custom\)")
+  with pytest.raises(TypeError, match=r"jaxbn.linen.freeze_batch_norm: " + msg):
+    jaxbn.linen.freeze_batch_norm(net).apply(v, BATCHES[0], train=True)
+  with pytest.raises(TypeError, match=r"jaxbn.linen.recompute_batch_stats: " + msg):
+    jaxbn.linen.recompute_batch_stats(lambda v, b: net.apply(v, b, train=False), v, BATCHES,
+                                      progress=False)
+  with pytest.raises(TypeError, match=r"jaxbn.linen.find_conv_bn_pairs: " + msg):
+    jaxbn.linen.find_conv_bn_pairs(net.apply, v, BATCHES[0], train=False)
+  with pytest.raises(ValueError, match=r"register_batch_norm: `kind` must be one of"):
+    jaxbn.linen.register_batch_norm(Custom, kind="other")
+  with pytest.raises(TypeError, match=r"register_batch_norm: `cls` must be a flax.linen"):
+    jaxbn.linen.register_batch_norm(int)
+
+
+# --------------------------------------------------------------------------------------------
+# NNX.
+# --------------------------------------------------------------------------------------------
+
+
+def _nnx_model(bn_cls):
+  model = nnx.Sequential(nnx.Linear(3, 4, rngs=nnx.Rngs(0)),
+                         bn_cls(4, epsilon=EPSILON, momentum=0.9, rngs=nnx.Rngs(1)))
+  r = np.random.default_rng(1)
+  bn = model.layers[1]
+  bn.scale[...] = jnp.asarray(r.uniform(0.5, 2, 4), jnp.float32)
+  bn.bias[...] = jnp.asarray(r.normal(size=4), jnp.float32)
+  bn.mean[...] = jnp.asarray(r.normal(size=4), jnp.float32)
+  bn.var[...] = jnp.asarray(r.uniform(0.5, 2, 4), jnp.float32)
+  return model
+
+
+def _nnx_h(model, x):
+  lin = model.layers[0]
+  return np.asarray(x, np.float64) @ np.asarray(lin.kernel[...], np.float64) + np.asarray(
+      lin.bias[...], np.float64)
+
+
+@pytest.mark.parametrize("name", list(NNX))
+def test_nnx_tools_handle_every_registered_class(name):
+  model = _nnx_model(NNX[name])
+  bn = model.layers[1]
+  x = BATCHES[0]
+  stats = {k: np.asarray(getattr(bn, k)[...]) for k in ("mean", "var")}
+  want_eval = _eval64(_nnx_h(model, x), stats["mean"], stats["var"], bn.scale[...],
+                      bn.bias[...])
+  model.eval()
+  np.testing.assert_allclose(model(x), want_eval, **TOL)
+  model.train()
+
+  frozen = jaxbn.nnx.freeze_batch_norm(model)
+  np.testing.assert_allclose(frozen(x), want_eval, **TOL)  # train mode, stored statistics
+  for k in ("mean", "var"):
+    np.testing.assert_array_equal(getattr(bn, k)[...], stats[k])
+
+  if name == FROZEN:  # not recomputed: here the only batch norm, so nothing to do
+    with pytest.raises(ValueError, match=r"the forward pass called no BatchNorm layer"):
+      jaxbn.nnx.recompute_batch_stats(model, BATCHES, progress=False)
+  else:
+    got = jaxbn.nnx.recompute_batch_stats(model, BATCHES, progress=False).layers[1]
+    mean, var = _population(np.concatenate([_nnx_h(model, b) for b in BATCHES]))
+    np.testing.assert_allclose(got.mean[...], mean, rtol=64 * EPS32, atol=64 * EPS32 * 8)
+    np.testing.assert_allclose(got.var[...], var, rtol=64 * EPS32)
+
+  pairs = jaxbn.nnx.find_conv_bn_pairs(model, x)
+  assert pairs == [jaxbn.nnx.FoldPair(("layers", 0), ("layers", 1), EPSILON, (-1,))]
+  fast = jaxbn.nnx.fold_batch_norm_layers(model, pairs)
+  assert isinstance(fast.layers[1], jaxbn.nnx.FoldedBatchNorm)
+  np.testing.assert_allclose(fast(x), want_eval, **TOL)
+
+
+class _NnxCustomBN(nnx.Module):
+  def __init__(self, n):
+    self.mean = nnx.BatchStat(jnp.zeros(n))
+    self.var = nnx.BatchStat(jnp.ones(n))
+
+  def __call__(self, x):
+    return (x - self.mean[...]) / jnp.sqrt(self.var[...] + EPSILON)
+
+
+def test_nnx_tools_refuse_an_unregistered_batch_norm_like_module():
+  model = nnx.Sequential(nnx.Linear(3, 4, rngs=nnx.Rngs(0)), _NnxCustomBN(4))
+  msg = (r"the module at \('layers', 1\) \(_NnxCustomBN\) has `mean` and `var` nnx.BatchStat "
+         r"like a batch norm, but _NnxCustomBN is not registered.*"
+         r"jaxbn.nnx.register_batch_norm\(_NnxCustomBN\)")
+  with pytest.raises(TypeError, match=r"jaxbn.nnx.freeze_batch_norm: " + msg):
+    jaxbn.nnx.freeze_batch_norm(model)
+  with pytest.raises(TypeError, match=r"jaxbn.nnx.recompute_batch_stats: " + msg):
+    jaxbn.nnx.recompute_batch_stats(model, BATCHES, progress=False)
+  with pytest.raises(TypeError, match=r"jaxbn.nnx.find_conv_bn_pairs: " + msg):
+    jaxbn.nnx.find_conv_bn_pairs(model, BATCHES[0])
+  with pytest.raises(TypeError, match=r"jaxbn.nnx.fold_batch_norm_layers: " + msg):
+    jaxbn.nnx.fold_batch_norm_layers(model, [(("layers", 0), ("layers", 1))])
+
+
+def test_the_twins_have_the_same_fields_and_registry():
+  """linen and nnx tools read one registry each, with the same classes and kinds."""
+  from jaxbn.linen import _registry as lr
+  from jaxbn.nnx import _registry as nr
+  names = lambda reg: [(e.cls.__module__.split(".")[0], e.cls.__name__, e.kind)  # noqa: E731
+                       for e in reg.registered()]
+  assert names(lr) == names(nr)
+  assert jaxbn.linen.FoldPair._fields == jaxbn.nnx.FoldPair._fields == (
+      "layer", "bn", "epsilon", "kernel_axes")
+  assert jaxbn.linen.FoldPair._field_defaults == jaxbn.nnx.FoldPair._field_defaults
