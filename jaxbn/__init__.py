@@ -18,10 +18,10 @@ from jaxbn._core.group_norm import group_norm, instance_norm
 from jaxbn._core.layer_norm import layer_norm, rms_norm
 from jaxbn._core.moments import moments
 from jaxbn._core.normalize import normalize
-from jaxbn._core.precise import (PopulationMoments, init_population_moments, merge_moments,
-                                 population_stats, recompute_stats)
+from jaxbn._core.precise import init_population_moments, merge_moments, population_stats
+from jaxbn._core.recompute import recompute_stats
 from jaxbn._core.renorm import batch_renorm, renorm_schedule
-from jaxbn._core.types import BatchStats, Moments, init_stats
+from jaxbn._core.types import BatchStats, Moments, PopulationMoments, init_stats
 from jaxbn._version import __version__
 
 __all__ = [

@@ -46,6 +46,20 @@ class Moments(NamedTuple):
   count: jax.Array
 
 
+class PopulationMoments(NamedTuple):
+  """Exact moments of all the data seen so far, per feature (a pytree).
+
+  Attributes:
+    count: number of valid entries seen, feature shape, float32.
+    mean: their mean, feature shape, float32 (or the dtype given at creation).
+    m2: their centered sum of squares ``Σ|x - mean|²``, feature shape, same dtype.
+  """
+
+  count: jax.Array
+  mean: jax.Array
+  m2: jax.Array
+
+
 def _as_shape(feature_shape: Shape) -> tuple[int, ...]:
   if isinstance(feature_shape, int):
     return (feature_shape,)

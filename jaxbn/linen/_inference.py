@@ -20,7 +20,7 @@ import jaxbn
 # traces the model, places batches on a mesh and merges moments) and the jaxpr tags that find
 # Conv/Dense -> BN pairs (`mark`, `marked_pairs`, `trailing_axes`).
 from jaxbn._core import fold as _fold
-from jaxbn._core import precise
+from jaxbn._core import recompute
 from jaxbn.linen._common import feature_axes, keepdims, result_dtype
 from jaxbn.linen._registry import kind_of
 
@@ -183,7 +183,7 @@ def recompute_batch_stats(
             f"{tuple(jnp.shape(node['mean']))}: layers inside nn.scan/nn.vmap (stacked "
             f"statistics) are not supported.")
 
-  layers, accs = precise.run(fn, trace, variables, batches, mode=mode, num_batches=num_batches,
+  layers, accs = recompute.run(fn, trace, variables, batches, mode=mode, num_batches=num_batches,
                              progress=progress, mesh=mesh, batch_spec=batch_spec,
                              check_layers=check_layers)
   new = unfreeze(variables)

@@ -20,7 +20,7 @@ import jaxbn
 # `current_recorder`) and the jaxpr tags that find Conv/Linear -> BN pairs (`mark`,
 # `marked_pairs`, `trailing_axes`).
 from jaxbn._core import fold as _fold
-from jaxbn._core import precise
+from jaxbn._core import recompute
 from jaxbn.nnx._common import feature_axes, keepdims, output_dtype
 from jaxbn.nnx._registry import kind_of
 
@@ -104,7 +104,7 @@ def _recording_methods(path: Path, node: Any) -> Optional[dict]:
   cls = type(node)
 
   def __call__(self, x, use_running_average=None, *, mask=None):
-    rec = precise.current_recorder()
+    rec = recompute.current_recorder()
     if rec is None:  # used outside a recomputation: behave as the layer itself
       return cls.__call__(self, x, use_running_average, mask=mask)
     x = jnp.asarray(x)
@@ -199,7 +199,7 @@ def recompute_batch_stats(
             f"{info.feature_shape} but stores statistics of shape {shape}: layers inside "
             f"nnx.scan/nnx.vmap (stacked statistics) are not supported.")
 
-  layers, accs = precise.run(fn, trace, state, batches, mode=mode, num_batches=num_batches,
+  layers, accs = recompute.run(fn, trace, state, batches, mode=mode, num_batches=num_batches,
                              progress=progress, mesh=mesh, batch_spec=batch_spec,
                              check_layers=check_layers)
   out = nnx.clone(model)

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxbn._core.moments import merge_along
 from jaxbn._core.types import BatchStats
 
 
@@ -90,8 +91,13 @@ def average_stats(tree: Any, *, axis_name: Any = None, axis: int = 0) -> Any:
       return plain(node)
     m_in = jnp.asarray(node["mean"] if isinstance(node, Mapping) else node.mean)
     v_in = jnp.asarray(node["var"] if isinstance(node, Mapping) else node.var)
-    m = mean(m_in)
-    v = mean(v_in + spread(m_in, m).astype(v_in.dtype))
+    if axis_name is None:  # the one merge of the core, each device weighted 1
+      ones = jnp.ones_like(v_in)
+      n, m, m2 = merge_along(ones, m_in, v_in, axis=axis)
+      v = (m2 / n).astype(v_in.dtype)
+    else:  # the same two steps, across devices: the mean, then the pooled variance
+      m = mean(m_in)
+      v = mean(v_in + spread(m_in, m).astype(v_in.dtype))
     if isinstance(node, BatchStats):
       return BatchStats(m, v, largest(jnp.asarray(node.count)))
     out = {k: m if k == "mean" else v if k == "var" else plain(val) for k, val in node.items()}
