@@ -1,0 +1,245 @@
+"""Adaptation tools for NNX: split (per-domain) BN, test-time BN adaptation, TENT's parameter
+filter, and batch statistics for weight-averaged (EMA/SWA) parameters.
+
+NNX twins of ``jaxbn.linen``'s tools, over ``jaxbn.split_batch_norm``,
+``jaxbn.adapt_batch_norm``, :func:`jaxbn.nnx.replace_batch_norm` and
+:func:`jaxbn.nnx.recompute_batch_stats`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from flax.nnx import initializers
+from flax.typing import Dtype, Initializer
+
+import jaxbn
+
+
+def _value(v):
+  return None if v is None else v[...]
+
+
+def _affine(mdl, shape, use_scale, use_bias, scale_init, bias_init, param_dtype, rngs):
+  mdl.scale = (nnx.Param(scale_init(rngs.params(), shape, param_dtype)) if use_scale
+               else nnx.data(None))
+  mdl.bias = (nnx.Param(bias_init(rngs.params(), shape, param_dtype)) if use_bias
+              else nnx.data(None))
+
+
+def _out(dtype, x, *params):
+  return dtype or jnp.result_type(x, *[p for p in params if p is not None])
+
+
+class SplitBatchNorm(nnx.Module):
+  r"""Split (per-domain) batch norm for NNX (:class:`jaxbn.linen.SplitBatchNorm`).
+
+  ``mean``/``var`` are ``nnx.BatchStat`` of shape ``(num_domains, num_features)``;
+  ``scale``/``bias`` are shared (``(num_features,)``) or per domain (``shared_affine=False``).
+  The call takes ``domain`` (an int, or one int per example).
+
+  Args:
+    num_features: number of features.
+    num_domains: number of domains (default 2).
+    shared_affine: one ``scale``/``bias`` for all domains (default True).
+    use_running_average, axis, momentum, epsilon, dtype, param_dtype, use_bias, use_scale,
+      bias_init, scale_init, axis_name, axis_index_groups, use_fast_variance: as
+      ``flax.nnx.BatchNorm`` (``use_fast_variance`` default False).
+    rngs: ``nnx.Rngs``.
+
+  Example:
+    >>> import jax.numpy as jnp, jaxbn.nnx
+    >>> from flax import nnx
+    >>> bn = jaxbn.nnx.SplitBatchNorm(2, num_domains=3, rngs=nnx.Rngs(0))
+    >>> y = bn(jnp.arange(8.0).reshape(4, 2), domain=2)
+    >>> bn.mean[...].shape
+    (3, 2)
+  """
+
+  def __init__(self, num_features: int, *, num_domains: int = 2, shared_affine: bool = True,
+               use_running_average: bool = False, axis: int = -1, momentum: float = 0.99,
+               epsilon: float = 1e-5, dtype: Optional[Dtype] = None,
+               param_dtype: Dtype = jnp.float32, use_bias: bool = True, use_scale: bool = True,
+               bias_init: Initializer = initializers.zeros_init(),
+               scale_init: Initializer = initializers.ones_init(), axis_name: Any = None,
+               axis_index_groups: Any = None, use_fast_variance: bool = False,
+               rngs: nnx.Rngs):
+    rows = (num_domains, num_features)
+    self.mean = nnx.BatchStat(jnp.zeros(rows, jnp.float32))
+    self.var = nnx.BatchStat(jnp.ones(rows, jnp.float32))
+    shape = (num_features,) if shared_affine else rows
+    _affine(self, shape, use_scale, use_bias, scale_init, bias_init, param_dtype, rngs)
+    self.num_features, self.num_domains, self.shared_affine = (num_features, num_domains,
+                                                               shared_affine)
+    self.use_running_average, self.axis, self.momentum = use_running_average, axis, momentum
+    self.epsilon, self.dtype, self.param_dtype = epsilon, dtype, param_dtype
+    self.axis_name, self.axis_index_groups = axis_name, axis_index_groups
+    self.use_fast_variance = use_fast_variance
+
+  def __call__(self, x: jax.typing.ArrayLike, use_running_average: Optional[bool] = None, *,
+               domain: Any = 0, mask: Optional[jax.Array] = None) -> jax.Array:
+    """Normalizes ``x`` with the statistics of ``domain``; updates them in training."""
+    use_ra = self.use_running_average if use_running_average is None else use_running_average
+    x = jnp.asarray(x)
+    scale, bias = _value(self.scale), _value(self.bias)
+    stats = jaxbn.BatchStats(self.mean[...], self.var[...],
+                             jnp.zeros((self.num_domains,), jnp.int32))
+    y, new = jaxbn.split_batch_norm(
+        x, stats, scale, bias, domain=domain, training=not use_ra, axis=self.axis,
+        momentum=self.momentum, epsilon=self.epsilon, axis_name=self.axis_name,
+        axis_index_groups=self.axis_index_groups, mask=mask, dtype=_out(self.dtype, x, scale,
+                                                                         bias),
+        use_fast_variance=self.use_fast_variance)
+    if not use_ra:
+      self.mean[...] = jax.lax.stop_gradient(new.mean)
+      self.var[...] = jax.lax.stop_gradient(new.var)
+    return y
+
+  def set_view(self, use_running_average: Optional[bool] = None):
+    """Used by ``model.train()``/``model.eval()``/``nnx.view``.
+
+    Args:
+      use_running_average: True to normalize with the running statistics.
+    """
+    if use_running_average is not None:
+      self.use_running_average = use_running_average
+
+
+class TestTimeBatchNorm(nnx.Module):
+  r"""Test-time adapted batch norm for NNX (:class:`jaxbn.linen.TestTimeBatchNorm`).
+
+  State as ``flax.nnx.BatchNorm`` (``scale``, ``bias``, ``mean``, ``var``), never updated;
+  normalizes with ``mean``/``var`` mixed with the batch's statistics by ``N / (N + n)``.
+
+  Args:
+    num_features: number of features.
+    prior: ``N >= 0`` (default 16).
+    use_running_average, momentum: accepted (drop-in), unused.
+    axis, epsilon, dtype, param_dtype, use_bias, use_scale, bias_init, scale_init, axis_name,
+      axis_index_groups: as ``flax.nnx.BatchNorm``.
+    rngs: ``nnx.Rngs``.
+  """
+
+  __test__ = False  # not a pytest test class
+
+  def __init__(self, num_features: int, *, prior: float = 16.0,
+               use_running_average: bool = True, axis: int = -1, momentum: float = 0.99,
+               epsilon: float = 1e-5, dtype: Optional[Dtype] = None,
+               param_dtype: Dtype = jnp.float32, use_bias: bool = True, use_scale: bool = True,
+               bias_init: Initializer = initializers.zeros_init(),
+               scale_init: Initializer = initializers.ones_init(), axis_name: Any = None,
+               axis_index_groups: Any = None, rngs: nnx.Rngs):
+    self.mean = nnx.BatchStat(jnp.zeros((num_features,), jnp.float32))
+    self.var = nnx.BatchStat(jnp.ones((num_features,), jnp.float32))
+    _affine(self, (num_features,), use_scale, use_bias, scale_init, bias_init, param_dtype,
+            rngs)
+    self.num_features, self.prior, self.use_running_average = (num_features, prior,
+                                                               use_running_average)
+    self.axis, self.momentum, self.epsilon, self.dtype = axis, momentum, epsilon, dtype
+    self.param_dtype, self.axis_name, self.axis_index_groups = (param_dtype, axis_name,
+                                                                axis_index_groups)
+
+  def __call__(self, x: jax.typing.ArrayLike, use_running_average: Optional[bool] = None, *,
+               mask: Optional[jax.Array] = None) -> jax.Array:
+    """Normalizes ``x`` with the mixed statistics (nothing is updated)."""
+    del use_running_average
+    x = jnp.asarray(x)
+    scale, bias = _value(self.scale), _value(self.bias)
+    stats = jaxbn.BatchStats(self.mean[...], self.var[...], jnp.zeros((), jnp.int32))
+    y, _ = jaxbn.adapt_batch_norm(
+        x, stats, scale, bias, prior=self.prior, axis=self.axis, epsilon=self.epsilon,
+        axis_name=self.axis_name, axis_index_groups=self.axis_index_groups, mask=mask,
+        dtype=_out(self.dtype, x, scale, bias))
+    return y
+
+  def set_view(self, use_running_average: Optional[bool] = None):
+    """Used by ``model.train()``/``model.eval()``: accepted, changes nothing.
+
+    Args:
+      use_running_average: stored for compatibility.
+    """
+    if use_running_average is not None:
+      self.use_running_average = use_running_average
+
+
+def test_time_adaptation(model: Any, prior: float = 16.0, **overrides: Any) -> Any:
+  """A copy of ``model`` whose batch norms adapt to each test batch (Schneider et al., 2020).
+
+  :func:`jaxbn.nnx.replace_batch_norm` with :class:`TestTimeBatchNorm` (state moved over,
+  ``model`` unchanged).
+
+  Args:
+    model: the trained NNX model.
+    prior: ``N`` (default 16); 0 uses the batch statistics only.
+    **overrides: further constructor arguments of every :class:`TestTimeBatchNorm`.
+
+  Returns:
+    The adapted copy.
+  """
+  from jaxbn.nnx._surgery import replace_batch_norm  # pylint: disable=import-outside-toplevel
+  return replace_batch_norm(model, TestTimeBatchNorm, prior=prior, **overrides)
+
+
+test_time_adaptation.__test__ = False  # not a pytest test function
+
+
+def batch_norm_affine_filter(model: Any) -> Any:
+  """TENT's parameter filter: an NNX filter matching the BN layers' ``scale``/``bias`` only.
+
+  Matches the ``nnx.Param`` named ``scale`` or ``bias`` of every batch-norm-family layer in
+  ``model``'s graph (``flax.nnx.BatchNorm``, jaxbn's BatchNorm, BatchRenorm, GhostBatchNorm,
+  FrozenBatchNorm, SplitBatchNorm, TestTimeBatchNorm), e.g. for
+  ``nnx.Optimizer(model, tx, wrt=filter)`` or ``nnx.state(model, filter)``.
+
+  Args:
+    model: the NNX model.
+
+  Returns:
+    An NNX filter (a callable ``(path, value) -> bool``).
+
+  Example:
+    >>> import jaxbn.nnx
+    >>> from flax import nnx
+    >>> model = nnx.Sequential(nnx.Linear(2, 3, rngs=nnx.Rngs(0)),
+    ...                        nnx.BatchNorm(3, rngs=nnx.Rngs(0)))
+    >>> only_bn = jaxbn.nnx.batch_norm_affine_filter(model)
+    >>> sorted('.'.join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(model, only_bn)))
+    ['layers.1.bias', 'layers.1.scale']
+  """
+  import jaxbn.nnx  # pylint: disable=import-outside-toplevel
+  names = ("BatchNorm", "BatchRenorm", "GhostBatchNorm", "FrozenBatchNorm")
+  types = (nnx.BatchNorm, SplitBatchNorm, TestTimeBatchNorm) + tuple(
+      getattr(jaxbn.nnx, n) for n in names if hasattr(jaxbn.nnx, n))
+  paths = {tuple(p) for p, node in nnx.iter_graph(model) if isinstance(node, types)}
+
+  def match(path, value):
+    return (isinstance(value, nnx.Param) and len(path) > 0 and path[-1] in ("scale", "bias")
+            and tuple(path[:-1]) in paths)
+
+  return match
+
+
+def swa_batch_stats(model: Any, averaged_params: Any, batches: Iterable, **kwargs: Any) -> Any:
+  """A copy of ``model`` with weight-averaged parameters and their batch statistics.
+
+  The NNX twin of :func:`jaxbn.linen.swa_batch_stats` (PyTorch's ``update_bn``): sets the
+  ``nnx.Param`` state ``averaged_params`` (e.g. an EMA of ``nnx.state(model, nnx.Param)``) on
+  a copy, then recomputes every BN layer's statistics over ``batches``
+  (:func:`jaxbn.nnx.recompute_batch_stats`, whose keyword arguments it takes).
+
+  Args:
+    model: the NNX model (not modified).
+    averaged_params: an ``nnx.State`` of the averaged parameters.
+    batches: training batches.
+    **kwargs: ``forward``, ``mode``, ``num_batches``, ``progress``, ``mesh``, ``batch_spec``.
+
+  Returns:
+    The new model.
+  """
+  import jaxbn.nnx  # pylint: disable=import-outside-toplevel
+  work = nnx.clone(model)
+  nnx.update(work, averaged_params)
+  return jaxbn.nnx.recompute_batch_stats(work, batches, **kwargs)
