@@ -129,14 +129,20 @@ def assert_close(actual, expected, dtype, *, cond: float = 1.0, k: float = 4.0, 
                     f"{unit_roundoff(dtype):.3g} ({np.dtype(dtype).name})")
 
 
-def cond_offset(x, axis=-1) -> float:
-  """1 + max |mean| / min std over features: the condition factor of statistics of x."""
-  _, mean, var = moments(x, axis)
-  std = np.sqrt(np.maximum(var, np.finfo(np.float64).tiny))
-  return float(1 + np.max(np.abs(mean)) / np.min(std))
+def cond_offset(x, axis=-1, mask=None, eps=1e-5) -> float:
+  """1 + max |mean| / sqrt(var + eps) over features: how much BN amplifies the rounding of x.
+
+  ``x − mean`` rounds at u·|mean|; BN divides it by sqrt(var + eps). Features without a valid
+  entry are ignored (their output is not compared).
+  """
+  n, mean, var = moments(x, axis, mask)
+  has = n > 0
+  if not np.any(has):
+    return 1.0
+  return float(1 + np.max(np.abs(mean[has]) / np.sqrt(var[has] + eps)))
 
 
-def bn_output_cond(x64, dtype, axis=-1) -> float:
+def bn_output_cond(x64, dtype, axis=-1, mask=None) -> float:
   """Condition factor of a BN output in ``dtype`` relative to u(dtype).
 
   The statistics are computed in float32; the shifted one-pass (or two-pass) variance has
@@ -144,7 +150,7 @@ def bn_output_cond(x64, dtype, axis=-1) -> float:
   error is about u(dtype) + u32 * cond_offset², i.e. cond = 1 + cond_offset² * u32 / u(dtype):
   ~1 for bfloat16/float16 output, cond_offset² for float32.
   """
-  c = cond_offset(x64, axis)
+  c = cond_offset(x64, axis, mask)
   return 1.0 + c * c * unit_roundoff(np.float32) / unit_roundoff(dtype)
 
 
@@ -155,11 +161,12 @@ def quantize(x, dtype):
                     np.float64)
 
 
-def stats_cond(x64, axis=-1, order: int = 1) -> float:
+def stats_cond(x64, axis=-1, order: int = 1, mask=None) -> float:
   """Condition factor of float32 batch statistics: log2(n) (summation) × cond_offset^order.
 
   ``order=1`` for the mean, ``order=2`` for the variance (the one-pass or shifted formula loses
   cond_offset² of relative accuracy; a two-pass formula does better, so this is an upper bound).
   """
-  n, _, _ = moments(x64, axis)
-  return float(max(1.0, np.log2(float(np.max(n)))) * cond_offset(x64, axis) ** order)
+  n, _, _ = moments(x64, axis, mask)
+  return float(max(1.0, np.log2(max(float(np.max(n)), 1.0))) *
+               cond_offset(x64, axis, mask) ** order)
