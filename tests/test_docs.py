@@ -52,6 +52,49 @@ def test_python_code_blocks_run_as_written(page):
       raise AssertionError(f"{page}, python block {i} failed: {e!r}\n{code}") from e
 
 
+def _doc_pages() -> list[pathlib.Path]:
+  return [ROOT / "README.md", ROOT / "CONTRIBUTING.md"] + sorted(DOCS.rglob("*.md"))
+
+
+def test_every_jaxbn_name_in_the_docs_exists_and_is_not_deprecated():
+  """`jaxbn.x.y` written anywhere in the README, CONTRIBUTING or docs/ resolves, silently.
+
+  Code fragments that do not run alone (```{code-block} python) are checked this way: a
+  renamed or moved function fails here instead of rotting in the docs.
+  """
+  import importlib
+  import warnings
+  names = set()
+  for page in _doc_pages():
+    if "_build" in page.parts or "_generated" in page.parts:
+      continue
+    found = re.findall(r"\bjaxbn(?:\.[A-Za-z_]\w*)+", page.read_text())
+    names |= {n for n in found if n.rsplit(".", 1)[-1] not in ("md", "rst", "py", "json")}
+  assert "jaxbn.batch_norm" in names
+  missing, deprecated = [], []
+  for name in sorted(names):
+    parts = name.split(".")
+    with warnings.catch_warnings(record=True) as caught:
+      warnings.simplefilter("always")
+      obj, i = None, len(parts)
+      while i > 0:   # the longest importable module prefix, then attributes
+        try:
+          obj = importlib.import_module(".".join(parts[:i]))
+          break
+        except ModuleNotFoundError:
+          i -= 1
+      try:
+        for attr in parts[i:]:
+          obj = getattr(obj, attr)
+      except AttributeError:
+        missing.append(name)
+    if any(issubclass(w.category, DeprecationWarning) and "jaxbn" in str(w.message)
+           for w in caught):
+      deprecated.append(name)
+  assert not missing, f"names in the docs that do not exist: {missing}"
+  assert not deprecated, f"deprecated names in the docs: {deprecated}"
+
+
 def test_readme_example_is_at_most_15_lines():
   swap = python_blocks(ROOT / "README.md")[0]
   assert len(swap.strip().splitlines()) <= 15
