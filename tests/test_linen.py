@@ -227,6 +227,9 @@ def test_stable_variance_option_on_offset_data():
   # The default keeps flax's one-pass formula where it is accurate, and its guard switches to
   # the exact two-pass variance here, where flax's formula loses every digit.
   np.testing.assert_allclose(default, var64, rtol=1e-3)
+  # flax's own layer (the claim above): its one-pass formula loses every digit here.
+  assert np.all(np.abs(np.asarray(flax_default, np.float64) - var64) > 0.5 * var64), (
+      flax_default, var64)
 
 
 def test_momentum_none_is_a_cumulative_average_with_a_count_variable():

@@ -1,5 +1,6 @@
 """jaxbn.nnx.BatchNorm: flax.nnx.BatchNorm's interface and state; NNX transformations; and
-linen == nnx == the functional core, bit for bit, over a product of options.
+linen == nnx == the functional core, bit for bit, and all three == float64 NumPy (outputs in
+training and eval, running statistics) over a product of options.
 
 References: flax.nnx.BatchNorm (constructor, state, dtypes, RNG use) and float64 NumPy.
 """
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import itertools
 
 import flax.linen as nn
 import jax
@@ -250,39 +252,61 @@ def test_eval_shape_split_merge_and_a_pure_train_step():
 
 
 # --------------------------------------------------------------------------------------------
-# linen == nnx == functional core
+# linen == nnx == functional core, and all three == float64
 # --------------------------------------------------------------------------------------------
 
-CONSISTENCY = [
-    dict(),
-    dict(use_running_average=True),
-    dict(use_fast_variance=False, momentum=None),
-    dict(mask=True, use_scale=False),
-    dict(mask=True, use_fast_variance=False, use_bias=False, epsilon=1e-3),
-    dict(dtype=jnp.bfloat16, x_dtype=jnp.bfloat16, debias=True),
-    dict(x_dtype=jnp.bfloat16, unbiased_running_var=True),
-    dict(axis=1, shape=(4, 3, 2, 2)),
-]
+EPS32 = float(jnp.finfo(jnp.float32).eps)
+# Statistics are accumulated in float32 over n <= 48 entries of O(1) data: 64 * eps32. Outputs
+# |y| <= ~4 in float32: 256 * eps32; rounded to bfloat16: one rounding, 2^-9 relative, so 2^-8.
+STATS_TOL = dict(rtol=64 * EPS32, atol=64 * EPS32)
+OUT_TOL = {jnp.float32: dict(rtol=256 * EPS32, atol=256 * EPS32),
+           jnp.bfloat16: dict(rtol=2.0 ** -8, atol=2.0 ** -8)}
 
 
-@pytest.mark.parametrize("case", CONSISTENCY, ids=str)
-def test_linen_nnx_and_core_agree_bit_for_bit(case):
+def _agreement_cases():
+  cases = []
+  for i, (momentum, mask, dtype) in enumerate(itertools.product(
+      (0.9, None, 1.0), (False, True), (jnp.float32, jnp.bfloat16))):
+    cases.append(dict(momentum=momentum, mask=mask, x_dtype=dtype,
+                      use_fast_variance=i % 2 == 0, axis=-1 if i % 3 else 1))
+  cases.append(dict(momentum=0.9, debias=True, use_scale=False, axis=-1))
+  cases.append(dict(momentum=0.8, unbiased_running_var=True, epsilon=1e-3, use_bias=False,
+                    mask=True, axis=-1))
+  return cases
+
+
+def _np_update(old, batch, n, cfg, count):
+  """Float64 running-statistics update (flax's momentum convention)."""
+  m = cfg["momentum"]
+  if cfg.get("unbiased_running_var"):
+    batch = (batch[0], batch[1] * n / (n - 1))
+  if m is None:
+    w_old = count / (count + 1)
+  elif cfg.get("debias"):
+    w_old = m * (1 - m ** count) / (1 - m ** (count + 1))
+  else:
+    w_old = m
+  return tuple(w_old * o + (1 - w_old) * b for o, b in zip(old, batch))
+
+
+@pytest.mark.parametrize("case", _agreement_cases(), ids=str)
+def test_linen_nnx_and_core_agree_bit_for_bit_and_with_float64(case):
   case = dict(case)
-  shape = case.pop("shape", (6, 2, 3))
   x_dtype = case.pop("x_dtype", jnp.float32)
   use_mask = case.pop("mask", False)
-  use_ra = case.pop("use_running_average", False)
-  axis = case.get("axis", -1)
-  cfg = {"momentum": 0.9, **case}
+  axis = case["axis"]
+  shape = (6, 2, 4) if axis == -1 else (4, 3, 2, 2)
+  cfg = dict(case, dtype=x_dtype)  # outputs in the input's dtype
   nf = shape[axis]
   kx, km, ks = jax.random.split(jax.random.key(7), 3)
   x = (jax.random.normal(kx, shape) * 2 + 1).astype(x_dtype)
-  mask = jax.random.bernoulli(km, 0.7, shape[:-1] + (1,)) if use_mask else None
+  mshape = tuple(1 if a == axis % len(shape) else d for a, d in enumerate(shape))
+  mask = jax.random.bernoulli(km, 0.7, mshape).at[0].set(True) if use_mask else None
 
   model = BN(nf, rngs=nnx.Rngs(0), **cfg)
-  # Non-trivial parameters and statistics, shared by all three.
+  # Non-trivial parameters and statistics (and an update count of 3), shared by all three.
   state = jax.tree.map(lambda a: a + 0.25 * jax.random.normal(ks, a.shape, a.dtype)
-                       if jnp.issubdtype(a.dtype, jnp.floating) else a, nnx.state(model))
+                       if jnp.issubdtype(a.dtype, jnp.floating) else a + 3, nnx.state(model))
   graphdef = nnx.graphdef(model)
 
   @jax.jit
@@ -291,34 +315,62 @@ def test_linen_nnx_and_core_agree_bit_for_bit(case):
     stats = {k: state[k][...] for k in ("mean", "var", "count") if k in state}
     core_stats = jaxbn.BatchStats(stats["mean"], stats["var"],
                                   stats.get("count", jnp.zeros((), jnp.int32)))
-    out_dtype = nn.dtypes.canonicalize_dtype(x, params.get("scale"), params.get("bias"),
-                                             stats["mean"], dtype=cfg.get("dtype"))
-    y_core, s_core = jaxbn.batch_norm(
-        x, core_stats, params.get("scale"), params.get("bias"), training=not use_ra,
-        axis=axis, momentum=cfg["momentum"], epsilon=cfg.get("epsilon", 1e-5), mask=mask,
-        dtype=out_dtype, use_fast_variance=cfg.get("use_fast_variance", True),
-        unbiased_running_var=cfg.get("unbiased_running_var", False),
-        debias=cfg.get("debias", False))
-    core = (y_core, {k: getattr(s_core, k) for k in stats})
-    y_lin, upd = jaxbn.linen.BatchNorm(**cfg).apply(
-        {"params": params, "batch_stats": stats}, x, use_running_average=use_ra, mask=mask,
-        mutable=["batch_stats"])
-    m = nnx.merge(graphdef, state)
-    y_nnx = m(x, use_running_average=use_ra, mask=mask)
-    return core, (y_lin, dict(upd["batch_stats"])), (y_nnx, {k: getattr(m, k)[...]
-                                                             for k in stats})
+    out = {}
+    for use_ra in (True, False):  # eval first: training updates the merged state in place
+      y_core, s_core = jaxbn.batch_norm(
+          x, core_stats, params.get("scale"), params.get("bias"), training=not use_ra,
+          axis=axis, momentum=0.0 if cfg["momentum"] == 1.0 else cfg["momentum"],
+          epsilon=cfg.get("epsilon", 1e-5), mask=mask, dtype=x_dtype,
+          use_fast_variance=cfg.get("use_fast_variance", True),
+          unbiased_running_var=cfg.get("unbiased_running_var", False),
+          debias=cfg.get("debias", False))
+      if cfg["momentum"] == 1.0:  # the running statistics stay (see test_layers_flax.py)
+        s_core = s_core._replace(mean=core_stats.mean, var=core_stats.var)
+      core = (y_core, {k: getattr(s_core, k) for k in stats})
+      y_lin, upd = jaxbn.linen.BatchNorm(**cfg).apply(
+          {"params": params, "batch_stats": stats}, x, use_running_average=use_ra, mask=mask,
+          mutable=["batch_stats"])
+      m = nnx.merge(graphdef, state)
+      y_nnx = m(x, use_running_average=use_ra, mask=mask)
+      out[use_ra] = (core, (y_lin, dict(upd["batch_stats"])),
+                     (y_nnx, {k: getattr(m, k)[...] for k in stats}))
+    return out
 
-  core, lin, nnx_out = run(x, mask, state)
-  params = {k: state[k][...] for k in ("scale", "bias") if k in state}
-  for other in (lin, nnx_out):
-    assert jax.tree.structure(other) == jax.tree.structure(core)
-    for a, b in zip(jax.tree.leaves(other), jax.tree.leaves(core)):
-      assert a.dtype == b.dtype
-      np.testing.assert_array_equal(np.asarray(a, np.float64), np.asarray(b, np.float64))
-  # And the shared answer is right (float64 reference, training mode).
-  if not use_ra and axis == -1:
-    mean, var = np_stats(np.asarray(x, np.float64), mask)
-    tol = 3e-2 if x_dtype == jnp.bfloat16 else 1e-5
-    ref = np_normalize(x, mean, var, params.get("scale", 1.0), params.get("bias", 0.0),
-                       cfg.get("epsilon", 1e-5))
-    np.testing.assert_allclose(np.asarray(core[0], np.float64), ref, rtol=tol, atol=tol)
+  out = run(x, mask, state)
+  for use_ra in (False, True):
+    core, lin, nnx_out = out[use_ra]
+    for other in (lin, nnx_out):
+      assert jax.tree.structure(other) == jax.tree.structure(core)
+      for a, b in zip(jax.tree.leaves(other), jax.tree.leaves(core)):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(np.asarray(a, np.float64), np.asarray(b, np.float64))
+
+  # And the shared answer is right: float64 references for outputs and running statistics.
+  f64 = lambda a: np.asarray(a, np.float64)  # noqa: E731
+  feat = axis % x.ndim
+  red = tuple(a for a in range(x.ndim) if a != feat)
+  kshape = [nf if a == feat else 1 for a in range(x.ndim)]
+  k = lambda v: f64(v).reshape(kshape)  # noqa: E731
+  x64 = f64(x)
+  w = np.ones_like(x64) if mask is None else np.broadcast_to(f64(mask), x64.shape)
+  n = w.sum(red)
+  mean_b = (w * x64).sum(red) / n
+  var_b = (w * (x64 - k(mean_b)) ** 2).sum(red) / n
+  old = (f64(state["mean"][...]), f64(state["var"][...]))
+  scale = k(state["scale"][...]) if "scale" in state else 1.0
+  bias = k(state["bias"][...]) if "bias" in state else 0.0
+  eps = cfg.get("epsilon", 1e-5)
+  count = int(state["count"][...]) if "count" in state else 0
+
+  y_train = (x64 - k(mean_b)) / np.sqrt(k(var_b) + eps) * scale + bias
+  y_eval = (x64 - k(old[0])) / np.sqrt(k(old[1]) + eps) * scale + bias
+  np.testing.assert_allclose(f64(out[False][0][0]), y_train, **OUT_TOL[x_dtype])
+  np.testing.assert_allclose(f64(out[True][0][0]), y_eval, **OUT_TOL[x_dtype])
+  new = old if cfg["momentum"] == 1.0 else _np_update(old, (mean_b, var_b), n, cfg, count)
+  got = out[False][0][1]
+  np.testing.assert_allclose(f64(got["mean"]), new[0], **STATS_TOL)
+  np.testing.assert_allclose(f64(got["var"]), new[1], **STATS_TOL)
+  for key in ("mean", "var"):  # eval leaves the statistics bit-identical
+    np.testing.assert_array_equal(f64(out[True][0][1][key]), f64(state[key][...]))
+  if "count" in got:
+    assert int(got["count"]) == count + 1
