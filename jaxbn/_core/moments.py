@@ -268,7 +268,16 @@ def batch_moments(x: jax.Array, mask: Optional[jax.Array], plan: Plan,
     _, mean2, m2_2, _ = shifted(mean, known_count=count)
     return mean2, m2_2
 
-  mean, m2 = lax.cond(trusted, lambda: (mean, m2), exact)
+  try:
+    mean, m2 = lax.cond(trusted, lambda: (mean, m2), exact)
+  except Exception as e:  # noqa: BLE001 - JAX's sharding errors only; the rest re-raised
+    if "sharding" not in str(e) and "not found in mesh" not in str(e):
+      raise
+    # jax.vmap over an explicitly sharded axis cannot batch a data-dependent cond (JAX
+    # 0.10 raises a sharding error for the batched predicate): compute both and select.
+    exact_mean, exact_m2 = exact()
+    mean = jnp.where(trusted, mean, exact_mean)
+    m2 = jnp.where(trusted, m2, exact_m2)
   valid = count > 0
   mean = jnp.where(valid, mean, jnp.zeros((), acc))
   var = m2 / jnp.maximum(count, 1.0)
