@@ -49,8 +49,12 @@ def batch_norm(
   Numerics:
     * statistics are accumulated in float32 (or wider) for bf16/fp16 input without writing
       an up-cast copy of ``x``; the output has ``x``'s dtype (or ``dtype``);
-    * the variance is stable for any offset of the data (see :func:`jaxbn.moments`);
-      ``use_fast_variance=True`` selects flax's ``E[x²] − E[x]²``;
+    * one fused pass over ``x`` accumulates ``Σ(x − K)`` and ``Σ(x − K)²`` about the running
+      mean ``K`` (``K = 0`` with ``use_fast_variance=True``: flax's ``E[x²] − E[x]²``
+      numbers), and one ``psum`` of ``2–3 × features`` numbers synchronizes them; where the
+      batch mean is far from ``K`` (the first steps, a jump of the data) an exact
+      correction pass is added, so the variance is exact for any offset of the data in
+      both modes, synchronized or not (see :func:`jaxbn.moments`);
     * ``momentum`` is the weight of the *old* running value (flax/Keras/haiku). PyTorch's
       ``momentum=p`` is ``1 - p`` here (:func:`jaxbn.momentum_from_torch`); ``momentum=None``
       is a cumulative average (PyTorch's ``momentum=None``);
@@ -82,7 +86,7 @@ def batch_norm(
     axis_index_groups: synchronize within these groups of device indices only (``pmap``).
     mask: optional bool array broadcastable to ``x``: which entries count in the statistics.
     dtype: output dtype (default ``x.dtype``).
-    use_fast_variance: flax's fast (unstable for large means) variance.
+    use_fast_variance: flax's one-pass numbers (shift 0, guarded by the exact correction).
     unbiased_running_var: store the unbiased variance in the running statistics (PyTorch).
     debias: zero-debiased running averages (see :func:`jaxbn.update_stats`).
 
