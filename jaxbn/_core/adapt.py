@@ -31,10 +31,11 @@ def source_weight(prior: ArrayLike, n: ArrayLike) -> jax.Array:
     n: the number of target examples.
 
   Returns:
-    ``N / (N + n)`` in float32 (1 where ``N + n = 0``).
+    ``N / (N + n)`` in at least float32 (1 where ``N + n = 0``).
   """
-  prior = jnp.asarray(prior, jnp.float32)
-  n = jnp.asarray(n, jnp.float32)
+  dtype = jnp.promote_types(jnp.result_type(prior, n), jnp.float32)
+  prior = jnp.asarray(prior, dtype)
+  n = jnp.asarray(n, dtype)
   total = prior + n
   return jnp.where(total > 0, prior / jnp.where(total > 0, total, 1.0), 1.0)
 
@@ -65,10 +66,10 @@ def mix_stats(source: "jaxbn.BatchStats", target: "jaxbn.Moments",
     raise ValueError(f"mix_stats: `target` has feature shape {jnp.shape(target.mean)} but "
                      f"`source` has {jnp.shape(source.mean)}; compute the moments over the "
                      f"same feature axis.")
-  w = jnp.where(jnp.asarray(target.count) > 0, jnp.asarray(weight, jnp.float32), 1.0)
-
   def mix(s, t):
-    return (w * s.astype(jnp.float32) + (1.0 - w) * t.astype(jnp.float32)).astype(s.dtype)
+    work = jnp.promote_types(jnp.promote_types(s.dtype, t.dtype), jnp.float32)
+    w = jnp.where(jnp.asarray(target.count) > 0, jnp.asarray(weight, work), 1.0).astype(work)
+    return (w * s.astype(work) + (1.0 - w) * t.astype(work)).astype(s.dtype)
 
   return jaxbn.BatchStats(mix(source.mean, target.mean), mix(source.var, target.var),
                           source.count)
