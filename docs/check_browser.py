@@ -34,9 +34,18 @@ from typing import Callable, List, Tuple
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+class _Server(http.server.ThreadingHTTPServer):
+
+  def handle_error(self, request, client_address):
+    # The browser cancels requests it no longer needs (a page left before all its assets
+    # arrived): a broken pipe is expected, not an error of the site.
+    if not isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
+      super().handle_error(request, client_address)
+
+
 def _serve(site: str) -> Tuple[http.server.ThreadingHTTPServer, str]:
   handler = functools.partial(_QuietHandler, directory=site)
-  server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+  server = _Server(("127.0.0.1", 0), handler)
   threading.Thread(target=server.serve_forever, daemon=True).start()
   return server, f"http://127.0.0.1:{server.server_address[1]}"
 
