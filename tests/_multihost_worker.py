@@ -54,13 +54,40 @@ def sync_bn_step(mesh):
                                out_specs=(d, P(), P(), d, P(), P())))
 
 
+LOOPBACK = "127.0.0.1"
+_BOUND = []  # the address our gloo factory bound, once the CPU backend was created with it
+
+
+def bind_gloo_to_loopback() -> None:
+  """Makes the CPU backend's gloo collectives bind 127.0.0.1, whatever the hostname resolves to.
+
+  By default gloo binds the address of ``gethostname()``; in most containers that is not a
+  loopback address, and only loopback traffic is allowed on the test machines. jaxlib's
+  ``make_gloo_tcp_collectives`` takes a ``hostname``; JAX passes none, so this re-registers the
+  CPU backend factory with it (after ``jax.distributed.initialize``, before any backend
+  starts). It uses JAX internals on purpose: if they change, the test fails loudly here
+  instead of skipping.
+  """
+  from jax._src import distributed, xla_bridge
+  from jax._src.lib import _jax
+
+  def factory():
+    collectives = _jax.make_gloo_tcp_collectives(
+        distributed_client=distributed.global_state.client, hostname=LOOPBACK)
+    _BOUND.append(LOOPBACK)
+    return xla_bridge.make_cpu_client(collectives=collectives)
+
+  xla_bridge.register_backend_factory("cpu", factory, priority=0, fail_quietly=False)
+
+
 def main(process_id: int, num_processes: int, port: int, out_dir: str) -> None:
   import jax
   jax.config.update("jax_platforms", "cpu")
   jax.config.update("jax_num_cpu_devices", 4)
-  jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}",
+  jax.distributed.initialize(coordinator_address=f"{LOOPBACK}:{port}",
                              num_processes=num_processes, process_id=process_id,
                              initialization_timeout=60)
+  bind_gloo_to_loopback()
   try:
     from jax.experimental import multihost_utils
 
@@ -81,9 +108,11 @@ def main(process_id: int, num_processes: int, port: int, out_dir: str) -> None:
              x=gather(x), y=gather(y), gx=gather(gx),
              mean=np.asarray(mean.addressable_data(0)), var=np.asarray(var.addressable_data(0)),
              gs=np.asarray(gs.addressable_data(0)), gb=np.asarray(gb.addressable_data(0)),
-             all_reduces=parallel.collective_counts(compiled, operands=True).get("all-reduce",
-                                                                                   0),
-             devices=jax.device_count(), local_devices=jax.local_device_count())
+             # On the path every call takes (an exact fallback may sit in a cond branch).
+             all_reduces=parallel.collective_counts(compiled, operands=True,
+                                                    conditional=False).get("all-reduce", 0),
+             devices=jax.device_count(), local_devices=jax.local_device_count(),
+             gloo_bound=_BOUND[0] if _BOUND else "")
   finally:
     jax.distributed.shutdown()
 

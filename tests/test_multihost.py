@@ -1,8 +1,10 @@
 """Synced BN on a ``jax.distributed`` multi-process mesh: 2 processes x 4 CPU devices.
 
-Launches ``tests/_multihost_worker.py`` twice on 127.0.0.1 (gloo CPU collectives), with a
-timeout that kills both workers, and checks their results against the same step run in this
-single process on 8 devices and against the float64 global-batch reference.
+Launches ``tests/_multihost_worker.py`` twice on 127.0.0.1 (gloo CPU collectives bound to the
+loopback address by the worker itself, whatever the hostname resolves to), with a timeout that
+kills both workers, and checks their results against the same step run in this single process
+on 8 devices and against the float64 global-batch reference. It never skips: where loopback
+TCP does not work the launch fails with the workers' logs.
 """
 
 from __future__ import annotations
@@ -25,17 +27,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 120
 
 
-def _hostname_is_loopback() -> tuple[bool, str]:
-  try:
-    address = socket.gethostbyname(socket.gethostname())
-  except OSError as e:
-    return False, f"hostname does not resolve ({e})"
-  return address.startswith("127."), address
-
-
 def _free_port() -> int:
   with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-    s.bind(("127.0.0.1", 0))
+    s.bind((worker.LOOPBACK, 0))
     return s.getsockname()[1]
 
 
@@ -75,10 +69,6 @@ def _run_workers(tmp_path, num_processes=2):
 
 @pytest.mark.slow
 def test_two_processes_four_devices_each_equal_single_process_and_float64(tmp_path):
-  loopback, address = _hostname_is_loopback()
-  if not loopback:
-    pytest.skip(reason=f"the hostname resolves to {address}, not a 127.x loopback address; gloo "
-                f"binds to it and only loopback traffic is allowed here")
   results = _run_workers(tmp_path)
   d = worker.make_data()
 
@@ -92,17 +82,31 @@ def test_two_processes_four_devices_each_equal_single_process_and_float64(tmp_pa
   dx_ref, ds_ref, db_ref = ref.grads(d["x"], d["s"], d["b"], d["w"], mask=d["mask"])
   for r in results:
     assert int(r["devices"]) == 8 and int(r["local_devices"]) == 4
+    assert str(r["gloo_bound"]) == worker.LOOPBACK  # our loopback gloo made the CPU backend
     # Each process loaded its half; together they are the global batch, in order.
     np.testing.assert_array_equal(r["x"], d["x"])
     # One all-reduce forward and one backward, also across processes.
     assert int(r["all_reduces"]) == 2
-    for got, single in ((r["y"], y1), (r["mean"], mean1), (r["var"], var1), (r["gx"], gx1),
-                        (r["gs"], gs1), (r["gb"], gb1)):
-      np.testing.assert_allclose(got, single, rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(r["y"], y_ref, rtol=1e-5, atol=2e-5)
-    np.testing.assert_allclose(r["mean"], (1 - worker.MOMENTUM) * mean_ref.ravel(), rtol=1e-5)
-    np.testing.assert_allclose(r["var"], ref.ema(1.0, var_ref.ravel(), worker.MOMENTUM),
-                               rtol=1e-5)
-    np.testing.assert_allclose(r["gx"], dx_ref, rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(r["gs"], ds_ref, rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(r["gb"], db_ref, rtol=1e-4, atol=1e-4)
+    # Two processes vs one: the same float32 program, different collective implementations
+    # (gloo vs in-process) may sum in another order: the float32 bounds (tests/README.md).
+    x64 = np.asarray(d["x"], np.float64)
+    c_y = ref.bn_output_cond(x64, np.float32, mask=d["mask"])
+    c_mean = ref.stats_cond(x64, mask=d["mask"])
+    c_var = ref.stats_cond(x64, order=2, mask=d["mask"])
+    raw = d["s"] / np.sqrt(var_ref.ravel() + 1e-5) * d["w"]  # un-cancelled scale of dx
+    dx_scale = float(np.sqrt(np.mean(raw ** 2)))
+    for got, single, cond, what in ((r["y"], y1, c_y, "y"), (r["mean"], mean1, c_mean, "mean"),
+                                    (r["var"], var1, c_var, "var"), (r["gx"], gx1, c_var, "dx"),
+                                    (r["gs"], gs1, c_var, "dscale"),
+                                    (r["gb"], gb1, c_var, "dbias")):
+      ref.assert_close(got, single, np.float32, cond=cond, k=8, what=f"{what} vs 1 process",
+                       scale=dx_scale if what == "dx" else None)
+    valid = np.broadcast_to(d["mask"], d["x"].shape)
+    ref.assert_close(r["y"], y_ref, np.float32, cond=c_y, where=valid, what="y")
+    ref.assert_close(r["mean"], (1 - worker.MOMENTUM) * mean_ref.ravel(), np.float32,
+                     cond=c_mean, what="running mean")
+    ref.assert_close(r["var"], ref.ema(1.0, var_ref.ravel(), worker.MOMENTUM), np.float32,
+                     cond=c_var, what="running var")
+    ref.assert_close(r["gx"], dx_ref, np.float32, cond=c_var, scale=dx_scale, what="dx")
+    ref.assert_close(r["gs"], ds_ref, np.float32, cond=c_var, what="dscale")
+    ref.assert_close(r["gb"], db_ref, np.float32, cond=c_var, what="dbias")
