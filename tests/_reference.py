@@ -170,3 +170,19 @@ def stats_cond(x64, axis=-1, order: int = 1, mask=None) -> float:
   n, _, _ = moments(x64, axis, mask)
   return float(max(1.0, np.log2(max(float(np.max(n)), 1.0))) *
                cond_offset(x64, axis, mask) ** order)
+
+
+def group_norm(x, num_groups, eps=1e-6, scale=None, bias=None):
+  """float64 group norm of NHWC-like x (batch first, channels last), per example and group."""
+  x = np.asarray(x, np.float64)
+  c = x.shape[-1]
+  g = x.reshape(x.shape[:-1] + (num_groups, c // num_groups))
+  axes = tuple(range(1, x.ndim - 1)) + (x.ndim,)
+  mean = g.mean(axis=axes, keepdims=True)
+  var = ((g - mean) ** 2).mean(axis=axes, keepdims=True)
+  y = ((g - mean) / np.sqrt(var + eps)).reshape(x.shape)
+  if scale is not None:
+    y = y * np.asarray(scale, np.float64)
+  if bias is not None:
+    y = y + np.asarray(bias, np.float64)
+  return y
