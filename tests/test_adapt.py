@@ -271,3 +271,15 @@ def test_errors_name_the_argument():
   with pytest.raises(ValueError, match=r"split_batch_norm: `domain` must be an int scalar"):
     jaxbn.split_batch_norm(jnp.ones((2, 4)), stacked, domain=jnp.zeros(3, jnp.int32),
                            training=True)
+
+
+def test_adaptation_demo_table_is_rendered_from_its_json(tmp_path):
+  """The committed RESULTS.md is exactly what examples/adaptation/run.py renders from
+  results.json (no number typed by hand)."""
+  import pathlib
+  import shutil
+  from examples.adaptation import run
+  here = pathlib.Path(run.__file__).parent
+  shutil.copy(here / "results.json", tmp_path / "results.json")
+  run.main(["--render-only", "--out", str(tmp_path)])
+  assert (tmp_path / "RESULTS.md").read_text() == (here / "RESULTS.md").read_text()

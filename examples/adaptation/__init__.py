@@ -1,0 +1,1 @@
+"""Test-time adaptation and weight averaging demo on scikit-learn digits (see README.md)."""
