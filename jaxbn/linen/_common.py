@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
 import jaxbn
+# The core's argument checks, so that the layers (which validate before creating variables)
+# and the functions give the same messages.
+from jaxbn._core.checks import feature_axes, momentum_value
 
 
 # --------------------------------------------------------------------------------------------
-# Dtypes and axes.
+# Dtypes.
 # --------------------------------------------------------------------------------------------
 
 
@@ -32,23 +35,6 @@ def result_dtype(*arrays: Any, dtype: Optional[Any] = None) -> Any:
   if not jnp.issubdtype(out, jnp.inexact):
     out = jnp.promote_types(jnp.float32, out)
   return out
-
-
-def feature_axes(fn: str, ndim: int, axis: Any, name: str = "axis") -> tuple[int, ...]:
-  """``axis`` (an int or a sequence of ints) as sorted non-negative axes of a rank-``ndim`` x."""
-  axes = (axis,) if isinstance(axis, int) else tuple(axis)
-  if not axes or not all(isinstance(a, int) and -ndim <= a < ndim for a in axes):
-    raise ValueError(f"{fn}: `{name}`={axis!r} is not a valid axis (or tuple of axes) of an "
-                     f"input of rank {ndim}; pass axes in [-{ndim}, {ndim}).")
-  out = tuple(sorted({a % ndim for a in axes}))
-  if len(out) != len(axes):
-    raise ValueError(f"{fn}: `{name}`={axis!r} names an axis twice; pass each axis once.")
-  return out
-
-
-def keepdims(v: jax.Array, shape: Sequence[int], feat: Sequence[int]) -> jax.Array:
-  """A feature-shaped ``v`` reshaped to broadcast against an input of ``shape``."""
-  return jnp.reshape(v, [shape[a] if a in feat else 1 for a in range(len(shape))])
 
 
 # --------------------------------------------------------------------------------------------
@@ -77,23 +63,6 @@ def resolve_mode(layer: str, field: Optional[bool], call: Optional[bool]) -> boo
     raise flax_error('Parameter "use_running_average" was passed to the constructor and at '
                      'call time. Should be passed just once.', MODE_HOWTO.format(layer=layer))
   return field if call is None else call
-
-
-def check_momentum(fn: str, momentum: Any) -> None:
-  """``momentum`` in ``[0, 1]`` or None (1: the running statistics stay as they are)."""
-  if momentum is None or isinstance(momentum, jax.Array):
-    return
-  if not isinstance(momentum, (int, float)) or not 0.0 <= momentum <= 1.0:
-    raise ValueError(
-        f"{fn}: `momentum` must be in [0, 1] (flax convention: the weight of the old running "
-        f"value; 1 keeps the running statistics as they are) or None (cumulative average), "
-        f"got {momentum!r}. A PyTorch momentum p converts to 1 - p "
-        f"(jaxbn.momentum_from_torch).")
-
-
-def frozen_momentum(momentum: Any) -> bool:
-  """True for a static ``momentum`` of 1: training keeps the running statistics unchanged."""
-  return isinstance(momentum, (int, float)) and not isinstance(momentum, bool) and momentum == 1
 
 
 # --------------------------------------------------------------------------------------------
@@ -152,21 +121,19 @@ def bn_call(mdl: nn.Module, core: Callable[..., Any], fn: str, x: jax.typing.Arr
 
   ``core`` is a functional op with :func:`jaxbn.batch_norm`'s signature (plus ``extra``
   keyword arguments). As in flax: during ``init`` nothing is updated and no collective is
-  issued; complex input turns the running mean complex after the first update; and
-  ``momentum=1`` trains on batch statistics while the running ones stay as they are.
+  issued, and complex input turns the running mean complex after the first update.
   """
-  check_momentum(fn, mdl.momentum)
+  momentum_value(fn, mdl.momentum)
   x, stats, scale, bias, out_dtype, (ra_mean, ra_var, ra_count) = bn_variables(mdl, x, fn)
   if jnp.iscomplexobj(x) and not jnp.iscomplexobj(stats.mean):
     stats = stats._replace(mean=stats.mean.astype(jnp.promote_types(stats.mean.dtype,
                                                                     jnp.complex64)))
-  keep = frozen_momentum(mdl.momentum)
   initializing = mdl.is_initializing()
   y, new = core(
       x, stats, scale, bias,
       training=not use_running_average,
       axis=mdl.axis,
-      momentum=0.0 if keep else mdl.momentum,
+      momentum=mdl.momentum,
       epsilon=mdl.epsilon,
       axis_name=None if initializing else mdl.axis_name,
       axis_index_groups=None if initializing else mdl.axis_index_groups,
@@ -178,9 +145,8 @@ def bn_call(mdl: nn.Module, core: Callable[..., Any], fn: str, x: jax.typing.Arr
       **extra,
   )
   if not use_running_average and not initializing:
-    if not keep:
-      ra_mean.value = new.mean
-      ra_var.value = new.var
+    ra_mean.value = new.mean
+    ra_var.value = new.var
     if ra_count is not None:
       ra_count.value = new.count
   return y

@@ -16,12 +16,14 @@ from flax import linen as nn
 from flax.core import FrozenDict, freeze, unfreeze
 
 import jaxbn
-# Private core machinery with no public equivalent: the recomputation driver (`run`, which
-# traces the model, places batches on a mesh and merges moments) and the jaxpr tags that find
-# Conv/Dense -> BN pairs (`mark`, `marked_pairs`, `trailing_axes`).
+# Private core machinery with no public equivalent: the recomputation driver (`run`), the
+# jaxpr tags that find Conv/Dense -> BN pairs (`mark`, `marked_pairs`, `trailing_axes`), and
+# the core's axis check and feature reshape.
 from jaxbn._core import fold as _fold
 from jaxbn._core import recompute
-from jaxbn.linen._common import feature_axes, keepdims, result_dtype
+from jaxbn._core.checks import feature_axes
+from jaxbn._core.normalize import to_keepdims
+from jaxbn.linen._common import result_dtype
 from jaxbn.linen._registry import kind_of
 
 Path = tuple[str, ...]
@@ -440,7 +442,7 @@ def _folded_interceptor(next_fun, args, kwargs, context):
   x = jnp.asarray(args[0])
   feat = feature_axes(fn, x.ndim, module.axis)
   out_dtype = result_dtype(x, bias, dtype=module.dtype)
-  return (x + keepdims(bias, x.shape, feat)).astype(out_dtype)
+  return (x + to_keepdims(bias, x.shape, feat)).astype(out_dtype)
 
 
 def folded(apply_fn: Any) -> Callable:

@@ -12,7 +12,8 @@ from flax.typing import Axes, Dtype, Initializer
 from jax.nn import initializers
 
 from jaxbn import group_norm, instance_norm, layer_norm, rms_norm
-from jaxbn.linen._common import affine_params, as_float, feature_axes, flax_error
+from jaxbn._core.checks import named_axes
+from jaxbn.linen._common import affine_params, as_float, flax_error
 
 _COMPAT = """
   Same fields, defaults (``epsilon=1e-6``, ``use_fast_variance=True``), call signature and
@@ -103,7 +104,7 @@ class LayerNorm(nn.Module):
       The normalized input, shaped like ``x``.
     """
     x = as_float(x)
-    feat = feature_axes("jaxbn.linen.LayerNorm", x.ndim, self.feature_axes, "feature_axes")
+    feat = named_axes("jaxbn.linen.LayerNorm", "feature_axes", x.ndim, self.feature_axes)
     scale, bias, out = affine_params(self, x, [x.shape[a] for a in feat], self.use_scale,
                                      self.use_bias)
     return layer_norm(x, scale, bias, reduction_axes=self.reduction_axes,
@@ -165,7 +166,7 @@ class RMSNorm(nn.Module):
       The normalized input, shaped like ``x``.
     """
     x = as_float(x)
-    feat = feature_axes("jaxbn.linen.RMSNorm", x.ndim, self.feature_axes, "feature_axes")
+    feat = named_axes("jaxbn.linen.RMSNorm", "feature_axes", x.ndim, self.feature_axes)
     scale, _, out = affine_params(self, x, [x.shape[a] for a in feat], self.use_scale,
                                    False)
     return rms_norm(x, scale, reduction_axes=self.reduction_axes,
@@ -238,7 +239,7 @@ class GroupNorm(nn.Module):
     if x.ndim < 1:
       raise ValueError(f"{fn}: `x` must have a channel axis (rank >= 1).")
     if self.reduction_axes is not None:
-      red = feature_axes(fn, x.ndim, self.reduction_axes, "reduction_axes")
+      red = named_axes(fn, "reduction_axes", x.ndim, self.reduction_axes)
       if red[-1] != x.ndim - 1:
         raise flax_error(
             "The reduction axes must include the final dimension as this is assumed to be the "
@@ -310,7 +311,7 @@ class InstanceNorm(nn.Module):
     """
     fn = "jaxbn.linen.InstanceNorm"
     x = as_float(x)
-    feat = feature_axes(fn, x.ndim, self.feature_axes, "feature_axes")
+    feat = named_axes(fn, "feature_axes", x.ndim, self.feature_axes)
     if 0 in feat:
       raise flax_error(
           "The channel axes cannot include the leading dimension as this is assumed to be the "

@@ -11,6 +11,9 @@ from flax import errors, nnx
 from flax.typing import Dtype, Initializer
 
 import jaxbn
+# The core's argument checks, so that the layers (which validate at construction) and the
+# functions give the same messages.
+from jaxbn._core.checks import epsilon_value, feature_axes, momentum_value
 
 
 # --------------------------------------------------------------------------------------------
@@ -59,23 +62,6 @@ def output_dtype(promote: Callable[..., tuple], arrays: tuple, dtype: Optional[D
   return out[0].dtype
 
 
-def feature_axes(fn: str, ndim: int, axis: Any, name: str = "axis") -> tuple[int, ...]:
-  """``axis`` (an int or a sequence of ints) as sorted non-negative axes of a rank-``ndim`` x."""
-  axes = (axis,) if isinstance(axis, int) else tuple(axis)
-  if not axes or not all(isinstance(a, int) and -ndim <= a < ndim for a in axes):
-    raise ValueError(f"{fn}: `{name}`={axis!r} is not a valid axis (or tuple of axes) of an "
-                     f"input of rank {ndim}; pass axes in [-{ndim}, {ndim}).")
-  out = tuple(sorted({a % ndim for a in axes}))
-  if len(out) != len(axes):
-    raise ValueError(f"{fn}: `{name}`={axis!r} names an axis twice; pass each axis once.")
-  return out
-
-
-def keepdims(v: jax.Array, shape: Sequence[int], feat: Sequence[int]) -> jax.Array:
-  """A feature-shaped ``v`` reshaped to broadcast against an input of ``shape``."""
-  return jnp.reshape(v, [shape[a] if a in feat else 1 for a in range(len(shape))])
-
-
 # --------------------------------------------------------------------------------------------
 # Errors that flax also raises (flax's type and sentence first), and argument checks.
 # --------------------------------------------------------------------------------------------
@@ -103,30 +89,6 @@ def resolve_mode(layer: str, call: Optional[bool], attribute: Optional[bool]) ->
   name = layer.rsplit(".", 1)[-1]
   raise flax_error(f"No `use_running_average` argument was provided to {name}.",
                    MODE_HOWTO.format(layer=layer))
-
-
-def check_momentum(fn: str, momentum: Any) -> None:
-  """``momentum`` in ``[0, 1]`` or None (1: the running statistics stay as they are)."""
-  if momentum is None or isinstance(momentum, jax.Array):
-    return
-  if not isinstance(momentum, (int, float)) or not 0.0 <= momentum <= 1.0:
-    raise ValueError(
-        f"{fn}: `momentum` must be in [0, 1] (flax convention: the weight of the old running "
-        f"value; 1 keeps the running statistics as they are) or None (cumulative average), "
-        f"got {momentum!r}. A PyTorch momentum p converts to 1 - p "
-        f"(jaxbn.momentum_from_torch).")
-
-
-def check_epsilon(fn: str, epsilon: Any) -> None:
-  """A positive ``epsilon`` (traced values are checked by the functional core)."""
-  if isinstance(epsilon, (int, float)) and not epsilon > 0:
-    raise ValueError(f"{fn}: `epsilon` must be > 0 (it keeps 1/sqrt(var + epsilon) finite), "
-                     f"got {epsilon!r}; flax's default is 1e-5 for batch norm.")
-
-
-def frozen_momentum(momentum: Any) -> bool:
-  """True for a static ``momentum`` of 1: training keeps the running statistics unchanged."""
-  return isinstance(momentum, (int, float)) and not isinstance(momentum, bool) and momentum == 1
 
 
 # --------------------------------------------------------------------------------------------
@@ -188,8 +150,8 @@ def init_bn_layer(mdl: nnx.Module, fn: str, args: Mapping[str, Any], *,
       name in :data:`BN_CONFIG`, the initializers, ``rngs`` and the metadata.
     extra: the names of the layer's own further settings, stored after the shared ones.
   """
-  check_epsilon(fn, args["epsilon"])
-  check_momentum(fn, args["momentum"])
+  epsilon_value(fn, args["epsilon"])
+  momentum_value(fn, args["momentum"])
   stats = jaxbn.init_stats((args["num_features"],))
   mdl.mean = nnx.BatchStat(stats.mean)
   mdl.var = nnx.BatchStat(stats.var)
@@ -229,18 +191,17 @@ def _write(var: nnx.Variable, value: jax.Array) -> None:
     var.set_value(value)
 
 
-def write_stats(mdl: nnx.Module, new: jaxbn.BatchStats, keep: bool = False,
+def write_stats(mdl: nnx.Module, new: jaxbn.BatchStats,
                 shared_error: Optional[str] = None) -> None:
-  """Stores updated statistics in place, without gradient (``keep``: the count only).
+  """Stores updated statistics in place, without gradient.
 
   A layer whose statistics cannot be written from the current trace (it belongs to an outer
   trace) raises ``TraceContextError(shared_error)`` when ``shared_error`` is given.
   """
   new = jax.tree.map(jax.lax.stop_gradient, new)
   try:
-    if not keep:
-      _write(mdl.mean, new.mean)
-      _write(mdl.var, new.var)
+    _write(mdl.mean, new.mean)
+    _write(mdl.var, new.var)
     if getattr(mdl, "count", None) is not None:
       mdl.count[...] = new.count
   except errors.TraceContextError:
@@ -256,20 +217,18 @@ def bn_call(mdl: nnx.Module, core: Callable[..., Any], fn: str, x: jax.typing.Ar
 
   ``core`` is a functional op with :func:`jaxbn.batch_norm`'s signature (plus ``extra``
   keyword arguments); ``use_running_average`` is the mode already resolved for this call.
-  Complex input turns the running mean complex after the first update, and ``momentum=1``
-  trains on batch statistics while the running ones stay as they are.
+  Complex input turns the running mean complex after the first update.
   """
   x, stats, scale, bias, out = bn_inputs(mdl, x, fn)
   if jnp.iscomplexobj(x) and not jnp.iscomplexobj(stats.mean):
     stats = stats._replace(mean=stats.mean.astype(jnp.promote_types(stats.mean.dtype,
                                                                     jnp.complex64)))
-  keep = frozen_momentum(mdl.momentum)
   training = not use_running_average
   y, new = core(
       x, stats, scale, bias,
       training=training,
       axis=mdl.axis,
-      momentum=0.0 if keep else mdl.momentum,
+      momentum=mdl.momentum,
       epsilon=mdl.epsilon,
       axis_name=mdl.axis_name,
       axis_index_groups=mdl.axis_index_groups,
@@ -281,5 +240,5 @@ def bn_call(mdl: nnx.Module, core: Callable[..., Any], fn: str, x: jax.typing.Ar
       **extra,
   )
   if training:
-    write_stats(mdl, new, keep, shared_error)
+    write_stats(mdl, new, shared_error)
   return y

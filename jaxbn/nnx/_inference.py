@@ -17,11 +17,13 @@ from flax import nnx
 
 import jaxbn
 # Private core machinery with no public equivalent: the recomputation driver (`run`,
-# `current_recorder`) and the jaxpr tags that find Conv/Linear -> BN pairs (`mark`,
-# `marked_pairs`, `trailing_axes`).
+# `current_recorder`), the jaxpr tags that find Conv/Dense -> BN pairs (`mark`,
+# `marked_pairs`, `trailing_axes`), and the core's axis check and feature reshape.
 from jaxbn._core import fold as _fold
 from jaxbn._core import recompute
-from jaxbn.nnx._common import feature_axes, keepdims, output_dtype
+from jaxbn._core.checks import feature_axes
+from jaxbn._core.normalize import to_keepdims
+from jaxbn.nnx._common import output_dtype
 from jaxbn.nnx._registry import kind_of
 
 Path = tuple
@@ -267,7 +269,7 @@ class FoldedBatchNorm(nnx.Module):
     bias = self.bias[...]
     feat = feature_axes("jaxbn.nnx.FoldedBatchNorm", x.ndim, self.axis)
     out_dtype = self.dtype or jnp.result_type(x, bias)
-    return (x + keepdims(bias, x.shape, feat)).astype(out_dtype)
+    return (x + to_keepdims(bias, x.shape, feat)).astype(out_dtype)
 
   def set_view(self, use_running_average: Optional[bool] = None):
     """Used by ``nnx.view``; a folded layer has one behaviour, so this only records it.

@@ -13,8 +13,8 @@ from flax.typing import Axes, Dtype, Initializer, PromoteDtypeFn
 from jax.nn import initializers
 
 from jaxbn import group_norm, instance_norm, layer_norm, rms_norm
-from jaxbn.nnx._common import (feature_axes, flax_error, init_norm, output_dtype,
-                               promote_dtype, store)
+from jaxbn._core.checks import named_axes
+from jaxbn.nnx._common import flax_error, init_norm, output_dtype, promote_dtype, store
 
 _COMPAT = """
   Same constructor, defaults (``epsilon=1e-6``, ``use_fast_variance=True``), attributes and
@@ -367,7 +367,7 @@ class InstanceNorm(nnx.Module):
     """
     x, scale, bias, out = _inputs(self, x)
     fn = "jaxbn.nnx.InstanceNorm"
-    if 0 in feature_axes(fn, x.ndim, self.feature_axes, "feature_axes"):
+    if 0 in named_axes(fn, "feature_axes", x.ndim, self.feature_axes):
       raise flax_error(
           "The channel axes cannot include the leading dimension as this is assumed to be the "
           "batch axis.", f"{fn}: `feature_axes`={self.feature_axes!r} includes axis 0; put the "
