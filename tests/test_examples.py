@@ -20,6 +20,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from examples.cnn import configs, data, main, models, train
 
@@ -135,6 +136,40 @@ def test_digits_and_padded_batches():
   assert 0 < np.mean(shifted != ds.x_train[:50]) < 1
 
 
+def test_class_sorted_batches_give_each_device_its_own_classes():
+  """--shard_by_class: device d's rows come only from the d-th class-sorted part, and one pass
+  covers every training example exactly once."""
+  ds = data.load("digits", num_train=200)
+  devices, batch = 8, 32
+  per_device = batch // devices
+  parts = np.array_split(np.sort(ds.y_train), devices)  # the classes each device may hold
+  seen = []
+  batches = list(data.class_sorted_batches(ds.x_train, ds.y_train, batch, devices,
+                                           np.random.default_rng(0)))
+  assert len(batches) == data.num_class_sorted_batches(200, batch, devices) == 7
+  for b in batches:
+    assert b.image.shape == (batch, 8, 8, 1) and b.mask.shape == (batch,)
+    for d in range(devices):
+      rows = slice(d * per_device, (d + 1) * per_device)
+      labels = b.label[rows][b.mask[rows]]
+      assert set(labels.tolist()) <= set(parts[d].tolist())
+    seen += [tuple(img.ravel()) for img in b.image[b.mask]]
+  assert len(seen) == 200 and len(set(seen)) == len({tuple(x.ravel()) for x in ds.x_train})
+  assert max(len(set(p.tolist())) for p in parts) <= 3  # a few classes per device
+
+
+def test_noise_is_added_once_with_the_given_std():
+  clean = data.load("digits", num_train=400)
+  noisy = data.load("digits", num_train=400, noise=0.6)
+  again = data.load("digits", num_train=400, noise=0.6)
+  np.testing.assert_array_equal(noisy.x_train, again.x_train)  # fixed by the seed
+  diff = (noisy.x_train - clean.x_train).ravel()
+  # 25,600 draws: the sample std of N(0, 0.6^2) is within 0.6 * 4/sqrt(2n) ~ 1% of 0.6.
+  np.testing.assert_allclose(diff.std(), 0.6, rtol=0.02)
+  assert abs(diff.mean()) < 4 * 0.6 / np.sqrt(diff.size)
+  np.testing.assert_array_equal(noisy.y_train, clean.y_train)
+
+
 # ----------------------------------------------------------------------------- flags
 
 
@@ -150,6 +185,18 @@ def test_bad_flags_exit_with_usage(argv, message, capsys):
     main.parse_config(argv)
   assert e.value.code == 2
   assert re.search(message, capsys.readouterr().err)
+
+
+def test_every_flag_has_help_text():
+  parser = main.build_parser()
+  for action in parser._actions:  # pylint: disable=protected-access
+    if action.dest in ("help",):
+      continue
+    text = (action.help or "").split("(default:")[0].strip()
+    assert len(text) > 10, f"--{action.dest} has no help text"
+  fields = {f.name for f in __import__("dataclasses").fields(configs.Config)}
+  flags = {a.dest for a in parser._actions} - {"help", "config"}  # pylint: disable=protected-access
+  assert flags == fields  # one flag per Config field, no more, no fewer
 
 
 @pytest.mark.parametrize("changes, message", [
@@ -168,6 +215,13 @@ def test_bad_flags_exit_with_usage(argv, message, capsys):
     (dict(learning_rate=0.0), r"--learning_rate must be > 0"),
     (dict(norm="flax", parallel="shard_map", devices=8),
      r"--norm flax with --parallel shard_map: .*flax issue #2417.*use --norm batch"),
+    (dict(api="haiku"), r"--api 'haiku': choose one of linen, nnx"),
+    (dict(dtype="float16"), r"--dtype 'float16': choose one of float32, bfloat16"),
+    (dict(steps=0), r"--steps must be a positive integer \(or unset\), got 0"),
+    (dict(warmup_fraction=1.0), r"--warmup_fraction must be in \[0, 1\), got 1\.0"),
+    (dict(sync_bn=False, devices=2), r"--no-sync_bn needs per-device code: use --parallel "
+     r"shard_map or pmap"),
+    (dict(resume=True, overwrite=True), r"--resume and --overwrite contradict each other"),
 ])
 def test_check_config_errors(changes, message):
   with pytest.raises(configs.UsageError, match=message):
@@ -220,7 +274,7 @@ def tiny():
   batch = next(data.batches(ds.x_train, ds.y_train, 16))
   assert batch.mask.sum() == 12
   model = train.create_model(cfg, ds.num_classes)
-  state = train.create_train_state(train.init_key(0), cfg, model, ds.image_shape, 4)
+  state = train.create_train_state(train.init_key(0), cfg, model, ds.image_shape, total=4)
   reference = _run_steps(cfg, ds, state, batch, "jit", 1)
   return cfg, ds, state, batch, reference
 
@@ -296,6 +350,78 @@ def test_smoke_runs(norm, parallel, devices, tmp_path):
   assert bool(state.batch_stats) == (norm in ("batch", "renorm", "ghost", "flax"))
 
 
+@pytest.mark.parametrize("norm, parallel, devices, extra", [
+    ("batch", "shard_map", 2, {}),
+    ("renorm", "pmap", 2, {}),
+    ("batch", "shard_map", 2, dict(sync_bn=False, shard_by_class=True)),
+    ("group", "jit", 1, dict(dtype="bfloat16")),
+])
+def test_nnx_smoke_runs(norm, parallel, devices, extra, tmp_path):
+  """--api nnx in every parallel mode: an nnx.Optimizer state that trains and checkpoints."""
+  cfg = SMOKE.replace(api="nnx", norm=norm, parallel=parallel, devices=devices,
+                      recompute_stats=norm == "batch", **extra)
+  state, summary = train.train_and_evaluate(cfg, str(tmp_path))
+  _check_outputs(summary, cfg)
+  assert isinstance(state, train.NnxTrainState)
+  assert ("test_accuracy_recomputed" in summary) == (norm == "batch")
+  model, optimizer = state.merge()
+  assert int(optimizer.step[...]) == 2
+  if norm != "group":  # the running statistics moved away from their initial 0 / 1
+    assert not np.allclose(np.asarray(model.norms[0].var[...]), 1.0)
+
+
+def test_bfloat16_keeps_parameters_and_statistics_in_float32():
+  """--dtype bfloat16: bf16 activations and logits, float32 parameters and BN statistics."""
+  ds = data.load("synthetic", num_train=16, num_test=4)
+  for api in ("linen", "nnx"):
+    cfg = SMOKE.replace(dtype="bfloat16", api=api)
+    model, state = train.init_state(cfg, ds, total=2)
+    if api == "nnx":
+      params = nnx.state(model, nnx.Param)
+      stats = nnx.state(model, nnx.BatchStat)
+      model.eval()
+      logits = model(ds.x_test)
+    else:
+      params, stats = state.params, state.batch_stats
+      logits = model.apply({"params": params, "batch_stats": stats}, ds.x_test, train=False)
+    assert {a.dtype for a in jax.tree.leaves(params)} == {np.dtype("float32")}
+    assert {a.dtype for a in jax.tree.leaves(stats)} == {np.dtype("float32")}
+    assert logits.dtype == jax.numpy.bfloat16
+
+
+def test_local_bn_averages_running_stats_and_differs_from_synced(tiny):
+  """--no-sync_bn: each device normalizes with its own statistics (so the step differs from
+  synced BN on the same batch), and the stored running statistics are the devices' average
+  (jaxbn.parallel.average_stats), identical on every device."""
+  cfg, ds, state, batch, (ref, ref_m) = tiny
+  local_state = state.replace(apply_fn=train.create_model(cfg, ds.num_classes, None).apply)
+  runner = train.make_runner("shard_map", jax.devices()[:2], sync_bn=False)
+  got, got_m = runner.train(runner.put_state(jax.tree.map(np.array, local_state)),
+                            runner.put_batch(batch))
+  synced, synced_m = _run_steps(cfg, ds, state, batch, "shard_map", 2, steps=1)
+  assert got_m["count"] == synced_m["count"] == 12
+  assert abs(float(got_m["loss"]) - synced_m["loss"]) > 1e-4
+  # Reference: the per-device batch statistics of the first BN layer's input, pooled.
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  _, inter = state.apply_fn(variables, batch.image, train=True, mask=batch.mask,
+                            mutable=["batch_stats", "intermediates"],
+                            capture_intermediates=lambda m, _: m.name == "conv0")
+  h = np.asarray(inter["intermediates"]["conv0"]["__call__"][0], np.float64)
+  m = np.asarray(batch.mask)
+  per = [h[i * 8:(i + 1) * 8][m[i * 8:(i + 1) * 8]].reshape(-1, h.shape[-1]) for i in range(2)]
+  means = np.stack([p.mean(0) for p in per])
+  m = cfg.bn_momentum  # each device: m * (0, 1) + (1 - m) * its batch's (mean, var); then
+  # pooled: the average of the running means and of the running variances plus the spread of
+  # the running means, which is (1 - m)^2 times the spread of the batch means.
+  want_var = m + (1 - m) * np.mean([p.var(0) for p in per], 0) + (1 - m) ** 2 * means.var(0)
+  # float32 statistics of O(1) values: 1e-5 relative covers the rounding with margin; a plain
+  # average of the variances (no spread term) is off by (1 - m)^2 var(means) ~ 1e-3 here.
+  np.testing.assert_allclose(np.asarray(got.batch_stats["norm0"]["mean"]),
+                             (1 - m) * means.mean(0), atol=1e-5)
+  np.testing.assert_allclose(np.asarray(got.batch_stats["norm0"]["var"]), want_var,
+                             rtol=1e-5, atol=1e-6)
+
+
 def test_resume_continues_exactly(tmp_path):
   """Two epochs in one go == one epoch, then --resume for the second; orbax absolute paths."""
   cfg = SMOKE.replace(epochs=2, checkpoint_every=1, learning_rate=0.5, recompute_stats=False)
@@ -313,8 +439,14 @@ def test_resume_continues_exactly(tmp_path):
   with pytest.raises(configs.UsageError, match=r"--resume: the checkpoint in .*checkpoints was "
                      r"trained with --norm batch \(now group\); pass the same flags"):
     train.train_and_evaluate(cfg.replace(resume=True, norm="group"), str(tmp_path / "run"))
-  # A new run (no --resume) in the same workdir replaces the old checkpoints.
-  train.train_and_evaluate(cfg.replace(epochs=1, checkpoint_every=0), str(tmp_path / "run"))
+  # A new run (no --resume) in the same workdir is refused, unless --overwrite.
+  with pytest.raises(configs.UsageError, match=r"--workdir .*run holds an earlier run "
+                     r"\(checkpoints, metrics\.json\); pass --resume to continue it, "
+                     r"--overwrite to replace it, or another --workdir"):
+    train.train_and_evaluate(cfg.replace(epochs=1), str(tmp_path / "run"))
+  assert sorted(os.listdir(ckpts)) == ["1", "2"]
+  train.train_and_evaluate(cfg.replace(epochs=1, checkpoint_every=0, overwrite=True),
+                           str(tmp_path / "run"))
   assert sorted(os.listdir(ckpts)) == ["1"]
 
 

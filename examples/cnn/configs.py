@@ -57,7 +57,7 @@ class Config:
       after every step (:func:`jaxbn.parallel.average_stats`).
     shard_by_class: non-i.i.d. devices: sort the training set by class, split it into one
       contiguous part per device, and fill each device's share of every batch from its own
-      part only (each device sees 1-2 of the 10 digit classes).
+      part only (with 8 devices each sees 2 or 3 of the 10 digit classes).
     batch_size: global batch size (all devices together); must be a multiple of ``devices``.
     epochs: passes over the training set (ignored when ``steps`` is set).
     steps: a fixed step budget: train exactly this many steps (None: ``epochs`` passes).

@@ -233,7 +233,7 @@ def class_sorted_batches(x: np.ndarray, y: np.ndarray, batch_size: int, devices:
   """Non-i.i.d. batches: device ``d``'s share always comes from the ``d``-th class-sorted part.
 
   The training set is sorted by label (ties in random order) and split into ``devices``
-  contiguous parts, so each part holds one or two classes (10 classes, 8 devices). Every batch
+  contiguous parts, so each part holds a few classes (2 or 3 of 10 on 8 devices). Every batch
   is the concatenation, in device order, of ``batch_size // devices`` examples of each part —
   what :func:`jaxbn.parallel.shard_batch` splits back onto the devices. Each example is seen
   once per pass; a part that runs out pads its share (mask False).

@@ -15,7 +15,7 @@ Experiments (``NAME``):
   (each device's statistics), synchronized BN, ghost BN (virtual batches of
   ``min(per-device batch, 4)``), batch renorm (local statistics), group norm and layer norm.
 * ``non_iid``: 8 devices, 16 examples per device, each device's share of every batch drawn
-  from its own class-sorted part of the training set (1-2 classes per device). Local BN,
+  from its own class-sorted part of the training set (2 or 3 classes per device). Local BN,
   synchronized BN, batch renorm (local), group norm; local BN on i.i.d. shards as the
   reference. Test accuracy with the running statistics and with statistics recomputed over
   the training set.
@@ -101,7 +101,7 @@ def settings(name: str, quick: bool) -> tuple[configs.Config, list[Setting], dic
         Setting("group norm", {**_synced("group"), **common, "shard_by_class": True}),
     ]
     what = (f"{DEVICES} simulated devices x 16 examples; each device's share of every batch "
-            f"from its own class-sorted part (1-2 classes); {steps} steps")
+            f"from its own class-sorted part (2 or 3 classes); {steps} steps")
     return base.replace(steps=steps), out, {"what": what, "steps": steps}
   if name == "train_vs_eval":
     steps = 3 if quick else 60
@@ -238,11 +238,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   args = p.parse_args(argv)
   if args.seeds < 1:
     p.error(f"--seeds must be >= 1, got {args.seeds}")
-  import jax  # pylint: disable=import-outside-toplevel
-  try:
-    jax.config.update("jax_num_cpu_devices", DEVICES)
-  except RuntimeError:  # already started (a notebook, a test): select_devices checks
-    pass
+  from examples.cnn import main as main_lib  # pylint: disable=import-outside-toplevel
+  main_lib.set_cpu_devices(DEVICES)
   for name in (EXPERIMENTS if args.name == "all" else (args.name,)):
     run(name, quick=args.quick, seeds=args.seeds, out=args.out)
   return 0

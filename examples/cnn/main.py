@@ -111,8 +111,21 @@ def parse_config(argv: Optional[Sequence[str]] = None) -> configs.Config:
   return config.replace(**{k: v for k, v in args.items() if v is not None})
 
 
+# Simulated CPU devices are threads; on a busy machine one may wait longer than XLA's default
+# 40 s at a collective, and XLA then aborts the process. Allow 15 minutes.
+_PATIENT_COLLECTIVES = ("--xla_cpu_collective_call_terminate_timeout_seconds=900 "
+                        "--xla_cpu_collective_call_warn_stuck_timeout_seconds=600")
+
+
 def set_cpu_devices(n: int) -> None:
-  """Asks JAX for ``n`` CPU devices; must run before JAX's first computation."""
+  """Asks JAX for ``n`` CPU devices; must run before JAX's first computation.
+
+  Also raises XLA's timeout for CPU collectives (unless ``XLA_FLAGS`` already sets it), so a
+  loaded machine slows the simulated devices down instead of aborting the run.
+  """
+  flags = os.environ.get("XLA_FLAGS", "")
+  if "collective_call_terminate_timeout" not in flags:
+    os.environ["XLA_FLAGS"] = (flags + " " + _PATIENT_COLLECTIVES).strip()
   import jax  # pylint: disable=import-outside-toplevel
   if n > 1:
     try:

@@ -77,7 +77,7 @@ def worker(args: argparse.Namespace) -> int:
   import jax  # pylint: disable=import-outside-toplevel
   if args.local_devices:
     jax.config.update("jax_platforms", "cpu")
-    jax.config.update("jax_num_cpu_devices", args.local_devices)
+    main_lib.set_cpu_devices(args.local_devices)
   if args.coordinator == "auto":
     jax.distributed.initialize()
   else:
