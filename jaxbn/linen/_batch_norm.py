@@ -30,8 +30,8 @@ class BatchNorm(nn.Module):
 
   Differences from flax: the arithmetic is always in at least float32 (also with
   ``force_float32_reductions=False``, which only selects ``param_dtype`` for the stored
-  statistics); updated statistics keep their dtype; ``momentum`` outside ``[0, 1]`` is
-  refused.
+  statistics); updated real statistics keep their dtype (as in flax, complex input turns the
+  running mean complex); ``momentum`` outside ``[0, 1]`` is refused.
 
   Attributes:
     use_running_average: True: normalize with the stored statistics (eval); False: with the

@@ -37,23 +37,12 @@ class FrozenBatchNorm(nn.Module):
   :func:`freeze_batch_norm` to convert a whole model.
 
   Attributes:
-    use_running_average: accepted for compatibility, ignored (always the running stats).
-    axis: the feature axis (or axes) of the input (default -1).
-    momentum: unused (no update); None creates ``batch_stats/count`` as BatchNorm does.
-    epsilon: small float added to the variance (default 1e-5).
-    dtype: dtype of the result (default: inferred from the input and parameters, as flax).
-    param_dtype: dtype of ``scale`` and ``bias`` (default float32).
-    use_bias: whether there is a ``bias``.
-    use_scale: whether there is a ``scale``.
-    bias_init: initializer for ``bias`` (default zeros).
-    scale_init: initializer for ``scale`` (default ones).
-    axis_name: unused (no statistics are computed); kept for drop-in compatibility.
-    axis_index_groups: unused.
-    use_fast_variance: unused.
-    force_float32_reductions: True: running statistics stored in float32; False: in
-      ``param_dtype`` (as flax).
-    unbiased_running_var: unused.
-    debias: unused; True creates ``batch_stats/count`` as BatchNorm does.
+    use_running_average, axis, momentum, epsilon, dtype, param_dtype, use_bias, use_scale,
+      bias_init, scale_init, axis_name, axis_index_groups, use_fast_variance,
+      force_float32_reductions, unbiased_running_var, debias: as
+      :class:`jaxbn.linen.BatchNorm`; ``use_running_average``,
+      ``momentum``, ``axis_name``, ``axis_index_groups``, ``use_fast_variance`` and
+      ``unbiased_running_var`` are accepted and unused (no statistics are computed).
     freeze_affine: also stop the gradient of ``scale`` and ``bias`` (default True).
 
   Example:

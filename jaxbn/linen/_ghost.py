@@ -23,28 +23,16 @@ class GhostBatchNorm(nn.Module):
   :func:`jaxbn.ghost_batch_norm` for the running-statistics rule (``stats_update``) and when
   to use it. Same fields as :class:`jaxbn.linen.BatchNorm` plus ``virtual_batch_size``,
   ``batch_axis`` and ``stats_update``, and the same variables (a batch norm checkpoint loads
-  unchanged). With ``axis_name`` only the running-statistics update is synchronized.
+  unchanged).
 
   Attributes:
     virtual_batch_size: examples per virtual batch (must divide the per-device batch).
-    use_running_average: True: running statistics (eval); False: per-virtual-batch
-      statistics, updating the running ones. Here or at call time, not both.
-    axis: the feature axis (or axes) of the input (default -1).
-    momentum: weight of the old value in the running averages (default 0.99), or None.
-    epsilon: small float added to the variance (default 1e-5).
-    dtype: dtype of the result (default: inferred from the input and parameters, as flax).
-    param_dtype: dtype of ``scale`` and ``bias`` (default float32).
-    use_bias: if True, add the learned ``bias``.
-    use_scale: if True, multiply by the learned ``scale``.
-    bias_init: initializer for ``bias`` (default zeros).
-    scale_init: initializer for ``scale`` (default ones).
-    axis_name: mapped axis name(s) over which the running-statistics update is averaged.
-    axis_index_groups: average within these groups of axis indices only.
-    use_fast_variance: flax's ``E[x²] − E[x]²`` (default False: jaxbn's stable variance).
-    force_float32_reductions: True: running statistics stored in float32; False: in
-      ``param_dtype``.
-    unbiased_running_var: store unbiased running variances (PyTorch).
-    debias: zero-debiased running averages; creates ``batch_stats/count``.
+    use_running_average, axis, momentum, epsilon, dtype, param_dtype, use_bias, use_scale,
+      bias_init, scale_init, axis_name, axis_index_groups, use_fast_variance,
+      force_float32_reductions, unbiased_running_var, debias: as
+      :class:`jaxbn.linen.BatchNorm`, except
+      ``use_fast_variance`` defaults to False (jaxbn's stable variance) and ``axis_name``
+      synchronizes only the running-statistics update.
     batch_axis: the axis cut into virtual batches (default 0).
     stats_update: ``"average"`` (one update per call) or ``"sequential"`` (one per virtual
       batch, the paper's rule).

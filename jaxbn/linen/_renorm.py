@@ -32,24 +32,11 @@ class BatchRenorm(nn.Module):
   fields without recompiling — this is how to ramp them with :func:`jaxbn.renorm_schedule`.
 
   Attributes:
-    use_running_average: True: running statistics (eval); False: renormalized batch
-      statistics, updating the running ones. Here or at call time, not both.
-    axis: the feature axis (or axes) of the input (default -1).
-    momentum: weight of the old value in the running averages (default 0.99), or None.
-    epsilon: small float added to the variances (default 1e-5).
-    dtype: dtype of the result (default: inferred from the input and parameters, as flax).
-    param_dtype: dtype of ``scale`` and ``bias`` (default float32).
-    use_bias: if True, add the learned ``bias``.
-    use_scale: if True, multiply by the learned ``scale``.
-    bias_init: initializer for ``bias`` (default zeros).
-    scale_init: initializer for ``scale`` (default ones).
-    axis_name: mapped axis name(s) to synchronize the batch statistics over.
-    axis_index_groups: synchronize within these groups of axis indices only.
-    use_fast_variance: flax's ``E[x²] − E[x]²`` (default False: jaxbn's stable variance).
-    force_float32_reductions: True: running statistics stored in float32; False: in
-      ``param_dtype``.
-    unbiased_running_var: store the unbiased running variance (PyTorch).
-    debias: zero-debiased running averages; creates ``batch_stats/count``.
+    use_running_average, axis, momentum, epsilon, dtype, param_dtype, use_bias, use_scale,
+      bias_init, scale_init, axis_name, axis_index_groups, use_fast_variance,
+      force_float32_reductions, unbiased_running_var, debias: as
+      :class:`jaxbn.linen.BatchNorm`, except
+      ``use_fast_variance`` defaults to False (jaxbn's stable variance).
     r_max: upper clip of ``r`` (default 3). Call-time ``r_max`` overrides it.
     d_max: clip of ``|d|`` (default 5). Call-time ``d_max`` overrides it.
     r_min: lower clip of ``r`` (default ``1 / r_max``).

@@ -30,26 +30,12 @@ class FrozenBatchNorm(nnx.Module):
   (same state), so exclude them from weight decay if they must not move at all.
 
   Args:
-    num_features: number of features.
-    use_running_average: accepted for compatibility, ignored.
-    axis: the feature axis of the input (default -1).
-    momentum: unused; None creates the ``count`` statistic as BatchNorm does.
-    epsilon: small float added to the variance (default 1e-5).
-    dtype: dtype of the result (default: inferred by ``promote_dtype``, as flax).
-    param_dtype: dtype of ``scale`` and ``bias`` (default float32).
-    use_bias: whether there is a ``bias``.
-    use_scale: whether there is a ``scale``.
-    bias_init: initializer for ``bias`` (default zeros).
-    scale_init: initializer for ``scale`` (default ones).
-    axis_name: unused (kept so that BatchNorm's arguments are accepted).
-    axis_index_groups: unused.
-    use_fast_variance: unused.
-    promote_dtype: flax's dtype-promotion function; decides the output dtype.
-    rngs: ``nnx.Rngs`` for the initializers.
-    bias_metadata: metadata for the ``bias`` ``nnx.Param``.
-    scale_metadata: metadata for the ``scale`` ``nnx.Param``.
-    unbiased_running_var: unused.
-    debias: unused; True creates the ``count`` statistic as BatchNorm does.
+    num_features, use_running_average, axis, momentum, epsilon, dtype, param_dtype,
+      use_bias, use_scale, bias_init, scale_init, axis_name, axis_index_groups,
+      use_fast_variance, promote_dtype, rngs, bias_metadata, scale_metadata,
+      unbiased_running_var, debias: as :class:`jaxbn.nnx.BatchNorm`; ``use_running_average``,
+      ``momentum``, ``axis_name``, ``axis_index_groups``, ``use_fast_variance`` and
+      ``unbiased_running_var`` are accepted and unused (no statistics are computed).
     freeze_affine: also stop the gradient of ``scale`` and ``bias`` (default True).
 
   Example:

@@ -23,32 +23,16 @@ class GhostBatchNorm(nnx.Module):
   evaluation the running statistics are used, whatever the batch size. See
   :func:`jaxbn.ghost_batch_norm` for the running-statistics rule (``stats_update``) and when
   to use it. Same constructor and state as :class:`jaxbn.nnx.BatchNorm` plus
-  ``virtual_batch_size``, ``batch_axis`` and ``stats_update``; with ``axis_name`` only the
-  running-statistics update is synchronized.
+  ``virtual_batch_size``, ``batch_axis`` and ``stats_update``.
 
   Args:
-    num_features: number of features (size of ``x`` along ``axis``).
     virtual_batch_size: examples per virtual batch (must divide the per-device batch).
-    use_running_average: True: running statistics (eval); False (default): per-virtual-batch
-      statistics, updating the running ones.
-    axis: the feature axis of the input (default -1).
-    momentum: weight of the old value in the running averages (default 0.99), or None.
-    epsilon: small float added to the variance (default 1e-5).
-    dtype: dtype of the result (default: inferred by ``promote_dtype``, as flax).
-    param_dtype: dtype of ``scale`` and ``bias`` (default float32).
-    use_bias: if True, add the learned ``bias``.
-    use_scale: if True, multiply by the learned ``scale``.
-    bias_init: initializer for ``bias`` (default zeros).
-    scale_init: initializer for ``scale`` (default ones).
-    axis_name: mapped axis name(s) over which the running-statistics update is averaged.
-    axis_index_groups: average within these groups of axis indices only.
-    use_fast_variance: flax's ``E[x²] − E[x]²`` (default False: jaxbn's stable variance).
-    promote_dtype: flax's dtype-promotion function; decides the output dtype.
-    rngs: ``nnx.Rngs`` for the initializers.
-    bias_metadata: metadata for the ``bias`` ``nnx.Param``.
-    scale_metadata: metadata for the ``scale`` ``nnx.Param``.
-    unbiased_running_var: store unbiased running variances (PyTorch).
-    debias: zero-debiased running averages; adds an int32 ``count`` ``nnx.BatchStat``.
+    num_features, use_running_average, axis, momentum, epsilon, dtype, param_dtype,
+      use_bias, use_scale, bias_init, scale_init, axis_name, axis_index_groups,
+      use_fast_variance, promote_dtype, rngs, bias_metadata, scale_metadata,
+      unbiased_running_var, debias: as :class:`jaxbn.nnx.BatchNorm`, except
+      ``use_fast_variance`` defaults to False (jaxbn's stable variance) and ``axis_name``
+      synchronizes only the running-statistics update.
     batch_axis: the axis cut into virtual batches (default 0).
     stats_update: ``"average"`` (one update per call) or ``"sequential"`` (one per virtual
       batch, the paper's rule).

@@ -30,27 +30,11 @@ class BatchRenorm(nnx.Module):
   recompiling, e.g. from :func:`jaxbn.renorm_schedule`.
 
   Args:
-    num_features: number of features (size of ``x`` along ``axis``).
-    use_running_average: True: running statistics (eval); False (default): renormalized
-      batch statistics, updating the running ones.
-    axis: the feature axis of the input (default -1).
-    momentum: weight of the old value in the running averages (default 0.99), or None.
-    epsilon: small float added to the variances (default 1e-5).
-    dtype: dtype of the result (default: inferred by ``promote_dtype``, as flax).
-    param_dtype: dtype of ``scale`` and ``bias`` (default float32).
-    use_bias: if True, add the learned ``bias``.
-    use_scale: if True, multiply by the learned ``scale``.
-    bias_init: initializer for ``bias`` (default zeros).
-    scale_init: initializer for ``scale`` (default ones).
-    axis_name: mapped axis name(s) to synchronize the batch statistics over.
-    axis_index_groups: synchronize within these groups of axis indices only.
-    use_fast_variance: flax's ``E[x²] − E[x]²`` (default False: jaxbn's stable variance).
-    promote_dtype: flax's dtype-promotion function; decides the output dtype.
-    rngs: ``nnx.Rngs`` for the initializers.
-    bias_metadata: metadata for the ``bias`` ``nnx.Param``.
-    scale_metadata: metadata for the ``scale`` ``nnx.Param``.
-    unbiased_running_var: store the unbiased running variance (PyTorch).
-    debias: zero-debiased running averages; adds an int32 ``count`` ``nnx.BatchStat``.
+    num_features, use_running_average, axis, momentum, epsilon, dtype, param_dtype,
+      use_bias, use_scale, bias_init, scale_init, axis_name, axis_index_groups,
+      use_fast_variance, promote_dtype, rngs, bias_metadata, scale_metadata,
+      unbiased_running_var, debias: as :class:`jaxbn.nnx.BatchNorm`, except
+      ``use_fast_variance`` defaults to False (jaxbn's stable variance).
     r_max: upper clip of ``r`` (default 3).
     d_max: clip of ``|d|`` (default 5).
     r_min: lower clip of ``r`` (default ``1 / r_max``).
