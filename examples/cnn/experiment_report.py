@@ -71,6 +71,10 @@ def markdown(doc: dict[str, Any]) -> str:
   """The whole ``<name>.md``: what was run, the table, and where it came from."""
   m = doc["machine"]
   quick = " **(quick mode: a pipeline check, not a result)**" if doc["quick"] else ""
+  if not doc.get("complete", True):
+    done = {r["setting"] + r["group"] for r in doc["runs"]}
+    quick += (f" **(interrupted: {len(done)} of {len(doc['settings'])} settings finished; "
+              f"the others are missing)**")
   return (
       f"### {doc['experiment']}{quick}\n\n"
       f"Test accuracy (%), mean ± std over seeds {', '.join(map(str, doc['seeds']))} "

@@ -205,9 +205,6 @@ def run(name: str, *, quick: bool = False, seeds: int = 3, out: Optional[str] = 
                      noise=base.noise, seed=0)
   t0 = time.time()
   print(f"{name}: {info['what']}; seeds 0..{seeds - 1}; writing to {out}", flush=True)
-  records = []
-  for item in items:
-    records += run_setting(base, item, range(seeds), ds)
   command = f"python -m examples.cnn.experiments {name}" + (" --quick" if quick else "") + (
       f" --seeds {seeds}" if seeds != 3 and not quick else "")
   doc = {"experiment": name, "quick": quick, "command": command, "description": info["what"],
@@ -215,12 +212,17 @@ def run(name: str, *, quick: bool = False, seeds: int = 3, out: Optional[str] = 
          "base_config": dataclasses.asdict(base),
          "settings": [{"label": s.label, "group": s.group, "changes": s.changes} for s in items],
          "train_examples": len(ds.x_train), "test_examples": len(ds.x_test),
-         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-         "wall_seconds": round(time.time() - t0, 1), "machine": _machine(), "runs": records}
+         "machine": _machine(), "runs": []}
   from examples.cnn import experiment_report  # pylint: disable=import-outside-toplevel
-  with open(os.path.join(out, f"{name}.json"), "w") as f:
-    json.dump(doc, f, indent=1)
-  experiment_report.render(doc, out)
+  for i, item in enumerate(items):
+    doc["runs"] += run_setting(base, item, range(seeds), ds)
+    # Written after every setting, so an interrupted run leaves its finished part (marked).
+    doc["complete"] = i == len(items) - 1
+    doc["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    doc["wall_seconds"] = round(time.time() - t0, 1)
+    with open(os.path.join(out, f"{name}.json"), "w") as f:
+      json.dump(doc, f, indent=1)
+    experiment_report.render(doc, out)
   print(f"{name}: done in {doc['wall_seconds']:.0f} s; wrote {name}.json, {name}.md, "
         f"{name}.png in {out}", flush=True)
   return doc
