@@ -96,3 +96,13 @@ def test_results_quick_writes_table(tmp_path):
   results.update_readme(md, str(readme))
   text = readme.read_text()
   assert "old" not in text and md in text and text.startswith("a\n") and text.endswith("b\n")
+
+
+def test_readme_tables_are_the_committed_results():
+  """examples/cnn/README.md shows exactly what results/*.json hold (no hand-typed numbers)."""
+  with open(experiment_report.README) as f:
+    text = f.read()
+  assert experiment_report.readme_with_results(text) == text, (
+      "examples/cnn/README.md is stale: run `python -m examples.cnn.experiment_report --readme`")
+  for name in experiments.EXPERIMENTS:
+    assert f"<!-- experiment:{name}:begin -->" in text

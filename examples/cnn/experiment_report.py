@@ -76,7 +76,7 @@ def markdown(doc: dict[str, Any]) -> str:
     quick += (f" **(interrupted: {len(done)} of {len(doc['settings'])} settings finished; "
               f"the others are missing)**")
   return (
-      f"### {doc['experiment']}{quick}\n\n"
+      f"#### {doc['experiment']}{quick}\n\n"
       f"Test accuracy (%), mean ± std over seeds {', '.join(map(str, doc['seeds']))} "
       f"({doc['description']}; {doc['train_examples']} training / {doc['test_examples']} "
       f"test digits with pixel noise {doc['base_config']['noise']}).\n\n"
@@ -146,6 +146,37 @@ def load(path: str) -> dict[str, Any]:
     return json.load(f)
 
 
-if __name__ == "__main__":
-  for p in sys.argv[1:]:
+README = os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def readme_with_results(text: str, results_dir: str = RESULTS_DIR) -> str:
+  """``text`` with each ``<!-- experiment:NAME:begin -->`` … ``end`` block replaced by the
+  markdown of ``results_dir/NAME.json`` (blocks without a JSON are left as they are)."""
+  import re  # pylint: disable=import-outside-toplevel
+
+  def fill(m):
+    path = os.path.join(results_dir, f"{m.group(2)}.json")
+    if not os.path.exists(path):
+      return m.group(0)
+    return m.group(1) + markdown(load(path)) + m.group(3)
+
+  return re.sub(r"(<!-- experiment:(\w+):begin -->\n).*?(<!-- experiment:\w+:end -->)", fill,
+                text, flags=re.S)
+
+
+def main(argv: list[str]) -> int:
+  """``--readme``: refresh README.md's experiment blocks; else re-render the given JSONs."""
+  if argv[:1] == ["--readme"]:
+    with open(README) as f:
+      text = f.read()
+    with open(README, "w") as f:
+      f.write(readme_with_results(text))
+    return 0
+  for p in argv:
     render(load(p), os.path.dirname(os.path.abspath(p)))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main(sys.argv[1:]))
