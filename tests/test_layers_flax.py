@@ -60,6 +60,15 @@ def test_nnx_constructors_take_flax_arguments_with_flax_defaults(name):
   assert [a for a in ours if a in theirs] == list(theirs)
 
 
+@pytest.mark.parametrize("name", TWINS)
+@pytest.mark.parametrize("framework", ["linen", "nnx"])
+def test_call_signatures_are_flax_call_signatures(name, framework):
+  flax_mod, ours_mod = (nn, jaxbn.linen) if framework == "linen" else (nnx, jaxbn.nnx)
+  sig = lambda cls: [(p.name, p.kind, p.default)  # noqa: E731
+                     for p in inspect.signature(cls.__call__).parameters.values()]
+  assert sig(getattr(ours_mod, name)) == sig(getattr(flax_mod, name))
+
+
 def test_default_promote_dtype_behaves_as_flax():
   from flax.nnx.nn import dtypes as flax_dtypes  # the oracle only; jaxbn does not import it
   dts = [jnp.int8, jnp.int32, jnp.bool_, jnp.bfloat16, jnp.float16, jnp.float32,
@@ -207,3 +216,35 @@ def test_linen_refusals_keep_flax_type_and_sentence_first(name, cfg):
 def test_nnx_refusals_keep_flax_type_and_sentence_first(name, cfg):
   _flax_then_ours(lambda: getattr(nnx, name)(6, **cfg, rngs=nnx.Rngs(0))(X4),
                   lambda: getattr(jaxbn.nnx, name)(6, **cfg, rngs=nnx.Rngs(0))(X4))
+
+
+# --------------------------------------------------------------------------------------------
+# Only public flax names (a flax upgrade must not break the wrappers).
+# --------------------------------------------------------------------------------------------
+
+PUBLIC_FLAX_MODULES = {"flax", "flax.linen", "flax.nnx", "flax.core", "flax.typing",
+                       "flax.errors", "flax.struct", "flax.serialization"}
+
+
+def test_wrappers_import_only_public_flax_modules():
+  import ast
+  import pathlib
+  root = pathlib.Path(jaxbn.linen.__file__).parent.parent
+  files = sorted((root / "linen").glob("*.py")) + sorted((root / "nnx").glob("*.py"))
+  assert len(files) >= 10
+  for path in files:
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+      if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("flax"):
+        assert node.module in PUBLIC_FLAX_MODULES, (path.name, node.module)
+        for alias in node.names:  # `from flax.nnx import module` would hide a private path
+          assert not alias.name.startswith("_"), (path.name, alias.name)
+          if node.module == "flax.nnx":
+            assert hasattr(nnx, alias.name), (path.name, alias.name)
+      elif isinstance(node, ast.Import):
+        for alias in node.names:
+          if alias.name.startswith("flax"):
+            assert alias.name in PUBLIC_FLAX_MODULES, (path.name, alias.name)
+      elif isinstance(node, ast.Attribute) and node.attr in ("_can_update", "_raw_value",
+                                                              "_trace_state", "_var_metadata"):
+        raise AssertionError(f"{path.name}: private flax attribute {node.attr}")
