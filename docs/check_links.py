@@ -77,9 +77,8 @@ def main(argv: List[str]) -> int:
   errors = check(site)
   for e in errors:
     print(e)
-  n = sum(1 for _ in os.walk(site))
-  print(f"check_links: {len(errors)} broken internal link(s) in {site}"
-        + ("" if errors else f" ({n} folders checked)"))
+  n = sum(f.endswith(".html") for _, _, files in os.walk(site) for f in files)
+  print(f"check_links: {len(errors)} broken internal link(s) in {n} pages of {site}")
   return 1 if errors else 0
 
 

@@ -63,6 +63,7 @@ autosummary_imported_members = True
 autodoc_default_options = {"members": True, "undoc-members": False, "show-inheritance": False}
 autodoc_member_order = "bysource"
 autodoc_typehints = "description"
+autodoc_typehints_description_target = "documented"   # types only where the docstring documents
 autodoc_typehints_format = "short"
 autodoc_preserve_defaults = False  # True fails on some signatures ("pop from empty list")
 napoleon_google_docstring = True
@@ -70,6 +71,7 @@ napoleon_numpy_docstring = False
 napoleon_use_rtype = False
 napoleon_use_ivar = True   # "Attributes:" as a field list: no duplicate of the documented fields
 add_module_names = False
+python_use_unqualified_type_names = True   # "Array", not "jax.jaxlib._jax.Array"
 
 html_theme = "furo"
 html_title = f"jaxbn {release}"

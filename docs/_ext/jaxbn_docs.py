@@ -25,6 +25,7 @@ import glob
 import importlib
 import json
 import os
+import re
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from docutils import nodes
@@ -178,6 +179,36 @@ class ResultsTable(SphinxDirective):
     return container.children
 
 
+def _skip_fields(app, what, name, obj, skip, options):
+  """Skips dataclass fields of Flax modules and NamedTuple fields as separate members.
+
+  The class docstring documents them already (its ``Attributes:`` section); autodoc would list
+  each a second time, without a description.
+  """
+  cls = getattr(app.env, "_jaxbn_current_class", None)
+  if cls is not None and (name in getattr(cls, "__dataclass_fields__", {})
+                          or name in getattr(cls, "_fields", ())):
+    return True
+  return None
+
+
+def _remember_class(app, what, name, obj, options, lines):
+  if what == "class":
+    app.env._jaxbn_current_class = obj
+
+
+def _flax_signature(app, what, name, obj, options, signature, return_annotation):
+  """Drops flax's bookkeeping arguments ``parent`` and ``name`` from a module's signature."""
+  if what == "class" and signature and hasattr(obj, "__dataclass_fields__") and \
+      "parent" in getattr(obj, "__dataclass_fields__", {}):
+    signature = re.sub(r", parent=.*?(?=, name=|\)$)", "", signature)
+    signature = re.sub(r", name=None\)$", ")", signature)
+  return signature, return_annotation
+
+
 def setup(app) -> Dict[str, Any]:
   app.add_directive("results-table", ResultsTable)
+  app.connect("autodoc-process-docstring", _remember_class)
+  app.connect("autodoc-skip-member", _skip_fields)
+  app.connect("autodoc-process-signature", _flax_signature)
   return {"version": "1", "parallel_read_safe": True, "parallel_write_safe": True}
