@@ -137,8 +137,9 @@ def test_split_batch_norm_scalar_traced_domain_is_batch_norm_on_that_row():
   y, new = f(x, 1)
   row = jax.tree.map(lambda a: a[1], stats)
   y1, new1 = jaxbn.batch_norm(x, row, training=True, momentum=0.9)
-  np.testing.assert_array_equal(np.asarray(y), np.asarray(y1))
-  np.testing.assert_array_equal(np.asarray(new.mean[1]), np.asarray(new1.mean))
+  # (jit vs eager: XLA may fuse differently, a few float32 ulps on O(3) values)
+  np.testing.assert_allclose(np.asarray(y), np.asarray(y1), rtol=0, atol=2e-6)
+  np.testing.assert_allclose(np.asarray(new.mean[1]), np.asarray(new1.mean), rtol=1e-6)
   np.testing.assert_array_equal(np.asarray(new.mean)[[0, 2]], mu[[0, 2]].astype(np.float32))
 
 

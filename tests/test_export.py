@@ -58,10 +58,10 @@ def test_export_roundtrip_eval_and_train_step():
   _equal(restored.call(trained, X), jax.jit(eval_step)(trained, X))
 
 
-@pytest.mark.xfail(strict=True, raises=jax.errors.TracerBoolConversionError,
-                   reason="jaxbn 0.1's local moments take max(n, 1.0) of the static entry count "
-                          "in Python, which a symbolic batch dimension cannot do; passes once "
-                          "the count is clamped with jnp.maximum")
+@pytest.mark.xfail(strict=True, raises=(jax.errors.TracerBoolConversionError, TypeError),
+                   reason="jaxbn's local moments compute the static entry count as a Python "
+                          "float (float(n), max(n, 1.0)), which a symbolic batch dimension "
+                          "cannot be; passes once the count is built with jnp operations")
 def test_export_with_symbolic_batch_size():
   variables = fill(jax.eval_shape(lambda: MODEL.init(jax.random.key(0), X[:2], train=False)))
   params, stats = variables["params"], variables["batch_stats"]
