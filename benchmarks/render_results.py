@@ -22,12 +22,14 @@ HERE = pathlib.Path(__file__).resolve().parent
 RESULTS_DIR = HERE / "results"
 OUTPUT = HERE / "RESULTS.md"
 # Sections in this order first, then any other result file alphabetically.
-ORDER = ["bench_core", "bench_variants", "bench_sync", "bench_model", "bench_fold"]
+ORDER = ["bench_core", "bench_core_hugepages", "bench_variants", "bench_sync",
+         "bench_collectives", "bench_model", "bench_model_hugepages", "bench_fold"]
 # Scripts whose results are expected; a missing one is listed as missing, not silently absent.
 EXPECTED = {
     "bench_core": "python benchmarks/bench_core.py",
     "bench_variants": "python benchmarks/bench_variants.py",
     "bench_sync": "python benchmarks/bench_sync.py",
+    "bench_collectives": "python benchmarks/bench_collectives.py",
     "bench_model": "python benchmarks/bench_model.py",
     "bench_fold": "python benchmarks/bench_fold.py",
 }

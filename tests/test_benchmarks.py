@@ -23,7 +23,8 @@ sys.path.insert(0, str(BENCH))
 import _results  # noqa: E402
 import render_results  # noqa: E402
 
-SCRIPTS = ["bench_core", "bench_variants", "bench_sync", "bench_model", "bench_fold"]
+SCRIPTS = ["bench_core", "bench_variants", "bench_sync", "bench_collectives", "bench_model",
+           "bench_fold"]
 
 
 def _run_quick(script, out_dir):
