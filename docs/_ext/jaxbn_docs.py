@@ -8,6 +8,8 @@
   that does not exist yet is left out with a message; one that exists but fails to import fails
   the build.
 * ``notebooks/*.ipynb`` — copies of ``notebooks/*.ipynb``, rendered with their stored outputs.
+* ``experiments/tables.md`` — the example trainer's committed experiment tables and plots
+  (``examples/cnn/results/NAME.md`` and ``NAME.png``).
 * ``benchmarks_tables.md`` — every ``benchmarks/results/*.json`` as Markdown tables, with the
   command, machine, versions and commit of its run, and the ``benchmarks/bench_*.py`` scripts
   that have no result file yet.
@@ -128,12 +130,41 @@ def _benchmarks_page(root: str, path: str) -> None:
   _write(path, "\n".join(lines))
 
 
+def _experiments_page(root: str, out: str) -> None:
+  """The example trainer's committed experiments: each ``examples/cnn/results/NAME.md`` table
+  (written by ``python -m examples.cnn.experiments NAME``) with its ``NAME.png`` plot."""
+  src = os.path.join(root, "examples", "cnn", "results")
+  os.makedirs(out, exist_ok=True)
+  lines: List[str] = []
+  for md in sorted(glob.glob(os.path.join(src, "*.md"))):
+    name = os.path.splitext(os.path.basename(md))[0]
+    with open(md) as f:
+      body = f.read().strip().splitlines()
+    if body and body[0].startswith("#"):   # the file's own title: replaced by ours
+      body = body[1:]
+    lines += [f"## {name.replace('_', ' ').capitalize()}", ""] + body + [""]
+    png = os.path.join(src, f"{name}.png")
+    if os.path.exists(png):
+      with open(png, "rb") as f:
+        data = f.read()
+      target = os.path.join(out, f"{name}.png")
+      if not os.path.exists(target) or open(target, "rb").read() != data:
+        with open(target, "wb") as f:
+          f.write(data)
+      lines += [f"![{name}]({name}.png)", ""]
+  if not lines:
+    lines = ["No experiment results are committed yet: "
+             "`python -m examples.cnn.experiments NAME` writes them.", ""]
+  _write(os.path.join(out, "tables.md"), "\n".join(lines))
+
+
 def generate(docs: str, root: str, api_modules: Sequence[Tuple[str, str]]) -> None:
   """Writes every generated page under ``docs/_generated`` (see the module docstring)."""
   gen = os.path.join(docs, "_generated")
   _api_pages(os.path.join(gen, "api"), api_modules)
   _copy_notebooks(root, os.path.join(gen, "notebooks"))
   _benchmarks_page(root, os.path.join(gen, "benchmarks_tables.md"))
+  _experiments_page(root, os.path.join(gen, "experiments"))
 
 
 class ResultsTable(SphinxDirective):
