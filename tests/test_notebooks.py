@@ -1,6 +1,8 @@
-"""The notebooks in notebooks/: committed with outputs, up to date, and executing headless.
+"""The notebooks in notebooks/: text sources, generated notebooks in sync, executing headless.
 
-CI executes each notebook with nbclient in its quick mode (``JAXBN_NB_QUICK=1``: smaller
+Each ``notebooks/NN_name.py`` (jupytext percent format) is the source of ``NN_name.ipynb``,
+which is committed executed, with outputs. CI checks that every pair agrees cell by cell,
+and executes each notebook with nbclient in its quick mode (``JAXBN_NB_QUICK=1``: smaller
 experiments, the same code). The notebooks check their own claims with ``assert`` cells (jaxbn
 against NumPy references), so an execution error is a real failure.
 """
@@ -15,34 +17,51 @@ import pytest
 
 nbformat = pytest.importorskip("nbformat", reason="the notebooks extra is not installed")
 nbclient = pytest.importorskip("nbclient", reason="the notebooks extra is not installed")
+jupytext = pytest.importorskip("jupytext", reason="the notebooks extra is not installed")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOKS = os.path.join(ROOT, "notebooks")
 sys.path.insert(0, NOTEBOOKS)
-import build_notebooks  # noqa: E402  pylint: disable=wrong-import-position
+import build  # noqa: E402  pylint: disable=wrong-import-position
 
-NAMES = sorted(build_notebooks.NOTEBOOKS)
+NAMES = [os.path.basename(build.notebook_path(s)) for s in build.sources()]
 
 
 def _read(name):
   return nbformat.read(os.path.join(NOTEBOOKS, name), as_version=4)
 
 
-def test_all_three_notebooks_exist():
+def test_three_sources_and_their_notebooks():
   assert NAMES == ["01_batch_norm_from_scratch.ipynb", "02_normalization_compared.ipynb",
                    "03_sync_batch_norm.ipynb"]
   assert all(os.path.isfile(os.path.join(NOTEBOOKS, n)) for n in NAMES)
+  assert not os.path.exists(os.path.join(NOTEBOOKS, "build_notebooks.py"))
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_committed_with_outputs_and_up_to_date(name):
+def test_notebook_is_in_sync_with_its_source(name):
+  nb = _read(name)
+  source = build.read_source(os.path.join(NOTEBOOKS, name[:-6] + ".py"))
+  assert build.cells(nb) == build.cells(source), (
+      f"{name} differs from {name[:-6]}.py; run `python notebooks/build.py {name[:2]}`")
+  assert build.out_of_sync() == []
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_first_cell_installs_outside_the_repo_and_banner_names_the_source(name):
+  nb = build.read_source(os.path.join(NOTEBOOKS, name[:-6] + ".py"))
+  first, second = nb.cells[0], nb.cells[1]
+  assert first.cell_type == "code"
+  assert 'pip", "install", "-q", "jaxbn[examples]"' in first.source
+  assert 'os.path.isfile(os.path.join(_repo, "jaxbn", "__init__.py"))' in first.source
+  assert second.cell_type == "markdown" and f"notebooks/{name[:-6]}.py" in second.source
+  assert "edit the `.py` file" in second.source
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_committed_with_outputs(name):
   nb = _read(name)
   nbformat.validate(nb)
-  built = build_notebooks.build(name)
-  assert [(c.cell_type, c.source) for c in nb.cells] == \
-      [(c.cell_type, c.source) for c in built.cells], (
-          f"{name} differs from notebooks/build_notebooks.py; run "
-          f"`python notebooks/build_notebooks.py {name[:2]}`")
   code = [c for c in nb.cells if c.cell_type == "code"]
   assert all(c.execution_count for c in code), "every code cell was executed"
   assert [c.execution_count for c in code] == list(range(1, len(code) + 1))
@@ -55,11 +74,8 @@ def test_committed_with_outputs_and_up_to_date(name):
 def test_executes_headless_in_quick_mode(name, monkeypatch):
   monkeypatch.setenv("JAXBN_NB_QUICK", "1")
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")
-  nb = copy.deepcopy(_read(name))
-  for cell in nb.cells:
-    if cell.cell_type == "code":
-      cell.outputs, cell.execution_count = [], None
-  client = nbclient.NotebookClient(nb, timeout=180, kernel_name="python3",
+  nb = copy.deepcopy(build.read_source(os.path.join(NOTEBOOKS, name[:-6] + ".py")))
+  client = nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
                                    resources={"metadata": {"path": NOTEBOOKS}})
   client.execute()  # raises CellExecutionError, with the cell and traceback, on any error
   outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]

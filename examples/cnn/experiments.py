@@ -127,6 +127,7 @@ def run_setting(base: configs.Config, setting: Setting, seeds: Sequence[int], ds
     recomputed statistics (``recomputed``, BatchNorm only, when the setting asks for it), the
     final training loss and the steps taken.
   """
+  import jax  # pylint: disable=import-outside-toplevel
   from examples.cnn import train  # pylint: disable=import-outside-toplevel
   config = base.replace(**setting.changes)
   train.check_config(config)
@@ -148,6 +149,9 @@ def run_setting(base: configs.Config, setting: Setting, seeds: Sequence[int], ds
         if step == total:
           break
         state, metrics = runner.train(state, runner.put_batch(batch))
+        # One step in flight at a time: with many queued steps, XLA:CPU's simulated devices
+        # were seen to deadlock in a collective on a loaded 2-core machine.
+        jax.block_until_ready(metrics)
         step += 1
         last = (last + [metrics])[-10:]
     record = {"setting": setting.label, "group": setting.group, "seed": seed, "steps": step,
