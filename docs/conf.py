@@ -79,6 +79,7 @@ html_title = f"jaxbn {release}"
 html_static_path = ["_static"]
 html_css_files = ["jaxbn.css"]
 html_show_sourcelink = False
+html_copy_source = False   # no _sources/ copy: the pages are the product
 html_theme_options = {"navigation_with_keys": True}
 
 # Broken references to jaxbn's own names fail the build (-W); references to other libraries'

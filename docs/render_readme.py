@@ -93,8 +93,8 @@ def render(results: Dict[str, Any]) -> str:
       "| | jaxbn | flax's `BatchNorm` | checked by |",
       "|---|---|---|---|",
       "| sync BN, masked or uneven device batches | global statistics, each device weighted by "
-      "its valid count | averages the per-device means (flax #2417) | `tests/test_sync.py`, "
-      "`tests/test_docs.py` |",
+      "its valid count | averages the per-device means (flax #2417) | "
+      "`tests/test_oracle_flax2417.py` |",
       "| float32 data far from zero (`1e4 + N(0, 1)`) | exact variance | 0 or garbage with its "
       "default fast variance | `tests/test_batch_norm.py`, `tests/test_docs.py` |",
       "| train-step temporary memory, small CNN | " + _cell(m["memory"], "bench_core")
