@@ -186,3 +186,22 @@ def group_norm(x, num_groups, eps=1e-6, scale=None, bias=None):
   if bias is not None:
     y = y + np.asarray(bias, np.float64)
   return y
+
+
+def norm_cond(x64, red, dtype, mask=None, eps=1e-6) -> float:
+  """:func:`bn_output_cond` for statistics over the axes ``red`` (layer/group/instance norm).
+
+  cond_offset = 1 + max |mean| / sqrt(var + eps) over the normalized slices (masked entries
+  excluded); cond = 1 + cond_offset² · u32 / u(dtype).
+  """
+  x = np.asarray(x64, np.float64)
+  m = np.ones(x.shape, bool) if mask is None else np.broadcast_to(np.asarray(mask, bool),
+                                                                   x.shape)
+  red = tuple(a % x.ndim for a in red)
+  n = m.sum(red, keepdims=True)
+  xs = np.where(m, x, 0.0)
+  mean = xs.sum(red, keepdims=True) / np.maximum(n, 1)
+  var = (np.where(m, x - mean, 0.0) ** 2).sum(red, keepdims=True) / np.maximum(n, 1)
+  has = n > 0
+  c = 1 + float(np.max(np.abs(mean[has]) / np.sqrt(var[has] + eps))) if np.any(has) else 1.0
+  return 1.0 + c * c * unit_roundoff(np.float32) / unit_roundoff(dtype)

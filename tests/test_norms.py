@@ -8,8 +8,18 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import jaxbn
+from tests import _reference as R
 
 SHAPE = (2, 3, 4, 8)
+# Tolerances (tests/README.md): |err| <= 4·cond·u(dtype)·(|expected| + rms), cond from the
+# data's offset over the reduced axes (R.norm_cond); the reduced axes used below.
+REDS = [(3,), (1, 2, 3), (2, 3), (1, 2)]
+
+
+def _cond(x, dtype=np.float32, mask=None):
+  """The worst R.norm_cond over the reductions of this file (one bound for all cases)."""
+  x = np.where(np.isfinite(x), x, 0.0)
+  return max(R.norm_cond(x, red, dtype, mask=mask) for red in REDS)
 
 
 def _data(seed, shape=SHAPE, dtype=np.float32):
@@ -116,13 +126,15 @@ def _cases():
 
 def test_functions_match_float64_reference():
   cases = _cases()
+  x, mask = _data(0), np.random.default_rng(6).random((2, 3, 4, 1)) > 0.3
+  cond = max(_cond(x), _cond(x, mask=mask))
   outs = jax.jit(lambda: {k: f() for k, (f, _) in cases.items()})()
   for name, (_, ref) in cases.items():
     out = np.asarray(outs[name])
     assert out.dtype == np.float32, name
     assert np.all(np.isfinite(out)), name  # masked NaNs and empty slices never leak
     ok = np.isfinite(ref)
-    np.testing.assert_allclose(out[ok], ref[ok], rtol=2e-5, atol=2e-5, err_msg=name)
+    R.assert_close(out[ok], ref[ok], np.float32, cond=cond, what=name)
 
 
 def test_bf16_input_float32_statistics():
@@ -141,10 +153,11 @@ def test_bf16_input_float32_statistics():
   for out, ref in ((ln, np_norm(x64, (1, 2, 3), sc)), (rms, np_norm(x64, (3,), sc,
                                                                     center=False)),
                    (gn, np_group(x64, 2, (1, 2, 3), scale=sc))):
-    np.testing.assert_allclose(np.asarray(out, np.float64), ref, rtol=1e-2, atol=2e-2)
+    # bf16 output: one rounding (cond ≈ 1 + cond_offset²·u32/u_bf16).
+    R.assert_close(out, ref, jnp.bfloat16, cond=_cond(x64, jnp.bfloat16))
   f32 = jaxbn.layer_norm(x, sc, reduction_axes=(1, 2, 3), dtype=jnp.float32)
   assert f32.dtype == jnp.float32
-  np.testing.assert_allclose(f32, np_norm(x64, (1, 2, 3), sc), rtol=1e-4, atol=1e-4)
+  R.assert_close(f32, np_norm(x64, (1, 2, 3), sc), jnp.float32, cond=_cond(x64))
 
 
 @pytest.mark.parametrize("name", ["ln", "rms", "gn_keep1", "in_mask"])
@@ -168,11 +181,15 @@ def test_gradients_match_closed_form(name):
   loss = lambda x, s, b: jnp.sum(fn(x, s, b) * g)  # noqa: E731
   gx, gs, gb = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(x, sc, bi)
   y_ref, gx_ref = ref()
-  np.testing.assert_allclose(gx, gx_ref, rtol=2e-4, atol=2e-4)
+  # Gradients: float32, cond = log2(n)·cond_offset² (R.stats_cond-like); dx relative to the
+  # un-cancelled term g·scale/std (its RMS is the slack near zero).
+  c = np.log2(x.size / 8) * _cond(x)
+  R.assert_close(gx, gx_ref, jnp.float32, cond=c, scale=float(np.sqrt(np.mean(
+      (g * sc) ** 2)) / np.std(x)), what="dx")
   xh = (y_ref - (0 if name == "rms" else bi)) / sc  # the normalized input
-  np.testing.assert_allclose(gs, (g * xh).sum((0, 1, 2)), rtol=2e-4, atol=2e-4)
+  R.assert_close(gs, (g * xh).sum((0, 1, 2)), jnp.float32, cond=c, what="dscale")
   if name != "rms":
-    np.testing.assert_allclose(gb, g.sum((0, 1, 2)), rtol=1e-5, atol=1e-5)
+    R.assert_close(gb, g.sum((0, 1, 2)), jnp.float32, cond=c, what="dbias")
 
 
 # ------------------------------------------------------------------ flax side by side
@@ -214,10 +231,10 @@ def test_linen_drop_in_for_flax():
   y_ours, y_theirs = run(variables_all)
   for i, (name, kw) in enumerate(LINEN_CASES):
     assert y_ours[i].dtype == y_theirs[i].dtype, (name, kw)
-    tol = 2e-2 if kw.get("dtype") == jnp.bfloat16 else 2e-5
-    np.testing.assert_allclose(np.asarray(y_ours[i], np.float32),
-                               np.asarray(y_theirs[i], np.float32), rtol=tol, atol=tol,
-                               err_msg=f"{name} {kw}")
+    # Two implementations, each within 4·cond·u of float64: k = 8 between them.
+    dt = jnp.bfloat16 if kw.get("dtype") == jnp.bfloat16 else jnp.float32
+    R.assert_close(np.asarray(y_ours[i], np.float32), np.asarray(y_theirs[i], np.float32), dt,
+                   k=8, cond=_cond(np.asarray(x, np.float64), dt), what=f"{name} {kw}")
 
 
 def test_nnx_drop_in_for_flax_and_equal_to_linen():
@@ -255,18 +272,19 @@ def test_nnx_drop_in_for_flax_and_equal_to_linen():
   outs = run({i: (m[0][1], m[1][1]) for i, m in models.items()})
   for i, (name, kw) in enumerate(cases):
     y, y_flax_nnx, y_linen, y_flax_linen = outs[i]
-    np.testing.assert_allclose(y, y_linen, rtol=1e-6, atol=1e-6, err_msg=name)
-    np.testing.assert_allclose(y, y_flax_linen, rtol=2e-5, atol=2e-5, err_msg=name)
+    c = _cond(np.asarray(x, np.float64))  # float32; k = 8 between two implementations
+    R.assert_close(y, y_linen, jnp.float32, cond=c, what=f"{name} nnx vs linen")
+    R.assert_close(y, y_flax_linen, jnp.float32, k=8, cond=c, what=f"{name} vs flax.linen")
     if "reduction_axes" in kw:
       # flax.nnx.GroupNorm 0.12 repeats the statistics along the wrong axis here (linen is
       # right): check the float64 definition, and that flax.nnx is indeed off.
       st = nnx.to_pure_dict(models[i][0][1])
       ref = np_group(np.asarray(x), 2, (2, 3), scale=np.asarray(st["scale"]),
                      bias=np.asarray(st["bias"]))
-      np.testing.assert_allclose(y, ref, rtol=2e-5, atol=2e-5)
+      R.assert_close(y, ref, jnp.float32, cond=c, what=name)
       assert np.abs(np.asarray(y_flax_nnx) - ref).max() > 0.1
     else:
-      np.testing.assert_allclose(y, y_flax_nnx, rtol=2e-5, atol=2e-5, err_msg=name)
+      R.assert_close(y, y_flax_nnx, jnp.float32, k=8, cond=c, what=f"{name} vs flax.nnx")
 
 
 def test_model_parallel_statistics_with_axis_name():
@@ -285,9 +303,12 @@ def test_model_parallel_statistics_with_axis_name():
                              out_specs=(P(None, "m"),) * 3))
   put = lambda a, *s: jax.device_put(a, NamedSharding(mesh, P(*s)))  # noqa: E731
   ln, rms, ln_m = fn(put(x, None, "m"), put(sc, "m"), put(mask, None, "m"))
-  np.testing.assert_allclose(ln, np_norm(x, (1,), sc), rtol=2e-5, atol=2e-5)
-  np.testing.assert_allclose(rms, np_norm(x, (1,), sc, center=False), rtol=2e-5, atol=2e-5)
-  np.testing.assert_allclose(ln_m, np_norm(x, (1,), sc, mask=mask), rtol=2e-5, atol=2e-5)
+  # float32 bound, cond from the offset of each row (masked rows: the valid entries).
+  c = max(R.norm_cond(x, (1,), np.float32), R.norm_cond(x, (1,), np.float32, mask=mask))
+  R.assert_close(ln, np_norm(x, (1,), sc), jnp.float32, cond=c, what="layer_norm")
+  R.assert_close(rms, np_norm(x, (1,), sc, center=False), jnp.float32, cond=c, what="rms")
+  R.assert_close(ln_m, np_norm(x, (1,), sc, mask=mask), jnp.float32, cond=c,
+                 what="masked layer_norm")
 
 
 def test_errors():
@@ -367,4 +388,5 @@ def test_plain_jit_on_a_sharded_batch():
                                                virtual_batch_size=4))(xs)
   for k in fns:
     for a, b in zip(out[k], ref[k]):
-      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4, err_msg=k)
+      # Sharded vs unsharded gradients: two float32 evaluations (k = 8), cond as gradients.
+      R.assert_close(a, b, jnp.float32, k=8, cond=np.log2(16) * _cond(x), what=k)
