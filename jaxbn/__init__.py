@@ -9,9 +9,12 @@ conversion in ``jaxbn.interop``.
 import importlib as _importlib
 import warnings as _warnings
 
+from jaxbn._core.adapt import adapt_batch_norm, mix_stats, source_weight, split_batch_norm
 from jaxbn._core.batch_norm import batch_norm
 from jaxbn._core.ema import momentum_from_torch, update_stats
+from jaxbn._core.evonorm import evonorm_b0, evonorm_s0
 from jaxbn._core.fold import eval_affine, fold_batch_norm
+from jaxbn._core.frn import filter_response_norm
 from jaxbn._core.frozen import frozen_batch_norm
 from jaxbn._core.ghost import ghost_batch_norm
 from jaxbn._core.group_norm import group_norm, instance_norm
@@ -22,6 +25,7 @@ from jaxbn._core.precise import init_population_moments, merge_moments, populati
 from jaxbn._core.recompute import recompute_stats
 from jaxbn._core.renorm import batch_renorm, renorm_schedule
 from jaxbn._core.types import BatchStats, Moments, PopulationMoments, init_stats
+from jaxbn._core.weight_standardization import standardize_weight
 from jaxbn._version import __version__
 
 __all__ = [
@@ -39,11 +43,20 @@ __all__ = [
     "renorm_schedule",
     "ghost_batch_norm",
     "frozen_batch_norm",
+    "evonorm_b0",
     # batch-independent normalizations
+    "evonorm_s0",
+    "filter_response_norm",
+    "standardize_weight",
     "group_norm",
     "instance_norm",
     "layer_norm",
     "rms_norm",
+    # several domains: split batch norm, test-time adaptation
+    "split_batch_norm",
+    "adapt_batch_norm",
+    "mix_stats",
+    "source_weight",
     # after training: precise statistics, folding
     "PopulationMoments",
     "init_population_moments",

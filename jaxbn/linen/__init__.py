@@ -5,6 +5,10 @@ variables (and so the same checkpoints). Importing this module imports flax; ``i
 alone does not.
 """
 
+from jaxbn.linen._adapt import (SplitBatchNorm, TestTimeBatchNorm, batch_norm_affine_mask,
+                                swa_batch_stats, test_time_adaptation)
+from jaxbn.linen._batch_free import (EvoNormB0, EvoNormS0, FilterResponseNorm, ScaledWSConv,
+                                     WSConv)
 from jaxbn.linen._batch_norm import BatchNorm
 from jaxbn.linen._freeze import freeze_batch_norm, unfreeze_batch_norm
 from jaxbn.linen._frozen import FrozenBatchNorm
@@ -14,6 +18,7 @@ from jaxbn.linen._inference import (FoldPair, find_conv_bn_pairs, fold_batch_nor
 from jaxbn.linen._norms import GroupNorm, InstanceNorm, LayerNorm, RMSNorm
 from jaxbn.linen._registry import register_batch_norm
 from jaxbn.linen._renorm import BatchRenorm
+from jaxbn.linen._surgery import replace_batch_norm, restore_batch_norm
 
 __all__ = [
     "BatchNorm",
@@ -35,4 +40,18 @@ __all__ = [
     "recompute_batch_stats",
     # deprecated (one release): the name of jaxbn.fold_batch_norm, which folds arrays
     "fold_batch_norm",
+    # batch-independent norms and split / test-time batch norm
+    "EvoNormB0",
+    "EvoNormS0",
+    "FilterResponseNorm",
+    "ScaledWSConv",
+    "WSConv",
+    "SplitBatchNorm",
+    "TestTimeBatchNorm",
+    # beyond one layer: model surgery, adaptation, weight averaging
+    "replace_batch_norm",
+    "restore_batch_norm",
+    "test_time_adaptation",
+    "batch_norm_affine_mask",
+    "swa_batch_stats",
 ]

@@ -5,6 +5,10 @@ Drop-in replacements for ``flax.nnx`` normalization layers: same constructor, sa
 flax; ``import jaxbn`` alone does not.
 """
 
+from jaxbn.nnx._adapt import (SplitBatchNorm, TestTimeBatchNorm, batch_norm_affine_filter,
+                              swa_batch_stats, test_time_adaptation)
+from jaxbn.nnx._batch_free import (EvoNormB0, EvoNormS0, FilterResponseNorm, ScaledWSConv,
+                                   WSConv)
 from jaxbn.nnx._batch_norm import BatchNorm
 from jaxbn.nnx._common import promote_dtype
 from jaxbn.nnx._freeze import freeze_batch_norm, unfreeze_batch_norm
@@ -16,6 +20,7 @@ from jaxbn.nnx._inference import (FoldPair, FoldedBatchNorm, find_conv_bn_pairs,
 from jaxbn.nnx._norms import GroupNorm, InstanceNorm, LayerNorm, RMSNorm
 from jaxbn.nnx._registry import register_batch_norm
 from jaxbn.nnx._renorm import BatchRenorm
+from jaxbn.nnx._surgery import replace_batch_norm
 
 __all__ = [
     "BatchNorm",
@@ -38,4 +43,17 @@ __all__ = [
     "recompute_batch_stats",
     # deprecated (one release): the name of jaxbn.fold_batch_norm, which folds arrays
     "fold_batch_norm",
+    # batch-independent norms and split / test-time batch norm
+    "EvoNormB0",
+    "EvoNormS0",
+    "FilterResponseNorm",
+    "ScaledWSConv",
+    "WSConv",
+    "SplitBatchNorm",
+    "TestTimeBatchNorm",
+    # beyond one layer: model surgery, adaptation, weight averaging
+    "replace_batch_norm",
+    "test_time_adaptation",
+    "batch_norm_affine_filter",
+    "swa_batch_stats",
 ]
