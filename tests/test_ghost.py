@@ -10,7 +10,13 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import jaxbn
+from tests import _reference as R
 
+# Tolerances (tests/README.md: |err| <= k·cond·u(dtype)·(|expected| + scale)). The float32
+# data here have |mean|/std <= ~6, so cond_offset² <= ~40 and 4·40·u32 ≈ 1e-5: outputs and
+# statistics use rtol/atol 1e-5 (2e-5 where values reach ~2), gradients 1e-4 (× log2(n) of the
+# sums); rtol 1e-6/atol 1e-6 where two float32 evaluations of the same formula are compared
+# (a few ulps); bfloat16 goes through tests/_reference.assert_close.
 EPS = 1e-5
 M = 0.7
 C = 3
@@ -132,7 +138,9 @@ def test_layouts_single_slice_and_inference():
         one=ghost(x, st, virtual_batch_size=12),
         bn=jaxbn.batch_norm(x, st, training=True, momentum=M),
         # bf16: output bf16, float32 statistics.
-        bf16=ghost(x.astype(jnp.bfloat16), st, virtual_batch_size=4))
+        bf16=ghost(x.astype(jnp.bfloat16), st, virtual_batch_size=4),
+        bf16_input_in_f32=ghost(x.astype(jnp.bfloat16).astype(jnp.float32), st,
+                                virtual_batch_size=4))
 
   out = run(x, st)
   y, new = out["plain"]
@@ -142,7 +150,11 @@ def test_layouts_single_slice_and_inference():
   np.testing.assert_allclose(out["one"][1].var, out["bn"][1].var, rtol=1e-6)
   y16, s16 = out["bf16"]
   assert y16.dtype == jnp.bfloat16 and s16.var.dtype == jnp.float32
-  np.testing.assert_allclose(np.asarray(y16, np.float32), y, atol=5e-2)
+  # Same quantized input in float32: the bf16 output is that one rounded once; cond from the
+  # offsets of the virtual batches of 4 (statistics over the 4 examples and H).
+  xq = np.asarray(jnp.asarray(x).astype(jnp.bfloat16).astype(jnp.float32), np.float64)
+  cond = R.norm_cond(xq.reshape((3, 4) + xq.shape[1:]), (1, 2), jnp.bfloat16, eps=EPS)
+  R.assert_close(y16, out["bf16_input_in_f32"][0], jnp.bfloat16, cond=cond, what="bf16 ghost")
   # Inference: running statistics, any batch size, stats returned unchanged.
   y_eval, same = jaxbn.ghost_batch_norm(x[:3], st, training=False, virtual_batch_size=4)
   assert same is st
