@@ -71,7 +71,8 @@ def run_metadata(command: str) -> Dict[str, Any]:
     ``git_dirty`` (uncommitted changes to tracked files when the run started), ``machine``
     (CPU model, core count, OS, Python), ``versions`` (jax, jaxlib, flax, optax, numpy, torch
     and the optional anchors, ``None`` where not installed), ``devices`` (JAX platform, kind and
-    count) and ``env`` (``GLIBC_TUNABLES``, ``XLA_FLAGS``).
+    count), ``env`` (``GLIBC_TUNABLES``, ``XLA_FLAGS``) and ``load_avg_1min`` (the machine's
+    load when the run started: above the core count, other work competed for the CPU).
   """
   import jax  # imported late so that scripts can configure devices first
   devs = jax.devices()
@@ -93,6 +94,9 @@ def run_metadata(command: str) -> Dict[str, Any]:
                   "kind": getattr(devs[0], "device_kind", ""),
                   "count": len(devs)},
       "env": {k: os.environ.get(k, "") for k in ("GLIBC_TUNABLES", "XLA_FLAGS")},
+      # 1-minute load average when the run started: on a shared machine, a load above the core
+      # count means the timings were taken while other work competed for the CPU.
+      "load_avg_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
   }
 
 

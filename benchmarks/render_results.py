@@ -93,12 +93,19 @@ def _meta_lines(meta: Dict[str, Any]) -> List[str]:
   if meta.get("git_dirty"):
     commit += " (with uncommitted changes)"
   env = ", ".join(f"{k}={val!r}" for k, val in meta.get("env", {}).items() if val)
+  load = meta.get("load_avg_1min")
+  load_text = ""
+  if load is not None:
+    busy = load > (m["cores"] or 1)
+    load_text = (f"; load average {load:.1f} at the start"
+                 + (f" (above the {m['cores']} cores: other work shared the CPU, timings are "
+                    "noisier than usual)" if busy else ""))
   return [
       f"- Command: `{meta['command']}`",
       f"- Machine: {m['cpu']}, {m['cores']} cores, {m['os']}, Python {m['python']}; "
       f"JAX devices: {d['count']} × {d['platform']} ({d['kind']})" + (f"; {env}" if env else ""),
       f"- Versions: {versions}",
-      f"- Commit {commit}, run {meta['date_utc']}",
+      f"- Commit {commit}, run {meta['date_utc']}{load_text}",
   ]
 
 
