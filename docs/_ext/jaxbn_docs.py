@@ -7,7 +7,8 @@
   docs), and ``api/index.rst`` listing the modules that import. A module listed in ``conf.py``
   that does not exist yet is left out with a message; one that exists but fails to import fails
   the build.
-* ``notebooks/*.ipynb`` — copies of ``notebooks/*.ipynb``, rendered with their stored outputs.
+* ``notebooks/*.ipynb`` — copies of ``notebooks/*.ipynb``, rendered with their stored outputs,
+  and of their jupytext sources ``notebooks/*.py`` (linked from each notebook).
 * ``experiments/tables.md`` — the example trainer's committed experiment tables and plots
   (``examples/cnn/results/NAME.md`` and ``NAME.png``).
 * ``benchmarks_tables.md`` — every ``benchmarks/results/*.json`` as Markdown tables, with the
@@ -93,15 +94,19 @@ def _api_pages(out: str, modules: Sequence[Tuple[str, str]]) -> None:
 
 
 def _copy_notebooks(root: str, out: str) -> None:
+  """Copies ``notebooks/*.ipynb`` and their paired jupytext sources (same stem, ``.py``), so
+  a notebook's link to its source resolves (as a download)."""
   os.makedirs(out, exist_ok=True)
-  wanted = {os.path.basename(p) for p in glob.glob(os.path.join(root, "notebooks", "*.ipynb"))}
+  src = os.path.join(root, "notebooks")
+  stems = {os.path.splitext(os.path.basename(p))[0]
+           for p in glob.glob(os.path.join(src, "*.ipynb"))}
+  wanted = {f"{s}.ipynb" for s in stems}
+  wanted |= {f"{s}.py" for s in stems if os.path.exists(os.path.join(src, f"{s}.py"))}
   for stale in set(os.listdir(out)) - wanted:
     os.remove(os.path.join(out, stale))
-  for nb in sorted(wanted):
-    src = os.path.join(root, "notebooks", nb)
-    with open(src) as f:
-      text = f.read()
-    _write(os.path.join(out, nb), text)
+  for name in sorted(wanted):
+    with open(os.path.join(src, name)) as f:
+      _write(os.path.join(out, name), f.read())
 
 
 def _benchmarks_page(root: str, path: str) -> None:
@@ -131,19 +136,27 @@ def _benchmarks_page(root: str, path: str) -> None:
 
 
 def _experiments_page(root: str, out: str) -> None:
-  """The example trainer's committed experiments: each ``examples/cnn/results/NAME.md`` table
-  (written by ``python -m examples.cnn.experiments NAME``) with its ``NAME.png`` plot."""
+  """The examples' committed experiments: each ``examples/cnn/results/NAME.md`` table (written
+  by ``python -m examples.cnn.experiments NAME``) with its ``NAME.png`` plot, and every
+  ``examples/<name>/RESULTS.md`` (e.g. the adaptation demo)."""
   src = os.path.join(root, "examples", "cnn", "results")
   os.makedirs(out, exist_ok=True)
   lines: List[str] = []
-  for md in sorted(glob.glob(os.path.join(src, "*.md"))):
+  pages = sorted(glob.glob(os.path.join(src, "*.md")))
+  pages += sorted(glob.glob(os.path.join(root, "examples", "*", "RESULTS.md")))
+  for md in pages:
     name = os.path.splitext(os.path.basename(md))[0]
     with open(md) as f:
       body = f.read().strip().splitlines()
-    if body and body[0].startswith("#"):   # the file's own title: replaced by ours
+    title = name.replace("_", " ").capitalize()
+    if body and body[0].startswith("#"):   # the file's own title: a level-2 heading here
+      title = body[0].lstrip("#").strip()
       body = body[1:]
-    lines += [f"## {name.replace('_', ' ').capitalize()}", ""] + body + [""]
-    png = os.path.join(src, f"{name}.png")
+    if name == "RESULTS":                  # examples/<name>/RESULTS.md: no plot of that name
+      name = os.path.basename(os.path.dirname(md))
+    body = [("#" + l) if l.startswith("#") else l for l in body]   # keep levels below ours
+    lines += [f"## {title}", ""] + body + [""]
+    png = os.path.join(os.path.dirname(md), f"{name}.png")
     if os.path.exists(png):
       with open(png, "rb") as f:
         data = f.read()
