@@ -83,12 +83,43 @@ def measured(results: Dict[str, Any]) -> Dict[str, Optional[str]]:
   }
 
 
+def collectives(results: Dict[str, Any]) -> Optional[Dict[str, str]]:
+  """All-reduced bytes of one synced BN layer (fwd + bwd) at the largest C, jaxbn vs flax."""
+  t = _table(results, "bench_collectives", "All-reduced bytes per device")
+  if t is None:
+    return None
+  counts = [c for c in t["columns"] if c.startswith("bytes at ") and c.endswith(" devices")]
+  c_max = max(r[t["columns"].index("C")] for r in t["rows"])
+  out = {"C": str(c_max)}
+  for impl, key in (("jaxbn_stable", "jaxbn"), ("flax", "flax")):
+    rows = _rows(t, implementation=impl, C=c_max)
+    if not rows:
+      return None
+    sizes = [rows[0][c] for c in counts]
+    devs = ", ".join(c[len("bytes at "):-len(" devices")] for c in counts)
+    if len(set(sizes)) == 1:
+      out[key] = f"{sizes[0]:,} B at {devs} devices"
+    else:
+      out[key] = "; ".join(f"{v:,} B at {c[len('bytes at '):]}" for v, c in zip(sizes, counts))
+    extra = rows[0].get("bytes in the correction branch")
+    if key == "jaxbn" and extra:
+      out[key] += f" (+{extra:,} B when the rare exact correction runs)"
+  return out
+
+
 def _cell(value: Optional[str], script: str) -> str:
   return f"{value} of flax's" if value else f"not measured yet: `python benchmarks/{script}.py`"
 
 
 def render(results: Dict[str, Any]) -> str:
   m = measured(results)
+  coll = collectives(results)
+  if coll:
+    coll_row = (f"| sync BN all-reduce per layer, forward + backward, C = {coll['C']} | "
+                f"{coll['jaxbn']} | {coll['flax']} | [benchmarks](benchmarks/RESULTS.md) |")
+  else:
+    coll_row = ("| sync BN all-reduce per layer, forward + backward | not measured yet: "
+                "`python benchmarks/bench_collectives.py` | | [benchmarks](benchmarks/RESULTS.md) |")
   rows = [
       "| | jaxbn | flax's `BatchNorm` | checked by |",
       "|---|---|---|---|",
@@ -97,6 +128,7 @@ def render(results: Dict[str, Any]) -> str:
       "`tests/test_oracle_flax2417.py` |",
       "| float32 data far from zero (`1e4 + N(0, 1)`) | exact variance | 0 or garbage with its "
       "default fast variance | `tests/test_batch_norm.py`, `tests/test_docs.py` |",
+      coll_row,
       "| train-step temporary memory, small CNN | " + _cell(m["memory"], "bench_core")
       + " | 1× | [benchmarks](benchmarks/RESULTS.md) |",
       "| BN forward+backward time, large NHWC | " + _cell(m["fwd_bwd_large"], "bench_core")

@@ -141,6 +141,26 @@ def test_readme_numbers_come_from_the_result_json():
   assert not re.search(r"\d\.\d\d×", missing)           # no number without a result file
 
 
+def test_readme_collective_bytes_come_from_the_result_json():
+  render = _load("render_readme", DOCS / "render_readme.py")
+  cols = ["implementation", "C", "all-reduces", "bytes at 8 devices", "bytes at 64 devices",
+          "bytes in the correction branch", "independent of devices"]
+  rows = [["jaxbn_stable", 64, 2, 1024, 1024, 512, True],
+          ["jaxbn_stable", 256, 2, 4096, 4096, 2048, True],
+          ["flax", 256, 2, 5120, 5120, 0, True],
+          ["flax", 64, 2, 1280, 1280, 0, True]]
+  doc = {"bench_collectives": {"tables": [
+      {"title": "All-reduced bytes per device, one BN layer's forward + backward",
+       "columns": cols, "rows": rows}]}}
+  c = render.collectives(doc)
+  assert c == {"C": "256",
+               "jaxbn": "4,096 B at 8, 64 devices (+2,048 B when the rare exact correction runs)",
+               "flax": "5,120 B at 8, 64 devices"}
+  rows[1][4] = 8192   # grows with the device count: each count is shown
+  assert render.collectives(doc)["jaxbn"].startswith("4,096 B at 8 devices; 8,192 B at 64")
+  assert "bench_collectives.py" in render.render({})
+
+
 def test_results_table_selection_and_errors():
   ext = _load("results_tables", DOCS / "_ext" / "results_tables.py")
   t = _fake_bench_core()["bench_core"]["tables"][0]
