@@ -17,8 +17,10 @@ import numpy as np
 
 
 def stats(values: list[float]) -> tuple[float, float]:
-  """Mean and sample standard deviation (0 for a single value)."""
+  """Mean and sample standard deviation (0 for a single value; NaN mean for none)."""
   a = np.asarray(values, np.float64)
+  if not len(a):
+    return float("nan"), 0.0
   return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
 
 

@@ -71,7 +71,7 @@ def settings(name: str, quick: bool) -> tuple[configs.Config, list[Setting], dic
   if quick:
     base = base.replace(widths=(4, 8), num_train=64, num_test=32, groups=2)
   if name == "small_batches":
-    steps = 3 if quick else 200
+    steps = 3 if quick else 150
     per_device = (2,) if quick else (2, 4, 8, 16, 32)
     out = []
     for b in per_device:
