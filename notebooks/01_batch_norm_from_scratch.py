@@ -140,7 +140,9 @@ print("inference mode returns the statistics unchanged:", same is stats)
 # drop-in for `flax.linen.BatchNorm` (the running statistics live in the `batch_stats`
 # collection; `use_running_average` picks the mode); `jaxbn.nnx.BatchNorm` is a drop-in for
 # `flax.nnx.BatchNorm` (the statistics are `nnx.BatchStat` attributes of the module;
-# `model.train()` / `model.eval()` pick the mode). Both compute exactly `jaxbn.batch_norm`:
+# `model.train()` / `model.eval()` pick the mode). Both match the NumPy reference above (their
+# default `use_fast_variance=True`, flax's one-pass variance, rounds more than the function's
+# default; `use_fast_variance=False` selects the stable one):
 
 # %%
 from flax import nnx
