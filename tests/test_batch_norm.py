@@ -46,7 +46,9 @@ def _params(c, seed=1):
                                         ((7, 3), 0)])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_forward_and_running_stats_match_float64(shape, axis, dtype):
-  x = _data(shape, dtype)
+  # Spread 0.05 (variance 2.5e-3): epsilon + 1e-3 would move y by ~20%, visible in bfloat16
+  # too (at variance 4 it moves y by 1e-4, below bfloat16's resolution; test_planted_errors).
+  x = jnp.asarray(np.asarray(_data(shape), np.float64) * 0.025 + 0.02, dtype)
   feat = ref.feature_axes(len(shape), axis)
   fshape = tuple(shape[a] for a in feat)
   scale, bias = (p.reshape(-1)[: int(np.prod(fshape))].reshape(fshape)
@@ -329,6 +331,19 @@ def test_stats_are_a_scan_carry():
 
   stats, ys = jax.lax.scan(body, jaxbn.init_stats(3), xs)
   assert int(stats.count) == 3 and ys.shape == xs.shape
+  # Values: each step's output and the carried running statistics equal a float64 loop.
+  mean_ref, var_ref = np.zeros(3), np.ones(3)
+  for i in range(3):
+    x64 = np.asarray(xs[i], np.float64)
+    y_ref, (_, m, v) = ref.batch_norm(x64)
+    ref.assert_close(ys[i], y_ref, jnp.float32, cond=ref.bn_output_cond(x64, jnp.float32),
+                     what=f"scan step {i} output")
+    mean_ref, var_ref = ref.ema(mean_ref, m.ravel(), 0.99), ref.ema(var_ref, v.ravel(), 0.99)
+  all_x = np.asarray(xs, np.float64).reshape(-1, 3)
+  ref.assert_close(stats.mean, mean_ref, jnp.float32, cond=ref.stats_cond(all_x),
+                   what="carried mean")
+  ref.assert_close(stats.var, var_ref, jnp.float32, cond=ref.stats_cond(all_x, order=2),
+                   what="carried var")
 
 
 def test_matches_flax_linen_batchnorm():
