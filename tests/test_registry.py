@@ -254,3 +254,20 @@ def test_the_twins_have_the_same_fields_and_registry():
   assert jaxbn.linen.FoldPair._fields == jaxbn.nnx.FoldPair._fields == (
       "layer", "bn", "epsilon", "kernel_axes")
   assert jaxbn.linen.FoldPair._field_defaults == jaxbn.nnx.FoldPair._field_defaults
+
+
+def test_subclasses_need_no_registration_and_register_batch_norm_adds_a_class():
+  class MyBatchNorm(jaxbn.nnx.BatchNorm):
+    pass
+
+  model = nnx.Sequential(nnx.Linear(3, 4, rngs=nnx.Rngs(0)), MyBatchNorm(4, rngs=nnx.Rngs(1)))
+  assert type(jaxbn.nnx.freeze_batch_norm(model).layers[1]) is jaxbn.nnx.FrozenBatchNorm
+
+  class Custom(_NnxCustomBN):  # a fresh class: registering it does not affect other tests
+    pass
+
+  model = nnx.Sequential(nnx.Linear(3, 4, rngs=nnx.Rngs(0)), Custom(4))
+  with pytest.raises(TypeError, match=r"Custom is not registered"):
+    jaxbn.nnx.freeze_batch_norm(model)
+  assert jaxbn.nnx.register_batch_norm(Custom, kind="frozen") is Custom
+  assert jaxbn.nnx.freeze_batch_norm(model).layers[1].mean is model.layers[1].mean  # kept
