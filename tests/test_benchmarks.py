@@ -59,6 +59,11 @@ def test_quick_run_writes_results_json(script, tmp_path):
       # jaxbn's own rows must never be error rows.
       if "jaxbn" in names and "error" in cells:
         assert not cells["error"], f"{script}: jaxbn row failed: {row}"
+  if script == "bench_core":  # every anchor is a row: timed, or with the error that stopped it
+    import bench_core  # noqa: PLC0415
+    step = doc["tables"][0]
+    impls = {row[step["columns"].index("impl")] for row in step["rows"]}
+    assert impls == set(bench_core.ANCHORS) | {"torch (CPU)"}, impls
   text = render_results.render(tmp_path)
   assert f"## {doc['title']}" in text and meta["command"] in text
 
