@@ -265,31 +265,32 @@ def test_evonorm_b0_layers_train_eval_and_stats_like_batch_norm():
   np.testing.assert_array_equal(np.asarray(layer(x)), np.asarray(ye))
 
 
-@pytest.mark.parametrize("scaled", [False, True])
-def test_ws_conv_is_flax_conv_on_the_standardized_kernel(scaled):
+def test_ws_conv_is_flax_conv_on_the_standardized_kernel():
   x = jnp.asarray(_x(0, shape=(2, 5, 5, 3)), jnp.float32)
-  cls = jaxbn.linen.ScaledWSConv if scaled else jaxbn.linen.WSConv
-  conv = cls(4, (3, 3), strides=(2, 2), padding="VALID")
-  variables = conv.init(jax.random.key(0), x)
-  plain = {k: v for k, v in variables["params"].items() if k != "gain"}
-  assert jax.tree.map(jnp.shape, plain) == {"bias": (4,), "kernel": (3, 3, 3, 4)}
-  gain = jnp.asarray(_p(5, 4, center=1), jnp.float32) if scaled else None
-  if scaled:
-    variables = {"params": {**variables["params"], "gain": gain}}
-  w_hat = np_ws(np.float64(plain["kernel"]), None if gain is None else np.float64(gain), 1e-6,
-                scaled)
-  ref = nn.Conv(4, (3, 3), strides=(2, 2), padding="VALID").apply(
-      {"params": {"kernel": jnp.asarray(w_hat, jnp.float32), "bias": plain["bias"]}}, x)
-  y = conv.apply(variables, x)
-  np.testing.assert_allclose(y, ref, rtol=0, atol=TOL32)
+  gain = jnp.asarray(_p(5, 4, center=1), jnp.float32)
+  conv_args = dict(strides=(2, 2), padding="VALID")
+  ref_conv = nn.Conv(4, (3, 3), **conv_args)
+  for scaled in (False, True):
+    cls = jaxbn.linen.ScaledWSConv if scaled else jaxbn.linen.WSConv
+    conv = cls(4, (3, 3), **conv_args)
+    variables = conv.init(jax.random.key(0), x)
+    plain = {k: v for k, v in variables["params"].items() if k != "gain"}
+    assert jax.tree.map(jnp.shape, plain) == {"bias": (4,), "kernel": (3, 3, 3, 4)}
+    if scaled:
+      variables = {"params": {**variables["params"], "gain": gain}}
+    w_hat = np_ws(np.float64(plain["kernel"]), np.float64(gain) if scaled else None, 1e-6,
+                  scaled)
+    ref = ref_conv.apply({"params": {"kernel": jnp.asarray(w_hat, jnp.float32),
+                                     "bias": plain["bias"]}}, x)
+    y = conv.apply(variables, x)
+    np.testing.assert_allclose(y, ref, rtol=0, atol=TOL32)
   # the nnx twin: nnx.Conv's state plus `gain`, same output
-  ncls = jaxbn.nnx.ScaledWSConv if scaled else jaxbn.nnx.WSConv
-  layer = ncls(3, 4, (3, 3), strides=(2, 2), padding="VALID", rngs=nnx.Rngs(0))
+  layer = jaxbn.nnx.ScaledWSConv(3, 4, (3, 3), **conv_args, rngs=nnx.Rngs(0))
   nnx.update(layer, nnx.State(variables["params"]))
   np.testing.assert_allclose(np.asarray(layer(x)), np.asarray(y), rtol=0, atol=1e-6)
-  # gradients reach the raw kernel through the standardization
+  # gradients reach the raw kernel and the gain through the standardization
   grads = jax.grad(lambda p: conv.apply({"params": p}, x).sum())(variables["params"])
-  assert float(jnp.abs(grads["kernel"]).max()) > 0
+  assert float(jnp.abs(grads["kernel"]).max()) > 0 and float(jnp.abs(grads["gain"]).max()) > 0
 
 
 def test_errors_name_the_argument():
