@@ -57,8 +57,11 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
 
 
 def _driver():
-  from selenium import webdriver
-  from selenium.webdriver.chrome.service import Service
+  try:
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+  except ImportError:
+    raise SystemExit('check_browser: selenium is missing; pip install -e ".[browser]"')
   opts = webdriver.ChromeOptions()
   for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
               "--window-size=1280,1000", "--hide-scrollbars"):
