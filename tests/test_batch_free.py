@@ -114,6 +114,16 @@ def test_frn_gradients_float64_including_learned_epsilon():
     np.testing.assert_allclose(jax.grad(loss)(0.3), fd, rtol=1e-6)
 
 
+def test_frn_bfloat16_input_accumulates_in_float32():
+  x = _x(6, scale=0.05)
+  y = jaxbn.filter_response_norm(jnp.asarray(x, jnp.bfloat16), tau=jnp.zeros(6),
+                                 epsilon=1e-4)
+  assert y.dtype == jnp.bfloat16
+  # bf16 rounding of the input and of the output (2^-8 relative each) on O(1) values
+  ref = np_frn(np.float64(np.asarray(jnp.asarray(x, jnp.bfloat16), np.float32)), 1, 0, 0, 1e-4)
+  np.testing.assert_allclose(np.asarray(y, np.float32), ref, rtol=2 ** -7, atol=2 ** -7)
+
+
 def test_frn_is_per_example_batch_independent():
   x = _x(5)
   y_all = jaxbn.filter_response_norm(jnp.asarray(x, jnp.float32), tau=jnp.zeros(6))
@@ -250,6 +260,10 @@ def test_evonorm_b0_layers_train_eval_and_stats_like_batch_norm():
   assert jax.tree.map(jnp.shape, variables) == {
       "batch_stats": {"var": (6,)}, "params": {"bias": (6,), "scale": (6,), "v": (6,)}}
   np.testing.assert_array_equal(variables["batch_stats"]["var"], np.ones(6))  # init: no update
+  # init issues no collective: an axis name need not be bound there (as flax's BatchNorm)
+  synced = jaxbn.linen.EvoNormB0(axis_name="batch").init(jax.random.key(0), x,
+                                                         use_running_average=False)
+  np.testing.assert_array_equal(synced["batch_stats"]["var"], np.ones(6))
   y, upd = b0.apply(variables, x, use_running_average=False, mutable=["batch_stats"])
   var_b = np_var(np.float64(x), (0, 1, 2))
   np.testing.assert_allclose(y, np_b0(np.float64(x), var_b, 1, 0, 1, 1e-5), rtol=0, atol=TOL32)

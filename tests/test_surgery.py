@@ -121,6 +121,28 @@ def test_variants_on_the_unmodified_model(variant):
     _equal(out[1]["batch_stats"], variables["batch_stats"])
 
 
+class _SetupNet(nn.Module):
+  """A model that creates its BatchNorm in ``setup`` (not inline)."""
+
+  def setup(self):
+    self.dense = nn.Dense(4)
+    self.bn = nn.BatchNorm(momentum=0.9)
+
+  def __call__(self, x, train: bool):
+    return self.bn(self.dense(x), use_running_average=not train)
+
+
+def test_layers_created_in_setup_are_replaced_too():
+  x = X[:, 0, 0]
+  variables = _SetupNet().init(jax.random.key(0), x, train=False)
+  variables = {**variables, "batch_stats": {"bn": {"mean": jnp.full(4, 0.5),
+                                                   "var": jnp.full(4, 2.0)}}}
+  frozen = jaxbn.linen.replace_batch_norm(_SetupNet(), jaxbn.linen.FrozenBatchNorm)
+  y, upd = frozen.apply(variables, x, train=True, mutable=["batch_stats"])
+  _equal(y, _SetupNet().apply(variables, x, train=False))  # frozen: eval behaviour in training
+  _equal(upd["batch_stats"], variables["batch_stats"])
+
+
 def test_replace_errors_name_the_field():
   with pytest.raises(TypeError, match=r"replace_batch_norm: BatchNorm has no field\(s\) "
                                       r"\['virtual_batch_size'\]"):

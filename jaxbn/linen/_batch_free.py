@@ -220,7 +220,7 @@ class WSConv(nn.Conv):
   (:func:`jaxbn.standardize_weight`, before flax's dtype promotion). Usually followed by
   GroupNorm (``WSConv`` + ``GroupNorm`` is the paper's batch-independent replacement of
   conv + BN). Implemented by standardizing ``kernel`` where ``nn.Conv`` reads it
-  (``self.param``), so ``ConvLocal``-style subclasses and all paddings behave as ``nn.Conv``.
+  (``self.param``), so every other field (padding, strides, groups...) is ``nn.Conv``'s own.
 
   Attributes:
     epsilon: added to the kernel variance (default 1e-6, timm's ``StdConv2d``).
