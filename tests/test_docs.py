@@ -208,8 +208,8 @@ def test_why_claim_flax_fast_variance_loses_every_digit_far_from_zero_jaxbn_does
   bn = nn.BatchNorm(use_running_average=False, momentum=0.0)
   _, upd = bn.apply(bn.init(jax.random.key(0), x), x, mutable=["batch_stats"])
   flax_var = np.asarray(upd["batch_stats"]["var"])
-  assert np.sum(flax_var == 0.0) >= 4                      # most features: variance 0
-  assert np.max(np.abs(flax_var / true_var - 1)) >= 1.0     # off by 100% or more
+  assert np.sum(flax_var == 0.0) > flax_var.size / 2        # most features: variance 0
+  assert np.all(np.abs(flax_var / true_var - 1) >= 1.0)     # every feature off by >= 100%
   for fast in (False, True):
     _, st = jaxbn.batch_norm(x, jaxbn.init_stats(8), training=True, momentum=0.0,
                              use_fast_variance=fast)
