@@ -252,3 +252,17 @@ def test_wrappers_import_only_public_flax_modules():
       elif isinstance(node, ast.Attribute) and node.attr in ("_can_update", "_raw_value",
                                                               "_trace_state", "_var_metadata"):
         raise AssertionError(f"{path.name}: private flax attribute {node.attr}")
+
+
+def test_repeated_feature_axes_are_accepted_as_flax_does():
+  """flax canonicalizes ``axis=(-1, 2)`` of a rank-3 input to ``(2,)``; so do the layers."""
+  x = jax.random.normal(jax.random.key(0), (8, 4, 3)) * 2 + 1
+  v = nn.BatchNorm(axis=(-1, 2)).init(jax.random.key(0), x, use_running_average=False)
+  y_f, u_f = nn.BatchNorm(axis=(-1, 2)).apply(v, x, use_running_average=False,
+                                              mutable=["batch_stats"])
+  y_o, u_o = jaxbn.linen.BatchNorm(axis=(-1, 2)).apply(v, x, use_running_average=False,
+                                                       mutable=["batch_stats"])
+  np.testing.assert_allclose(y_o, y_f, atol=ATOL32)
+  jax.tree.map(functools.partial(np.testing.assert_allclose, atol=ATOL32), u_o, u_f)
+  ours = jaxbn.nnx.BatchNorm(3, axis=(-1, 2), rngs=nnx.Rngs(0))
+  np.testing.assert_allclose(ours(x), y_f, atol=ATOL32)

@@ -37,6 +37,14 @@ def result_dtype(*arrays: Any, dtype: Optional[Any] = None) -> Any:
   return out
 
 
+def flax_axes(axis: Any, ndim: int) -> Any:
+  """``axis`` deduplicated and sorted as flax canonicalizes it (``(-1, 2)`` of a rank-3 input
+  is ``(2,)``); an int, or entries that are not valid axes, are left for the core to check."""
+  if isinstance(axis, int) or not all(isinstance(a, int) and -ndim <= a < ndim for a in axis):
+    return axis
+  return tuple(sorted({a % ndim for a in axis}))
+
+
 # --------------------------------------------------------------------------------------------
 # Errors that flax also raises: flax's type and sentence first, jaxbn's explanation after.
 # --------------------------------------------------------------------------------------------
@@ -92,10 +100,12 @@ def bn_variables(mdl: nn.Module, x: jax.typing.ArrayLike, fn: str):
   order. Works for any module with flax ``BatchNorm``'s fields.
 
   Returns:
-    ``(x, stats, scale, bias, out_dtype, (mean_var, var_var, count_var_or_None))``.
+    ``(x, axis, stats, scale, bias, out_dtype, (mean_var, var_var, count_var_or_None))``,
+    ``axis`` canonicalized as flax does.
   """
   x = as_float(x)
-  feat = feature_axes(fn, x.ndim, mdl.axis)
+  axis = flax_axes(mdl.axis, x.ndim)
+  feat = feature_axes(fn, x.ndim, axis)
   shape = tuple(x.shape[a] for a in feat)
   stats_dtype = (jnp.float32 if getattr(mdl, "force_float32_reductions", True)
                  else mdl.param_dtype)
@@ -112,7 +122,7 @@ def bn_variables(mdl: nn.Module, x: jax.typing.ArrayLike, fn: str):
   scale, bias, out_dtype = affine_params(mdl, x, shape, mdl.use_scale, mdl.use_bias)
   count = jaxbn.init_stats(1).count if ra_count is None else ra_count.value
   stats = jaxbn.BatchStats(ra_mean.value, ra_var.value, count)
-  return x, stats, scale, bias, out_dtype, (ra_mean, ra_var, ra_count)
+  return x, axis, stats, scale, bias, out_dtype, (ra_mean, ra_var, ra_count)
 
 
 def bn_call(mdl: nn.Module, core: Callable[..., Any], fn: str, x: jax.typing.ArrayLike,
@@ -124,7 +134,8 @@ def bn_call(mdl: nn.Module, core: Callable[..., Any], fn: str, x: jax.typing.Arr
   issued, and complex input turns the running mean complex after the first update.
   """
   momentum_value(fn, mdl.momentum)
-  x, stats, scale, bias, out_dtype, (ra_mean, ra_var, ra_count) = bn_variables(mdl, x, fn)
+  x, axis, stats, scale, bias, out_dtype, (ra_mean, ra_var, ra_count) = bn_variables(mdl, x,
+                                                                                     fn)
   if jnp.iscomplexobj(x) and not jnp.iscomplexobj(stats.mean):
     stats = stats._replace(mean=stats.mean.astype(jnp.promote_types(stats.mean.dtype,
                                                                     jnp.complex64)))
@@ -132,7 +143,7 @@ def bn_call(mdl: nn.Module, core: Callable[..., Any], fn: str, x: jax.typing.Arr
   y, new = core(
       x, stats, scale, bias,
       training=not use_running_average,
-      axis=mdl.axis,
+      axis=axis,
       momentum=mdl.momentum,
       epsilon=mdl.epsilon,
       axis_name=None if initializing else mdl.axis_name,

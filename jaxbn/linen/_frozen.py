@@ -17,8 +17,8 @@ from jaxbn.linen._common import bn_variables
 def frozen_apply(mdl: nn.Module, x: jax.typing.ArrayLike, freeze_affine: bool,
                  fn: str) -> jax.Array:
   """The frozen computation on a BN-family module's own variables (creates them at init)."""
-  x, stats, scale, bias, out_dtype, _ = bn_variables(mdl, x, fn)
-  return jaxbn.frozen_batch_norm(x, stats, scale, bias, axis=mdl.axis, epsilon=mdl.epsilon,
+  x, axis, stats, scale, bias, out_dtype, _ = bn_variables(mdl, x, fn)
+  return jaxbn.frozen_batch_norm(x, stats, scale, bias, axis=axis, epsilon=mdl.epsilon,
                                  dtype=out_dtype, freeze_affine=freeze_affine)
 
 

@@ -23,7 +23,7 @@ from jaxbn._core import fold as _fold
 from jaxbn._core import recompute
 from jaxbn._core.checks import feature_axes
 from jaxbn._core.normalize import to_keepdims
-from jaxbn.linen._common import result_dtype
+from jaxbn.linen._common import flax_axes, result_dtype
 from jaxbn.linen._registry import kind_of
 
 Path = tuple[str, ...]
@@ -163,7 +163,7 @@ def recompute_batch_stats(
       if context.method_name != "__call__" or kind_of(fn, module) != "trains":
         return next_fun(*args, **kwargs)
       x, mask, scale, bias, out_dtype = _bn_inputs(module, args, kwargs)
-      return rec(module.path, x, axis=module.axis, epsilon=module.epsilon, scale=scale,
+      return rec(module.path, x, axis=flax_axes(module.axis, x.ndim), epsilon=module.epsilon, scale=scale,
                  bias=bias, mask=mask, axis_name=module.axis_name,
                  axis_index_groups=module.axis_index_groups, out_dtype=out_dtype,
                  unbiased=getattr(module, "unbiased_running_var", False))
@@ -277,7 +277,7 @@ def find_conv_bn_pairs(apply_fn: Any, variables: Any, *args: Any, **kwargs: Any)
     if kind_of(fn, module) is not None:
       x = jnp.asarray(a[0])
       dsts.append((module.path, float(module.epsilon),
-                   _fold.trailing_axes(fn, x.ndim, module.axis)))
+                   _fold.trailing_axes(fn, x.ndim, flax_axes(module.axis, x.ndim))))
       return next_fun(_fold.mark(x, "dst", len(dsts) - 1), *a[1:], **kw)
     kind = _kernel_axes(module)
     if kind is None:
@@ -440,7 +440,7 @@ def _folded_interceptor(next_fun, args, kwargs, context):
         f"folded bias in `variables`; pass the output of jaxbn.linen.fold_batch_norm_layers "
         f"(or the original variables).")
   x = jnp.asarray(args[0])
-  feat = feature_axes(fn, x.ndim, module.axis)
+  feat = feature_axes(fn, x.ndim, flax_axes(module.axis, x.ndim))
   out_dtype = result_dtype(x, bias, dtype=module.dtype)
   return (x + to_keepdims(bias, x.shape, feat)).astype(out_dtype)
 

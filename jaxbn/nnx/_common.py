@@ -62,6 +62,14 @@ def output_dtype(promote: Callable[..., tuple], arrays: tuple, dtype: Optional[D
   return out[0].dtype
 
 
+def flax_axes(axis: Any, ndim: int) -> Any:
+  """``axis`` deduplicated and sorted as flax canonicalizes it (``(-1, 2)`` of a rank-3 input
+  is ``(2,)``); an int, or entries that are not valid axes, are left for the core to check."""
+  if isinstance(axis, int) or not all(isinstance(a, int) and -ndim <= a < ndim for a in axis):
+    return axis
+  return tuple(sorted({a % ndim for a in axis}))
+
+
 # --------------------------------------------------------------------------------------------
 # Errors that flax also raises (flax's type and sentence first), and argument checks.
 # --------------------------------------------------------------------------------------------
@@ -165,9 +173,10 @@ def init_bn_layer(mdl: nnx.Module, fn: str, args: Mapping[str, Any], *,
 
 
 def bn_inputs(mdl: nnx.Module, x: jax.typing.ArrayLike, fn: str):
-  """Reads a BN-family layer's state for a call: ``(x, stats, scale, bias, out_dtype)``."""
+  """A BN-family layer's state for a call: ``(x, axis, stats, scale, bias, out_dtype)``."""
   x = jnp.asarray(x)
-  fshape = tuple(x.shape[a] for a in feature_axes(fn, x.ndim, mdl.axis))
+  axis = flax_axes(mdl.axis, x.ndim)
+  fshape = tuple(x.shape[a] for a in feature_axes(fn, x.ndim, axis))
   if fshape != tuple(mdl.mean.shape):
     raise ValueError(
         f"{fn}: `x` has features of shape {fshape} on axis {mdl.axis!r} but the layer was "
@@ -181,7 +190,7 @@ def bn_inputs(mdl: nnx.Module, x: jax.typing.ArrayLike, fn: str):
   out = output_dtype(mdl.promote_dtype, (x, mean, var, scale, bias), mdl.dtype)
   if not jnp.issubdtype(x.dtype, jnp.inexact):
     x = x.astype(out)
-  return x, jaxbn.BatchStats(mean, var, count), scale, bias, out
+  return x, axis, jaxbn.BatchStats(mean, var, count), scale, bias, out
 
 
 def _write(var: nnx.Variable, value: jax.Array) -> None:
@@ -219,7 +228,7 @@ def bn_call(mdl: nnx.Module, core: Callable[..., Any], fn: str, x: jax.typing.Ar
   keyword arguments); ``use_running_average`` is the mode already resolved for this call.
   Complex input turns the running mean complex after the first update.
   """
-  x, stats, scale, bias, out = bn_inputs(mdl, x, fn)
+  x, axis, stats, scale, bias, out = bn_inputs(mdl, x, fn)
   if jnp.iscomplexobj(x) and not jnp.iscomplexobj(stats.mean):
     stats = stats._replace(mean=stats.mean.astype(jnp.promote_types(stats.mean.dtype,
                                                                     jnp.complex64)))
@@ -227,7 +236,7 @@ def bn_call(mdl: nnx.Module, core: Callable[..., Any], fn: str, x: jax.typing.Ar
   y, new = core(
       x, stats, scale, bias,
       training=training,
-      axis=mdl.axis,
+      axis=axis,
       momentum=mdl.momentum,
       epsilon=mdl.epsilon,
       axis_name=mdl.axis_name,

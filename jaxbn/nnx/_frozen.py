@@ -91,8 +91,8 @@ class FrozenBatchNorm(nnx.Module):
       The normalized input, shaped like ``x``.
     """
     del use_running_average, mask
-    x, stats, scale, bias, out = bn_inputs(self, x, "jaxbn.nnx.FrozenBatchNorm")
-    return jaxbn.frozen_batch_norm(x, stats, scale, bias, axis=self.axis, epsilon=self.epsilon,
+    x, axis, stats, scale, bias, out = bn_inputs(self, x, "jaxbn.nnx.FrozenBatchNorm")
+    return jaxbn.frozen_batch_norm(x, stats, scale, bias, axis=axis, epsilon=self.epsilon,
                              dtype=out, freeze_affine=self.freeze_affine)
 
   def set_view(self, use_running_average: Optional[bool] = None):

@@ -23,7 +23,7 @@ from jaxbn._core import fold as _fold
 from jaxbn._core import recompute
 from jaxbn._core.checks import feature_axes
 from jaxbn._core.normalize import to_keepdims
-from jaxbn.nnx._common import output_dtype
+from jaxbn.nnx._common import flax_axes, output_dtype
 from jaxbn.nnx._registry import kind_of
 
 Path = tuple
@@ -114,7 +114,7 @@ def _recording_methods(path: Path, node: Any) -> Optional[dict]:
     bias = None if self.bias is None else self.bias[...]
     out_dtype = output_dtype(self.promote_dtype, (x, self.mean[...], self.var[...], scale, bias),
                              self.dtype)
-    return rec(path, x, axis=self.axis, epsilon=self.epsilon, scale=scale, bias=bias,
+    return rec(path, x, axis=flax_axes(self.axis, x.ndim), epsilon=self.epsilon, scale=scale, bias=bias,
                mask=mask, axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
                out_dtype=out_dtype, unbiased=getattr(self, "unbiased_running_var", False))
 
@@ -267,7 +267,7 @@ class FoldedBatchNorm(nnx.Module):
     del use_running_average, mask
     x = jnp.asarray(x)
     bias = self.bias[...]
-    feat = feature_axes("jaxbn.nnx.FoldedBatchNorm", x.ndim, self.axis)
+    feat = feature_axes("jaxbn.nnx.FoldedBatchNorm", x.ndim, flax_axes(self.axis, x.ndim))
     out_dtype = self.dtype or jnp.result_type(x, bias)
     return (x + to_keepdims(bias, x.shape, feat)).astype(out_dtype)
 
@@ -290,7 +290,8 @@ def _marking_methods(path: Path, node: Any) -> Optional[dict]:
     log = _FINDING.log
     x = jnp.asarray(x)
     log["dst"].append((path, float(self.epsilon),
-                       _fold.trailing_axes("jaxbn.nnx.find_conv_bn_pairs", x.ndim, self.axis)))
+                       _fold.trailing_axes("jaxbn.nnx.find_conv_bn_pairs", x.ndim,
+                                           flax_axes(self.axis, x.ndim))))
     return cls.__call__(self, _fold.mark(x, "dst", len(log["dst"]) - 1), *args, **kwargs)
 
   def layer_call(self, *args, **kwargs):  # tags the Conv/Linear output
