@@ -29,6 +29,18 @@ import sys
 from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 HERE = pathlib.Path(__file__).resolve().parent
+
+
+def _now() -> str:
+  return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _load() -> Optional[float]:
+  return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+
+
+# When and under what load the run started (a benchmark imports this module first thing).
+_STARTED = (_now(), _load())
 RESULTS_DIR = HERE / "results"
 QUICK_DIR = HERE / "out"
 
@@ -67,19 +79,22 @@ def run_metadata(command: str) -> Dict[str, Any]:
     command: the exact command line that produced the results (as a user would type it).
 
   Returns:
-    A JSON-serializable dict: ``command``, ``date_utc`` (ISO 8601), ``git_commit`` and
+    A JSON-serializable dict: ``command``, ``date_utc`` and ``finished_utc`` (ISO 8601, when
+    the run started and ended), ``git_commit`` and
     ``git_dirty`` (uncommitted changes to tracked files when the run started), ``machine``
     (CPU model, core count, OS, Python), ``versions`` (jax, jaxlib, flax, optax, numpy, torch
     and the optional anchors, ``None`` where not installed), ``devices`` (JAX platform, kind and
-    count), ``env`` (``GLIBC_TUNABLES``, ``XLA_FLAGS``) and ``load_avg_1min`` (the machine's
-    load when the run started: above the core count, other work competed for the CPU).
+    count), ``env`` (``GLIBC_TUNABLES``, ``XLA_FLAGS``) and ``load_avg_1min`` /
+    ``load_avg_1min_end`` (the machine's load when the run started and ended: above the core
+    count, other work competed for the CPU).
   """
   import jax  # imported late so that scripts can configure devices first
   devs = jax.devices()
   status = _git("status", "--porcelain", "--untracked-files=no")
   return {
       "command": command,
-      "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+      "date_utc": _STARTED[0],
+      "finished_utc": _now(),
       "git_commit": _git("rev-parse", "HEAD"),
       "git_dirty": None if status is None else bool(status),
       "machine": {
@@ -96,7 +111,8 @@ def run_metadata(command: str) -> Dict[str, Any]:
       "env": {k: os.environ.get(k, "") for k in ("GLIBC_TUNABLES", "XLA_FLAGS")},
       # 1-minute load average when the run started: on a shared machine, a load above the core
       # count means the timings were taken while other work competed for the CPU.
-      "load_avg_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+      "load_avg_1min": _STARTED[1],
+      "load_avg_1min_end": _load(),
   }
 
 

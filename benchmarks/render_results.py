@@ -93,19 +93,21 @@ def _meta_lines(meta: Dict[str, Any]) -> List[str]:
   if meta.get("git_dirty"):
     commit += " (with uncommitted changes)"
   env = ", ".join(f"{k}={val!r}" for k, val in meta.get("env", {}).items() if val)
-  load = meta.get("load_avg_1min")
+  loads = [meta.get("load_avg_1min"), meta.get("load_avg_1min_end")]
   load_text = ""
-  if load is not None:
-    busy = load > (m["cores"] or 1)
-    load_text = (f"; load average {load:.1f} at the start"
+  if loads[0] is not None:
+    busy = max(v for v in loads if v is not None) > (m["cores"] or 1)
+    load_text = (f"; load average {loads[0]:.1f} at the start"
+                 + (f", {loads[1]:.1f} at the end" if loads[1] is not None else "")
                  + (f" (above the {m['cores']} cores: other work shared the CPU, timings are "
                     "noisier than usual)" if busy else ""))
+  when = meta["date_utc"] + (f" to {meta['finished_utc']}" if meta.get("finished_utc") else "")
   return [
       f"- Command: `{meta['command']}`",
       f"- Machine: {m['cpu']}, {m['cores']} cores, {m['os']}, Python {m['python']}; "
       f"JAX devices: {d['count']} × {d['platform']} ({d['kind']})" + (f"; {env}" if env else ""),
       f"- Versions: {versions}",
-      f"- Commit {commit}, run {meta['date_utc']}{load_text}",
+      f"- Commit {commit}, run {when}{load_text}",
   ]
 
 
