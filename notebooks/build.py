@@ -3,6 +3,7 @@
     python notebooks/build.py             # every NN_*.py -> NN_*.ipynb, executed (full mode)
     python notebooks/build.py 02          # only the notebooks whose name contains 02
     python notebooks/build.py --check     # exit 1 if a notebook's cells differ from its .py
+    python notebooks/build.py 03 --markdown-only   # text edits only: keep the outputs
 
 The source of truth is the ``NN_name.py`` file (jupytext "percent" format: ``# %%`` starts a
 code cell, ``# %% [markdown]`` a text cell); the ``.ipynb`` next to it is generated, committed
@@ -60,6 +61,18 @@ def out_of_sync() -> list[str]:
   return stale
 
 
+def with_outputs_of(nb: nbformat.NotebookNode, old: nbformat.NotebookNode
+                    ) -> nbformat.NotebookNode:
+  """``nb`` with the outputs of ``old``'s code cells, which must be the same code cells."""
+  new_code = [c for c in nb.cells if c.cell_type == "code"]
+  old_code = [c for c in old.cells if c.cell_type == "code"]
+  if [c.source for c in new_code] != [c.source for c in old_code]:
+    raise SystemExit("the code cells changed: execute the notebook instead of --markdown-only")
+  for new, prev in zip(new_code, old_code):
+    new.outputs, new.execution_count = prev.outputs, prev.execution_count
+  return nb
+
+
 def execute(nb: nbformat.NotebookNode, timeout: int = 1800) -> nbformat.NotebookNode:
   """Runs every cell in a fresh kernel started in this folder (raises on the first error)."""
   from nbclient import NotebookClient  # pylint: disable=import-outside-toplevel
@@ -73,6 +86,8 @@ def main(argv=None) -> int:
   parser.add_argument("only", nargs="*", help="build only notebooks whose name contains these")
   parser.add_argument("--check", action="store_true",
                       help="only check that every .ipynb matches its .py")
+  parser.add_argument("--markdown-only", action="store_true",
+                      help="only text cells changed: take them from the .py, keep the outputs")
   args = parser.parse_args(argv)
   if args.check:
     stale = out_of_sync()
@@ -85,7 +100,11 @@ def main(argv=None) -> int:
     if args.only and not any(s in name for s in args.only):
       continue
     t = time.time()
-    nb = execute(read_source(source))
+    if args.markdown_only:
+      nb = with_outputs_of(read_source(source),
+                           nbformat.read(notebook_path(source), as_version=4))
+    else:
+      nb = execute(read_source(source))
     nbformat.validate(nb)
     nbformat.write(nb, notebook_path(source))
     print(f"{name}: executed in {time.time() - t:.0f} s", file=sys.stderr)
