@@ -9,7 +9,7 @@ Every class here normalizes at inference with ``batch_stats/mean`` and ``batch_s
 * ``"trains"`` (BatchNorm, BatchRenorm, GhostBatchNorm, ``flax.linen.BatchNorm``): trains
   on batch statistics. :func:`freeze_batch_norm` freezes it; :func:`recompute_batch_stats`
   sets its statistics to the population statistics of its input (in ``mode="train"`` it
-  normalizes with the statistics of the whole batch, the same for all three classes);
+  normalizes with the statistics of the whole batch, for all four classes);
   :func:`find_conv_bn_pairs` and :func:`fold_batch_norm_layers` fold it.
 * ``"frozen"`` (FrozenBatchNorm): its statistics are fixed by design. It is left as it is by
   freezing and by recomputation (it runs as itself, as it did in training) and it is folded.

@@ -1,7 +1,7 @@
 """The batch-norm family of NNX layers: the one list that the frozen, recompute and fold
 tools read.
 
-Every class here normalizes at inference with ``batch_stats/mean`` and ``batch_stats/var``
+Every class here normalizes at inference with its ``mean`` and ``var`` ``nnx.BatchStat``
 (``(x - mean) / sqrt(var + epsilon) * scale + bias``) and has flax ``BatchNorm``'s
 attributes (``mean``, ``var``, ``scale``, ``bias``, ``num_features``, ``axis``, ``epsilon``,
 ``dtype``, ``axis_name``, ``axis_index_groups``). Its *kind* says what the tools do with it:
@@ -9,7 +9,7 @@ attributes (``mean``, ``var``, ``scale``, ``bias``, ``num_features``, ``axis``, 
 * ``"trains"`` (BatchNorm, BatchRenorm, GhostBatchNorm, ``flax.nnx.BatchNorm``): trains
   on batch statistics. :func:`freeze_batch_norm` freezes it; :func:`recompute_batch_stats`
   sets its statistics to the population statistics of its input (in ``mode="train"`` it
-  normalizes with the statistics of the whole batch, the same for all three classes);
+  normalizes with the statistics of the whole batch, for all four classes);
   :func:`find_conv_bn_pairs` and :func:`fold_batch_norm_layers` fold it.
 * ``"frozen"`` (FrozenBatchNorm): its statistics are fixed by design. It is left as it is by
   freezing and by recomputation (it runs as itself, as it did in training) and it is folded.
