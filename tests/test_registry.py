@@ -272,3 +272,31 @@ def test_subclasses_need_no_registration_and_register_batch_norm_adds_a_class():
     jaxbn.nnx.freeze_batch_norm(model)
   assert jaxbn.nnx.register_batch_norm(Custom, kind="frozen") is Custom
   assert jaxbn.nnx.freeze_batch_norm(model).layers[1].mean is model.layers[1].mean  # kept
+
+
+def test_recompute_takes_renorm_call_arguments():
+  """A model that passes r_max/d_max to its BatchRenorm recomputes like any other (linen, nnx)."""
+  class Net(nnx.Module):
+    def __init__(self):
+      self.lin = nnx.Linear(3, 4, rngs=nnx.Rngs(0))
+      self.bn = jaxbn.nnx.BatchRenorm(4, rngs=nnx.Rngs(1))
+
+    def __call__(self, x):
+      return self.bn(self.lin(x), r_max=jnp.float32(2.0), d_max=jnp.float32(1.0))
+
+  model = Net()
+  new = jaxbn.nnx.recompute_batch_stats(model, BATCHES, progress=False)
+  h = np.concatenate([_nnx_h(nnx.Sequential(model.lin), b) for b in BATCHES])
+  np.testing.assert_allclose(new.bn.var[...], h.var(0), rtol=64 * EPS32)
+
+  class LinenNet(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool):
+      return jaxbn.linen.BatchRenorm(use_running_average=not train, name="bn")(
+          nn.Dense(4, name="dense")(x), r_max=jnp.float32(2.0), d_max=jnp.float32(1.0))
+
+  v = LinenNet().init(jax.random.key(0), BATCHES[0], train=False)
+  new = jaxbn.linen.recompute_batch_stats(lambda v, b: LinenNet().apply(v, b, train=False), v,
+                                          BATCHES, progress=False)
+  h = np.concatenate([_linen_h(v, b) for b in BATCHES])
+  np.testing.assert_allclose(new["batch_stats"]["bn"]["var"], h.var(0), rtol=64 * EPS32)

@@ -105,10 +105,11 @@ def _recording_methods(path: Path, node: Any) -> Optional[dict]:
     return None
   cls = type(node)
 
-  def __call__(self, x, use_running_average=None, *, mask=None):
+  def __call__(self, x, use_running_average=None, *, mask=None, **layer_kwargs):
     rec = recompute.current_recorder()
     if rec is None:  # used outside a recomputation: behave as the layer itself
-      return cls.__call__(self, x, use_running_average, mask=mask)
+      return cls.__call__(self, x, use_running_average, mask=mask, **layer_kwargs)
+    # A renorm layer's r_max/d_max do not apply: the recorder normalizes as batch norm.
     x = jnp.asarray(x)
     scale = None if self.scale is None else self.scale[...]
     bias = None if self.bias is None else self.bias[...]
