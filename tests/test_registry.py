@@ -274,8 +274,9 @@ def test_subclasses_need_no_registration_and_register_batch_norm_adds_a_class():
   assert jaxbn.nnx.freeze_batch_norm(model).layers[1].mean is model.layers[1].mean  # kept
 
 
-def test_recompute_takes_renorm_call_arguments():
-  """A model that passes r_max/d_max to its BatchRenorm recomputes like any other (linen, nnx)."""
+def test_tools_take_renorm_call_arguments():
+  """A model that passes r_max/d_max to its BatchRenorm is frozen, folded and recomputed like
+  any other (linen, nnx)."""
   class Net(nnx.Module):
     def __init__(self):
       self.lin = nnx.Linear(3, 4, rngs=nnx.Rngs(0))
@@ -285,6 +286,14 @@ def test_recompute_takes_renorm_call_arguments():
       return self.bn(self.lin(x), r_max=jnp.float32(2.0), d_max=jnp.float32(1.0))
 
   model = Net()
+  model.bn.eval()
+  want = model(BATCHES[0])
+  model.bn.train()
+  # Frozen and folded, the layer still takes the renorm call arguments (and ignores them).
+  np.testing.assert_allclose(jaxbn.nnx.freeze_batch_norm(model)(BATCHES[0]), want, **TOL)
+  pairs = jaxbn.nnx.find_conv_bn_pairs(model, BATCHES[0])
+  np.testing.assert_allclose(jaxbn.nnx.fold_batch_norm_layers(model, pairs)(BATCHES[0]), want,
+                             **TOL)
   new = jaxbn.nnx.recompute_batch_stats(model, BATCHES, progress=False)
   h = np.concatenate([_nnx_h(nnx.Sequential(model.lin), b) for b in BATCHES])
   np.testing.assert_allclose(new.bn.var[...], h.var(0), rtol=64 * EPS32)

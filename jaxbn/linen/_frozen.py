@@ -77,16 +77,18 @@ class FrozenBatchNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.typing.ArrayLike, use_running_average: Optional[bool] = None, *,
-               mask: Optional[jax.Array] = None) -> jax.Array:
-    """Normalizes ``x`` with the stored statistics (``use_running_average``, ``mask`` ignored).
+               mask: Optional[jax.Array] = None, **ignored: Any) -> jax.Array:
+    """Normalizes ``x`` with the stored statistics (the other arguments are ignored).
 
     Args:
       x: the input, feature axis (or axes) ``self.axis``.
       use_running_average: ignored (accepted so that BatchNorm call sites work unchanged).
       mask: ignored (no statistics are computed).
+      **ignored: other call arguments of the layer this one replaces (e.g. BatchRenorm's
+        ``r_max``/``d_max``), ignored.
 
     Returns:
       The normalized input, shaped like ``x``.
     """
-    del use_running_average, mask
+    del use_running_average, mask, ignored
     return frozen_apply(self, x, self.freeze_affine, "jaxbn.linen.FrozenBatchNorm")

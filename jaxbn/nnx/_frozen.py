@@ -79,18 +79,20 @@ class FrozenBatchNorm(nnx.Module):
     self.unfrozen = None  # graphdef of the layer this one was converted from, if any
 
   def __call__(self, x: jax.typing.ArrayLike, use_running_average: Optional[bool] = None, *,
-               mask: Optional[jax.Array] = None) -> jax.Array:
-    """Normalizes ``x`` with the stored statistics (``use_running_average``, ``mask`` ignored).
+               mask: Optional[jax.Array] = None, **ignored: Any) -> jax.Array:
+    """Normalizes ``x`` with the stored statistics (the other arguments are ignored).
 
     Args:
       x: the input, feature axis ``self.axis``.
       use_running_average: ignored (accepted so that BatchNorm call sites work unchanged).
       mask: ignored (no statistics are computed).
+      **ignored: other call arguments of the layer this one replaces (e.g. BatchRenorm's
+        ``r_max``/``d_max``), ignored.
 
     Returns:
       The normalized input, shaped like ``x``.
     """
-    del use_running_average, mask
+    del use_running_average, mask, ignored
     x, axis, stats, scale, bias, out = bn_inputs(self, x, "jaxbn.nnx.FrozenBatchNorm")
     return jaxbn.frozen_batch_norm(x, stats, scale, bias, axis=axis, epsilon=self.epsilon,
                              dtype=out, freeze_affine=self.freeze_affine)

@@ -263,9 +263,10 @@ class FoldedBatchNorm(nnx.Module):
     self.use_running_average = True
 
   def __call__(self, x: jax.typing.ArrayLike, use_running_average: Optional[bool] = None, *,
-               mask: Optional[jax.Array] = None) -> jax.Array:
-    """Returns ``x + bias`` (``bias`` broadcast along the feature axes)."""
-    del use_running_average, mask
+               mask: Optional[jax.Array] = None, **ignored: Any) -> jax.Array:
+    """Returns ``x + bias`` (``bias`` broadcast along the feature axes; the other arguments,
+    those of the batch norm this replaces, are ignored)."""
+    del use_running_average, mask, ignored
     x = jnp.asarray(x)
     bias = self.bias[...]
     feat = feature_axes("jaxbn.nnx.FoldedBatchNorm", x.ndim, flax_axes(self.axis, x.ndim))
