@@ -142,3 +142,28 @@ def test_variance_exact_for_any_offset(path, fast):
       out = jax.tree.map(lambda v: np.asarray(v)[0], out)
       out["group_norm_rows"] = rows
     _check(out)
+
+
+def test_learned_epsilon_gets_its_gradient():
+  """dy/dε through the engine's closed-form derivative, checked numerically in float64."""
+  from jax.test_util import check_grads
+  with jax.enable_x64(True):
+    x = jax.random.normal(jax.random.key(0), (6, 5), jnp.float64) * 2 + 1
+    s = jnp.linspace(0.5, 1.5, 5, dtype=jnp.float64)
+    stats = jaxbn.init_stats(5, jnp.float64)
+    for f in (lambda e, x: jaxbn.rms_norm(x, s, epsilon=e),
+              lambda e, x: jaxbn.layer_norm(x, s, s, epsilon=e),
+              lambda e, x: jaxbn.group_norm(x[:, None, :], s, s, num_groups=1, epsilon=e),
+              lambda e, x: jaxbn.batch_norm(x, stats, s, s, training=True, epsilon=e)[0]):
+      check_grads(f, (jnp.float64(0.3), x), order=1, modes=("fwd", "rev"))
+      assert abs(float(jax.grad(lambda e: jnp.sum(f(e, x) ** 3))(0.3))) > 1e-3
+
+
+def test_update_stats_keeps_float64_precision():
+  with jax.enable_x64(True):
+    stats = jaxbn.init_stats(1, jnp.float64)
+    batch = jaxbn.Moments(jnp.array([2.0]), jnp.array([3.0]), jnp.array([4.0]))
+    new = jaxbn.update_stats(stats, batch, momentum=0.9)
+    assert new.mean.dtype == jnp.float64
+    # 0.1 * 2 in float64 (a float32 momentum would give 0.20000004768)
+    assert abs(float(new.mean[0]) - 0.2) <= 4 * np.finfo(np.float64).eps

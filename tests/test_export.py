@@ -1,8 +1,7 @@
 """``jax.export`` of a model with jaxbn's BatchNorm: the eval step and the train step (running
 statistics updated) are exported, serialized to bytes, deserialized and called; outputs equal
 the live functions' bit for bit (same StableHLO, same CPU compiler). Serialization needs the
-``flatbuffers`` package. A symbolic batch size (one artifact for every batch size) does not
-export yet (strict xfail below names the cause)."""
+``flatbuffers`` package. A symbolic batch size gives one artifact for every batch size."""
 
 import jax
 import numpy as np
@@ -58,10 +57,6 @@ def test_export_roundtrip_eval_and_train_step():
   _equal(restored.call(trained, X), jax.jit(eval_step)(trained, X))
 
 
-@pytest.mark.xfail(strict=True, raises=(jax.errors.TracerBoolConversionError, TypeError),
-                   reason="jaxbn's local moments compute the static entry count as a Python "
-                          "float (float(n), max(n, 1.0)), which a symbolic batch dimension "
-                          "cannot be; passes once the count is built with jnp operations")
 def test_export_with_symbolic_batch_size():
   variables = fill(jax.eval_shape(lambda: MODEL.init(jax.random.key(0), X[:2], train=False)))
   params, stats = variables["params"], variables["batch_stats"]

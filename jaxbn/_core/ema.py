@@ -89,18 +89,21 @@ def update_stats(
         f"{fn}: batch moments have feature shape {jnp.shape(batch.mean)} but `stats.mean` has "
         f"shape {jnp.shape(stats.mean)}; create the stats with init_stats of the feature shape.")
   dtype = stats.mean.dtype
-  n = jnp.asarray(batch.count, jnp.float32)
+  # The weights in the statistics' precision (at least float32): float64 statistics get
+  # float64 weights (momentum 0.9 is not rounded to float32's 0.8999999762).
+  wdt = jnp.promote_types(jnp.finfo(dtype).dtype, jnp.float32)
+  n = jnp.asarray(batch.count, wdt)
   valid = n > 0
   var = batch.var
   if unbiased_running_var:
     var = var * n / jnp.maximum(n - 1.0, 1.0)
   if momentum is None:
-    k = stats.count.astype(jnp.float32)
+    k = stats.count.astype(wdt)
     w_old = k / (k + 1.0)
   else:
-    w_old = jnp.asarray(momentum, jnp.float32)
+    w_old = jnp.asarray(momentum, wdt)
     if debias:
-      t = stats.count.astype(jnp.float32) + 1.0
+      t = stats.count.astype(wdt) + 1.0
       debiased = w_old * (1.0 - w_old ** (t - 1.0)) / jnp.maximum(1.0 - w_old ** t, 1e-30)
       w_old = jnp.where(w_old >= 1.0, 1.0, debiased)  # momentum 1: frozen, debiased or not
   w_new = 1.0 - w_old

@@ -37,10 +37,18 @@ class Config(NamedTuple):
   out_dtype: Any
 
 
+def _large(x) -> bool:
+  """Whether ``x`` is large enough for per-pass aliases (a symbolic size counts as large)."""
+  try:
+    return bool(x.size >= mom.ALIAS_MIN_SIZE)
+  except Exception:  # noqa: BLE001 - a symbolic dimension (jax.export) cannot be compared
+    return True
+
+
 def _aliases(v, n, x):
   """Per-pass aliases of ``v`` (see :func:`jaxbn._core.moments.aliases`); none for small x,
   where a barrier's kernel boundary costs more than the temporary it avoids."""
-  if x.size < mom.ALIAS_MIN_SIZE:
+  if not _large(x):
     return (v,) * n
   return mom.aliases(v, n)
 
@@ -139,7 +147,8 @@ def _standardize_train_jvp(cfg, primals, tangents):
      \quad \dot\mu = r_0,\ \dot{\sigma^2} = 2 r_1 / s
 
   (means over the valid entries of each statistic's group, one collective for both; ``r_0 =
-  0`` without centering); batch renorm's ``r``, ``d`` are constants. Reverse mode is JAX's
+  0`` without centering), plus ``−½ γ_e x̂ s² ε̇`` for a differentiated ``epsilon``; batch
+  renorm's ``r``, ``d`` are constants. Reverse mode is JAX's
   transpose of this map, which is the fused closed-form backward: one pass reduces ``Σdy``
   and ``Σdy·x̂`` (shared with the ``scale``/``bias`` gradients), one collective sums both,
   one pass forms ``dx``. The body is rematerialized (``jax.checkpoint``), so only ``x`` and
@@ -153,6 +162,7 @@ def _standardize_train_jvp(cfg, primals, tangents):
                                               plan.center, plan.grouping)
   x, scale, bias, mask, epsilon, correction, shift = primals
   xd, sd, bd = tangents[:3]
+  eps_dot = tangents[4]  # a learned epsilon: dy/dε = −½ γ_e x̂ s², a per-statistic coefficient
   y, mean, var, count = standardize_train(cfg, *primals)
   sfeat = tuple(i for i in range(x.ndim) if i not in red)
   acc = accumulation_dtype(x.dtype)
@@ -170,7 +180,7 @@ def _standardize_train_jvp(cfg, primals, tangents):
   glen = None if grouping is None else x.shape[sfeat[grouping[0]]]
 
   @functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.nothing_saveable)
-  def tangent(x, mean, inv, g, mask, count, xd, sd_eff, bd_eff):
+  def tangent(x, mean, inv, g, mask, count, xd, sd_eff, bd_eff, eps_dot):
     sharding = collectives.explicit_sharding(x)
     bs = functools.partial(bcast, shape=x.shape, feat=sfeat, sharding=sharding)
     bp = functools.partial(bcast, shape=x.shape, feat=pfeat, sharding=sharding)
@@ -214,6 +224,8 @@ def _standardize_train_jvp(cfg, primals, tangents):
         sd_s, bd_s = lax.optimization_barrier((sd_s, bd_s))
       k = inv if g_s is None else inv * g_s
       c1 = -(k * r1) if sd_s is None else sd_s - k * r1
+      e = -0.5 * inv * inv * eps_dot  # x̂'s tangent through ε, per statistic
+      c1 = c1 + (e if g_s is None else e * g_s)
       parts = [c1]
       if center or bd_s is not None:
         c0 = -(k * r0) if center else jnp.zeros_like(c1)
@@ -226,7 +238,8 @@ def _standardize_train_jvp(cfg, primals, tangents):
       if len(c) == 2:
         terms.append(bs(c[0]))
     else:  # parameters along axes the statistics reduce over (layer and RMS norm)
-      a = [inv * r1] if not center else [inv * r0, inv * r1]
+      a1 = inv * r1 + 0.5 * inv * inv * eps_dot  # x̂'s tangent through ε joins r1's term
+      a = [a1] if not center else [inv * r0, a1]
       a = collectives.to_varying_stacked(a, axis_name)
       base = bs(inv) * xdt - xh_b * bs(a[-1])
       if center:
@@ -238,14 +251,15 @@ def _standardize_train_jvp(cfg, primals, tangents):
         terms.append(xh_b * bp(p[0]))
       if bd_eff is not None:
         terms.append(bp(p[-1]))
-    if jnp.finfo(out_dtype).bits < jnp.finfo(acc).bits and x.size >= mom.ALIAS_MIN_SIZE:
+    if jnp.finfo(out_dtype).bits < jnp.finfo(acc).bits and _large(x):
       # bf16/fp16 output: the cotangent reaches each term through its own alias, up-cast
       # inside that term's fused loop (no shared float32 copy of dy).
       terms = lax.optimization_barrier(tuple(t.astype(out_dtype) for t in terms))
     y_dot = functools.reduce(lambda u, v: u + v, terms)
     return y_dot.astype(out_dtype), mean_dot.astype(mean.dtype), var_dot.astype(var.dtype)
 
-  y_dot, mean_dot, var_dot = tangent(x, mean, inv, g, mask, count, xd, sd_eff, bd_eff)
+  y_dot, mean_dot, var_dot = tangent(x, mean, inv, g, mask, count, xd, sd_eff, bd_eff,
+                                     jnp.asarray(eps_dot, acc).real.astype(inv.dtype))
   return (y, mean, var, count), (y_dot, mean_dot, var_dot, jnp.zeros_like(count))
 
 
@@ -271,7 +285,7 @@ def standardize(fn: str, x, scale, bias, *, red, param_axes, mask, epsilon, dtyp
                   limit=mom.variance_limit(use_fast_variance), center=bool(center),
                   grouping=None if grouping is None else tuple(int(g) for g in grouping))
   cfg = Config(plan, tuple(param_axes), out_dtype)
-  eps = lax.stop_gradient(jnp.asarray(epsilon, rdt))
+  eps = jnp.asarray(epsilon, rdt)  # differentiable: a learned epsilon gets its gradient
   mask = None if mask is None else jnp.asarray(mask)
   if shift is not None:
     shift = lax.stop_gradient(jnp.asarray(shift))

@@ -35,6 +35,7 @@ for population statistics, ghost batches and the pooling of per-device running s
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple, Optional, Sequence
 
 import jax
@@ -173,7 +174,8 @@ def variance_limit(use_fast_variance: bool) -> float:
 def _local_sums(x, red, mask, shift, need_s1=True):
   """One fused pass: count, ``Σ(x − shift)`` and ``Σ|x − shift|²`` over ``red`` (stat-shaped).
 
-  ``count`` is a Python float when there is no mask (every entry counts).
+  ``count`` is a Python float when there is no mask (every entry counts) and the shape is
+  static.
   """
   acc = accumulation_dtype(x.dtype)
   rdt = real_dtype(acc)
@@ -182,7 +184,10 @@ def _local_sums(x, red, mask, shift, need_s1=True):
   if shift is not None:
     d = d - bcast(shift.astype(acc), x.shape, sfeat, collectives.explicit_sharding(x))
   if mask is None:
-    count = float(np.prod([x.shape[a] for a in red]))
+    count = math.prod(x.shape[a] for a in red)
+    # a static count stays a Python float; a symbolic one (jax.export) becomes an array
+    count = float(count) if isinstance(count, int) else jnp.full(
+        tuple(x.shape[i] for i in sfeat), jnp.asarray(count, rdt))
   else:
     mask = jnp.broadcast_to(mask, x.shape)
     count = jnp.sum(mask, axis=red, dtype=rdt)
