@@ -80,7 +80,7 @@ def _in_stat_shape(v, sfeat, pfeat, sshape):
 
 
 def _stats(cfg, x, mask, epsilon, correction, shift):
-  count, mean, var = mom.batch_moments(x, mask, cfg.plan, shift)
+  count, mean, var = mom.batch_moments(x, mask, cfg.plan, shift, floor=epsilon)
   inv = lax.rsqrt(var + epsilon)
   r = d = None
   if correction is not None:

@@ -198,7 +198,7 @@ def _local_sums(x, red, mask, shift, need_s1=True):
 
 
 def batch_moments(x: jax.Array, mask: Optional[jax.Array], plan: Plan,
-                  shift: Optional[jax.Array] = None):
+                  shift: Optional[jax.Array] = None, floor: Any = 0.0):
   """Global ``(count, mean, var)`` of ``x``'s valid entries, each stat-shaped.
 
   ``shift`` (block-shaped, i.e. the stat shape with the grouped axis cut to its blocks) is
@@ -206,6 +206,11 @@ def batch_moments(x: jax.Array, mask: Optional[jax.Array], plan: Plan,
   ``plan.axis_name``. The result is exact for any offset of the data (see the module
   docstring); ``mean`` and ``var`` of a statistic without valid entries are 0.
   With ``plan.center=False`` ``mean`` is 0 and ``var`` is the mean square.
+
+  ``floor`` (a normalization's epsilon) is the variance below which digits do not matter: the
+  guard bounds the error relative to ``var + floor``, the quantity a normalization divides
+  by, so a constant (e.g. dead) feature whose shift is not exactly its value does not take
+  the correction branch on every step.
   """
   acc = accumulation_dtype(x.dtype)
   rdt = real_dtype(acc)
@@ -265,9 +270,10 @@ def batch_moments(x: jax.Array, mask: Optional[jax.Array], plan: Plan,
     return count, k + d, jnp.maximum(s2 - n * abs2(d), 0.0), s2
 
   count, mean, m2, s2 = shifted(k)
-  # Trusted where S2 <= limit * M2, i.e. the shift is within sqrt(limit - 1) std of the mean
-  # (NaN-safe: a non-finite sum is not trusted).
-  trusted = jnp.all(s2 <= plan.limit * m2)
+  # Trusted where S2 <= limit * (M2 + n * floor), i.e. the shift is within sqrt(limit - 1)
+  # std of the mean (NaN-safe: a non-finite sum is not trusted).
+  floor = lax.stop_gradient(jnp.asarray(floor, rdt))
+  trusted = jnp.all(s2 <= plan.limit * (m2 + count * floor))
 
   def exact():
     _, mean2, m2_2, _ = shifted(mean, known_count=count)
