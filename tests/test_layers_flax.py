@@ -266,3 +266,23 @@ def test_repeated_feature_axes_are_accepted_as_flax_does():
   jax.tree.map(functools.partial(np.testing.assert_allclose, atol=ATOL32), u_o, u_f)
   ours = jaxbn.nnx.BatchNorm(3, axis=(-1, 2), rngs=nnx.Rngs(0))
   np.testing.assert_allclose(ours(x), y_f, atol=ATOL32)
+
+
+@pytest.mark.parametrize("name", ["BatchNorm", "BatchRenorm", "GhostBatchNorm"])
+def test_one_missing_mode_message_per_framework(name):
+  """Every BN-family layer: flax's sentence for its framework, then the same explanation."""
+  x = jnp.ones((4, 3))
+  extra = {"virtual_batch_size": 2} if name == "GhostBatchNorm" else {}
+  with pytest.raises(ValueError) as linen_err:
+    getattr(jaxbn.linen, name)(**extra).init(jax.random.key(0), x)
+  with pytest.raises(ValueError) as nnx_err:
+    getattr(jaxbn.nnx, name)(3, **extra, use_running_average=None, rngs=nnx.Rngs(0))(x)
+  linen_msg, nnx_msg = str(linen_err.value), str(nnx_err.value)
+  assert linen_msg.startswith('Parameter "use_running_average" must be passed to the '
+                              f'constructor or at call time. jaxbn.linen.{name}: give '
+                              '`use_running_average` (True: normalize with the stored '
+                              'statistics, eval; False: with the batch statistics')
+  assert nnx_msg.startswith(f"No `use_running_average` argument was provided to {name}. "
+                            f"jaxbn.nnx.{name}: give `use_running_average` (True: normalize "
+                            "with the stored statistics, eval; False: with the batch "
+                            "statistics")
