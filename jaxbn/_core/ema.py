@@ -99,14 +99,18 @@ def update_stats(
     var = var * n / jnp.maximum(n - 1.0, 1.0)
   if momentum is None:
     k = stats.count.astype(wdt)
-    w_old = k / (k + 1.0)
-  else:
+    w_new = 1.0 / (k + 1.0)
+  elif debias:
     w_old = jnp.asarray(momentum, wdt)
-    if debias:
-      t = stats.count.astype(wdt) + 1.0
-      debiased = w_old * (1.0 - w_old ** (t - 1.0)) / jnp.maximum(1.0 - w_old ** t, 1e-30)
-      w_old = jnp.where(w_old >= 1.0, 1.0, debiased)  # momentum 1: frozen, debiased or not
-  w_new = 1.0 - w_old
+    t = stats.count.astype(wdt) + 1.0
+    debiased = w_old * (1.0 - w_old ** (t - 1.0)) / jnp.maximum(1.0 - w_old ** t, 1e-30)
+    w_new = 1.0 - jnp.where(w_old >= 1.0, 1.0, debiased)  # momentum 1: frozen
+  elif checks.is_number(momentum):
+    # 1 − m in double precision on the host, as flax does: float32(1 − 0.99) is 0.01 to
+    # 6e-8, where 1 − float32(0.99) is 0.00999999 (1e-6 off).
+    w_new = jnp.asarray(1.0 - float(momentum), wdt)
+  else:
+    w_new = 1.0 - jnp.asarray(momentum, wdt)
 
   def blend(old, new):
     if jnp.iscomplexobj(new) and not jnp.iscomplexobj(old):

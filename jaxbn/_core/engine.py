@@ -37,18 +37,10 @@ class Config(NamedTuple):
   out_dtype: Any
 
 
-def _large(x) -> bool:
-  """Whether ``x`` is large enough for per-pass aliases (a symbolic size counts as large)."""
-  try:
-    return bool(x.size >= mom.ALIAS_MIN_SIZE)
-  except Exception:  # noqa: BLE001 - a symbolic dimension (jax.export) cannot be compared
-    return True
-
-
 def _aliases(v, n, x):
   """Per-pass aliases of ``v`` (see :func:`jaxbn._core.moments.aliases`); none for small x,
   where a barrier's kernel boundary costs more than the temporary it avoids."""
-  if not _large(x):
+  if not mom.large(x):
     return (v,) * n
   return mom.aliases(v, n)
 
@@ -251,7 +243,7 @@ def _standardize_train_jvp(cfg, primals, tangents):
         terms.append(xh_b * bp(p[0]))
       if bd_eff is not None:
         terms.append(bp(p[-1]))
-    if jnp.finfo(out_dtype).bits < jnp.finfo(acc).bits and _large(x):
+    if jnp.finfo(out_dtype).bits < jnp.finfo(acc).bits and mom.large(x):
       # bf16/fp16 output: the cotangent reaches each term through its own alias, up-cast
       # inside that term's fused loop (no shared float32 copy of dy).
       terms = lax.optimization_barrier(tuple(t.astype(out_dtype) for t in terms))

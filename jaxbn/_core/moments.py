@@ -76,6 +76,14 @@ def abs2(z):
 ALIAS_MIN_SIZE = 1 << 16
 
 
+def large(x) -> bool:
+  """Whether ``x`` is large enough for per-pass aliases (a symbolic size counts as large)."""
+  try:
+    return bool(x.size >= ALIAS_MIN_SIZE)
+  except Exception:  # noqa: BLE001 - a symbolic dimension (jax.export) cannot be compared
+    return True
+
+
 def aliases(x: jax.Array, n: int):
   """``n`` aliases of ``x`` that XLA cannot merge (one ``optimization_barrier``).
 
@@ -171,7 +179,7 @@ def variance_limit(use_fast_variance: bool) -> float:
   return FAST_LIMIT if use_fast_variance else STABLE_LIMIT
 
 
-def _local_sums(x, red, mask, shift, need_s1=True):
+def _local_sums(x, red, mask, shift, need_s1=True, need_s2=True):
   """One fused pass: count, ``Σ(x − shift)`` and ``Σ|x − shift|²`` over ``red`` (stat-shaped).
 
   ``count`` is a Python float when there is no mask (every entry counts) and the shape is
@@ -180,9 +188,6 @@ def _local_sums(x, red, mask, shift, need_s1=True):
   acc = accumulation_dtype(x.dtype)
   rdt = real_dtype(acc)
   sfeat = tuple(i for i in range(x.ndim) if i not in red)
-  d = x.astype(acc)
-  if shift is not None:
-    d = d - bcast(shift.astype(acc), x.shape, sfeat, collectives.explicit_sharding(x))
   if mask is None:
     count = math.prod(x.shape[a] for a in red)
     # a static count stays a Python float; a symbolic one (jax.export) becomes an array
@@ -191,9 +196,20 @@ def _local_sums(x, red, mask, shift, need_s1=True):
   else:
     mask = jnp.broadcast_to(mask, x.shape)
     count = jnp.sum(mask, axis=red, dtype=rdt)
-    d = jnp.where(mask, d, jnp.zeros((), acc))
-  s1 = jnp.sum(d, axis=red) if need_s1 else None
-  s2 = jnp.sum(abs2(d), axis=red).astype(rdt)
+  # Each sum reads its own alias of x (and of the broadcast shift), so that XLA keeps the
+  # up-cast and the subtraction inside each reduction loop instead of writing x − K out.
+  passes = int(need_s1) + int(need_s2)
+  xs = aliases(x, passes) if large(x) else (x,) * passes
+  ks = (shift,) * passes if shift is None or not large(x) else aliases(shift, passes)
+
+  def centered(xv, k):
+    d = xv.astype(acc)
+    if k is not None:
+      d = d - bcast(k.astype(acc), x.shape, sfeat, collectives.explicit_sharding(x))
+    return d if mask is None else jnp.where(mask, d, jnp.zeros((), acc))
+
+  s1 = jnp.sum(centered(xs[0], ks[0]), axis=red) if need_s1 else None
+  s2 = jnp.sum(abs2(centered(xs[-1], ks[-1])), axis=red).astype(rdt) if need_s2 else None
   return count, s1, s2
 
 
@@ -235,7 +251,7 @@ def batch_moments(x: jax.Array, mask: Optional[jax.Array], plan: Plan,
     elif not isinstance(count, float):
       count = block_sum(count, grouping)
     s1 = None if s1 is None else block_sum(s1, grouping)
-    s2 = block_sum(s2, grouping)
+    s2 = None if s2 is None else block_sum(s2, grouping)
     parts = [v for v in (s1, s2) if v is not None]
     send_count = known_count is None and not isinstance(count, float)
     if send_count:
@@ -243,7 +259,7 @@ def batch_moments(x: jax.Array, mask: Optional[jax.Array], plan: Plan,
     if plan.axis_name is not None:
       parts = list(collectives.psum_stacked(parts, plan.axis_name, plan.groups))
     s1g = parts.pop(0) if s1 is not None else None
-    s2g = parts.pop(0).real.astype(rdt)
+    s2g = parts.pop(0).real.astype(rdt) if s2 is not None else None
     if send_count:
       count = parts.pop(0).real.astype(rdt)
     elif isinstance(count, float):
@@ -269,6 +285,16 @@ def batch_moments(x: jax.Array, mask: Optional[jax.Array], plan: Plan,
     d = s1 / n
     return count, k + d, jnp.maximum(s2 - n * abs2(d), 0.0), s2
 
+  if not large(x) and plan.axis_name is None and collectives.explicit_sharding(x) is None:
+    # A small local x: kernel dispatch dominates, and two dependent passes (the mean, then
+    # the sums about it) cost less than a conditional. Exact for any offset, no guard.
+    count, s1, _ = global_sums(*_local_sums(x, red, mask, expand(k, grouping, glen),
+                                            need_s2=False))
+    _, mean, m2, _ = shifted(k + s1 / jnp.maximum(count, 1.0), known_count=count)
+    var = m2 / jnp.maximum(count, 1.0)
+    mean = jnp.where(count > 0, mean, jnp.zeros((), acc))
+    return tuple(expand(v, grouping, glen) for v in (count, mean, var))
+
   count, mean, m2, s2 = shifted(k)
   # Trusted where S2 <= limit * (M2 + n * floor), i.e. the shift is within sqrt(limit - 1)
   # std of the mean (NaN-safe: a non-finite sum is not trusted).
@@ -279,6 +305,10 @@ def batch_moments(x: jax.Array, mask: Optional[jax.Array], plan: Plan,
     _, mean2, m2_2, _ = shifted(mean, known_count=count)
     return mean2, m2_2
 
+  def select():
+    exact_mean, exact_m2 = exact()
+    return jnp.where(trusted, mean, exact_mean), jnp.where(trusted, m2, exact_m2)
+
   try:
     mean, m2 = lax.cond(trusted, lambda: (mean, m2), exact)
   except Exception as e:  # noqa: BLE001 - JAX's sharding errors only; the rest re-raised
@@ -286,9 +316,7 @@ def batch_moments(x: jax.Array, mask: Optional[jax.Array], plan: Plan,
       raise
     # jax.vmap over an explicitly sharded axis cannot batch a data-dependent cond (JAX
     # 0.10 raises a sharding error for the batched predicate): compute both and select.
-    exact_mean, exact_m2 = exact()
-    mean = jnp.where(trusted, mean, exact_mean)
-    m2 = jnp.where(trusted, m2, exact_m2)
+    mean, m2 = select()
   valid = count > 0
   mean = jnp.where(valid, mean, jnp.zeros((), acc))
   var = m2 / jnp.maximum(count, 1.0)
