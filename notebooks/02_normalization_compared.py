@@ -166,3 +166,14 @@ if small is not None:
     b = experiment_report.values(small, label, group=hi)
     print(f"{label:>13}: {experiment_report.cell(a):>12} at {lo}/device, "
           f"{experiment_report.cell(b):>12} at {hi}/device")
+
+# %% [markdown]
+# What the committed run shows (compare with the printed numbers above): at 2 examples per
+# device, local BN loses about ten points against synchronized BN, whose statistics come from
+# the 16-example global batch; from 4 per device on, the BN variants are within the seed spread
+# of each other. Ghost BN at 2 per device *is* local BN (its virtual batch is the whole
+# per-device batch), and batch renorm with local statistics did not close the gap there in this
+# budget. Group and layer norm need no batch statistics, but in this fixed budget of 150 steps
+# they trail every BN variant at every batch size (the smaller batches also see fewer
+# examples). Notebook 03 shows where local statistics fail even with larger batches: devices
+# whose data differ.
