@@ -34,13 +34,13 @@ class SplitBatchNorm(nn.Module):
   AdvProp's auxiliary BN / domain-specific BN). The call takes ``domain``: an int (the whole
   batch) or an int array with one domain per example; otherwise as ``flax.linen.BatchNorm``.
 
+  The other fields (use_running_average, axis, momentum, epsilon, dtype, param_dtype, use_bias,
+  use_scale, bias_init, scale_init, axis_name, axis_index_groups, use_fast_variance) are as
+  ``flax.linen.BatchNorm`` (``use_fast_variance`` defaults to False: jaxbn's stable variance).
+
   Attributes:
     num_domains: number of domains (default 2).
     shared_affine: one ``scale``/``bias`` for all domains (default True).
-    use_running_average, axis, momentum, epsilon, dtype, param_dtype, use_bias, use_scale,
-      bias_init, scale_init, axis_name, axis_index_groups, use_fast_variance: as
-      ``flax.linen.BatchNorm`` (``use_fast_variance`` defaults to False: jaxbn's stable
-      variance).
 
   Example:
     >>> import jax, jax.numpy as jnp, jaxbn.linen
@@ -115,10 +115,11 @@ class TestTimeBatchNorm(nn.Module):
   batch, ``N / (N + n)``. The mode argument is accepted and ignored. Usually not written in a
   model but swapped in: :func:`test_time_adaptation`.
 
+  The other fields (axis, epsilon, dtype, param_dtype, use_bias, use_scale, bias_init,
+  scale_init, axis_name, axis_index_groups) are as ``flax.linen.BatchNorm``.
+
   Attributes:
     prior: ``N >= 0`` (default 16): 0 uses the batch statistics only.
-    axis, epsilon, dtype, param_dtype, use_bias, use_scale, bias_init, scale_init, axis_name,
-      axis_index_groups: as ``flax.linen.BatchNorm``.
     use_running_average, momentum: accepted (drop-in), unused.
   """
 

@@ -36,13 +36,14 @@ class FrozenBatchNorm(nn.Module):
   sites need not change. See :func:`jaxbn.frozen_batch_norm` for when to use it, and
   :func:`freeze_batch_norm` to convert a whole model.
 
+  The other fields (use_running_average, axis, momentum, epsilon, dtype, param_dtype, use_bias,
+  use_scale, bias_init, scale_init, axis_name, axis_index_groups, use_fast_variance,
+  force_float32_reductions, unbiased_running_var, debias) are as
+  :class:`jaxbn.linen.BatchNorm`; ``use_running_average``, ``momentum``, ``axis_name``,
+  ``axis_index_groups``, ``use_fast_variance`` and ``unbiased_running_var`` are accepted and
+  unused (no statistics are computed).
+
   Attributes:
-    use_running_average, axis, momentum, epsilon, dtype, param_dtype, use_bias, use_scale,
-      bias_init, scale_init, axis_name, axis_index_groups, use_fast_variance,
-      force_float32_reductions, unbiased_running_var, debias: as
-      :class:`jaxbn.linen.BatchNorm`; ``use_running_average``,
-      ``momentum``, ``axis_name``, ``axis_index_groups``, ``use_fast_variance`` and
-      ``unbiased_running_var`` are accepted and unused (no statistics are computed).
     freeze_affine: also stop the gradient of ``scale`` and ``bias`` (default True).
 
   Example:

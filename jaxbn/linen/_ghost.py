@@ -25,14 +25,14 @@ class GhostBatchNorm(nn.Module):
   ``batch_axis`` and ``stats_update``, and the same variables (a batch norm checkpoint loads
   unchanged).
 
+  The other fields (use_running_average, axis, momentum, epsilon, dtype, param_dtype, use_bias,
+  use_scale, bias_init, scale_init, axis_name, axis_index_groups, use_fast_variance,
+  force_float32_reductions, unbiased_running_var, debias) are as
+  :class:`jaxbn.linen.BatchNorm`, except ``use_fast_variance`` defaults to False (jaxbn's
+  stable variance) and ``axis_name`` synchronizes only the running-statistics update.
+
   Attributes:
     virtual_batch_size: examples per virtual batch (must divide the per-device batch).
-    use_running_average, axis, momentum, epsilon, dtype, param_dtype, use_bias, use_scale,
-      bias_init, scale_init, axis_name, axis_index_groups, use_fast_variance,
-      force_float32_reductions, unbiased_running_var, debias: as
-      :class:`jaxbn.linen.BatchNorm`, except
-      ``use_fast_variance`` defaults to False (jaxbn's stable variance) and ``axis_name``
-      synchronizes only the running-statistics update.
     batch_axis: the axis cut into virtual batches (default 0).
     stats_update: ``"average"`` (one update per call) or ``"sequential"`` (one per virtual
       batch, the paper's rule).

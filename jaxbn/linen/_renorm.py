@@ -31,12 +31,13 @@ class BatchRenorm(nn.Module):
   ``r_max`` and ``d_max`` can be given at call time as (traced) arrays, which overrides the
   fields without recompiling — this is how to ramp them with :func:`jaxbn.renorm_schedule`.
 
+  The other fields (use_running_average, axis, momentum, epsilon, dtype, param_dtype, use_bias,
+  use_scale, bias_init, scale_init, axis_name, axis_index_groups, use_fast_variance,
+  force_float32_reductions, unbiased_running_var, debias) are as
+  :class:`jaxbn.linen.BatchNorm`, except ``use_fast_variance`` defaults to False (jaxbn's
+  stable variance).
+
   Attributes:
-    use_running_average, axis, momentum, epsilon, dtype, param_dtype, use_bias, use_scale,
-      bias_init, scale_init, axis_name, axis_index_groups, use_fast_variance,
-      force_float32_reductions, unbiased_running_var, debias: as
-      :class:`jaxbn.linen.BatchNorm`, except
-      ``use_fast_variance`` defaults to False (jaxbn's stable variance).
     r_max: upper clip of ``r`` (default 3). Call-time ``r_max`` overrides it.
     d_max: clip of ``|d|`` (default 5). Call-time ``d_max`` overrides it.
     r_min: lower clip of ``r`` (default ``1 / r_max``).

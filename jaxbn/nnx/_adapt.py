@@ -41,13 +41,14 @@ class SplitBatchNorm(nnx.Module):
   ``scale``/``bias`` are shared (``(num_features,)``) or per domain (``shared_affine=False``).
   The call takes ``domain`` (an int, or one int per example).
 
+  The other constructor arguments (use_running_average, axis, momentum, epsilon, dtype,
+  param_dtype, use_bias, use_scale, bias_init, scale_init, axis_name, axis_index_groups,
+  use_fast_variance) are as ``flax.nnx.BatchNorm`` (``use_fast_variance`` default False).
+
   Args:
     num_features: number of features.
     num_domains: number of domains (default 2).
     shared_affine: one ``scale``/``bias`` for all domains (default True).
-    use_running_average, axis, momentum, epsilon, dtype, param_dtype, use_bias, use_scale,
-      bias_init, scale_init, axis_name, axis_index_groups, use_fast_variance: as
-      ``flax.nnx.BatchNorm`` (``use_fast_variance`` default False).
     rngs: ``nnx.Rngs``.
 
   Example:
@@ -114,12 +115,13 @@ class TestTimeBatchNorm(nnx.Module):
   State as ``flax.nnx.BatchNorm`` (``scale``, ``bias``, ``mean``, ``var``), never updated;
   normalizes with ``mean``/``var`` mixed with the batch's statistics by ``N / (N + n)``.
 
+  The other constructor arguments (axis, epsilon, dtype, param_dtype, use_bias, use_scale,
+  bias_init, scale_init, axis_name, axis_index_groups) are as ``flax.nnx.BatchNorm``.
+
   Args:
     num_features: number of features.
     prior: ``N >= 0`` (default 16).
     use_running_average, momentum: accepted (drop-in), unused.
-    axis, epsilon, dtype, param_dtype, use_bias, use_scale, bias_init, scale_init, axis_name,
-      axis_index_groups: as ``flax.nnx.BatchNorm``.
     rngs: ``nnx.Rngs``.
   """
 

@@ -29,12 +29,13 @@ class BatchRenorm(nnx.Module):
   ``r_max``/``d_max`` given at call time (traced arrays) override the attributes without
   recompiling, e.g. from :func:`jaxbn.renorm_schedule`.
 
+  The other constructor arguments (num_features, use_running_average, axis, momentum, epsilon,
+  dtype, param_dtype, use_bias, use_scale, bias_init, scale_init, axis_name, axis_index_groups,
+  use_fast_variance, promote_dtype, rngs, bias_metadata, scale_metadata, unbiased_running_var,
+  debias) are as :class:`jaxbn.nnx.BatchNorm`, except ``use_fast_variance`` defaults to False
+  (jaxbn's stable variance).
+
   Args:
-    num_features, use_running_average, axis, momentum, epsilon, dtype, param_dtype,
-      use_bias, use_scale, bias_init, scale_init, axis_name, axis_index_groups,
-      use_fast_variance, promote_dtype, rngs, bias_metadata, scale_metadata,
-      unbiased_running_var, debias: as :class:`jaxbn.nnx.BatchNorm`, except
-      ``use_fast_variance`` defaults to False (jaxbn's stable variance).
     r_max: upper clip of ``r`` (default 3).
     d_max: clip of ``|d|`` (default 5).
     r_min: lower clip of ``r`` (default ``1 / r_max``).
