@@ -38,8 +38,6 @@ __all__ = [
     "fold_batch_norm_layers",
     "folded",
     "recompute_batch_stats",
-    # deprecated (one release): the name of jaxbn.fold_batch_norm, which folds arrays
-    "fold_batch_norm",
     # batch-independent norms and split / test-time batch norm
     "EvoNormB0",
     "EvoNormS0",

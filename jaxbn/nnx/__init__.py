@@ -41,8 +41,6 @@ __all__ = [
     "find_conv_bn_pairs",
     "fold_batch_norm_layers",
     "recompute_batch_stats",
-    # deprecated (one release): the name of jaxbn.fold_batch_norm, which folds arrays
-    "fold_batch_norm",
     # batch-independent norms and split / test-time batch norm
     "EvoNormB0",
     "EvoNormS0",
