@@ -106,3 +106,15 @@ def test_readme_tables_are_the_committed_results():
       "examples/cnn/README.md is stale: run `python -m examples.cnn.experiment_report --readme`")
   for name in experiments.EXPERIMENTS:
     assert f"<!-- experiment:{name}:begin -->" in text
+
+
+def test_readme_results_table_is_the_committed_table():
+  """The README's per-normalization table is results/table.json rendered (results.py)."""
+  path = os.path.join(results.RESULTS_DIR, "table.json")
+  with open(results.README) as f:
+    text = f.read()
+  with open(path) as f:
+    doc = json.load(f)
+  assert len(doc["seeds"]) >= 3
+  assert results.markdown(doc) in text, (
+      "run `python -m examples.cnn.results --update-readme` (or render results/table.json)")
