@@ -43,6 +43,17 @@ def _equal(a, b):
   jax.tree.map(lambda u, v: np.testing.assert_array_equal(np.asarray(u), np.asarray(v)), a, b)
 
 
+def _close(a, b):
+  """A few float32 ulps of the largest magnitude: a symbolic batch compiles its reductions
+  along another path (the entry count is an array, the exactness guard a conditional), so
+  the last bit may differ from the concrete-shape program."""
+  def check(u, v):
+    u, v = np.asarray(u, np.float64), np.asarray(v, np.float64)
+    np.testing.assert_allclose(u, v, rtol=0,
+                               atol=8 * np.finfo(np.float32).eps * max(1.0, np.abs(v).max()))
+  jax.tree.map(check, a, b)
+
+
 def test_export_roundtrip_eval_and_train_step():
   variables = fill(jax.eval_shape(lambda: MODEL.init(jax.random.key(0), X[:2], train=False)))
   params, stats = variables["params"], variables["batch_stats"]
@@ -65,5 +76,5 @@ def test_export_with_symbolic_batch_size():
   shapes = (params, stats, spec(X, (b,) + X.shape[1:]), spec(LABELS, (b,)))
   restored = _roundtrip(train_step, shapes=shapes)
   for n in (8, 4):
-    _equal(restored.call(params, stats, X[:n], LABELS[:n]),
+    _close(restored.call(params, stats, X[:n], LABELS[:n]),
            jax.jit(train_step)(params, stats, X[:n], LABELS[:n]))
