@@ -25,9 +25,15 @@ statistics or after a jump of the data; on ordinary data it never runs.
 
 Limits: ``STABLE_LIMIT = 16`` (``use_fast_variance=False``: at most 4 bits more rounding error
 than two-pass; the mean may drift 3.9 σ from the shift) and ``FAST_LIMIT = 1024`` (flax's
-``use_fast_variance=True``: ``K = 0`` and flax's numbers wherever ``mean² < 1023 σ²``). In
-float32 the relative error of the variance stays below ``limit · n_eff · eps`` where
+``use_fast_variance=True``: ``K = 0`` and flax's numbers wherever ``mean² < 1023 σ²``). The
+condition number is taken relative to ``var + ε`` for a normalization (``floor``), the quantity
+it divides by, so a constant feature whose shift is not exactly its value does not take the
+branch. In float32 the relative error of the variance stays below ``limit · n_eff · eps`` where
 ``n_eff`` is the accumulation error growth of the reduction (about ``sqrt(n)`` on CPU).
+
+Small local inputs (fewer than ``ALIAS_MIN_SIZE`` entries, no ``axis_name``, not sharded) take
+two dependent passes instead — the mean, then the sums about it — because on CPU a conditional's
+dispatch costs more than a pass over a small array.
 
 **Merge.** :func:`merge` is Chan, Golub & LeVeque's pairwise update of ``(n, μ, M_2)``, used
 for population statistics, ghost batches and the pooling of per-device running statistics.
