@@ -42,19 +42,19 @@ def _random_bn(c=5):
 
 def test_state_dict_round_trip_and_variance_conversion():
   stats, scale, bias = _random_bn()
-  sd = jaxbn.to_torch_batch_norm(stats, scale, bias, prefix="layer1.0.bn1")
+  sd = jaxbn.interop.to_torch_batch_norm(stats, scale, bias, prefix="layer1.0.bn1")
   assert sorted(sd) == ["layer1.0.bn1." + k for k in
                         ("bias", "num_batches_tracked", "running_mean", "running_var", "weight")]
   assert sd["layer1.0.bn1.num_batches_tracked"].dtype == np.int64
-  back = jaxbn.from_torch_batch_norm(sd, "layer1.0.bn1.")          # trailing dot optional
+  back = jaxbn.interop.from_torch_batch_norm(sd, "layer1.0.bn1.")          # trailing dot optional
   for a, b in zip(jax.tree.leaves((stats, scale, bias)), jax.tree.leaves(back)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   # PyTorch stores the unbiased variance: with batch_count=n, var * n/(n-1) out, (n-1)/n in.
   n = 4
-  sd_u = jaxbn.to_torch_batch_norm(stats, prefix="bn", batch_count=n)
+  sd_u = jaxbn.interop.to_torch_batch_norm(stats, prefix="bn", batch_count=n)
   np.testing.assert_allclose(sd_u["bn.running_var"], np.asarray(stats.var) * n / (n - 1),
                              rtol=1e-7)
-  back_b = jaxbn.from_torch_batch_norm(sd_u, "bn", batch_count=n)
+  back_b = jaxbn.interop.from_torch_batch_norm(sd_u, "bn", batch_count=n)
   np.testing.assert_allclose(back_b.stats.var, stats.var, rtol=1e-6)
   assert back_b.scale is None and back_b.bias is None                # affine=False
   assert int(back_b.stats.count) == 42
@@ -66,32 +66,32 @@ def test_state_dict_errors():
                                        r"'bn2\.running_var' in the state dict \(keys with that "
                                        r"prefix: \[\]\)\. Check `prefix`; a PyTorch layer built "
                                        r"with track_running_stats=False"):
-    jaxbn.from_torch_batch_norm(jaxbn.to_torch_batch_norm(stats, prefix="bn1"), "bn2")
+    jaxbn.interop.from_torch_batch_norm(jaxbn.interop.to_torch_batch_norm(stats, prefix="bn1"), "bn2")
   with pytest.raises(ValueError, match=r"`batch_count` is the number of entries per feature in "
                                        r"a training batch .* must be > 1, got 1"):
-    jaxbn.to_torch_batch_norm(stats, batch_count=1)
+    jaxbn.interop.to_torch_batch_norm(stats, batch_count=1)
   with pytest.raises(TypeError, match=r"from_torch_batch_norm: `source` must be a state dict"):
-    jaxbn.from_torch_batch_norm([1, 2])
+    jaxbn.interop.from_torch_batch_norm([1, 2])
   with pytest.raises(TypeError, match=r"to_torch_batch_norm: `stats` must be a jaxbn.BatchStats"):
-    jaxbn.to_torch_batch_norm((1, 2, 3))
+    jaxbn.interop.to_torch_batch_norm((1, 2, 3))
   with pytest.raises(ValueError, match=r"kernel_from_torch: expected a weight of rank >= 2"):
-    jaxbn.kernel_from_torch(np.ones(3))
+    jaxbn.interop.kernel_from_torch(np.ones(3))
   with pytest.raises(ValueError, match=r"kernel_to_torch: expected a kernel of rank >= 2"):
-    jaxbn.kernel_to_torch(np.ones(3))
+    jaxbn.interop.kernel_to_torch(np.ones(3))
   with pytest.raises(ValueError, match=r"torch_batch_norm_config: the module was built with "
                                        r"track_running_stats=False"):
-    jaxbn.torch_batch_norm_config(types.SimpleNamespace(track_running_stats=False))
+    jaxbn.interop.torch_batch_norm_config(types.SimpleNamespace(track_running_stats=False))
 
 
 def test_kernel_layouts_and_config():
   w = RNG.normal(size=(8, 3, 5, 7))                                  # OIHW
-  k = jaxbn.kernel_from_torch(w)
+  k = jaxbn.interop.kernel_from_torch(w)
   assert k.shape == (5, 7, 3, 8)
   np.testing.assert_array_equal(k[2, 4, 1, 6], w[6, 1, 2, 4])
-  np.testing.assert_array_equal(jaxbn.kernel_to_torch(k), w)
+  np.testing.assert_array_equal(jaxbn.interop.kernel_to_torch(k), w)
   lin = RNG.normal(size=(4, 9))                                      # Linear (out, in)
-  np.testing.assert_array_equal(jaxbn.kernel_from_torch(lin), lin.T)
-  cfg = jaxbn.torch_batch_norm_config(types.SimpleNamespace(
+  np.testing.assert_array_equal(jaxbn.interop.kernel_from_torch(lin), lin.T)
+  cfg = jaxbn.interop.torch_batch_norm_config(types.SimpleNamespace(
       momentum=None, eps=1e-3, affine=False, track_running_stats=True))
   assert cfg == {"momentum": None, "epsilon": 1e-3, "axis": 1, "unbiased_running_var": True,
                  "use_scale": False, "use_bias": False}
@@ -116,9 +116,9 @@ def test_torch_batch_norm_eval_training_and_export():
   bn.train()
   for _ in range(3):
     bn(torch.randn(4, 6, 3, 3) * 3 + 2)
-  stats, scale, bias = jaxbn.from_torch_batch_norm(bn)               # a module works too
+  stats, scale, bias = jaxbn.interop.from_torch_batch_norm(bn)               # a module works too
   assert int(stats.count) == 3
-  cfg = jaxbn.torch_batch_norm_config(bn)
+  cfg = jaxbn.interop.torch_batch_norm_config(bn)
   assert cfg["momentum"] == 0.7
 
   x = torch.randn(4, 6, 3, 3) * 3 + 2
@@ -142,7 +142,7 @@ def test_torch_batch_norm_eval_training_and_export():
   # Export back into a fresh torch layer: the same eval outputs.
   fresh = torch.nn.BatchNorm2d(6, eps=1e-3)
   fresh.load_state_dict({k: torch.from_numpy(v)
-                         for k, v in jaxbn.to_torch_batch_norm(new, scale, bias).items()})
+                         for k, v in jaxbn.interop.to_torch_batch_norm(new, scale, bias).items()})
   fresh.eval()
   want, _ = jaxbn.batch_norm(jnp.asarray(_t2n(x)), new, scale, bias, training=False, axis=1,
                              epsilon=1e-3)
@@ -193,8 +193,8 @@ def test_torch_resnet_block_loads_and_folds():
   sd = block.state_dict()
   params, batch_stats = {}, {}
   for i in (1, 2):
-    stats, scale, bias = jaxbn.from_torch_batch_norm(sd, f"bn{i}")
-    params[f"conv{i}"] = {"kernel": jnp.asarray(jaxbn.kernel_from_torch(sd[f"conv{i}.weight"]))}
+    stats, scale, bias = jaxbn.interop.from_torch_batch_norm(sd, f"bn{i}")
+    params[f"conv{i}"] = {"kernel": jnp.asarray(jaxbn.interop.kernel_from_torch(sd[f"conv{i}.weight"]))}
     params[f"bn{i}"] = {"scale": scale, "bias": bias}
     batch_stats[f"bn{i}"] = {"mean": stats.mean, "var": stats.var}
   variables = {"params": params, "batch_stats": batch_stats}
@@ -204,14 +204,14 @@ def test_torch_resnet_block_loads_and_folds():
 
   pairs = jaxbn.linen.find_conv_bn_pairs(LinenBlock(), variables, xj)
   assert [(p.layer, p.bn) for p in pairs] == [(("conv1",), ("bn1",)), (("conv2",), ("bn2",))]
-  folded = jaxbn.linen.fold_batch_norm(variables, pairs)
+  folded = jaxbn.linen.fold_batch_norm_layers(variables, pairs)
   np.testing.assert_allclose(jax.jit(jaxbn.linen.folded(LinenBlock()))(folded, xj), want,
                              rtol=1e-4, atol=1e-4)
 
   # The functional fold on PyTorch's OIHW weight equals torch's own fusion.
   from torch.nn.utils.fusion import fuse_conv_bn_eval
   fused = fuse_conv_bn_eval(block.conv2, block.bn2)
-  stats, scale, bias = jaxbn.from_torch_batch_norm(sd, "bn2")
+  stats, scale, bias = jaxbn.interop.from_torch_batch_norm(sd, "bn2")
   w, b = jaxbn.fold_batch_norm(_t2n(block.conv2.weight), None, stats, scale, bias, axis=0)
   np.testing.assert_allclose(w, _t2n(fused.weight), rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(b, _t2n(fused.bias), rtol=1e-5, atol=1e-6)
@@ -220,7 +220,7 @@ def test_torch_resnet_block_loads_and_folds():
 def test_import_jaxbn_imports_neither_torch_nor_flax():
   import subprocess
   import sys
-  code = ("import sys, jaxbn; jaxbn.from_torch_batch_norm; "
+  code = ("import sys, jaxbn; jaxbn.interop.from_torch_batch_norm; "
           "assert 'torch' not in sys.modules and 'flax' not in sys.modules, 'imported'")
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"})
