@@ -20,23 +20,27 @@ Axes = Union[int, Sequence[int]]
 AxisName = Union[None, str, Sequence[Any]]
 
 
-def feature_axes(fn: str, ndim: int, axis: Axes) -> tuple[int, ...]:
-  """Normalizes ``axis`` (feature axis or axes) to sorted non-negative ints."""
+def feature_axes(fn: str, ndim: int, axis: Axes, name: str = "axis") -> tuple[int, ...]:
+  """Normalizes ``axis`` (feature axis or axes) to sorted non-negative ints.
+
+  ``name`` is the argument's name in the caller's signature (``axis``, ``feature_axes``,
+  ``reduction_axes``...), used in the error messages.
+  """
   axes = (axis,) if isinstance(axis, (int, np.integer)) else tuple(axis)
   if ndim == 0:
     raise ValueError(f"{fn}: `x` must have at least one dimension, got a scalar.")
   out = []
   for a in axes:
     if not isinstance(a, (int, np.integer)):
-      raise TypeError(f"{fn}: `axis` must be an int or a tuple of ints, got {axis!r}.")
+      raise TypeError(f"{fn}: `{name}` must be an int or a tuple of ints, got {axis!r}.")
     if not -ndim <= a < ndim:
       raise ValueError(
-          f"{fn}: `axis`={axis!r} is out of range for `x` of rank {ndim}; use an axis in "
+          f"{fn}: `{name}`={axis!r} is out of range for `x` of rank {ndim}; use an axis in "
           f"[{-ndim}, {ndim - 1}] (e.g. axis=-1 for NHWC, axis=1 for NCHW)."
       )
     out.append(int(a) % ndim)
   if len(set(out)) != len(out):
-    raise ValueError(f"{fn}: `axis`={axis!r} repeats an axis.")
+    raise ValueError(f"{fn}: `{name}`={axis!r} repeats an axis.")
   return tuple(sorted(out))
 
 
@@ -264,11 +268,8 @@ def validate_bn_args(fn: str, x: jax.Array, stats: Any, scale: Any, bias: Any,
 
 
 def named_axes(fn: str, name: str, ndim: int, axes: Axes) -> tuple[int, ...]:
-  """Like ``checks.feature_axes`` but the message names the argument."""
-  try:
-    return feature_axes(fn, ndim, axes)
-  except (ValueError, TypeError) as e:
-    raise type(e)(str(e).replace("`axis`", f"`{name}`")) from None
+  """``feature_axes`` for an argument called ``name`` (its messages name it)."""
+  return feature_axes(fn, ndim, axes, name=name)
 
 
 def param_shape(fn: str, name: str, v: Any, shape: tuple[int, ...], where: str) -> None:
