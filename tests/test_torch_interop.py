@@ -95,6 +95,9 @@ def test_kernel_layouts_and_config():
       momentum=None, eps=1e-3, affine=False, track_running_stats=True))
   assert cfg == {"momentum": None, "epsilon": 1e-3, "axis": 1, "unbiased_running_var": True,
                  "use_scale": False, "use_bias": False}
+  fcfg = jaxbn.interop.torch_batch_norm_config(types.SimpleNamespace(
+      momentum=None, eps=1e-3, affine=False, track_running_stats=True), functional=True)
+  assert fcfg == {"momentum": None, "epsilon": 1e-3, "axis": 1, "unbiased_running_var": True}
 
 
 # ------------------------------------------------------------------------------------------
@@ -128,12 +131,13 @@ def test_torch_batch_norm_eval_training_and_export():
                                  axis=1, epsilon=cfg["epsilon"])
   np.testing.assert_allclose(got_eval, want_eval, rtol=1e-5, atol=1e-5)
 
-  # One more training step with PyTorch's conventions gives PyTorch's running statistics.
+  # One more training step with PyTorch's conventions gives PyTorch's running statistics:
+  # the functional form of the config goes straight into jaxbn.batch_norm.
   bn.train()
   want_train = _t2n(bn(x))
+  options = jaxbn.interop.torch_batch_norm_config(bn, functional=True)
   got_train, new = jaxbn.batch_norm(jnp.asarray(_t2n(x)), stats, scale, bias, training=True,
-                                    axis=1, epsilon=cfg["epsilon"], momentum=cfg["momentum"],
-                                    unbiased_running_var=cfg["unbiased_running_var"])
+                                    **options)
   np.testing.assert_allclose(got_train, want_train, rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(new.mean, _t2n(bn.running_mean), rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(new.var, _t2n(bn.running_var), rtol=1e-5)
@@ -148,6 +152,26 @@ def test_torch_batch_norm_eval_training_and_export():
                              epsilon=1e-3)
   np.testing.assert_allclose(_t2n(fresh(x)), want, rtol=1e-5, atol=1e-5)
   assert int(fresh.num_batches_tracked) == 4
+
+
+def test_torch_batch_norm_config_functional_form_runs_batch_norm_like_torch():
+  """``batch_norm(**torch_batch_norm_config(m, functional=True))`` for an affine-free module
+  with the cumulative average (momentum=None): torch's outputs and running statistics."""
+  torch = pytest.importorskip("torch", reason="PyTorch parity tests need torch (CPU)")
+  torch.manual_seed(1)
+  bn = torch.nn.BatchNorm2d(3, momentum=None, affine=False, eps=1e-4)
+  stats, scale, bias = jaxbn.interop.from_torch_batch_norm(bn)
+  assert scale is None and bias is None
+  options = jaxbn.interop.torch_batch_norm_config(bn, functional=True)
+  bn.train()
+  for _ in range(2):
+    x = torch.randn(4, 3, 2, 2) * 2 + 1
+    want = _t2n(bn(x))
+    got, stats = jaxbn.batch_norm(jnp.asarray(_t2n(x)), stats, scale, bias, training=True,
+                                  **options)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(stats.mean, _t2n(bn.running_mean), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(stats.var, _t2n(bn.running_var), rtol=1e-5)
 
 
 class LinenBlock(nn.Module):

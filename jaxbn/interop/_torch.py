@@ -195,29 +195,44 @@ def to_torch_batch_norm(
   return out
 
 
-def torch_batch_norm_config(module: Any) -> dict[str, Any]:
+def torch_batch_norm_config(module: Any, *, functional: bool = False) -> dict[str, Any]:
   """jaxbn keyword arguments that reproduce a ``torch.nn.BatchNorm*d`` module's behaviour.
+
+  Two forms, for the two places the options go:
+
+  * ``functional=False`` (default): the Flax layers' fields,
+    ``jaxbn.linen.BatchNorm(**torch_batch_norm_config(m))`` (``jaxbn.nnx.BatchNorm`` too).
+  * ``functional=True``: the keyword arguments of the functional core,
+    ``jaxbn.batch_norm(x, stats, scale, bias, training=..., **torch_batch_norm_config(m,
+    functional=True))`` (also :func:`jaxbn.batch_renorm`, :func:`jaxbn.ghost_batch_norm`).
+    There the affine parameters are arguments, not options: pass the ``scale``/``bias``
+    that :func:`from_torch_batch_norm` returns (None for ``affine=False``).
 
   Args:
     module: a torch BatchNorm module (read through its ``momentum``, ``eps``, ``affine`` and
       ``track_running_stats`` attributes).
+    functional: return the functional core's keyword arguments instead of the layers'.
 
   Returns:
     ``{"momentum": 1 - p (None stays None), "epsilon": eps, "axis": 1,
-    "unbiased_running_var": True, "use_scale": affine, "use_bias": affine}`` — ``axis=1``
-    for PyTorch's channels-first input; use -1 after transposing to channels-last.
-    (``jaxbn.batch_norm`` takes ``momentum``, ``epsilon``, ``axis`` and
-    ``unbiased_running_var``; the Flax layers take all six.)
+    "unbiased_running_var": True, "use_scale": affine, "use_bias": affine}``; without
+    ``use_scale``/``use_bias`` when ``functional=True``. ``axis=1`` is PyTorch's
+    channels-first layout; use ``axis=-1`` after transposing the input to channels-last.
 
   Raises:
     ValueError: the module was built with ``track_running_stats=False``.
 
   Example:
-    >>> import types, jaxbn
+    >>> import types, jax.numpy as jnp, jaxbn
     >>> bn = types.SimpleNamespace(momentum=0.1, eps=1e-5, affine=True,
     ...                            track_running_stats=True)
     >>> jaxbn.interop.torch_batch_norm_config(bn)["momentum"]
     0.9
+    >>> options = jaxbn.interop.torch_batch_norm_config(bn, functional=True)
+    >>> sorted(options)
+    ['axis', 'epsilon', 'momentum', 'unbiased_running_var']
+    >>> y, stats = jaxbn.batch_norm(jnp.ones((2, 3, 4, 4)), jaxbn.init_stats(3),
+    ...                             training=True, **options)
   """
   fn = "torch_batch_norm_config"
   if not getattr(module, "track_running_stats", True):
@@ -225,15 +240,16 @@ def torch_batch_norm_config(module: Any) -> dict[str, Any]:
         f"{fn}: the module was built with track_running_stats=False: it normalizes with batch "
         f"statistics in eval mode too; call jaxbn.batch_norm(..., training=True) instead.")
   p = module.momentum
-  affine = bool(getattr(module, "affine", True))
-  return {
+  config = {
       "momentum": None if p is None else round(1.0 - float(p), 12),
       "epsilon": float(module.eps),
       "axis": 1,
       "unbiased_running_var": True,
-      "use_scale": affine,
-      "use_bias": affine,
   }
+  if not functional:
+    affine = bool(getattr(module, "affine", True))
+    config.update(use_scale=affine, use_bias=affine)
+  return config
 
 
 def kernel_from_torch(weight: Any) -> np.ndarray:
