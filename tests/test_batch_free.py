@@ -98,6 +98,11 @@ def test_frn_float64_matches_paper_formula(masked):
     # without TLU; the learned-epsilon variant adds |eps_l|
     y = jaxbn.filter_response_norm(x, g, b, epsilon=1e-6, learned_epsilon=-2e-4)
     np.testing.assert_allclose(y, np_frn(x, g, b, None, 1e-6 + 2e-4), rtol=0, atol=TOL64)
+    # `feature_axes`, the layers' name of the channel `axis`, is accepted as well
+    y = jaxbn.filter_response_norm(np.moveaxis(x, -1, 1), g, b, tau, epsilon=1e-4,
+                                   feature_axes=1)
+    np.testing.assert_allclose(np.moveaxis(np.asarray(y), 1, -1), np_frn(x, g, b, tau, 1e-4),
+                               rtol=0, atol=TOL64)
 
 
 def test_frn_gradients_float64_including_learned_epsilon():
@@ -146,6 +151,7 @@ def test_evonorm_b0_training_and_eval_float64(masked):
     np.testing.assert_allclose(y, np_b0(x, var_b, g, b, v, 1e-3, mask), rtol=0, atol=TOL64)
     np.testing.assert_allclose(new.var, 0.75 * np.asarray(stats.var) + 0.25 * var_b.ravel(),
                                rtol=0, atol=TOL64)
+    assert new.mean is stats.mean and int(new.count) == 1  # B0 keeps no running mean
     # (momentum 0.75 is exact in float32, in which update_stats takes it)
     # timm's convention: the unbiased batch variance is folded into the running one
     n = (np.ones_like(x) if mask is None else mask).sum((0, 1, 2))
@@ -194,6 +200,12 @@ def test_evonorm_s0_float64_matches_paper_formula(masked):
     np.testing.assert_allclose(y, np_s0(x, g, b, v, 3, 1e-3, mask), rtol=0, atol=TOL64)
     y2 = jaxbn.evonorm_s0(x, g, b, v, num_groups=None, group_size=3, epsilon=1e-3)
     np.testing.assert_allclose(y2, np_s0(x, g, b, v, 2, 1e-3), rtol=0, atol=TOL64)
+    # the channel `axis`: NCHW input with axis=1 is the NHWC result transposed
+    to_nchw = lambda a: None if a is None else np.moveaxis(a, -1, 1)
+    y3 = jaxbn.evonorm_s0(to_nchw(x), g, b, v, axis=1, num_groups=3, epsilon=1e-3,
+                          mask=to_nchw(mask))
+    np.testing.assert_allclose(np.moveaxis(np.asarray(y3), 1, -1),
+                               np_s0(x, g, b, v, 3, 1e-3, mask), rtol=0, atol=TOL64)
 
 
 def test_evonorm_s0_gradients_float64():
@@ -279,6 +291,34 @@ def test_evonorm_b0_layers_train_eval_and_stats_like_batch_norm():
   np.testing.assert_array_equal(np.asarray(layer(x)), np.asarray(ye))
 
 
+def test_evonorm_b0_state_is_the_same_in_functional_linen_and_nnx():
+  """B0 keeps a running variance only (no mean, as the paper); with momentum=None the layers
+  also keep the update count, so the cumulative average equals the functional one."""
+  xs = [jnp.asarray(_x(s, shape=(4, 2, 2, 3), scale=1 + s, offset=s), jnp.float32)
+        for s in range(2)]
+  stats = jaxbn.init_stats(3)
+  b0 = jaxbn.linen.EvoNormB0(momentum=None)
+  variables = b0.init(jax.random.key(0), xs[0], use_running_average=False)
+  assert jax.tree.map(jnp.shape, variables["batch_stats"]) == {"count": (), "var": (3,)}
+  layer = jaxbn.nnx.EvoNormB0(3, momentum=None, rngs=nnx.Rngs(0))
+  ones = jnp.ones(3)
+  for x in xs:
+    y, stats = jaxbn.evonorm_b0(x, stats, ones, jnp.zeros(3), ones, training=True,
+                                momentum=None)
+    y_linen, upd = b0.apply(variables, x, use_running_average=False, mutable=["batch_stats"])
+    variables = {**variables, **upd}
+    np.testing.assert_array_equal(np.asarray(y_linen), np.asarray(y))
+    np.testing.assert_array_equal(np.asarray(layer(x)), np.asarray(y))
+  np.testing.assert_array_equal(stats.mean, np.zeros(3))
+  # the cumulative average of the two batch variances, in all three forms
+  var_b = [np_var(np.float64(x), (0, 1, 2)).ravel() for x in xs]
+  np.testing.assert_allclose(stats.var, (var_b[0] + var_b[1]) / 2, rtol=1e-6)
+  for var, count in ((variables["batch_stats"]["var"], variables["batch_stats"]["count"]),
+                     (layer.var[...], layer.count[...])):
+    np.testing.assert_array_equal(np.asarray(var), np.asarray(stats.var))
+    assert int(count) == int(stats.count) == 2
+
+
 def test_ws_conv_is_flax_conv_on_the_standardized_kernel():
   x = jnp.asarray(_x(0, shape=(2, 5, 5, 3)), jnp.float32)
   gain = jnp.asarray(_p(5, 4, center=1), jnp.float32)
@@ -313,8 +353,12 @@ def test_errors_name_the_argument():
     jaxbn.filter_response_norm(x, axis=0)
   with pytest.raises(ValueError, match=r"filter_response_norm: `scale` has shape \(3,\)"):
     jaxbn.filter_response_norm(x, jnp.ones(3))
+  with pytest.raises(TypeError, match=r"filter_response_norm: give the channel axis once"):
+    jaxbn.filter_response_norm(x, axis=1, feature_axes=3)
   with pytest.raises(ValueError, match=r"evonorm_s0: `num_groups`=3 must divide the 4"):
     jaxbn.evonorm_s0(x, None, None, jnp.ones(4), num_groups=3)
+  with pytest.raises(TypeError, match=r"evonorm_s0: `axis` must be one int"):
+    jaxbn.evonorm_s0(x, None, None, jnp.ones(4), axis=(1, 3), num_groups=2)
   with pytest.raises(ValueError, match=r"evonorm_b0: `stats` must be a jaxbn.BatchStats"):
     jaxbn.evonorm_b0(x, jaxbn.init_stats(3), None, None, jnp.ones(4), training=True)
   with pytest.raises(TypeError, match=r"standardize_weight: `kernel` must be a real floating"):

@@ -1,10 +1,11 @@
 """EvoNorm-B0 and EvoNorm-S0 (Liu, Brock, Simonyan & Le, 2020): normalization and activation in one.
 
-B0 divides by the larger of the batch standard deviation (running statistics at inference,
+B0 divides by the larger of the batch standard deviation (a running variance at inference,
 as batch norm) and ``v·x +`` the instance standard deviation; S0 is batch-independent,
 ``x·σ(v·x)`` divided by the group standard deviation. Both are built on
 :func:`jaxbn.moments` (batch, instance and group variances alike) and
-:func:`jaxbn.update_stats` (the running variance of B0).
+:func:`jaxbn.update_stats` (the running variance of B0; B0 never centers, so it keeps no
+running mean: ``stats.mean`` is carried through unchanged).
 """
 
 from __future__ import annotations
@@ -62,14 +63,22 @@ def evonorm_b0(
   ``s²_b``: per-channel variance over the batch and spatial axes (all but ``axis``) in
   training — synchronized over ``axis_name``, masked, as :func:`jaxbn.moments` — and the
   running variance ``stats.var`` in evaluation; ``s²_i``: per-example, per-channel variance
-  over the spatial axes (all but 0 and ``axis``). In training ``stats`` is updated as by
-  :func:`jaxbn.batch_norm` (flax momentum convention, biased variance unless
-  ``unbiased_running_var``; the running mean is updated too but never used). No centering:
-  ``x`` itself is divided, and there is no separate activation.
+  over the spatial axes (all but 0 and ``axis``). No centering: ``x`` itself is divided, and
+  there is no separate activation.
+
+  State: a running variance only, as in the paper (its inference mode replaces ``s²_b`` by a
+  moving average of it) and the authors' reference code. ``stats`` is a
+  :class:`jaxbn.BatchStats` so that the update is :func:`jaxbn.update_stats`'s (flax
+  momentum convention, ``momentum=None`` the cumulative average over ``stats.count``
+  updates, biased variance unless ``unbiased_running_var``): in training ``var`` and
+  ``count`` are updated, ``mean`` is returned as passed (it is never read). The layers store
+  the same: ``batch_stats/var`` (linen) / ``var`` (NNX), plus ``count`` when
+  ``momentum=None``.
 
   Args:
     x: input, real float, batch axis 0, channels on ``axis``.
-    stats: running statistics (:func:`jaxbn.init_stats` of the channel shape).
+    stats: running statistics (:func:`jaxbn.init_stats` of the channel shape); only ``var``
+      and ``count`` are used.
     scale: ``γ`` per channel, or None.
     bias: ``β`` per channel, or None.
     v: the per-channel ``v`` of the paper (the activation's slope; init 1).
@@ -85,15 +94,16 @@ def evonorm_b0(
       PyTorch's convention) instead of the biased one.
 
   Returns:
-    ``(y, new_stats)``; in evaluation ``new_stats`` is ``stats``.
+    ``(y, new_stats)``; in evaluation ``new_stats`` is ``stats``; in training
+    ``new_stats.mean`` is ``stats.mean``.
 
   Example:
     >>> import jax, jax.numpy as jnp, jaxbn
     >>> x = jax.random.normal(jax.random.key(0), (4, 3, 3, 2))
     >>> y, stats = jaxbn.evonorm_b0(x, jaxbn.init_stats(2), None, None, jnp.ones(2),
     ...                             training=True, momentum=0.9)
-    >>> y.shape, int(stats.count)
-    ((4, 3, 3, 2), 1)
+    >>> y.shape, int(stats.count), stats.mean.tolist()      # no running mean
+    ((4, 3, 3, 2), 1, [0.0, 0.0])
 
   References:
     Liu, Brock, Simonyan & Le, "Evolving Normalization-Activation Layers", NeurIPS 2020
@@ -117,6 +127,7 @@ def evonorm_b0(
     var_b = batch.var
     new = jaxbn.update_stats(stats, jax.tree.map(jax.lax.stop_gradient, batch),
                              momentum=momentum, unbiased_running_var=unbiased_running_var)
+    new = new._replace(mean=stats.mean)  # B0 keeps a running variance only
   else:
     var_b, new = stats.var, stats
   inst = jaxbn.moments(x, axis=(0,) + feat, mask=mask).var  # per example and channel
@@ -135,6 +146,7 @@ def evonorm_s0(
     bias: Optional[ArrayLike],
     v: ArrayLike,
     *,
+    axis: int = -1,
     num_groups: Optional[int] = 32,
     group_size: Optional[int] = None,
     epsilon: ArrayLike = 1e-5,
@@ -147,15 +159,17 @@ def evonorm_s0(
      y = \frac{x\, \mathrm{sigmoid}(v\,x)}{\sqrt{s^2_{g}(x) + \epsilon}}\,\gamma + \beta
 
   ``s²_g``: per example, the (biased) variance over the spatial axes and the channels of
-  each group — the last axis holds the ``C`` channels, split into ``num_groups`` consecutive
-  groups (or groups of ``group_size``; give one of the two, as :func:`jaxbn.group_norm`).
-  Batch-independent: training and inference are the same function.
+  each group — the channel ``axis`` holds the ``C`` channels, split into ``num_groups``
+  consecutive groups (or groups of ``group_size``; give one of the two, as
+  :func:`jaxbn.group_norm`). Batch-independent: training and inference are the same
+  function.
 
   Args:
-    x: input, real float, batch axis 0, channels last, rank >= 2.
+    x: input, real float, batch axis 0, rank >= 2.
     scale: ``γ`` of shape ``(C,)``, or None.
     bias: ``β`` of shape ``(C,)``, or None.
     v: ``v`` of shape ``(C,)`` (init 1).
+    axis: the channel axis, one int, not 0 (default -1, channels last; 1 for NCHW).
     num_groups: number of channel groups (default 32); None with ``group_size``.
     group_size: channels per group (pass ``num_groups=None``).
     epsilon: added to the variance (default 1e-5).
@@ -168,8 +182,13 @@ def evonorm_s0(
   Example:
     >>> import jax, jax.numpy as jnp, jaxbn
     >>> x = jax.random.normal(jax.random.key(0), (2, 3, 3, 4))
-    >>> jaxbn.evonorm_s0(x, None, None, jnp.ones(4), num_groups=2).shape
+    >>> y = jaxbn.evonorm_s0(x, None, None, jnp.ones(4), num_groups=2)
+    >>> y.shape
     (2, 3, 3, 4)
+    >>> nchw = jaxbn.evonorm_s0(x.transpose(0, 3, 1, 2), None, None, jnp.ones(4), axis=1,
+    ...                         num_groups=2)
+    >>> bool(jnp.allclose(nchw.transpose(0, 2, 3, 1), y))
+    True
 
   References:
     Liu, Brock, Simonyan & Le, "Evolving Normalization-Activation Layers", NeurIPS 2020.
@@ -178,7 +197,11 @@ def evonorm_s0(
   x = _float(fn, "x", x)
   if x.ndim < 2:
     raise ValueError(f"{fn}: `x` must have a batch and a channel axis, got shape {x.shape}.")
-  c = x.shape[-1]
+  if not isinstance(axis, int):
+    raise TypeError(f"{fn}: `axis` must be one int (the channel axis the groups split), got "
+                    f"{axis!r}.")
+  (ch,) = _axes(fn, x.ndim, axis)
+  c = x.shape[ch]
   if (num_groups is None) == (group_size is None):
     raise ValueError(f"{fn}: give exactly one of `num_groups` and `group_size`, got "
                      f"num_groups={num_groups!r}, group_size={group_size!r} (to set "
@@ -190,17 +213,19 @@ def evonorm_s0(
   if not isinstance(num_groups, int) or num_groups <= 0 or c % num_groups:
     raise ValueError(f"{fn}: `num_groups`={num_groups!r} must divide the {c} channels; pass "
                      f"a divisor of {c} (or group_size=...).")
-  feat = (x.ndim - 1,)
+  feat = (ch,)
   out = jnp.dtype(dtype) if dtype is not None else x.dtype
   acc = acc_dtype(x.dtype)
-  blocked = x.shape[:-1] + (num_groups, c // num_groups)
+  # The channel axis is split into (groups, channels per group) in place.
+  blocked = x.shape[:ch] + (num_groups, c // num_groups) + x.shape[ch + 1:]
   xg = x.reshape(blocked)
   mg = None if mask is None else jnp.broadcast_to(jnp.asarray(mask, bool), x.shape).reshape(
       blocked)
-  var = jaxbn.moments(xg, axis=(0, x.ndim - 1), mask=mg).var  # (N, G)
+  var = jaxbn.moments(xg, axis=(0, ch), mask=mg).var  # (N, G)
   inv = jax.lax.rsqrt(var.astype(acc) + jnp.asarray(epsilon, acc))
-  inv = jnp.broadcast_to(inv.reshape((x.shape[0],) + (1,) * (x.ndim - 2) + (num_groups, 1)),
-                         blocked).reshape(x.shape)
+  inv_shape = [1] * len(blocked)
+  inv_shape[0], inv_shape[ch] = x.shape[0], num_groups
+  inv = jnp.broadcast_to(inv.reshape(inv_shape), blocked).reshape(x.shape)
   xf = x.astype(acc)
   vv = _per_channel(fn, "v", v, x, feat).astype(acc)
   y = xf * jax.nn.sigmoid(vv * xf) * inv

@@ -29,6 +29,17 @@ def _axes(fn: str, ndim: int, axis) -> tuple[int, ...]:
   return tuple(sorted(set(out)))
 
 
+def _channel_axis(fn: str, axis, feature_axes):
+  """``axis``, or its flax-layer spelling ``feature_axes`` (give one of the two)."""
+  if feature_axes is None:
+    return axis
+  if axis != -1:
+    raise TypeError(f"{fn}: give the channel axis once, as `axis` (the functional name) or "
+                    f"`feature_axes` (the layers' name), got axis={axis!r} and "
+                    f"feature_axes={feature_axes!r}.")
+  return feature_axes
+
+
 def _float(fn: str, name: str, v) -> jax.Array:
   v = jnp.asarray(v)
   if not jnp.issubdtype(v.dtype, jnp.floating):
@@ -68,6 +79,7 @@ def filter_response_norm(
     learned_epsilon: Optional[ArrayLike] = None,
     mask: Optional[ArrayLike] = None,
     dtype: Optional[DTypeLike] = None,
+    feature_axes=None,
 ) -> jax.Array:
   r"""Filter Response Normalization, optionally followed by the TLU (Singh & Krishnan, 2019).
 
@@ -87,18 +99,22 @@ def filter_response_norm(
     scale: optional ``γ``, one per channel (shape of ``x`` along ``axis``).
     bias: optional ``β``, same shape.
     tau: optional TLU threshold ``τ``, same shape; None: no TLU (FRN alone).
-    axis: channel axis or axes (default -1); must not include 0.
+    axis: channel axis or axes (default -1); must not include 0. The layers
+      (:class:`jaxbn.linen.FilterResponseNorm`, :class:`jaxbn.nnx.FilterResponseNorm`) call
+      it ``feature_axes``, flax's name; that spelling is accepted here too.
     epsilon: constant added to ``ν²`` (default 1e-6, the paper's), ``> 0``.
     learned_epsilon: optional scalar (a parameter); ``|learned_epsilon|`` is added to ``ε``.
     mask: optional bool array broadcastable to ``x``: which positions count in ``ν²``
       (padding excluded); an example/channel without a valid position gets ``ν² = 0``.
     dtype: output dtype (default ``x``'s).
+    feature_axes: the layers' name for ``axis`` (give one of the two).
 
   Returns:
     ``z`` (with ``tau``) or ``y``, shaped like ``x``.
 
   Raises:
-    ValueError: bad ``axis``, parameter shapes or ``epsilon <= 0``. TypeError: non-float input.
+    ValueError: bad ``axis``, parameter shapes or ``epsilon <= 0``. TypeError: non-float
+      input, or both ``axis`` and ``feature_axes``.
 
   Example:
     >>> import jax.numpy as jnp, jaxbn
@@ -116,7 +132,7 @@ def filter_response_norm(
   x = _float(fn, "x", x)
   if isinstance(epsilon, (int, float)) and not epsilon > 0:
     raise ValueError(f"{fn}: `epsilon` must be > 0, got {epsilon!r}.")
-  feat = _axes(fn, x.ndim, axis)
+  feat = _axes(fn, x.ndim, _channel_axis(fn, axis, feature_axes))
   red = tuple(a for a in range(1, x.ndim) if a not in feat)
   out = jnp.dtype(dtype) if dtype is not None else x.dtype
   acc = acc_dtype(x.dtype)

@@ -56,7 +56,8 @@ class FilterResponseNorm(nn.Module):
     learn_epsilon: learn an extra ``|eps|`` added to ``ε`` (the paper's learned-ε variant).
     bias_init, scale_init, tau_init: initializers (zeros, ones, zeros).
     eps_init: initializer of the learned ``eps`` (default constant 1e-4).
-    feature_axes: the channel axis or axes (default -1).
+    feature_axes: the channel axis or axes (default -1), flax's name for the functional
+      form's ``axis`` (:func:`jaxbn.filter_response_norm` accepts both spellings).
 
   Example:
     >>> import jax, jax.numpy as jnp, jaxbn.linen
@@ -101,12 +102,15 @@ class EvoNormB0(nn.Module):
   call), training uses the batch variance (synchronized over ``axis_name``) and updates the
   running one, evaluation uses the running one; during ``init`` nothing is updated and no
   collective is issued. Variables ``params/scale``, ``params/bias``, ``params/v`` and
-  ``batch_stats/var`` (no running mean: B0 does not center).
+  ``batch_stats/var`` (no running mean: B0 does not center, as in the paper), plus an int32
+  ``batch_stats/count`` when ``momentum`` is None (the cumulative average needs it) — the
+  state of the functional form's ``BatchStats`` that B0 reads and updates.
 
   Attributes:
     use_running_average: True: running variance (eval); False: batch variance (training).
     axis: the channel axis (default -1).
-    momentum: weight of the old running value (default 0.99, flax's convention).
+    momentum: weight of the old running value (default 0.99, flax's convention); None: the
+      cumulative average over all updates (adds ``batch_stats/count``).
     epsilon: added to both variances (default 1e-5).
     dtype, param_dtype, use_bias, use_scale, bias_init, scale_init: as flax's BatchNorm.
     v_init: initializer of ``v`` (default ones).
@@ -148,11 +152,13 @@ class EvoNormB0(nn.Module):
     x = jnp.asarray(x)
     shape = _features(x, self.axis)
     ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, jnp.float32), shape)
+    ra_count = (self.variable("batch_stats", "count", lambda: jaxbn.init_stats(1).count)
+                if self.momentum is None else None)
     scale, bias = _affine(self, shape)
     v = self.param("v", self.v_init, shape, self.param_dtype)
     init = self.is_initializing()
     stats = jaxbn.BatchStats(jnp.zeros(shape, ra_var.value.dtype), ra_var.value,
-                             jnp.zeros((), jnp.int32))
+                             jaxbn.init_stats(1).count if ra_count is None else ra_count.value)
     y, new = jaxbn.evonorm_b0(
         x, stats, scale, bias, v, training=not use_running_average, axis=self.axis,
         momentum=self.momentum, epsilon=self.epsilon,
@@ -162,6 +168,8 @@ class EvoNormB0(nn.Module):
         unbiased_running_var=self.unbiased_running_var)
     if not use_running_average and not init:
       ra_var.value = new.var
+      if ra_count is not None:
+        ra_count.value = new.count
     return y
 
 

@@ -51,7 +51,8 @@ class FilterResponseNorm(nnx.Module):
     use_tlu: apply ``max(y, τ)`` with a learned ``tau`` (default True).
     learn_epsilon: learn a scalar ``eps``; ``ε = epsilon + |eps|``.
     bias_init, scale_init, tau_init, eps_init: initializers (zeros, ones, zeros, 1e-4).
-    feature_axes: the channel axis (default -1).
+    feature_axes: the channel axis (default -1), flax's name for the functional form's
+      ``axis`` (:func:`jaxbn.filter_response_norm` accepts both spellings).
     rngs: ``nnx.Rngs`` for the initializers.
 
   Example:
@@ -92,11 +93,16 @@ class FilterResponseNorm(nnx.Module):
 class EvoNormB0(nnx.Module):
   r"""EvoNorm-B0 for NNX (:class:`jaxbn.linen.EvoNormB0`): ``model.train()``/``eval()`` modes.
 
+  State: the running variance ``var`` (``nnx.BatchStat``; no running mean, B0 does not
+  center), plus an int32 ``count`` when ``momentum`` is None (the cumulative average) — the
+  linen layer's ``batch_stats`` and the part of the functional ``BatchStats`` B0 uses.
+
   Args:
     num_features: number of channels.
     use_running_average: True: running variance; False (default): batch variance + update.
     axis: channel axis (default -1).
-    momentum: weight of the old running value (default 0.99).
+    momentum: weight of the old running value (default 0.99); None: the cumulative average
+      (adds ``count``).
     epsilon: added to both variances (default 1e-5).
     dtype, param_dtype, use_bias, use_scale, bias_init, scale_init: as ``nnx.BatchNorm``.
     v_init: initializer of ``v`` (default ones).
@@ -123,6 +129,8 @@ class EvoNormB0(nnx.Module):
                axis_index_groups: Any = None, unbiased_running_var: bool = False,
                rngs: nnx.Rngs):
     self.var = nnx.BatchStat(jnp.ones((num_features,), jnp.float32))
+    self.count = (nnx.BatchStat(jaxbn.init_stats(1).count) if momentum is None
+                  else nnx.data(None))
     _affine(self, num_features, use_scale, use_bias, scale_init, bias_init, param_dtype, rngs)
     self.v = nnx.Param(v_init(rngs.params(), (num_features,), param_dtype))
     self.num_features, self.use_running_average = num_features, use_running_average
@@ -137,7 +145,8 @@ class EvoNormB0(nnx.Module):
     x = jnp.asarray(x)
     scale, bias, v = _value(self.scale), _value(self.bias), self.v[...]
     var = self.var[...]
-    stats = jaxbn.BatchStats(jnp.zeros_like(var), var, jnp.zeros((), jnp.int32))
+    count = jaxbn.init_stats(1).count if self.count is None else self.count[...]
+    stats = jaxbn.BatchStats(jnp.zeros_like(var), var, count)
     y, new = jaxbn.evonorm_b0(
         x, stats, scale, bias, v, training=not use_ra, axis=self.axis, momentum=self.momentum,
         epsilon=self.epsilon, axis_name=self.axis_name,
@@ -146,6 +155,8 @@ class EvoNormB0(nnx.Module):
         unbiased_running_var=self.unbiased_running_var)
     if not use_ra:
       self.var[...] = jax.lax.stop_gradient(new.var)
+      if self.count is not None:
+        self.count[...] = new.count
     return y
 
   def set_view(self, use_running_average: Optional[bool] = None):
