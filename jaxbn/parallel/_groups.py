@@ -75,12 +75,33 @@ def group_batch(batch: Any, mesh: Mesh) -> Any:
   Returns:
     The pytree of grouped, sharded arrays.
 
+  Indexing the result: :func:`group_mesh` has explicit mesh axes (``jax.make_mesh``'s
+  default), so the arrays carry their sharding in their type and ``x[g]`` raises JAX's
+  ``ShardingTypeError`` (JAX cannot tell where group ``g``'s rows should live). Say where:
+
+  * ``np.asarray(x)[g]``: a host copy, to look at the values;
+  * ``x.at[g].get(out_sharding=NamedSharding(mesh, P('data')))``: group ``g``'s rows on the
+    devices, split over ``'data'`` (inside ``jax.set_mesh(mesh)``, ``out_sharding=P('data')``);
+  * ``jax.sharding.reshard(x, NamedSharding(mesh, P()))[g]``: replicate first, then index;
+  * ``x.reshape((-1,) + x.shape[2:])``: back to the global batch (rows in the original order),
+    sharded over every device, e.g. for the loss or the outputs of the step.
+
   Example:
     >>> import numpy as np
+    >>> from jax.sharding import NamedSharding, PartitionSpec as P
     >>> from jaxbn.parallel import group_batch, group_mesh
-    >>> x = group_batch(np.zeros((16, 3)), group_mesh(4))
+    >>> mesh = group_mesh(4)
+    >>> x = group_batch(np.arange(48.0).reshape(16, 3), mesh)
     >>> x.shape, x.sharding.spec
     ((2, 8, 3), P('group', 'data'))
+    >>> np.asarray(x)[1, 0].tolist()                 # group 1 starts at row 8
+    [24.0, 25.0, 26.0]
+    >>> g1 = x.at[1].get(out_sharding=NamedSharding(mesh, P("data")))
+    >>> g1.shape, g1.sharding.spec
+    ((8, 3), P('data', None))
+    >>> flat = x.reshape(16, 3)                       # the global batch again
+    >>> flat.sharding.spec, bool((np.asarray(flat)[8:] == np.asarray(g1)).all())
+    (P(('group', 'data'), None), True)
   """
   groups, size = mesh.shape[GROUP], mesh.shape[GROUP_MEMBER]
   sharding = NamedSharding(mesh, P(GROUP, GROUP_MEMBER))
