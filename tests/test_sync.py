@@ -19,6 +19,7 @@ taken only when the shift is far from the mean) one more forward all-reduce.
 
 from __future__ import annotations
 
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +30,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import jaxbn
 from jaxbn import parallel
+from jaxbn._core.unsynced import UnsyncedStatisticsWarning
 from tests import _reference as ref
 
 F = 3
@@ -265,20 +267,21 @@ def _pmap_lowered(fn, backward):
 
 
 COUNT_CASES = {
-    # name: (lowered-program builder, all-reduces on the common path, in the branches)
-    "shard_map_forward": (lambda: _shard_map_lowered(_bn_fwd("data", False), False), 1, 1),
+    # name: (lowered-program builder, all-reduces forward + backward, none in branches):
+    # per BN call two forward (the common shift, then the moments) and one backward.
+    "shard_map_forward": (lambda: _shard_map_lowered(_bn_fwd("data", False), False), 2, 0),
     "shard_map_forward_backward": (
-        lambda: _shard_map_lowered(_bn_fwd_bwd("data", False), True), 2, 1),
+        lambda: _shard_map_lowered(_bn_fwd_bwd("data", False), True), 3, 0),
     "shard_map_2axes_masked_forward_backward": (
         lambda: _shard_map_lowered(_bn_fwd_bwd(("data", "fsdp"), True), True, (4, 2),
-                                   ("data", "fsdp")), 2, 1),
+                                   ("data", "fsdp")), 3, 0),
     "shard_map_fast_variance_forward_backward": (
-        lambda: _shard_map_lowered(_bn_fwd_bwd("data", False, fast=True), True), 2, 1),
+        lambda: _shard_map_lowered(_bn_fwd_bwd("data", False, fast=True), True), 3, 0),
     "shard_map_two_layers_forward_backward": (
-        lambda: _shard_map_lowered(_bn_fwd_bwd("data", True, layers=2), True), 4, 2),
-    "pmap_forward": (lambda: _pmap_lowered(_bn_fwd("i", True), False), 1, 1),
-    "pmap_masked_forward_backward": (lambda: _pmap_lowered(_bn_fwd_bwd("i", True), True), 2,
-                                     1),
+        lambda: _shard_map_lowered(_bn_fwd_bwd("data", True, layers=2), True), 6, 0),
+    "pmap_forward": (lambda: _pmap_lowered(_bn_fwd("i", True), False), 2, 0),
+    "pmap_masked_forward_backward": (lambda: _pmap_lowered(_bn_fwd_bwd("i", True), True), 3,
+                                     0),
 }
 
 
@@ -289,11 +292,12 @@ def test_one_collective_forward_and_one_backward_per_bn_call(case):
   compiled = lowered.compile()
   for program in (lowered, compiled):
     # What JAX emitted, before any XLA pass could combine or remove collectives, and what
-    # runs: on the common path one all-reduce per BN forward and one per backward, each
-    # reducing one array (nothing combined) ...
+    # runs: two all-reduces per BN forward (the common shift, the moments) and one per
+    # backward, each reducing one array (nothing combined) ...
     assert parallel.collective_counts(program, conditional=False) == {"all-reduce": common}
-    # ... and one per BN forward inside the rarely taken exact-correction branch.
-    assert parallel.collective_counts(program, conditional=True) == {"all-reduce": branch}
+    # ... and no conditional: nothing that runs only sometimes.
+    assert parallel.collective_counts(program, conditional=True) == (
+        {"all-reduce": branch} if branch else {})
   assert parallel.collective_counts(compiled, operands=True, conditional=False) == {
       "all-reduce": common}
 
@@ -647,3 +651,42 @@ def test_average_stats_pools_device_statistics():
   inside = f(parallel.shard_batch(per_device, mesh))
   for a, b in zip(inside, avg):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6)
+
+
+def test_missing_axis_name_under_shard_map_gets_a_jaxbn_hint_not_only_jaxs_error():
+  """Forgetting `axis_name` under shard_map: per-device statistics are legitimate, so a
+  warning at trace time (with the fix) where JAX's out_specs error would come next, and
+  jaxbn's own error in shard_map_step. Traced only (eval_shape): no compile."""
+  mesh = jax.make_mesh((D,), ("data",))
+  x = jax.device_put(jnp.ones((N, 2, 2, F)), NamedSharding(mesh, P("data")))
+  stats, ones = jaxbn.init_stats(F), jnp.ones(F)
+
+  def mapped(**kw):
+    def step(x, stats):
+      if kw.pop("per_device", False):
+        stats = lax.pcast(stats, "data", to="varying")
+        y, new = jaxbn.evonorm_b0(x, stats, None, None, ones, **kw)
+        return y, parallel.average_stats(new, axis_name="data")
+      return jaxbn.evonorm_b0(x, stats, None, None, ones, **kw)
+    return jax.shard_map(step, mesh=mesh, in_specs=(P("data"), P()),
+                         out_specs=(P("data"), P()))
+
+  with pytest.warns(UnsyncedStatisticsWarning,
+                    match=r"evonorm_b0: `x` is split over the jax.shard_map mesh axes "
+                          r"\('data',\) but no `axis_name`.*pass axis_name='data'"):
+    with pytest.raises(ValueError, match="out_specs which require replication"):
+      jax.eval_shape(mapped(training=True), x, stats)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")                       # none of these warn
+    jax.eval_shape(mapped(training=True, axis_name="data"), x, stats)
+    jax.eval_shape(mapped(training=False), x, stats)
+    jax.eval_shape(mapped(training=True, per_device=True), x, stats)   # on purpose
+    jaxbn.evonorm_b0(jnp.ones((4, 2, 2, F)), stats, None, None, ones, training=True)
+
+  def step(state, batch):
+    y, new = jaxbn.batch_norm(batch, state, training=True)
+    return new, jnp.sum(y)
+  with pytest.raises(ValueError, match=r"shard_map_step: `out_specs` says these outputs.*"
+                                       r"outputs\[0\]\.mean varies over \('data',\).*"
+                                       r"outputs\[1\] varies.*pass axis_name='data'"):
+    jax.eval_shape(parallel.shard_map_step(step, mesh), stats, jnp.ones((N, F)))

@@ -16,8 +16,11 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike, DTypeLike
 
-import jaxbn
+from jaxbn._core.ema import update_stats
+from jaxbn._core.moments import moments
+from jaxbn._core.types import BatchStats
 from jaxbn._core.frn import _axes, _float, _per_channel, acc_dtype
+from jaxbn._core.unsynced import warn_if_unsynced
 
 
 def _keep(v: jax.Array, x: jax.Array, feat: tuple[int, ...]) -> jax.Array:
@@ -39,7 +42,7 @@ def _affine(fn, y, x, feat, scale, bias, acc, out):
 
 def evonorm_b0(
     x: ArrayLike,
-    stats: jaxbn.BatchStats,
+    stats: BatchStats,
     scale: Optional[ArrayLike],
     bias: Optional[ArrayLike],
     v: ArrayLike,
@@ -53,7 +56,7 @@ def evonorm_b0(
     mask: Optional[ArrayLike] = None,
     dtype: Optional[DTypeLike] = None,
     unbiased_running_var: bool = False,
-) -> tuple[jax.Array, jaxbn.BatchStats]:
+) -> tuple[jax.Array, BatchStats]:
   r"""EvoNorm-B0: batch-variance normalization fused with its activation (Liu et al., 2020).
 
   .. math::
@@ -113,24 +116,25 @@ def evonorm_b0(
   x = _float(fn, "x", x)
   feat = _axes(fn, x.ndim, axis)
   fshape = tuple(x.shape[a] for a in feat)
-  got = tuple(stats.var.shape) if isinstance(stats, jaxbn.BatchStats) else type(stats).__name__
+  got = tuple(stats.var.shape) if isinstance(stats, BatchStats) else type(stats).__name__
   if got != fshape:
     raise ValueError(f"{fn}: `stats` must be a jaxbn.BatchStats of the channel shape {fshape}, "
                      f"got {got}; create it with jaxbn.init_stats({fshape}).")
   if not isinstance(training, bool):
     raise TypeError(f"{fn}: `training` must be a Python bool, got {type(training).__name__}.")
+  warn_if_unsynced(fn, x, stats, axis_name, training)
   out = jnp.dtype(dtype) if dtype is not None else x.dtype
   acc = acc_dtype(x.dtype)
   if training:
-    batch = jaxbn.moments(x, axis=feat, mask=mask, axis_name=axis_name,
+    batch = moments(x, axis=feat, mask=mask, axis_name=axis_name,
                     axis_index_groups=axis_index_groups)
     var_b = batch.var
-    new = jaxbn.update_stats(stats, jax.tree.map(jax.lax.stop_gradient, batch),
+    new = update_stats(stats, jax.tree.map(jax.lax.stop_gradient, batch),
                              momentum=momentum, unbiased_running_var=unbiased_running_var)
     new = new._replace(mean=stats.mean)  # B0 keeps a running variance only
   else:
     var_b, new = stats.var, stats
-  inst = jaxbn.moments(x, axis=(0,) + feat, mask=mask).var  # per example and channel
+  inst = moments(x, axis=(0,) + feat, mask=mask).var  # per example and channel
   xf = x.astype(acc)
   eps = jnp.asarray(epsilon, acc)
   left = jnp.sqrt(_keep(var_b.astype(acc), x, feat) + eps)
@@ -221,7 +225,7 @@ def evonorm_s0(
   xg = x.reshape(blocked)
   mg = None if mask is None else jnp.broadcast_to(jnp.asarray(mask, bool), x.shape).reshape(
       blocked)
-  var = jaxbn.moments(xg, axis=(0, ch), mask=mg).var  # (N, G)
+  var = moments(xg, axis=(0, ch), mask=mg).var  # (N, G)
   inv = jax.lax.rsqrt(var.astype(acc) + jnp.asarray(epsilon, acc))
   inv_shape = [1] * len(blocked)
   inv_shape[0], inv_shape[ch] = x.shape[0], num_groups

@@ -12,7 +12,50 @@ from typing import Any, Callable, Optional
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from jaxbn._core.unsynced import varying_axes
 from jaxbn.parallel._mesh import AxisNames, batch_sharding
+
+
+def _spec_axes(spec: P) -> frozenset:
+  """The mesh axes a ``PartitionSpec`` splits over (an output varies over exactly these)."""
+  out = set()
+  for entry in spec:
+    if entry is not None:
+      out.update((entry,) if isinstance(entry, str) else entry)
+  return frozenset(out)
+
+
+def _check_replicated_outputs(out: Any, out_specs: Any) -> None:
+  """jaxbn's error, before shard_map's, for outputs that vary where ``out_specs`` replicates.
+
+  Names each such output and the likely fixes: BN without ``axis_name`` (per-device running
+  statistics), a per-device loss or metric not yet ``psum``/``pmean``-ed.
+  """
+  try:
+    specs = jax.tree.broadcast(out_specs, out, is_leaf=lambda s: isinstance(s, P) or s is None)
+  except (ValueError, TypeError):
+    return  # not a prefix of the outputs: shard_map reports that itself
+  bad = []
+  for (path, leaf), spec in zip(jax.tree.leaves_with_path(out),
+                                jax.tree.leaves(specs, is_leaf=lambda s: isinstance(s, P))):
+    if not isinstance(spec, P):
+      continue
+    extra = varying_axes(leaf) - _spec_axes(spec)
+    if extra:
+      bad.append((jax.tree_util.keystr(path), tuple(sorted(extra))))
+  if not bad:
+    return
+  axes = sorted({a for _, extra in bad for a in extra})
+  name = axes[0] if len(axes) == 1 else tuple(axes)
+  where = "; ".join(f"outputs{path} varies over {extra}" for path, extra in bad)
+  raise ValueError(
+      f"shard_map_step: `out_specs` says these outputs of `step` are the same on every device, "
+      f"but they differ across devices: {where}. The usual causes: a BN call "
+      f"without `axis_name` (its running statistics are then per device): pass "
+      f"axis_name={name!r} for the statistics of the global batch, or "
+      f"jaxbn.parallel.average_stats(stats, axis_name={name!r}) to pool per-device ones; a "
+      f"per-device loss or metric: return lax.psum/lax.pmean of it over {name!r}; or give "
+      f"those outputs a sharded entry in `out_specs`.")
 
 
 def shard_map_step(
@@ -43,7 +86,9 @@ def shard_map_step(
     ``psum`` it again). Write the per-device loss as ``sum of this device's losses / global
     count`` (``lax.psum`` the count) and the summed gradient is that of the global mean loss;
   * return replicated values (``lax.psum``/``pmean`` metrics): ``out_specs=P()`` makes
-    shard_map check it, with an error if a value still differs across devices.
+    shard_map check it, with an error if a value still differs across devices. That error
+    is jaxbn's: it names each such output and the likely cause (a BN call without
+    ``axis_name`` returns per-device running statistics; a loss not yet ``pmean``-ed).
 
   Args:
     step: ``step(state, batch) -> outputs`` for one device's shard of the batch.
@@ -92,7 +137,13 @@ def shard_map_step(
   names = tuple(mesh.axis_names) if axis_names is None else (
       (axis_names,) if isinstance(axis_names, str) else tuple(axis_names))
   batch_spec = P(names[0] if len(names) == 1 else names)
-  mapped = jax.shard_map(step, mesh=mesh, in_specs=(state_specs, batch_spec),
+
+  def checked_step(state, batch):
+    out = step(state, batch)
+    _check_replicated_outputs(out, out_specs)
+    return out
+
+  mapped = jax.shard_map(checked_step, mesh=mesh, in_specs=(state_specs, batch_spec),
                          out_specs=out_specs)
   state_shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), state_specs,
                                  is_leaf=lambda s: isinstance(s, P))
