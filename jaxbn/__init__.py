@@ -22,10 +22,10 @@ from jaxbn._core.layer_norm import layer_norm, rms_norm
 from jaxbn._core.moments import moments
 from jaxbn._core.normalize import normalize
 from jaxbn._core.precise import init_population_moments, merge_moments, population_stats
-from jaxbn._core.recompute import recompute_stats
 from jaxbn._core.renorm import batch_renorm, renorm_schedule
 from jaxbn._core.types import BatchStats, Moments, PopulationMoments, init_stats
 from jaxbn._core.weight_standardization import standardize_weight
+from jaxbn._layers.recompute import recompute_stats
 from jaxbn._version import __version__
 
 __all__ = [

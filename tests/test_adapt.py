@@ -96,6 +96,24 @@ def test_adapt_batch_norm_limits_are_batch_norm_train_and_eval():
   np.testing.assert_allclose(yinf, ye, rtol=0, atol=TOL32)
 
 
+def test_adapt_batch_norm_prior_inf_is_eval_with_the_running_statistics():
+  """prior=inf (documented as eval) used to give inf/inf = NaN: the mixed statistics are the
+  running ones bit for bit, the output equals eval-mode batch norm, also traced and masked."""
+  x = jnp.asarray(_x(1), jnp.float32)
+  mu_s, var_s = _source()
+  stats = jaxbn.BatchStats(jnp.asarray(mu_s, jnp.float32), jnp.asarray(var_s, jnp.float32),
+                           jnp.zeros((), jnp.int32))
+  assert float(jaxbn.source_weight(jnp.inf, 7.0)) == 1.0
+  ye, _ = jaxbn.batch_norm(x, stats, training=False)
+  mask = (jnp.arange(x.shape[0]) % 2 == 0).reshape((-1,) + (1,) * (x.ndim - 1))
+  for y, mixed in (jaxbn.adapt_batch_norm(x, stats, prior=float("inf")),
+                   jax.jit(lambda p: jaxbn.adapt_batch_norm(x, stats, prior=p, mask=mask))(
+                       jnp.float32(jnp.inf))):
+    np.testing.assert_array_equal(mixed.mean, stats.mean)
+    np.testing.assert_array_equal(mixed.var, stats.var)
+    np.testing.assert_allclose(y, ye, rtol=0, atol=TOL32)
+
+
 # ----------------------------------------------------------------- split BN
 def _stacked(d=3, c=4, seed=20):
   rng = np.random.default_rng(seed)

@@ -13,7 +13,10 @@ affine, times the scale ~2 and inverse std ~1.5); population moments over 48 row
 
 from __future__ import annotations
 
+import ast
 import functools
+import inspect
+import pathlib
 
 import flax.linen as nn
 import jax
@@ -245,13 +248,12 @@ def test_nnx_tools_refuse_an_unregistered_batch_norm_like_module():
 
 
 def test_the_twins_have_the_same_fields_and_registry():
-  """linen and nnx tools read one registry each, with the same classes and kinds."""
-  from jaxbn.linen import _registry as lr
-  from jaxbn.nnx import _registry as nr
-  # The built-in entries (registrations insert before them, e.g. in other tests).
-  names = lambda reg: [(e.cls.__module__.split(".")[0], e.cls.__name__, e.kind)  # noqa: E731
-                       for e in reg.registered()[-5:]]
-  assert names(lr) == names(nr)
+  """linen and nnx tools read the one registry: the same kind for each class of either."""
+  from jaxbn._layers import registry
+  for row in registry.LAYERS:
+    assert registry.kind_of(getattr(jaxbn.linen, row.name)) == row.kind
+    assert registry.kind_of(getattr(jaxbn.nnx, row.name)) == row.kind
+  assert registry.kind_of(nn.BatchNorm) == registry.kind_of(nnx.BatchNorm) == "trains"
   assert jaxbn.linen.FoldPair._fields == jaxbn.nnx.FoldPair._fields == (
       "layer", "bn", "epsilon", "kernel_axes")
   assert jaxbn.linen.FoldPair._field_defaults == jaxbn.nnx.FoldPair._field_defaults
@@ -309,3 +311,64 @@ def test_tools_take_renorm_call_arguments():
                                           BATCHES, progress=False)
   h = np.concatenate([_linen_h(v, b) for b in BATCHES])
   np.testing.assert_allclose(new["batch_stats"]["bn"]["var"], h.var(0), rtol=64 * EPS32)
+
+
+# --------------------------------------------------------------------------------------------
+# The one table: every exported class has a row, and the rows tell the truth.
+# --------------------------------------------------------------------------------------------
+
+# Exported NNX modules that are no layer of the table: what remains of a folded BN (x + bias).
+_NOT_LAYERS = {"FoldedBatchNorm"}
+_NNX_ARGS = {"num_features": 4, "num_groups": 2, "virtual_batch_size": 2, "in_features": 4,
+             "out_features": 4, "kernel_size": (3, 3)}
+
+
+def _exported_classes(module, base):
+  return {n: getattr(module, n) for n in module.__all__
+          if isinstance(getattr(module, n), type) and issubclass(getattr(module, n), base)}
+
+
+def test_every_exported_class_has_a_row_and_a_class_holding_statistics_is_no_stateless():
+  """A linen or nnx class missing from the table fails here; so does a row whose kind says
+  'stateless' for a class that holds batch statistics, or a kind with statistics for one
+  that holds none (checked on the NNX instances: their state is visible without a call)."""
+  from jaxbn._layers import registry
+  linen = _exported_classes(jaxbn.linen, nn.Module)
+  nnx_classes = _exported_classes(jaxbn.nnx, nnx.Module)
+  assert set(linen) | set(nnx_classes) - _NOT_LAYERS == {row.name for row in registry.LAYERS}
+  for name, cls in {**linen, **nnx_classes}.items():
+    assert name in _NOT_LAYERS or registry.row_of(cls).name == name
+  for name, cls in nnx_classes.items():
+    if name in _NOT_LAYERS:
+      continue
+    params = inspect.signature(cls).parameters
+    layer = cls(**{n: v for n, v in _NNX_ARGS.items() if n in params}, rngs=nnx.Rngs(0))
+    holds = any(isinstance(v, nnx.BatchStat) for _, v in nnx.iter_graph(layer))
+    assert holds == (registry.kind_of(cls) != "stateless"), name
+
+
+def test_every_nnx_class_shows_its_constructor_signature():
+  """inspect.signature (help(), IDEs) shows the real parameters, flax.nnx.BatchNorm's order."""
+  for name, cls in _exported_classes(jaxbn.nnx, nnx.Module).items():
+    params = list(inspect.signature(cls).parameters)
+    assert "args" not in params and "self" not in params, name
+    assert params == list(inspect.signature(cls.__init__).parameters)[1:], name
+  flax_order = list(inspect.signature(nnx.BatchNorm.__init__).parameters)[1:]
+  assert list(inspect.signature(jaxbn.nnx.BatchNorm).parameters)[:len(flax_order)] == flax_order
+
+
+def test_core_imports_nothing_above_it():
+  """jaxbn/_core imports only jaxbn._core.* of jaxbn (no jaxbn, linen, nnx, _layers...)."""
+  core = pathlib.Path(jaxbn.__file__).parent / "_core"
+  bad = []
+  for path in sorted(core.glob("*.py")):
+    for node in ast.walk(ast.parse(path.read_text())):
+      names = []
+      if isinstance(node, ast.Import):
+        names = [a.name for a in node.names]
+      elif isinstance(node, ast.ImportFrom):
+        names = ["jaxbn._core" if node.level == 1 else ("jaxbn" if node.level else
+                                                         node.module or "")]
+      bad += [f"{path.name}:{node.lineno} {n}" for n in names
+              if (n == "jaxbn" or n.startswith("jaxbn.")) and not n.startswith("jaxbn._core")]
+  assert not bad, bad

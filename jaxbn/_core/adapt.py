@@ -19,7 +19,10 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike, DTypeLike
 
-import jaxbn
+from jaxbn._core.batch_norm import batch_norm
+from jaxbn._core.moments import moments
+from jaxbn._core.normalize import normalize
+from jaxbn._core.types import BatchStats, Moments
 
 
 def source_weight(prior: ArrayLike, n: ArrayLike) -> jax.Array:
@@ -31,17 +34,24 @@ def source_weight(prior: ArrayLike, n: ArrayLike) -> jax.Array:
     n: the number of target examples.
 
   Returns:
-    ``N / (N + n)`` in at least float32 (1 where ``N + n = 0``).
+    ``N / (N + n)`` in at least float32 (1 where ``N + n = 0`` and where ``N = inf``: the
+    source statistics only, so ``prior=inf`` is evaluation with the running statistics).
+
+  Example:
+    >>> import jaxbn
+    >>> [float(jaxbn.source_weight(p, 4)) for p in (0.0, 4.0, float("inf"))]
+    [0.0, 0.5, 1.0]
   """
   dtype = jnp.promote_types(jnp.result_type(prior, n), jnp.float32)
   prior = jnp.asarray(prior, dtype)
   n = jnp.asarray(n, dtype)
   total = prior + n
-  return jnp.where(total > 0, prior / jnp.where(total > 0, total, 1.0), 1.0)
+  finite = (total > 0) & jnp.isfinite(prior)
+  return jnp.where(finite, prior / jnp.where(finite, total, 1.0), 1.0)
 
 
-def mix_stats(source: "jaxbn.BatchStats", target: "jaxbn.Moments",
-              weight: ArrayLike) -> "jaxbn.BatchStats":
+def mix_stats(source: BatchStats, target: Moments,
+              weight: ArrayLike) -> BatchStats:
   r"""Mixes running (source) statistics with a target batch's moments.
 
   .. math::
@@ -59,7 +69,7 @@ def mix_stats(source: "jaxbn.BatchStats", target: "jaxbn.Moments",
   Returns:
     A :class:`jaxbn.BatchStats` with the dtypes of ``source``.
   """
-  if not isinstance(source, jaxbn.BatchStats):
+  if not isinstance(source, BatchStats):
     raise TypeError(f"mix_stats: `source` must be a jaxbn.BatchStats, got "
                     f"{type(source).__name__}.")
   if jnp.shape(target.mean) != jnp.shape(source.mean):
@@ -71,13 +81,13 @@ def mix_stats(source: "jaxbn.BatchStats", target: "jaxbn.Moments",
     w = jnp.where(jnp.asarray(target.count) > 0, jnp.asarray(weight, work), 1.0).astype(work)
     return (w * s.astype(work) + (1.0 - w) * t.astype(work)).astype(s.dtype)
 
-  return jaxbn.BatchStats(mix(source.mean, target.mean), mix(source.var, target.var),
+  return BatchStats(mix(source.mean, target.mean), mix(source.var, target.var),
                           source.count)
 
 
 def adapt_batch_norm(
     x: ArrayLike,
-    stats: "jaxbn.BatchStats",
+    stats: BatchStats,
     scale: Optional[ArrayLike] = None,
     bias: Optional[ArrayLike] = None,
     *,
@@ -88,7 +98,7 @@ def adapt_batch_norm(
     axis_index_groups: Optional[Sequence[Sequence[int]]] = None,
     mask: Optional[ArrayLike] = None,
     dtype: Optional[DTypeLike] = None,
-) -> tuple[jax.Array, "jaxbn.BatchStats"]:
+) -> tuple[jax.Array, BatchStats]:
   r"""Test-time BN adaptation: normalize with source statistics mixed with the batch's.
 
   The batch's moments (over every axis but ``axis``, masked, synchronized over
@@ -131,20 +141,20 @@ def adapt_batch_norm(
   x = jnp.asarray(x)
   if isinstance(prior, (int, float)) and not prior >= 0:
     raise ValueError(f"{fn}: `prior` (N) must be >= 0, got {prior!r}.")
-  batch = jaxbn.moments(x, axis=axis, mask=mask, axis_name=axis_name,
+  batch = moments(x, axis=axis, mask=mask, axis_name=axis_name,
                         axis_index_groups=axis_index_groups)
   feat_size = batch.mean.size
   per_example = max(x.size // max(x.shape[0], 1) // max(feat_size, 1), 1)
   n = batch.count / per_example
   mixed = mix_stats(stats, batch, source_weight(prior, n))
-  y = jaxbn.normalize(x, mixed.mean, mixed.var, scale, bias, axis=axis, epsilon=epsilon,
+  y = normalize(x, mixed.mean, mixed.var, scale, bias, axis=axis, epsilon=epsilon,
                       dtype=dtype)
   return y, mixed
 
 
 def _domain_arrays(fn: str, stats, domain, x):
   d = stats.mean.shape[0] if stats.mean.ndim else 0
-  if not isinstance(stats, jaxbn.BatchStats) or stats.mean.ndim < 1 or stats.count.shape != (d,):
+  if not isinstance(stats, BatchStats) or stats.mean.ndim < 1 or stats.count.shape != (d,):
     raise ValueError(
         f"{fn}: `stats` must be a jaxbn.BatchStats stacked over a leading domain axis (mean "
         f"(D, C), count (D,)), e.g. jax.tree.map(lambda a: jnp.stack([a] * D), "
@@ -160,7 +170,7 @@ def _domain_arrays(fn: str, stats, domain, x):
 
 def split_batch_norm(
     x: ArrayLike,
-    stats: "jaxbn.BatchStats",
+    stats: BatchStats,
     scale: Optional[ArrayLike] = None,
     bias: Optional[ArrayLike] = None,
     *,
@@ -174,7 +184,7 @@ def split_batch_norm(
     mask: Optional[ArrayLike] = None,
     dtype: Optional[DTypeLike] = None,
     use_fast_variance: bool = False,
-) -> tuple[jax.Array, "jaxbn.BatchStats"]:
+) -> tuple[jax.Array, BatchStats]:
   r"""Split (per-domain) batch norm: one set of statistics per domain.
 
   ``stats`` holds ``D`` :class:`jaxbn.BatchStats` stacked on a leading axis. With a scalar
@@ -228,7 +238,7 @@ def split_batch_norm(
             use_fast_variance=use_fast_variance)
   if domain.ndim == 0:
     row = jax.tree.map(lambda a: a[domain], stats)
-    y, new = jaxbn.batch_norm(x, row, pick(scale, domain), pick(bias, domain), mask=mask, **kw)
+    y, new = batch_norm(x, row, pick(scale, domain), pick(bias, domain), mask=mask, **kw)
     return y, jax.tree.map(lambda a, r: a.at[domain].set(r), stats, new)
   ys, rows = [], []
   select = domain.reshape((-1,) + (1,) * (x.ndim - 1))
@@ -237,7 +247,7 @@ def split_batch_norm(
     if mask is not None:
       m = m & jnp.broadcast_to(jnp.asarray(mask, bool), x.shape)
     row = jax.tree.map(lambda a: a[i], stats)
-    y_i, new_i = jaxbn.batch_norm(x, row, pick(scale, i), pick(bias, i), mask=m, **kw)
+    y_i, new_i = batch_norm(x, row, pick(scale, i), pick(bias, i), mask=m, **kw)
     ys.append(y_i)
     rows.append(new_i)
   y = ys[0]

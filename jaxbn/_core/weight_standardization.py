@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-import jaxbn
+from jaxbn._core.moments import moments
 from jaxbn._core.frn import _float
 
 
@@ -75,7 +75,7 @@ def standardize_weight(
   if w.ndim < 2:
     raise ValueError(f"{fn}: `kernel` must have an output axis and at least one fan-in axis, "
                      f"got shape {w.shape}.")
-  m = jaxbn.moments(w, axis=axis)
+  m = moments(w, axis=axis)
   acc = m.var.dtype
   shape = [1] * w.ndim
   shape[axis] = w.shape[axis]

@@ -16,7 +16,7 @@ from jaxbn.linen._ghost import GhostBatchNorm
 from jaxbn.linen._inference import (FoldPair, find_conv_bn_pairs, fold_batch_norm,
                                     fold_batch_norm_layers, folded, recompute_batch_stats)
 from jaxbn.linen._norms import GroupNorm, InstanceNorm, LayerNorm, RMSNorm
-from jaxbn.linen._registry import register_batch_norm
+from jaxbn.linen._common import register_batch_norm
 from jaxbn.linen._renorm import BatchRenorm
 from jaxbn.linen._surgery import replace_batch_norm, restore_batch_norm
 
@@ -29,7 +29,7 @@ __all__ = [
     "InstanceNorm",
     "LayerNorm",
     "RMSNorm",
-    # the batch-norm family's tools (jaxbn.linen._registry lists the layers they handle)
+    # the tools of the layers holding statistics (jaxbn._layers.registry says which, and how)
     "register_batch_norm",
     "freeze_batch_norm",
     "unfreeze_batch_norm",

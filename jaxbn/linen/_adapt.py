@@ -16,13 +16,7 @@ from flax.typing import Dtype, Initializer
 from jax.nn import initializers
 
 import jaxbn
-
-
-def _bn_family() -> tuple:
-  import jaxbn.linen  # pylint: disable=import-outside-toplevel
-  names = ("BatchNorm", "BatchRenorm", "GhostBatchNorm", "FrozenBatchNorm")
-  return (nn.BatchNorm, SplitBatchNorm, TestTimeBatchNorm) + tuple(
-      getattr(jaxbn.linen, n) for n in names if hasattr(jaxbn.linen, n))
+from jaxbn.linen._common import treatment
 
 
 class SplitBatchNorm(nn.Module):
@@ -164,8 +158,9 @@ class TestTimeBatchNorm(nn.Module):
 def test_time_adaptation(module: nn.Module, prior: float = 16.0, **overrides: Any) -> nn.Module:
   """``module`` with every batch norm adapted to each test batch (Schneider et al., 2020).
 
-  :func:`jaxbn.linen.replace_batch_norm` with :class:`TestTimeBatchNorm`: each BN layer
-  (``flax.linen.BatchNorm`` or ``jaxbn.linen.BatchNorm``) normalizes with its running
+  :func:`jaxbn.linen.replace_batch_norm` with :class:`TestTimeBatchNorm`: each layer with
+  BatchNorm's variables (its default targets: ``flax.linen.BatchNorm``, jaxbn's BatchNorm,
+  BatchRenorm, GhostBatchNorm, FrozenBatchNorm; not SplitBatchNorm) normalizes with its running
   statistics mixed with the statistics of the current batch, weight ``N / (N + n)``;
   variables unchanged. ``prior=0`` is "BN adapt" with the target statistics only; the
   entropy-minimization step of TENT trains the BN affine parameters
@@ -191,10 +186,11 @@ def batch_norm_affine_mask(apply_fn: Callable[..., Any], variables: Any, *args: 
   """TENT's parameter filter: True for the ``scale``/``bias`` of batch-norm layers only.
 
   Traces ``apply_fn(variables, *args, **kwargs)`` abstractly (``jax.eval_shape``, nothing
-  computed) and records which layers of the BN family (``flax.linen.BatchNorm``, jaxbn's
-  BatchNorm, BatchRenorm, GhostBatchNorm, FrozenBatchNorm, SplitBatchNorm,
-  TestTimeBatchNorm) the call runs, so it works on models you do not own. Use it with
-  ``optax.masked`` or ``optax.multi_transform`` so that only these parameters train
+  computed) and records which layers holding statistics (every kind of
+  ``jaxbn._layers.registry`` but ``stateless``: ``flax.linen.BatchNorm``, jaxbn's BatchNorm,
+  BatchRenorm, GhostBatchNorm, FrozenBatchNorm, SplitBatchNorm, TestTimeBatchNorm, EvoNormB0,
+  BatchChannelNorm, registered classes) the call runs, so it works on models you do not own. Use
+  it with ``optax.masked`` or ``optax.multi_transform`` so that only these parameters train
   (Wang et al., 2021: "fully test-time adaptation by entropy minimization").
 
   Args:
@@ -218,11 +214,11 @@ def batch_norm_affine_mask(apply_fn: Callable[..., Any], variables: Any, *args: 
     {'BatchNorm_0': {'bias': True, 'scale': True}, 'Dense_0': {'bias': False, 'kernel': False}}
     >>> tx = optax.multi_transform({True: optax.adam(1e-3), False: optax.set_to_zero()}, mask)
   """
-  types = _bn_family()
   paths = set()
 
   def record(next_fun, a, kw, context):
-    if context.method_name == "__call__" and isinstance(context.module, types):
+    if (context.method_name == "__call__"
+        and treatment("batch_norm_affine_mask", context.module).affine):
       paths.add(tuple(context.module.path))
     return next_fun(*a, **kw)
 

@@ -1,4 +1,5 @@
-"""What the Linen layers share: dtypes, axes, flax's errors, BN-family variables and the call."""
+"""What the Linen layers share: dtypes, axes, flax's errors, BN-family variables and the call,
+and the Linen side of the one layer registry (``jaxbn._layers.registry``)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import jaxbn
 # The core's argument checks, so that the layers (which validate before creating variables)
 # and the functions give the same messages.
 from jaxbn._core.checks import feature_axes, momentum_value
+from jaxbn._layers import registry
 
 
 # --------------------------------------------------------------------------------------------
@@ -161,3 +163,53 @@ def bn_call(mdl: nn.Module, core: Callable[..., Any], fn: str, x: jax.typing.Arr
     if ra_count is not None:
       ra_count.value = new.count
   return y
+
+
+# --------------------------------------------------------------------------------------------
+# The registry, for Linen modules.
+# --------------------------------------------------------------------------------------------
+
+
+def treatment(fn: str, module: Any) -> registry.Treatment:
+  """What the tool ``fn`` does with the bound ``module`` (see ``jaxbn._layers.registry``).
+
+  Raises:
+    TypeError: ``module`` is not registered but holds ``batch_stats/mean`` and ``var``.
+  """
+  def holds_stats():
+    return (isinstance(module, nn.Module) and module.scope is not None
+            and module.has_variable("batch_stats", "mean")
+            and module.has_variable("batch_stats", "var"))
+
+  where = "/".join(module.path) if isinstance(module, nn.Module) and module.scope else "?"
+  return registry.treatment(fn, module, holds_stats, where, "batch_stats 'mean' and 'var'",
+                            "linen")
+
+
+def register_batch_norm(cls: type, *, kind: str = "trains") -> type:
+  """Registers a Linen batch-norm class with the freeze, recompute, fold and surgery tools.
+
+  A ``"trains"`` class must have flax ``BatchNorm``'s fields and variables, normalize at
+  inference with its running statistics, and take the input as the first argument of
+  ``__call__``. Subclasses of a registered class (or of a jaxbn layer) need no registration.
+  The kinds and what each tool does with them are listed in ``jaxbn._layers.registry``.
+
+  Args:
+    cls: a ``flax.linen.Module`` subclass.
+    kind: ``"trains"`` (trained on batch statistics: frozen, recomputed, folded),
+      ``"frozen"`` (fixed statistics: only folded), ``"adaptive"`` or ``"running"``.
+
+  Returns:
+    ``cls`` (so this can decorate a class definition).
+
+  Raises:
+    TypeError: ``cls`` is not a Linen module class.
+    ValueError: an unknown ``kind``.
+
+  Example:
+    >>> import jaxbn.linen
+    >>> @jaxbn.linen.register_batch_norm
+    ... class MyBatchNorm(jaxbn.linen.BatchNorm):   # (a subclass would not need it)
+    ...   pass
+  """
+  return registry.register("jaxbn.linen.register_batch_norm", cls, kind, nn.Module)

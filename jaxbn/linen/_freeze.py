@@ -4,16 +4,33 @@ from __future__ import annotations
 
 from flax import linen as nn
 
+from jaxbn.linen._common import treatment
 from jaxbn.linen._frozen import frozen_apply
-from jaxbn.linen._registry import kind_of
+
+
+def eval_call(next_fun, mdl: nn.Module, args: tuple, kwargs: dict):
+  """Calls ``mdl`` in eval mode (``use_running_average=True``) whichever way it takes its mode."""
+  args, kwargs = list(args), dict(kwargs)
+  if len(args) > 1:
+    del args[1]
+  kwargs.pop("use_running_average", None)
+  if mdl.use_running_average is None:
+    return next_fun(*args, use_running_average=True, **kwargs)
+  if mdl.use_running_average:
+    return next_fun(*args, **kwargs)
+  return mdl.clone(use_running_average=True, parent=mdl.scope)(*args, **kwargs)
 
 
 def _interceptor(freeze_affine: bool):
 
   def intercept(next_fun, args, kwargs, context):
     mdl = context.module
-    if (context.method_name != "__call__"
-        or kind_of("jaxbn.linen.freeze_batch_norm", mdl) != "trains"):
+    if context.method_name != "__call__":
+      return next_fun(*args, **kwargs)
+    how = treatment("jaxbn.linen.freeze_batch_norm", mdl).freeze
+    if how == "eval":
+      return eval_call(next_fun, mdl, args, kwargs)
+    if how != "frozen":
       return next_fun(*args, **kwargs)
     x = args[0] if args else kwargs["x"]
     return frozen_apply(mdl, x, freeze_affine, f"frozen {type(mdl).__name__}")
@@ -38,10 +55,15 @@ class _FrozenBatchNormView(nn.Module):
 def freeze_batch_norm(module: nn.Module, *, freeze_affine: bool = True) -> nn.Module:
   """Returns ``module`` with every batch-norm layer acting as :class:`FrozenBatchNorm`.
 
-  Every batch-norm layer of the registry (``jaxbn.linen.BatchNorm``, ``BatchRenorm``,
-  ``GhostBatchNorm``, ``flax.linen.BatchNorm``, see :func:`register_batch_norm`) called
-  inside ``module.__call__`` — a field of the model or created inline — normalizes with its stored running statistics,
-  updates nothing and (``freeze_affine=True``) gets no gradient for its ``scale``/``bias``.
+  Every layer that trains on batch statistics (kind ``trains`` of ``jaxbn._layers.registry``:
+  ``jaxbn.linen.BatchNorm``, ``BatchRenorm``, ``GhostBatchNorm``, ``flax.linen.BatchNorm``...,
+  and :func:`register_batch_norm`'s) and every ``TestTimeBatchNorm`` called inside
+  ``module.__call__`` — a field of the model or created inline — normalizes with its stored
+  running statistics, updates nothing and (``freeze_affine=True``) gets no gradient for its
+  ``scale``/``bias``. A ``FrozenBatchNorm`` is left as it is. A layer of kind ``running``
+  (``SplitBatchNorm``, ``EvoNormB0``, ``BatchChannelNorm``: running statistics but another
+  eval function) runs in eval mode — its own running statistics, never updated — and its
+  parameters still train (``freeze_affine`` does not apply to it).
   The returned module has exactly the variables of ``module`` (same tree, names, shapes), so
   ``frozen.apply(variables, ...)`` takes the original checkpoint, and
   :func:`unfreeze_batch_norm` gives back ``module``. ``use_running_average``/``train`` flags

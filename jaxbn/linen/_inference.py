@@ -1,7 +1,7 @@
 """After training, for Linen models: recomputed population statistics and BN folding.
 
-Both work on an unchanged model definition by intercepting the batch-norm layers of the
-registry (``jaxbn.linen._registry``) with ``nn.intercept_methods``.
+Both work on an unchanged model definition by intercepting, with ``nn.intercept_methods``, the
+layers that the one registry (``jaxbn._layers.registry``) says each tool handles.
 """
 
 from __future__ import annotations
@@ -16,15 +16,14 @@ from flax import linen as nn
 from flax.core import FrozenDict, freeze, unfreeze
 
 import jaxbn
-# Private core machinery with no public equivalent: the recomputation driver (`run`), the
+# The layer level's tools: the recomputation driver (`run`), the
 # jaxpr tags that find Conv/Dense -> BN pairs (`mark`, `marked_pairs`, `trailing_axes`), and
 # the core's axis check and feature reshape.
-from jaxbn._core import fold as _fold
-from jaxbn._core import recompute
+from jaxbn._layers import fold_tags as _fold
+from jaxbn._layers import recompute
 from jaxbn._core.checks import feature_axes
 from jaxbn._core.normalize import to_keepdims
-from jaxbn.linen._common import flax_axes, result_dtype
-from jaxbn.linen._registry import kind_of
+from jaxbn.linen._common import flax_axes, result_dtype, treatment
 
 Path = tuple[str, ...]
 PathLike = Union[str, Sequence[str]]
@@ -99,13 +98,15 @@ def recompute_batch_stats(
   data — count-weighted across batches of different sizes and masks, and over all devices
   of ``mesh`` — see :func:`jaxbn.recompute_stats` for the two modes (``"train"``: layer
   inputs as in training, one pass; ``"sequential"``: layer inputs as at inference, one pass
-  per layer). Works in an unchanged model: the registered layers that train on batch
-  statistics (``jaxbn.linen.BatchNorm``, ``BatchRenorm``, ``GhostBatchNorm``,
-  ``flax.linen.BatchNorm``; see :func:`register_batch_norm`) are intercepted whatever their
+  per layer). Works in an unchanged model: the layers that train on batch statistics (kind
+  ``trains`` of ``jaxbn._layers.registry``: ``jaxbn.linen.BatchNorm``, ``BatchRenorm``,
+  ``GhostBatchNorm``, ``flax.linen.BatchNorm``...; see :func:`register_batch_norm`) and
+  ``TestTimeBatchNorm`` (its source statistics) are intercepted whatever their
   ``use_running_average`` and normalize with the statistics of the whole batch (so also
   renorm and ghost layers, without their corrections); ``mask=`` and
-  ``unbiased_running_var`` are honoured. A ``FrozenBatchNorm`` keeps its statistics and runs
-  as itself.
+  ``unbiased_running_var`` are honoured. A ``FrozenBatchNorm``, and the layers whose eval is
+  not batch norm's (kind ``running``: ``SplitBatchNorm``, ``EvoNormB0``,
+  ``BatchChannelNorm``), keep their statistics and run as the model calls them.
 
   Args:
     apply_fn: ``apply_fn(variables, batch)`` running the model in inference mode (dropout
@@ -160,7 +161,8 @@ def recompute_batch_stats(
   def trace(variables, batch, rec):
     def interceptor(next_fun, args, kwargs, context):
       module = context.module
-      if context.method_name != "__call__" or kind_of(fn, module) != "trains":
+      if (context.method_name != "__call__"
+          or treatment(fn, module).recompute != "population"):
         return next_fun(*args, **kwargs)
       x, mask, scale, bias, out_dtype = _bn_inputs(module, args, kwargs)
       return rec(module.path, x, axis=flax_axes(module.axis, x.ndim), epsilon=module.epsilon, scale=scale,
@@ -235,8 +237,10 @@ def find_conv_bn_pairs(apply_fn: Any, variables: Any, *args: Any, **kwargs: Any)
 
   Traces ``apply_fn(variables, *args, **kwargs)`` once (``jax.make_jaxpr``, nothing runs)
   with every ``nn.Conv``, ``nn.ConvLocal``, ``nn.ConvTranspose``, ``nn.Dense`` and
-  ``nn.DenseGeneral`` output and every registered batch norm's input tagged (see
-  :func:`register_batch_norm`), and keeps the pairs where a layer's output goes straight into
+  ``nn.DenseGeneral`` output and the input of every batch norm whose eval is a per-feature
+  affine map tagged (kinds ``trains`` and ``frozen`` of ``jaxbn._layers.registry``; not
+  ``TestTimeBatchNorm``, whose statistics depend on the batch, nor the ``running`` kind, e.g.
+  ``SplitBatchNorm``), and keeps the pairs where a layer's output goes straight into
   a batch norm and nowhere else, each module is called once, and the batch norm normalizes
   the trailing (channel) axes. Pairs inside ``nn.scan``, loops or branches are not reported;
   ``nn.remat`` and ``jit`` bodies are searched.
@@ -274,7 +278,7 @@ def find_conv_bn_pairs(apply_fn: Any, variables: Any, *args: Any, **kwargs: Any)
     module = context.module
     if context.method_name != "__call__":
       return next_fun(*a, **kw)
-    if kind_of(fn, module) is not None:
+    if treatment(fn, module).fold:
       x = jnp.asarray(a[0])
       dsts.append((module.path, float(module.epsilon),
                    _fold.trailing_axes(fn, x.ndim, flax_axes(module.axis, x.ndim))))
@@ -430,7 +434,7 @@ def _set_dict(tree: dict, path: Path, value: Any) -> None:
 def _folded_interceptor(next_fun, args, kwargs, context):
   fn = "jaxbn.linen.folded"
   module = context.module
-  if (context.method_name != "__call__" or kind_of(fn, module) is None
+  if (context.method_name != "__call__" or not treatment(fn, module).fold
       or module.has_variable("batch_stats", "mean")):
     return next_fun(*args, **kwargs)
   bias = module.get_variable("params", "bias")

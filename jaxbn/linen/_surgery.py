@@ -17,6 +17,8 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 from flax import linen as nn
 
+from jaxbn.linen._common import treatment
+
 # Fields that mean the same thing in every normalization layer (copied to any replacement);
 # batch-norm-family replacements (they have ``use_running_average``) get every shared field.
 _COMMON = ("epsilon", "dtype", "param_dtype", "use_bias", "use_scale", "bias_init",
@@ -26,11 +28,6 @@ _ACTIVE = threading.local()
 
 def _fields(cls_or_module) -> set:
   return {f.name for f in dataclasses.fields(cls_or_module)} - {"parent", "name"}
-
-
-def _default_types() -> tuple:
-  import jaxbn.linen  # pylint: disable=import-outside-toplevel
-  return (nn.BatchNorm, jaxbn.linen.BatchNorm)
 
 
 def _default_layer():
@@ -70,12 +67,18 @@ def _call_args(new: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
   return args, kwargs
 
 
-def _interceptor(types: tuple, layer: Any, overrides: dict) -> Callable:
+def _targeted(mdl: nn.Module, types: Optional[tuple]) -> bool:
+  if types is None:
+    return treatment("jaxbn.linen.replace_batch_norm", mdl).replace
+  return isinstance(mdl, types)
+
+
+def _interceptor(types: Optional[tuple], layer: Any, overrides: dict) -> Callable:
   def intercept(next_fun, args, kwargs, context):
     mdl = context.module
     active = getattr(_ACTIVE, "modules", ())
-    if (context.method_name != "__call__" or not isinstance(mdl, types)
-        or any(mdl is m for m in active)):
+    if (context.method_name != "__call__" or any(mdl is m for m in active)
+        or not _targeted(mdl, types)):
       return next_fun(*args, **kwargs)
     new = _construct(layer, mdl, overrides).clone(parent=mdl.scope)
     a, kw = _call_args(new, args, kwargs)
@@ -93,7 +96,7 @@ class _Replaced(nn.Module):
 
   module: nn.Module
   layer: Any
-  types: tuple
+  types: Optional[tuple]
   overrides: tuple
 
   def setup(self):
@@ -109,13 +112,16 @@ def replace_batch_norm(module: nn.Module, layer: Union[type, Callable[[nn.Module
                        types: Optional[Sequence[type]] = None, **overrides: Any) -> nn.Module:
   """Returns ``module`` with every batch-norm layer it calls computed by ``layer`` instead.
 
-  Each call of a layer of ``types`` (default: ``flax.linen.BatchNorm`` and
-  ``jaxbn.linen.BatchNorm``) inside ``module`` — a field, created in ``setup``, or inline in
-  an ``@nn.compact`` method — runs ``layer`` built from the layer's own settings (every
-  field the two share for a batch-norm-family ``layer``; only ``epsilon``, ``dtype``,
-  ``param_dtype``, ``use_bias``, ``use_scale`` and the initializers otherwise, so e.g. a
-  BatchNorm's ``axis_name`` is not given to a GroupNorm) with ``overrides`` applied, on
-  the replaced layer's own variables. So:
+  Each call of a layer of ``types`` (default: every layer with BatchNorm's variables and eval,
+  the kinds ``trains``, ``frozen`` and ``adaptive`` of ``jaxbn._layers.registry`` —
+  ``flax.linen.BatchNorm``, jaxbn's ``BatchNorm``, ``BatchRenorm``, ``GhostBatchNorm``,
+  ``FrozenBatchNorm``, ``TestTimeBatchNorm`` and registered classes; not the ``running`` kind,
+  e.g. ``SplitBatchNorm``, whose statistics have another shape) inside ``module`` — a field,
+  created in ``setup``, or inline in an ``@nn.compact`` method — runs ``layer`` built from the
+  layer's own settings (every field the two share for a batch-norm-family ``layer``; only
+  ``epsilon``, ``dtype``, ``param_dtype``, ``use_bias``, ``use_scale`` and the initializers
+  otherwise, so e.g. a BatchNorm's ``axis_name`` is not given to a GroupNorm) with ``overrides``
+  applied, on the replaced layer's own variables. So:
 
   * ``replace_batch_norm(model)``: jaxbn's BatchNorm, same numbers as flax's (same
     variables, checkpoints and updates);
@@ -133,15 +139,14 @@ def replace_batch_norm(module: nn.Module, layer: Union[type, Callable[[nn.Module
 
   Limits: only ``__call__`` of the replaced layers is intercepted (not other methods), the
   new layer must read its variables under the names the old one created (or create its own
-  at ``init``), and a layer class outside ``types`` (a subclass that is not listed, or a
-  model's own BN implementation) is left alone.
+  at ``init``), and a layer class outside ``types`` (given ``types``: a subclass that is not
+  listed; by default: a model's own unregistered BN implementation) is left alone.
 
   Args:
     module: a Linen module (unbound), e.g. a model from another code base.
     layer: a Linen module class (default :class:`jaxbn.linen.BatchNorm`) or a function
       ``old_layer -> new layer``.
-    types: the layer classes to replace (default ``flax.linen.BatchNorm`` and
-      ``jaxbn.linen.BatchNorm``).
+    types: the layer classes to replace (default: see above).
     **overrides: fields set on every new layer (e.g. ``axis_name='batch'``).
 
   Returns:
@@ -169,7 +174,7 @@ def replace_batch_norm(module: nn.Module, layer: Union[type, Callable[[nn.Module
     raise TypeError(f"replace_batch_norm: `module` must be a flax.linen.Module, got "
                     f"{type(module).__name__}.")
   layer = _default_layer() if layer is None else layer
-  types = _default_types() if types is None else tuple(types)
+  types = None if types is None else tuple(types)
   if isinstance(module, _Replaced):
     module = module.module
   return _Replaced(module, layer, types, tuple(sorted(overrides.items())))

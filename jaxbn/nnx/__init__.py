@@ -10,7 +10,7 @@ from jaxbn.nnx._adapt import (SplitBatchNorm, TestTimeBatchNorm, batch_norm_affi
 from jaxbn.nnx._batch_free import (EvoNormB0, EvoNormS0, FilterResponseNorm, ScaledWSConv,
                                    WSConv)
 from jaxbn.nnx._batch_norm import BatchNorm
-from jaxbn.nnx._common import promote_dtype
+from jaxbn.nnx._common import promote_dtype, register_batch_norm
 from jaxbn.nnx._freeze import freeze_batch_norm, unfreeze_batch_norm
 from jaxbn.nnx._frozen import FrozenBatchNorm
 from jaxbn.nnx._ghost import GhostBatchNorm
@@ -18,7 +18,6 @@ from jaxbn.nnx._inference import (FoldPair, FoldedBatchNorm, find_conv_bn_pairs,
                                   fold_batch_norm, fold_batch_norm_layers,
                                   recompute_batch_stats)
 from jaxbn.nnx._norms import GroupNorm, InstanceNorm, LayerNorm, RMSNorm
-from jaxbn.nnx._registry import register_batch_norm
 from jaxbn.nnx._renorm import BatchRenorm
 from jaxbn.nnx._surgery import replace_batch_norm
 
@@ -32,7 +31,7 @@ __all__ = [
     "LayerNorm",
     "RMSNorm",
     "promote_dtype",
-    # the batch-norm family's tools (jaxbn.nnx._registry lists the layers they handle)
+    # the tools of the layers holding statistics (jaxbn._layers.registry says which, and how)
     "register_batch_norm",
     "freeze_batch_norm",
     "unfreeze_batch_norm",

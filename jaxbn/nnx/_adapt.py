@@ -17,6 +17,7 @@ from flax.nnx import initializers
 from flax.typing import Dtype, Initializer
 
 import jaxbn
+from jaxbn.nnx._common import Layer, mode, treatment
 
 
 def _value(v):
@@ -34,7 +35,7 @@ def _out(dtype, x, *params):
   return dtype or jnp.result_type(x, *[p for p in params if p is not None])
 
 
-class SplitBatchNorm(nnx.Module):
+class SplitBatchNorm(Layer):
   r"""Split (per-domain) batch norm for NNX (:class:`jaxbn.linen.SplitBatchNorm`).
 
   ``mean``/``var`` are ``nnx.BatchStat`` of shape ``(num_domains, num_features)``;
@@ -83,7 +84,7 @@ class SplitBatchNorm(nnx.Module):
   def __call__(self, x: jax.typing.ArrayLike, use_running_average: Optional[bool] = None, *,
                domain: Any = 0, mask: Optional[jax.Array] = None) -> jax.Array:
     """Normalizes ``x`` with the statistics of ``domain``; updates them in training."""
-    use_ra = self.use_running_average if use_running_average is None else use_running_average
+    use_ra = mode(self, use_running_average)
     x = jnp.asarray(x)
     scale, bias = _value(self.scale), _value(self.bias)
     stats = jaxbn.BatchStats(self.mean[...], self.var[...],
@@ -99,17 +100,9 @@ class SplitBatchNorm(nnx.Module):
       self.var[...] = jax.lax.stop_gradient(new.var)
     return y
 
-  def set_view(self, use_running_average: Optional[bool] = None):
-    """Used by ``model.train()``/``model.eval()``/``nnx.view``.
-
-    Args:
-      use_running_average: True to normalize with the running statistics.
-    """
-    if use_running_average is not None:
-      self.use_running_average = use_running_average
 
 
-class TestTimeBatchNorm(nnx.Module):
+class TestTimeBatchNorm(Layer):
   r"""Test-time adapted batch norm for NNX (:class:`jaxbn.linen.TestTimeBatchNorm`).
 
   State as ``flax.nnx.BatchNorm`` (``scale``, ``bias``, ``mean``, ``var``), never updated;
@@ -157,14 +150,6 @@ class TestTimeBatchNorm(nnx.Module):
         dtype=_out(self.dtype, x, scale, bias))
     return y
 
-  def set_view(self, use_running_average: Optional[bool] = None):
-    """Used by ``model.train()``/``model.eval()``: accepted, changes nothing.
-
-    Args:
-      use_running_average: stored for compatibility.
-    """
-    if use_running_average is not None:
-      self.use_running_average = use_running_average
 
 
 def test_time_adaptation(model: Any, prior: float = 16.0, **overrides: Any) -> Any:
@@ -191,9 +176,10 @@ test_time_adaptation.__test__ = False  # not a pytest test function
 def batch_norm_affine_filter(model: Any) -> Any:
   """TENT's parameter filter: an NNX filter matching the BN layers' ``scale``/``bias`` only.
 
-  Matches the ``nnx.Param`` named ``scale`` or ``bias`` of every batch-norm-family layer in
-  ``model``'s graph (``flax.nnx.BatchNorm``, jaxbn's BatchNorm, BatchRenorm, GhostBatchNorm,
-  FrozenBatchNorm, SplitBatchNorm, TestTimeBatchNorm), e.g. for
+  Matches the ``nnx.Param`` named ``scale`` or ``bias`` of every layer holding statistics in
+  ``model``'s graph (every kind of ``jaxbn._layers.registry`` but ``stateless``:
+  ``flax.nnx.BatchNorm``, jaxbn's BatchNorm, BatchRenorm, GhostBatchNorm, FrozenBatchNorm,
+  SplitBatchNorm, TestTimeBatchNorm, EvoNormB0, BatchChannelNorm, registered classes), e.g. for
   ``nnx.Optimizer(model, tx, wrt=filter)`` or ``nnx.state(model, filter)``.
 
   Args:
@@ -211,11 +197,9 @@ def batch_norm_affine_filter(model: Any) -> Any:
     >>> sorted('.'.join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(model, only_bn)))
     ['layers.1.bias', 'layers.1.scale']
   """
-  import jaxbn.nnx  # pylint: disable=import-outside-toplevel
-  names = ("BatchNorm", "BatchRenorm", "GhostBatchNorm", "FrozenBatchNorm")
-  types = (nnx.BatchNorm, SplitBatchNorm, TestTimeBatchNorm) + tuple(
-      getattr(jaxbn.nnx, n) for n in names if hasattr(jaxbn.nnx, n))
-  paths = {tuple(p) for p, node in nnx.iter_graph(model) if isinstance(node, types)}
+  fn = "jaxbn.nnx.batch_norm_affine_filter"
+  paths = {tuple(p) for p, node in nnx.iter_graph(model)
+           if treatment(fn, node, p).affine}
 
   def match(path, value):
     return (isinstance(value, nnx.Param) and len(path) > 0 and path[-1] in ("scale", "bias")

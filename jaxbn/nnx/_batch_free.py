@@ -19,6 +19,7 @@ from flax.nnx import initializers
 from flax.typing import Dtype, Initializer
 
 import jaxbn
+from jaxbn.nnx._common import Layer, mode
 
 
 def _affine(mdl: nnx.Module, n: int, use_scale: bool, use_bias: bool, scale_init, bias_init,
@@ -39,7 +40,7 @@ def _out_dtype(dtype: Any, x: jax.Array, *params) -> Any:
   return jnp.result_type(x, *[p for p in params if p is not None])
 
 
-class FilterResponseNorm(nnx.Module):
+class FilterResponseNorm(Layer):
   r"""Filter Response Normalization with TLU for NNX (:class:`jaxbn.linen.FilterResponseNorm`).
 
   Args:
@@ -90,7 +91,7 @@ class FilterResponseNorm(nnx.Module):
         dtype=_out_dtype(self.dtype, x, scale, bias, tau))
 
 
-class EvoNormB0(nnx.Module):
+class EvoNormB0(Layer):
   r"""EvoNorm-B0 for NNX (:class:`jaxbn.linen.EvoNormB0`): ``model.train()``/``eval()`` modes.
 
   State: the running variance ``var`` (``nnx.BatchStat``; no running mean, B0 does not
@@ -141,7 +142,7 @@ class EvoNormB0(nnx.Module):
   def __call__(self, x: jax.typing.ArrayLike, use_running_average: Optional[bool] = None, *,
                mask: Optional[jax.Array] = None) -> jax.Array:
     """Normalizes ``x``; in training updates ``var`` in place."""
-    use_ra = self.use_running_average if use_running_average is None else use_running_average
+    use_ra = mode(self, use_running_average)
     x = jnp.asarray(x)
     scale, bias, v = _value(self.scale), _value(self.bias), self.v[...]
     var = self.var[...]
@@ -169,7 +170,7 @@ class EvoNormB0(nnx.Module):
       self.use_running_average = use_running_average
 
 
-class EvoNormS0(nnx.Module):
+class EvoNormS0(Layer):
   r"""EvoNorm-S0 for NNX (:class:`jaxbn.linen.EvoNormS0`), batch-independent.
 
   Args:
@@ -237,7 +238,7 @@ def _ws_conv_general_dilated(lhs, rhs, *args, **kwargs):
   return jax.lax.conv_general_dilated(lhs, rhs, *args, **kwargs)
 
 
-class WSConv(nnx.Conv):
+class WSConv(nnx.Conv, Layer):
   r"""Weight-standardized convolution for NNX: ``nnx.Conv`` on the standardized kernel.
 
   The constructor, attributes and state of ``flax.nnx.Conv`` (``kernel``, ``bias``), plus

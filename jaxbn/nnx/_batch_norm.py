@@ -12,7 +12,7 @@ from flax.typing import Axes, Dtype, Initializer, PromoteDtypeFn
 from jax.nn import initializers
 
 import jaxbn
-from jaxbn.nnx._common import bn_call, init_bn_layer, promote_dtype, resolve_mode
+from jaxbn.nnx._common import Layer, bn_call, init_bn_layer, promote_dtype, resolve_mode
 
 _SHARED_UNDER_VMAP = (
     "jaxbn.nnx.BatchNorm: cannot write the running statistics `mean`/`var` in training mode: "
@@ -28,7 +28,7 @@ _SHARED_UNDER_VMAP = (
 )
 
 
-class BatchNorm(nnx.Module):
+class BatchNorm(Layer):
   r"""Batch normalization for NNX, a drop-in replacement for ``flax.nnx.BatchNorm``.
 
   .. math::
@@ -140,13 +140,3 @@ class BatchNorm(nnx.Module):
                                        self.use_running_average)
     return bn_call(self, jaxbn.batch_norm, "jaxbn.nnx.BatchNorm", x, use_running_average, mask,
                    shared_error=_SHARED_UNDER_VMAP)
-
-  def set_view(self, use_running_average: Optional[bool] = None):
-    """Used by ``nnx.view``: sets ``use_running_average`` when given.
-
-    Args:
-      use_running_average: if True, the stored batch statistics will be used instead of
-        computing the batch statistics on the input.
-    """
-    if use_running_average is not None:
-      self.use_running_average = use_running_average

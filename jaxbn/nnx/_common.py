@@ -3,6 +3,7 @@ BN call. Only public flax names are used (no ``flax.nnx.nn``/``flax.nnx.module``
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import jax
@@ -14,6 +15,7 @@ import jaxbn
 # The core's argument checks, so that the layers (which validate at construction) and the
 # functions give the same messages.
 from jaxbn._core.checks import epsilon_value, feature_axes, momentum_value
+from jaxbn._layers import registry
 
 
 # --------------------------------------------------------------------------------------------
@@ -103,10 +105,66 @@ def resolve_mode(layer: str, call: Optional[bool], attribute: Optional[bool]) ->
 # Parameters, statistics and the BN call.
 # --------------------------------------------------------------------------------------------
 
-# The settings every BN-family layer stores, in the order its constructor takes them.
-BN_CONFIG = ("use_running_average", "axis", "momentum", "epsilon", "dtype", "param_dtype",
-             "use_bias", "use_scale", "axis_name", "axis_index_groups", "use_fast_variance",
-             "promote_dtype", "unbiased_running_var", "debias")
+# Constructor arguments that are not settings: a layer does not store them (as flax).
+_NOT_SETTINGS = ("self", "__class__", "rngs", "bias_init", "scale_init", "bias_metadata",
+                 "scale_metadata")
+
+
+class Layer(nnx.Module):
+  """The base of jaxbn's NNX layers: ``inspect.signature(cls)`` is the constructor's.
+
+  ``flax.nnx.Module``'s metaclass makes every class's signature ``(*args, **kwargs)``; here
+  each subclass that defines ``__init__`` states its own (help(), IDEs and tools that read
+  signatures see the real parameters).
+  """
+
+  def __init_subclass__(cls, **kwargs):
+    super().__init_subclass__(**kwargs)
+    if "__init__" in vars(cls):
+      sig = inspect.signature(cls.__init__)
+      cls.__signature__ = sig.replace(parameters=list(sig.parameters.values())[1:])
+
+  def set_view(self, use_running_average: Optional[bool] = None):
+    """Used by ``nnx.view``: sets ``use_running_average`` when given (layers with a mode).
+
+    Args:
+      use_running_average: True: normalize with the running statistics; False: with the
+        batch statistics, updating the running ones.
+    """
+    if use_running_average is not None and hasattr(self, "use_running_average"):
+      self.use_running_average = use_running_average
+
+
+def mode(mdl: nnx.Module, call: Optional[bool]) -> bool:
+  """``use_running_average`` for this call: the call's, else the attribute's; always True for
+  a layer frozen by ``freeze_batch_norm`` (it keeps its eval mode through ``model.train()``)."""
+  if getattr(mdl, "unfrozen", None) is not None:
+    return True
+  return mdl.use_running_average if call is None else call
+
+
+def settings(layer: type, old: nnx.Module, names: Optional[Sequence[str]] = None) -> dict:
+  """The constructor arguments of ``layer`` that ``old`` stores as settings (only ``names``
+  if given); ``num_features`` and ``rngs`` are left out."""
+  params = inspect.signature(layer.__init__).parameters
+  return {n: getattr(old, n) for n in params
+          if n not in _NOT_SETTINGS + ("num_features",) and hasattr(old, n)
+          and (names is None or n in names)}
+
+
+def rebuild(layer: type, old: nnx.Module, overrides: Mapping[str, Any], *,
+            names: Optional[Sequence[str]] = None) -> nnx.Module:
+  """``layer`` built with ``old``'s settings and ``overrides``, holding ``old``'s Variables.
+
+  Every ``nnx.Variable`` attribute of ``old`` is moved to the new layer where it has a
+  Variable of that name, so the state keeps its paths and values (shared with ``old``).
+  """
+  new = layer(old.num_features, **{**settings(layer, old, names), **overrides},
+              rngs=nnx.Rngs(0))
+  for name, value in list(vars(old).items()):
+    if isinstance(value, nnx.Variable) and isinstance(getattr(new, name, None), nnx.Variable):
+      setattr(new, name, value)
+  return new
 
 
 def init_affine(mdl: nnx.Module, num_features: int, *, use_scale: bool, use_bias: bool,
@@ -143,8 +201,7 @@ def init_norm(mdl: nnx.Module, args: Mapping[str, Any], names: Sequence[str]) ->
   store(mdl, args, names)
 
 
-def init_bn_layer(mdl: nnx.Module, fn: str, args: Mapping[str, Any], *,
-                  extra: Sequence[str] = ()) -> None:
+def init_bn_layer(mdl: nnx.Module, fn: str, args: Mapping[str, Any]) -> None:
   """A BN-family constructor: flax BatchNorm's state, checks, then the settings.
 
   ``mean``, ``var`` (``nnx.BatchStat``, float32), ``count`` (int32 ``nnx.BatchStat`` when
@@ -154,9 +211,8 @@ def init_bn_layer(mdl: nnx.Module, fn: str, args: Mapping[str, Any], *,
   Args:
     mdl: the layer being constructed.
     fn: the layer's name for error messages.
-    args: the constructor's arguments by name (its ``locals()``): ``num_features``, every
-      name in :data:`BN_CONFIG`, the initializers, ``rngs`` and the metadata.
-    extra: the names of the layer's own further settings, stored after the shared ones.
+    args: the constructor's arguments by name (its ``locals()``): flax BatchNorm's, and the
+      layer's own settings; every one is stored but ``rngs``, the initializers and metadata.
   """
   epsilon_value(fn, args["epsilon"])
   momentum_value(fn, args["momentum"])
@@ -169,7 +225,7 @@ def init_bn_layer(mdl: nnx.Module, fn: str, args: Mapping[str, Any], *,
               use_bias=args["use_bias"], scale_init=args["scale_init"],
               bias_init=args["bias_init"], param_dtype=args["param_dtype"], rngs=args["rngs"],
               scale_metadata=args["scale_metadata"], bias_metadata=args["bias_metadata"])
-  store(mdl, args, ("num_features",) + BN_CONFIG + tuple(extra))
+  store(mdl, args, [n for n in args if n not in _NOT_SETTINGS])
 
 
 def bn_inputs(mdl: nnx.Module, x: jax.typing.ArrayLike, fn: str):
@@ -251,3 +307,52 @@ def bn_call(mdl: nnx.Module, core: Callable[..., Any], fn: str, x: jax.typing.Ar
   if training:
     write_stats(mdl, new, shared_error)
   return y
+
+
+# --------------------------------------------------------------------------------------------
+# The registry, for NNX modules.
+# --------------------------------------------------------------------------------------------
+
+
+def treatment(fn: str, node: Any, path: Any = ()) -> registry.Treatment:
+  """What the tool ``fn`` does with ``node`` at graph ``path`` (see ``jaxbn._layers.registry``).
+
+  Raises:
+    TypeError: ``node`` is not registered but has ``mean`` and ``var`` ``nnx.BatchStat``s.
+  """
+  def holds_stats():
+    return (isinstance(node, nnx.Module)
+            and isinstance(getattr(node, "mean", None), nnx.BatchStat)
+            and isinstance(getattr(node, "var", None), nnx.BatchStat))
+
+  return registry.treatment(fn, node, holds_stats, f"at {tuple(path)}",
+                            "`mean` and `var` nnx.BatchStat", "nnx")
+
+
+def register_batch_norm(cls: type, *, kind: str = "trains") -> type:
+  """Registers a NNX batch-norm class with the freeze, recompute, fold and surgery tools.
+
+  A ``"trains"`` class must have flax ``BatchNorm``'s attributes and state, normalize at
+  inference with its running statistics, and take the input as the first argument of
+  ``__call__``. Subclasses of a registered class (or of a jaxbn layer) need no registration.
+  The kinds and what each tool does with them are listed in ``jaxbn._layers.registry``.
+
+  Args:
+    cls: a ``flax.nnx.Module`` subclass.
+    kind: ``"trains"`` (trained on batch statistics: frozen, recomputed, folded),
+      ``"frozen"`` (fixed statistics: only folded), ``"adaptive"`` or ``"running"``.
+
+  Returns:
+    ``cls`` (so this can decorate a class definition).
+
+  Raises:
+    TypeError: ``cls`` is not a NNX module class.
+    ValueError: an unknown ``kind``.
+
+  Example:
+    >>> import jaxbn.nnx
+    >>> @jaxbn.nnx.register_batch_norm
+    ... class MyBatchNorm(jaxbn.nnx.BatchNorm):   # (a subclass would not need it)
+    ...   pass
+  """
+  return registry.register("jaxbn.nnx.register_batch_norm", cls, kind, nnx.Module)

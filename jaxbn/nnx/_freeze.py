@@ -7,46 +7,42 @@ from typing import Any
 from flax import nnx
 
 from jaxbn.nnx._batch_norm import BatchNorm
-from jaxbn.nnx._common import BN_CONFIG
+from jaxbn.nnx._common import rebuild, treatment
 from jaxbn.nnx._frozen import FrozenBatchNorm
-from jaxbn.nnx._registry import kind_of
-
-_VARIABLES = ("mean", "var", "count", "scale", "bias")
 
 
-def _freeze_one(bn: nnx.Module, freeze_affine: bool) -> FrozenBatchNorm:
-  config = {k: getattr(bn, k) for k in BN_CONFIG if hasattr(bn, k)}
-  frozen = FrozenBatchNorm(bn.num_features, **config, freeze_affine=freeze_affine,
-                           rngs=nnx.Rngs(0))
-  for name in _VARIABLES:  # share the very same Variables: same state, same paths
-    value = getattr(bn, name, None)
-    setattr(frozen, name, nnx.data(None) if value is None else value)
-  frozen.unfrozen = nnx.graphdef(bn)
+def _freeze_one(node: nnx.Module, how: str, freeze_affine: bool) -> nnx.Module:
+  # The very same Variables in the new layer: same state, same paths, shared.
+  if how == "frozen":
+    frozen = rebuild(FrozenBatchNorm, node, {"freeze_affine": freeze_affine})
+  else:  # "eval": the layer itself, held in eval mode (see `mode` in _common)
+    frozen = rebuild(type(node), node, {})
+  frozen.unfrozen = nnx.graphdef(node)
   return frozen
 
 
-def _unfreeze_one(frozen: FrozenBatchNorm) -> nnx.Module:
-  if frozen.unfrozen is not None:
+def _unfreeze_one(frozen: nnx.Module) -> nnx.Module:
+  if getattr(frozen, "unfrozen", None) is not None:
     return nnx.merge(frozen.unfrozen, nnx.state(frozen))
-  config = {k: getattr(frozen, k) for k in BN_CONFIG}
-  bn = BatchNorm(frozen.num_features, **config, rngs=nnx.Rngs(0))
-  for name in _VARIABLES:
-    value = getattr(frozen, name, None)
-    setattr(bn, name, nnx.data(None) if value is None else value)
-  return bn
+  return rebuild(BatchNorm, frozen, {})
 
 
 def freeze_batch_norm(model: Any, *, freeze_affine: bool = True) -> Any:
   """Returns a view of ``model`` whose batch-norm layers are :class:`FrozenBatchNorm`.
 
-  Every batch-norm layer of the registry (``jaxbn.nnx.BatchNorm``, ``BatchRenorm``,
-  ``GhostBatchNorm``, ``flax.nnx.BatchNorm``, see :func:`register_batch_norm`) in the graph of
-  ``model`` (attributes, lists, nested modules) is replaced by a
-  :class:`FrozenBatchNorm` with the same settings that holds the *same* ``nnx.Variable``
-  objects, so ``nnx.state`` of the result has exactly the paths, types and values of
-  ``model``'s and the two share their state (like ``nnx.view``): a checkpoint of one loads
-  into the other, and fine-tuning the frozen view trains ``model``'s other parameters.
-  ``model`` itself is not modified. :func:`unfreeze_batch_norm` converts back.
+  Every layer that trains on batch statistics (kind ``trains`` of ``jaxbn._layers.registry``:
+  ``jaxbn.nnx.BatchNorm``, ``BatchRenorm``, ``GhostBatchNorm``, ``flax.nnx.BatchNorm``..., and
+  :func:`register_batch_norm`'s) and every ``TestTimeBatchNorm`` in the graph of ``model``
+  (attributes, lists, nested modules) is replaced by a :class:`FrozenBatchNorm` with the same
+  settings that holds the *same* ``nnx.Variable`` objects, so ``nnx.state`` of the result has
+  exactly the paths, types and values of ``model``'s and the two share their state (like
+  ``nnx.view``): a checkpoint of one loads into the other, and fine-tuning the frozen view
+  trains ``model``'s other parameters. ``model`` itself is not modified.
+  :func:`unfreeze_batch_norm` converts back. A ``FrozenBatchNorm`` is left as it is. jaxbn's
+  layers of kind ``running`` (``SplitBatchNorm``, ``EvoNormB0``, ``BatchChannelNorm``: running
+  statistics, another eval function) become a copy of themselves holding the same Variables that
+  always runs in eval mode (its running statistics, never updated, also after
+  ``model.train()``); their parameters still train (``freeze_affine`` does not apply to them).
 
   Args:
     model: an NNX module (or graph of modules).
@@ -73,9 +69,8 @@ def freeze_batch_norm(model: Any, *, freeze_affine: bool = True) -> Any:
     'BatchNorm'
   """
   def convert(path, node):
-    if kind_of("jaxbn.nnx.freeze_batch_norm", node, path) == "trains":
-      return _freeze_one(node, freeze_affine)
-    return node
+    how = treatment("jaxbn.nnx.freeze_batch_norm", node, path).freeze
+    return node if how == "keep" else _freeze_one(node, how, freeze_affine)
 
   return nnx.recursive_map(convert, model)
 
@@ -84,8 +79,9 @@ def unfreeze_batch_norm(model: Any) -> Any:
   """Undoes :func:`freeze_batch_norm`: every :class:`FrozenBatchNorm` becomes a batch norm.
 
   A layer made by :func:`freeze_batch_norm` gets back its original class and settings (a
-  ``FrozenBatchNorm`` built directly becomes a :class:`jaxbn.nnx.BatchNorm` with its
-  settings); the ``nnx.Variable`` objects are kept, so the state is unchanged and shared.
+  ``FrozenBatchNorm`` built directly becomes a :class:`jaxbn.nnx.BatchNorm` with its settings; a
+  ``running`` layer held in eval mode gets its own mode back); the ``nnx.Variable`` objects are
+  kept, so the state is unchanged and shared.
 
   Args:
     model: an NNX module (or graph of modules).
@@ -95,7 +91,7 @@ def unfreeze_batch_norm(model: Any) -> Any:
   """
 
   def convert(path, node):
-    if isinstance(node, FrozenBatchNorm):
+    if isinstance(node, FrozenBatchNorm) or getattr(node, "unfrozen", None) is not None:
       return _unfreeze_one(node)
     return node
 

@@ -12,10 +12,10 @@ from flax.typing import Axes, Dtype, Initializer, PromoteDtypeFn
 from jax.nn import initializers
 
 import jaxbn
-from jaxbn.nnx._common import bn_inputs, init_bn_layer, promote_dtype
+from jaxbn.nnx._common import Layer, bn_inputs, init_bn_layer, promote_dtype
 
 
-class FrozenBatchNorm(nnx.Module):
+class FrozenBatchNorm(Layer):
   r"""Batch norm with frozen statistics for NNX (detectron2's ``FrozenBatchNorm2d``).
 
   .. math::
@@ -76,7 +76,6 @@ class FrozenBatchNorm(nnx.Module):
       freeze_affine: bool = True,
   ):
     init_bn_layer(self, "jaxbn.nnx.FrozenBatchNorm", locals())
-    self.freeze_affine = freeze_affine
     self.unfrozen = None  # graphdef of the layer this one was converted from, if any
 
   def __call__(self, x: jax.typing.ArrayLike, use_running_average: Optional[bool] = None, *,
@@ -97,12 +96,3 @@ class FrozenBatchNorm(nnx.Module):
     x, axis, stats, scale, bias, out = bn_inputs(self, x, "jaxbn.nnx.FrozenBatchNorm")
     return jaxbn.frozen_batch_norm(x, stats, scale, bias, axis=axis, epsilon=self.epsilon,
                              dtype=out, freeze_affine=self.freeze_affine)
-
-  def set_view(self, use_running_average: Optional[bool] = None):
-    """Used by ``nnx.view``: accepts ``use_running_average`` (it changes nothing here).
-
-    Args:
-      use_running_average: stored for compatibility; the layer always uses its statistics.
-    """
-    if use_running_average is not None:
-      self.use_running_average = use_running_average

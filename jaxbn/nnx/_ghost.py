@@ -12,10 +12,10 @@ from flax.typing import Axes, Dtype, Initializer, PromoteDtypeFn
 from jax.nn import initializers
 
 import jaxbn
-from jaxbn.nnx._common import bn_call, init_bn_layer, promote_dtype, resolve_mode
+from jaxbn.nnx._common import Layer, bn_call, init_bn_layer, promote_dtype, resolve_mode
 
 
-class GhostBatchNorm(nnx.Module):
+class GhostBatchNorm(Layer):
   r"""Ghost batch normalization (Hoffer et al., 2017) for NNX, with BatchNorm's state.
 
   In training each consecutive slice of ``virtual_batch_size`` examples (along
@@ -74,8 +74,7 @@ class GhostBatchNorm(nnx.Module):
       batch_axis: int = 0,
       stats_update: str = "average",
   ):
-    init_bn_layer(self, "jaxbn.nnx.GhostBatchNorm", locals(),
-                  extra=("virtual_batch_size", "batch_axis", "stats_update"))
+    init_bn_layer(self, "jaxbn.nnx.GhostBatchNorm", locals())
 
   def __call__(
       self,
@@ -99,12 +98,3 @@ class GhostBatchNorm(nnx.Module):
     return bn_call(self, jaxbn.ghost_batch_norm, "jaxbn.nnx.GhostBatchNorm", x, use_running_average,
                    mask, virtual_batch_size=self.virtual_batch_size,
                    batch_axis=self.batch_axis, stats_update=self.stats_update)
-
-  def set_view(self, use_running_average: Optional[bool] = None):
-    """Used by ``nnx.view``: sets ``use_running_average`` when given.
-
-    Args:
-      use_running_average: if True, normalize with the running statistics.
-    """
-    if use_running_average is not None:
-      self.use_running_average = use_running_average

@@ -1,8 +1,8 @@
 """After training, for NNX models: recomputed population statistics and BN folding.
 
-Both return a new model and leave the given one untouched. The batch-norm layers of the
-registry (``jaxbn.nnx._registry``) in a private copy are given a recording ``__call__`` (a
-subclass made for the occasion), so the model's own code runs unchanged.
+Both return a new model and leave the given one untouched. The batch-norm layers of the registry
+(``jaxbn._layers.registry``) that each tool handles, in a private copy, are given a recording
+``__call__`` (a subclass made for the occasion), so the model's own code runs unchanged.
 """
 
 from __future__ import annotations
@@ -16,15 +16,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 import jaxbn
-# Private core machinery with no public equivalent: the recomputation driver (`run`,
+# The layer level's tools: the recomputation driver (`run`,
 # `current_recorder`), the jaxpr tags that find Conv/Dense -> BN pairs (`mark`,
-# `marked_pairs`, `trailing_axes`), and the core's axis check and feature reshape.
-from jaxbn._core import fold as _fold
-from jaxbn._core import recompute
+# `marked_pairs`, `trailing_axes`); the core's axis check and feature reshape.
+from jaxbn._layers import fold_tags as _fold
+from jaxbn._layers import recompute
 from jaxbn._core.checks import feature_axes
 from jaxbn._core.normalize import to_keepdims
-from jaxbn.nnx._common import flax_axes, output_dtype
-from jaxbn.nnx._registry import kind_of
+from jaxbn.nnx._common import Layer, flax_axes, output_dtype, treatment
 
 Path = tuple
 PathLike = Union[str, Sequence[Any]]
@@ -101,7 +100,7 @@ def _forward(fn: str, forward: Optional[Callable]) -> Callable:
 
 
 def _recording_methods(path: Path, node: Any) -> Optional[dict]:
-  if kind_of("jaxbn.nnx.recompute_batch_stats", node, path) != "trains":
+  if treatment("jaxbn.nnx.recompute_batch_stats", node, path).recompute != "population":
     return None
   cls = type(node)
 
@@ -140,12 +139,14 @@ def recompute_batch_stats(
   input over all the data — count-weighted across batches of different sizes and masks,
   and over all devices of ``mesh``. See :func:`jaxbn.recompute_stats` for the two modes
   (``"train"``: layer inputs as in training, one pass; ``"sequential"``: layer inputs as at
-  inference, one pass per layer). The registered layers that train on batch statistics
-  (``jaxbn.nnx.BatchNorm``, ``BatchRenorm``, ``GhostBatchNorm``, ``flax.nnx.BatchNorm``; see
-  :func:`register_batch_norm`) normalize with the statistics of the whole batch (so also
-  renorm and ghost layers, without their corrections); ``mask=`` and
-  ``unbiased_running_var`` are honoured. A ``FrozenBatchNorm`` keeps its statistics and runs
-  as itself.
+  inference, one pass per layer). The layers that train on batch statistics (kind ``trains``
+  of ``jaxbn._layers.registry``: ``jaxbn.nnx.BatchNorm``, ``BatchRenorm``, ``GhostBatchNorm``,
+  ``flax.nnx.BatchNorm``...; see :func:`register_batch_norm`) and ``TestTimeBatchNorm`` (its
+  source statistics) normalize with the statistics of the whole batch (so also renorm and
+  ghost layers, without their corrections); ``mask=`` and ``unbiased_running_var`` are
+  honoured. A ``FrozenBatchNorm``, and the layers whose eval is not batch norm's (kind
+  ``running``: ``SplitBatchNorm``, ``EvoNormB0``, ``BatchChannelNorm``), keep their statistics
+  and run as themselves (in eval mode).
 
   Args:
     model: the trained model. Not modified.
@@ -238,7 +239,7 @@ class FoldPair(NamedTuple):
   kernel_axes: Optional[tuple[int, ...]] = None
 
 
-class FoldedBatchNorm(nnx.Module):
+class FoldedBatchNorm(Layer):
   """What remains of a BatchNorm folded into the layer before it: ``y = x + bias``.
 
   Created by :func:`fold_batch_norm_layers`. It takes BatchNorm's call arguments (and ignores
@@ -273,14 +274,6 @@ class FoldedBatchNorm(nnx.Module):
     out_dtype = self.dtype or jnp.result_type(x, bias)
     return (x + to_keepdims(bias, x.shape, feat)).astype(out_dtype)
 
-  def set_view(self, use_running_average: Optional[bool] = None):
-    """Used by ``nnx.view``; a folded layer has one behaviour, so this only records it.
-
-    Args:
-      use_running_average: accepted for compatibility with BatchNorm.
-    """
-    if use_running_average is not None:
-      self.use_running_average = use_running_average
 
 
 _FINDING = threading.local()
@@ -304,7 +297,7 @@ def _marking_methods(path: Path, node: Any) -> Optional[dict]:
     log["src"].append((path, kind))
     return _fold.mark(y, "src", len(log["src"]) - 1)
 
-  if kind_of("jaxbn.nnx.find_conv_bn_pairs", node, path) is not None:
+  if treatment("jaxbn.nnx.find_conv_bn_pairs", node, path).fold:
     return {"__call__": bn_call}
   kind = _kernel_axes(node)
   return None if kind is None else {"__call__": layer_call}
@@ -315,11 +308,13 @@ def find_conv_bn_pairs(model: nnx.Module, *args: Any,
   """Finds the Conv/Linear -> batch norm pairs of an NNX model that can be folded.
 
   Traces the model once (``jax.make_jaxpr``, nothing runs) with every ``nnx.Conv``,
-  ``nnx.ConvTranspose``, ``nnx.Linear`` and ``nnx.LinearGeneral`` output and every
-  registered batch norm's input tagged (see :func:`register_batch_norm`), and keeps the pairs where a layer's output goes straight into a
-  BatchNorm and nowhere else, each module is called once, and the BatchNorm normalizes the
-  trailing (channel) axes. Pairs inside loops or branches (``nnx.scan``, ``cond``) are not
-  reported.
+  ``nnx.ConvTranspose``, ``nnx.Linear`` and ``nnx.LinearGeneral`` output and the input of every
+  batch norm whose eval is a per-feature affine map tagged (kinds ``trains`` and ``frozen`` of
+  ``jaxbn._layers.registry``; not ``TestTimeBatchNorm``, whose statistics depend on the batch,
+  nor the ``running`` kind, e.g. ``SplitBatchNorm``), and keeps the pairs where a layer's output
+  goes straight into a BatchNorm and nowhere else, each module is called once, and the BatchNorm
+  normalizes the trailing (channel) axes. Pairs inside loops or branches (``nnx.scan``,
+  ``cond``) are not reported.
 
   Args:
     model: the model (not modified; it is traced in eval mode).
@@ -430,9 +425,9 @@ def fold_batch_norm_layers(model: nnx.Module,
       lin, norm = _get(out, layer), _get(out, bn)
     except (AttributeError, KeyError, IndexError, TypeError):
       raise ValueError(f"{fn}: no module at {layer} or {bn} in `model`.") from None
-    if kind_of(fn, norm, bn) is None:
+    if not treatment(fn, norm, bn).fold:
       raise ValueError(f"{fn}: the module at {bn} is a {type(norm).__name__}, not a batch norm "
-                       f"(already folded?).")
+                       f"whose eval is an affine map (already folded?).")
     if getattr(lin, "kernel", None) is None:
       raise ValueError(f"{fn}: the module at {layer} ({type(lin).__name__}) has no `kernel`.")
     eps = norm.epsilon if eps is None else eps

@@ -14,7 +14,7 @@ from jax.nn import initializers
 
 from jaxbn import group_norm, instance_norm, layer_norm, rms_norm
 from jaxbn._core.checks import named_axes
-from jaxbn.nnx._common import flax_error, init_norm, output_dtype, promote_dtype, store
+from jaxbn.nnx._common import Layer, flax_error, init_norm, output_dtype, promote_dtype, store
 
 _COMPAT = """
   Same constructor, defaults (``epsilon=1e-6``, ``use_fast_variance=True``), attributes and
@@ -59,7 +59,7 @@ def check_groups(fn: str, channels: int, num_groups, group_size, what: str, of: 
         f"{fn}: `num_groups`={num_groups!r} must be a positive divisor of {of}.")
 
 
-class LayerNorm(nnx.Module):
+class LayerNorm(Layer):
   __doc__ = r"""Layer normalization for NNX, a drop-in replacement for ``flax.nnx.LayerNorm``.
 
   Statistics per example over ``reduction_axes`` (default the last axis); ``scale``/``bias``
@@ -136,7 +136,7 @@ class LayerNorm(nnx.Module):
                       use_fast_variance=self.use_fast_variance)
 
 
-class RMSNorm(nnx.Module):
+class RMSNorm(Layer):
   __doc__ = r"""RMS normalization for NNX, a drop-in replacement for ``flax.nnx.RMSNorm``.
 
   Divides by the root mean square over ``reduction_axes`` (no centering, no bias). See
@@ -208,7 +208,7 @@ class RMSNorm(nnx.Module):
                     axis_index_groups=self.axis_index_groups)
 
 
-class GroupNorm(nnx.Module):
+class GroupNorm(Layer):
   __doc__ = r"""Group normalization for NNX, a drop-in replacement for ``flax.nnx.GroupNorm``.
 
   Statistics per example over groups of channels (last axis) and ``reduction_axes``. Give
@@ -299,7 +299,7 @@ class GroupNorm(nnx.Module):
                       use_fast_variance=self.use_fast_variance)
 
 
-class InstanceNorm(nnx.Module):
+class InstanceNorm(Layer):
   __doc__ = r"""Instance normalization for NNX, a drop-in for ``flax.nnx.InstanceNorm``.
 
   Statistics per example and per feature over every axis but the leading (batch) axis and

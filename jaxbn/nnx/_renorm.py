@@ -12,9 +12,9 @@ from flax.typing import Axes, Dtype, Initializer, PromoteDtypeFn
 from jax.nn import initializers
 
 import jaxbn
-from jaxbn.nnx._common import bn_call, init_bn_layer, promote_dtype, resolve_mode
+from jaxbn.nnx._common import Layer, bn_call, init_bn_layer, promote_dtype, resolve_mode
 
-class BatchRenorm(nnx.Module):
+class BatchRenorm(Layer):
   r"""Batch renormalization (Ioffe, 2017) for NNX, with BatchNorm's constructor and state.
 
   .. math::
@@ -80,8 +80,7 @@ class BatchRenorm(nnx.Module):
       r_min: Optional[float] = None,
       running_std: bool = False,
   ):
-    init_bn_layer(self, "jaxbn.nnx.BatchRenorm", locals(),
-                  extra=("r_max", "d_max", "r_min", "running_std"))
+    init_bn_layer(self, "jaxbn.nnx.BatchRenorm", locals())
 
   def __call__(
       self,
@@ -110,12 +109,3 @@ class BatchRenorm(nnx.Module):
                    r_max=self.r_max if r_max is None else r_max,
                    d_max=self.d_max if d_max is None else d_max, r_min=self.r_min,
                    running_std=self.running_std)
-
-  def set_view(self, use_running_average: Optional[bool] = None):
-    """Used by ``nnx.view``: sets ``use_running_average`` when given.
-
-    Args:
-      use_running_average: if True, normalize with the running statistics.
-    """
-    if use_running_average is not None:
-      self.use_running_average = use_running_average

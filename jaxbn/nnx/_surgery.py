@@ -14,16 +14,11 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 from flax import nnx
 
+from jaxbn.nnx._common import rebuild, treatment
+
 # Settings with the same meaning in every normalization layer (given to any replacement);
 # batch-norm-family replacements (with ``use_running_average``) get every setting they share.
 _COMMON = ("epsilon", "dtype", "param_dtype", "use_bias", "use_scale")
-_STATE = ("scale", "bias", "mean", "var", "count")
-
-
-def _default_types() -> tuple:
-  import jaxbn.nnx  # pylint: disable=import-outside-toplevel
-  names = ("BatchNorm", "BatchRenorm", "GhostBatchNorm", "FrozenBatchNorm")
-  return (nnx.BatchNorm,) + tuple(getattr(jaxbn.nnx, n) for n in names if hasattr(jaxbn.nnx, n))
 
 
 def _default_layer():
@@ -44,15 +39,8 @@ def _construct(layer: Any, old: nnx.Module, overrides: dict) -> nnx.Module:
     raise TypeError(f"replace_batch_norm: {layer.__name__} takes no argument(s) "
                     f"{sorted(unknown)}; its arguments are "
                     f"{sorted(n for n in params if n != 'self')}.")
-  shared = set(params) if "use_running_average" in params else set(_COMMON)
-  kw = {n: getattr(old, n) for n in params
-        if n in shared and n not in ("self", "num_features", "rngs") and hasattr(old, n)}
-  new = layer(old.num_features, **{**kw, **overrides}, rngs=nnx.Rngs(0))
-  for name in _STATE:  # move the state: the old Variables, under the same names
-    value = getattr(old, name, None)
-    if isinstance(value, nnx.Variable) and isinstance(getattr(new, name, None), nnx.Variable):
-      setattr(new, name, value)
-  return new
+  names = None if "use_running_average" in params else _COMMON
+  return rebuild(layer, old, overrides, names=names)  # the old Variables, same names
 
 
 def replace_batch_norm(model: Any, layer: Union[type, Callable[[nnx.Module], nnx.Module],
@@ -60,15 +48,18 @@ def replace_batch_norm(model: Any, layer: Union[type, Callable[[nnx.Module], nnx
                        types: Optional[Sequence[type]] = None, **overrides: Any) -> Any:
   """Returns a copy of ``model`` with every batch-norm layer rebuilt as ``layer``.
 
-  Every layer of ``types`` (default: ``flax.nnx.BatchNorm`` and jaxbn's ``BatchNorm``,
-  ``BatchRenorm``, ``GhostBatchNorm``, ``FrozenBatchNorm``) anywhere in the graph (attributes,
-  lists, nested modules) becomes ``layer(num_features, **settings, **overrides)``: for a
-  batch-norm-family ``layer`` (one that takes ``use_running_average``) every constructor
-  argument the old layer stores (``momentum``, ``epsilon``, ``axis_name``, mode...);
-  otherwise only ``epsilon``, ``dtype``, ``param_dtype``, ``use_bias``, ``use_scale``. The new
-  layer then takes the old layer's ``scale``, ``bias``, ``mean``, ``var`` (and ``count``)
-  Variables wherever it has a Variable of that name, so the state keeps its paths and values
-  (a GroupNorm keeps ``scale``/``bias`` and drops the statistics). Convert back with
+  Every layer of ``types`` (default: every layer with BatchNorm's variables and eval, the kinds
+  ``trains``, ``frozen`` and ``adaptive`` of ``jaxbn._layers.registry`` —
+  ``flax.nnx.BatchNorm``, jaxbn's ``BatchNorm``, ``BatchRenorm``, ``GhostBatchNorm``,
+  ``FrozenBatchNorm``, ``TestTimeBatchNorm`` and registered classes; not the ``running`` kind,
+  e.g. ``SplitBatchNorm``, whose statistics have another shape) anywhere in the graph
+  (attributes, lists, nested modules) becomes ``layer(num_features, **settings, **overrides)``:
+  for a batch-norm-family ``layer`` (one that takes ``use_running_average``) every constructor
+  argument the old layer stores (``momentum``, ``epsilon``, ``axis_name``, mode...); otherwise
+  only ``epsilon``, ``dtype``, ``param_dtype``, ``use_bias``, ``use_scale``. The new layer then
+  takes each of the old layer's Variables (``scale``, ``bias``, ``mean``, ``var``, ``count``...)
+  wherever it has a Variable of that name, so the state keeps its paths and values (a GroupNorm
+  keeps ``scale``/``bias`` and drops the statistics). Convert back with
   ``replace_batch_norm(new, flax.nnx.BatchNorm)``.
 
   ``model`` is not modified: the result is an independent copy (``nnx.clone``); write its
@@ -78,7 +69,7 @@ def replace_batch_norm(model: Any, layer: Union[type, Callable[[nnx.Module], nnx
     model: an NNX module (or graph of modules).
     layer: an NNX layer class (default :class:`jaxbn.nnx.BatchNorm`), or a function
       ``old_layer -> new layer`` (the state is then the function's business).
-    types: the layer classes to replace.
+    types: the layer classes to replace (default: see above).
     **overrides: constructor arguments for every new layer (e.g. ``axis_name='batch'``).
 
   Returns:
@@ -100,10 +91,11 @@ def replace_batch_norm(model: Any, layer: Union[type, Callable[[nnx.Module], nnx
     True
   """
   layer = _default_layer() if layer is None else layer
-  types = _default_types() if types is None else tuple(types)
+  types = None if types is None else tuple(types)
 
   def convert(path, node):
-    if isinstance(node, types):
+    if (treatment("jaxbn.nnx.replace_batch_norm", node, path).replace if types is None
+        else isinstance(node, types)):
       return _construct(layer, node, overrides)
     return node
 
