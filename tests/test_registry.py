@@ -17,6 +17,7 @@ import ast
 import functools
 import inspect
 import pathlib
+import re
 
 import flax.linen as nn
 import jax
@@ -372,3 +373,127 @@ def test_core_imports_nothing_above_it():
       bad += [f"{path.name}:{node.lineno} {n}" for n in names
               if (n == "jaxbn" or n.startswith("jaxbn.")) and not n.startswith("jaxbn._core")]
   assert not bad, bad
+
+
+# --------------------------------------------------------------------------------------------
+# Every layer holding statistics, through every tool, as its kind says (linen and nnx).
+# The layers of the tests above (trains/frozen) are checked there to the last digit; here every
+# other row of the table, so a new row is exercised with no change to this test or the tools.
+# --------------------------------------------------------------------------------------------
+
+_COVERED = {"BatchNorm", "BatchRenorm", "GhostBatchNorm", "FrozenBatchNorm"}
+_X4 = [jax.random.normal(jax.random.key(10 + i), (4, 2, 2, 3)) * 2 + 1 for i in range(2)]
+
+
+def _stateful_rows():
+  from jaxbn._layers import registry
+  return [row for row in registry.LAYERS
+          if row.kind != "stateless" and row.name not in _COVERED]
+
+
+def _randomized(tree, seed):
+  """Every leaf replaced by random values of its shape (positive for var/scale/v); ints kept."""
+  r = np.random.default_rng(seed)
+
+  def leaf(path, a):
+    if not jnp.issubdtype(a.dtype, jnp.floating):
+      return a
+    if re.search(r"\b(var|scale|v)\b", jax.tree_util.keystr(path)):
+      return jnp.asarray(r.uniform(0.5, 2, a.shape), a.dtype)
+    return jnp.asarray(r.normal(size=a.shape), a.dtype)
+
+  return jax.tree_util.tree_map_with_path(leaf, tree)
+
+
+def _bn_eval64(h, stats, params):
+  h = np.asarray(h, np.float64)
+  return ((h - np.asarray(stats["mean"], np.float64)) / np.sqrt(np.asarray(stats["var"]) + EPSILON)
+          * np.asarray(params["scale"]) + np.asarray(params["bias"]))
+
+
+def _h64(kernel, bias, x):
+  return np.asarray(x, np.float64) @ np.asarray(kernel, np.float64) + np.asarray(bias, np.float64)
+
+
+@pytest.mark.parametrize("name", [row.name for row in _stateful_rows()])
+def test_linen_tools_treat_every_layer_holding_statistics_as_its_kind_says(name):
+  from jaxbn._layers import registry
+  t = registry.KINDS[registry.kind_of(getattr(jaxbn.linen, name))]
+  net = _LinenNet(functools.partial(getattr(jaxbn.linen, name), name="bn"))
+  v = net.init(jax.random.key(0), _X4[0], train=False)
+  v = {**v, "params": {**v["params"], "bn": _randomized(v["params"]["bn"], 1)},
+       "batch_stats": {"bn": _randomized(v["batch_stats"]["bn"], 2)}}
+  x, (p, s) = _X4[0], (v["params"]["bn"], v["batch_stats"]["bn"])
+  own_eval = net.apply(v, x, train=False)
+  h = _h64(v["params"]["dense"]["kernel"], v["params"]["dense"]["bias"], x)
+
+  y, upd = jaxbn.linen.freeze_batch_norm(net).apply(v, x, train=True, mutable=["batch_stats"])
+  want = _bn_eval64(h, s, p) if t.freeze == "frozen" else own_eval
+  np.testing.assert_allclose(y, want, **TOL)
+  jax.tree.map(np.testing.assert_array_equal, upd["batch_stats"], v["batch_stats"])
+
+  recompute = functools.partial(jaxbn.linen.recompute_batch_stats,
+                                lambda v, b: net.apply(v, b, train=False), v, _X4,
+                                progress=False)
+  if t.recompute == "population":
+    got = recompute()["batch_stats"]["bn"]
+    hs = np.concatenate([_h64(v["params"]["dense"]["kernel"], v["params"]["dense"]["bias"], b)
+                         for b in _X4]).reshape(-1, 4)
+    np.testing.assert_allclose(got["var"], hs.var(0), rtol=64 * EPS32)
+  else:  # kept: here the only layer, so there is nothing to recompute
+    with pytest.raises(ValueError, match=r"the forward pass called no BatchNorm layer"):
+      recompute()
+
+  pairs = jaxbn.linen.find_conv_bn_pairs(net.apply, v, x, train=False)
+  assert pairs == ([jaxbn.linen.FoldPair(("dense",), ("bn",), EPSILON, (-1,))] if t.fold
+                   else [])
+
+  replaced = jaxbn.linen.replace_batch_norm(net).apply(v, x, train=False)
+  np.testing.assert_allclose(replaced, _bn_eval64(h, s, p) if t.replace else own_eval, **TOL)
+
+  mask = jaxbn.linen.batch_norm_affine_mask(net.apply, v, x, train=False)
+  assert all(mask["bn"][k] == t.affine for k in ("scale", "bias"))
+
+
+@pytest.mark.parametrize("name", [row.name for row in _stateful_rows()])
+def test_nnx_tools_treat_every_layer_holding_statistics_as_its_kind_says(name):
+  from jaxbn._layers import registry
+  cls = getattr(jaxbn.nnx, name)
+  t = registry.KINDS[registry.kind_of(cls)]
+  model = nnx.Sequential(nnx.Linear(3, 4, rngs=nnx.Rngs(0)),
+                         cls(4, epsilon=EPSILON, momentum=0.9, rngs=nnx.Rngs(1)))
+  bn = model.layers[1]
+  nnx.update(bn, _randomized(nnx.state(bn), 3))
+  before = jax.tree.map(np.asarray, nnx.state(bn, nnx.BatchStat))
+  x = _X4[0]
+  h = _h64(model.layers[0].kernel[...], model.layers[0].bias[...], x)
+  bn_eval = lambda: _bn_eval64(h, {"mean": bn.mean[...], "var": bn.var[...]},  # noqa: E731
+                               {"scale": bn.scale[...], "bias": bn.bias[...]})
+  model.eval()
+  own_eval = model(x)
+  model.train()
+
+  frozen = jaxbn.nnx.freeze_batch_norm(model)
+  frozen.train()
+  np.testing.assert_allclose(frozen(x), bn_eval() if t.freeze == "frozen" else own_eval, **TOL)
+  jax.tree.map(np.testing.assert_array_equal, nnx.state(bn, nnx.BatchStat), before)
+  assert type(jaxbn.nnx.unfreeze_batch_norm(frozen).layers[1]) is cls
+
+  if t.recompute == "population":
+    got = jaxbn.nnx.recompute_batch_stats(model, _X4, progress=False).layers[1]
+    hs = np.concatenate([_h64(model.layers[0].kernel[...], model.layers[0].bias[...], b)
+                         for b in _X4]).reshape(-1, 4)
+    np.testing.assert_allclose(got.var[...], hs.var(0), rtol=64 * EPS32)
+  else:
+    with pytest.raises(ValueError, match=r"the forward pass called no BatchNorm layer"):
+      jaxbn.nnx.recompute_batch_stats(model, _X4, progress=False)
+
+  pairs = jaxbn.nnx.find_conv_bn_pairs(model, x)
+  assert pairs == ([jaxbn.nnx.FoldPair(("layers", 0), ("layers", 1), EPSILON, (-1,))]
+                   if t.fold else [])
+
+  replaced = jaxbn.nnx.replace_batch_norm(model)
+  assert (type(replaced.layers[1]) is jaxbn.nnx.BatchNorm) == t.replace
+  only_bn = jaxbn.nnx.batch_norm_affine_filter(model)
+  matched = {p for p, _ in nnx.to_flat_state(nnx.state(model, only_bn))}
+  assert matched == ({("layers", 1, "scale"), ("layers", 1, "bias")} if t.affine else set())

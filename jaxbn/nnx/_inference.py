@@ -23,7 +23,7 @@ from jaxbn._layers import fold_tags as _fold
 from jaxbn._layers import recompute
 from jaxbn._core.checks import feature_axes
 from jaxbn._core.normalize import to_keepdims
-from jaxbn.nnx._common import Layer, flax_axes, output_dtype, treatment
+from jaxbn.nnx._common import Layer, flax_axes, output_dtype, promote_dtype, treatment
 
 Path = tuple
 PathLike = Union[str, Sequence[Any]]
@@ -112,10 +112,11 @@ def _recording_methods(path: Path, node: Any) -> Optional[dict]:
     x = jnp.asarray(x)
     scale = None if self.scale is None else self.scale[...]
     bias = None if self.bias is None else self.bias[...]
-    out_dtype = output_dtype(self.promote_dtype, (x, self.mean[...], self.var[...], scale, bias),
-                             self.dtype)
-    return rec(path, x, axis=flax_axes(self.axis, x.ndim), epsilon=self.epsilon, scale=scale, bias=bias,
-               mask=mask, axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
+    out_dtype = output_dtype(getattr(self, "promote_dtype", promote_dtype),
+                             (x, self.mean[...], self.var[...], scale, bias), self.dtype)
+    return rec(path, x, axis=flax_axes(self.axis, x.ndim), epsilon=self.epsilon, scale=scale,
+               bias=bias, mask=mask, axis_name=self.axis_name,
+               axis_index_groups=self.axis_index_groups,
                out_dtype=out_dtype, unbiased=getattr(self, "unbiased_running_var", False))
 
   return {"__call__": __call__}
