@@ -47,7 +47,7 @@ extensions = [
 
 source_suffix = {".rst": "restructuredtext", ".md": "myst-nb", ".ipynb": "myst-nb"}
 exclude_patterns = ["_build", "**.ipynb_checkpoints", "_generated/benchmarks_tables.md",
-                    "_generated/experiments/tables.md"]
+                    "_generated/experiments/tables.md", "_generated/layers_table.md"]
 templates_path = ["_templates"]
 
 # Markdown (MyST): $math$ and $$math$$ in pages and notebooks, heading anchors for links.

@@ -497,3 +497,19 @@ def test_nnx_tools_treat_every_layer_holding_statistics_as_its_kind_says(name):
   only_bn = jaxbn.nnx.batch_norm_affine_filter(model)
   matched = {p for p, _ in nnx.to_flat_state(nnx.state(model, only_bn))}
   assert matched == ({("layers", 1, "scale"), ("layers", 1, "bias")} if t.affine else set())
+
+
+def test_the_docs_table_of_layers_is_generated_from_the_registry():
+  """The variants guide includes the table that the docs build writes from the registry:
+  one line per row (a new layer's docs line is its row) and one per kind."""
+  from jaxbn._layers import registry
+  root = pathlib.Path(jaxbn.__file__).parent.parent
+  guide = (root / "docs" / "guide" / "variants.md").read_text()
+  assert "```{include} ../_generated/layers_table.md" in guide
+  assert "_layers_table(" in (root / "docs" / "_ext" / "jaxbn_docs.py").read_text()
+  table = "\n".join(registry.markdown_table())
+  for row in registry.LAYERS:
+    assert f"| `{row.name}` | {{py:func}}`~jaxbn.{row.core.__name__}` | {row.kind} |" in table
+    assert hasattr(jaxbn, row.core.__name__), row.core.__name__  # the function is public
+  for kind in registry.KINDS:
+    assert f"\n| {kind} |" in table

@@ -11,6 +11,8 @@
   and of their jupytext sources ``notebooks/*.py`` (linked from each notebook).
 * ``experiments/tables.md`` — the example trainer's committed experiment tables and plots
   (``examples/cnn/results/NAME.md`` and ``NAME.png``).
+* ``layers_table.md`` — the table of layers (name, function, kind, variables) from the layer
+  registry ``jaxbn/_layers/registry.py``, included by the variants guide.
 * ``benchmarks_tables.md`` — every ``benchmarks/results/*.json`` as Markdown tables, with the
   command, machine, versions and commit of its run, and the ``benchmarks/bench_*.py`` scripts
   that have no result file yet.
@@ -171,9 +173,16 @@ def _experiments_page(root: str, out: str) -> None:
   _write(os.path.join(out, "tables.md"), "\n".join(lines))
 
 
+def _layers_table(path: str) -> None:
+  """The table of layers, from the one layer registry (``jaxbn._layers.registry``)."""
+  from jaxbn._layers import registry  # pylint: disable=import-outside-toplevel
+  _write(path, "\n".join(registry.markdown_table()) + "\n")
+
+
 def generate(docs: str, root: str, api_modules: Sequence[Tuple[str, str]]) -> None:
   """Writes every generated page under ``docs/_generated`` (see the module docstring)."""
   gen = os.path.join(docs, "_generated")
+  _layers_table(os.path.join(gen, "layers_table.md"))
   _api_pages(os.path.join(gen, "api"), api_modules)
   _copy_notebooks(root, os.path.join(gen, "notebooks"))
   _benchmarks_page(root, os.path.join(gen, "benchmarks_tables.md"))

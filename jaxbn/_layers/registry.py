@@ -215,3 +215,21 @@ def treatment(fn: str, module: Any, holds_stats: Callable[[], bool], where: str,
         f"jaxbn.{framework}.BatchNorm, or register it: "
         f"jaxbn.{framework}.register_batch_norm({name}).")
   return NONE
+
+
+def markdown_table() -> list[str]:
+  """The docs' table of layers (a Markdown table, one line per row; the user guide includes
+  it, generated at build time by ``docs/_ext/jaxbn_docs.py``)."""
+  lines = ["| layer (`jaxbn.linen`, `jaxbn.nnx`) | function (`jaxbn`) | kind | variables | |",
+           "|---|---|---|---|---|"]
+  for row in LAYERS:
+    names = ", ".join(f"`{v.collection}/{v.name}` {v.shape}" + (f" ({v.when})" if v.when else "")
+                      for v in row.variables)
+    lines.append(f"| `{row.name}` | {{py:func}}`~jaxbn.{row.core.__name__}` | {row.kind} | "
+                 f"{names} | {row.summary} |")
+  lines += ["", "| kind | freeze | recompute | fold | replace (default) | TENT filter |",
+            "|---|---|---|---|---|---|"]
+  for kind, t in KINDS.items():
+    lines.append(f"| {kind} | {t.freeze} | {t.recompute} | {'yes' if t.fold else 'no'} | "
+                 f"{'yes' if t.replace else 'no'} | {'yes' if t.affine else 'no'} |")
+  return lines
