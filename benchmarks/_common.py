@@ -6,7 +6,7 @@ import os
 import platform
 import statistics
 import time
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional, Tuple
 
 import jax
 
@@ -52,6 +52,50 @@ def median(v: List[float]) -> float:
   return statistics.median(v)
 
 
+def paired_ratios(a: List[float], b: List[float]) -> List[float]:
+  """Per-round ratios a[i] / b[i] (both timed in the same round)."""
+  return [x / y for x, y in zip(a, b)]
+
+
 def paired_ratio(a: List[float], b: List[float]) -> float:
   """Median over rounds of a[i] / b[i] (both timed in the same round)."""
-  return statistics.median([x / y for x, y in zip(a, b)])
+  return statistics.median(paired_ratios(a, b))
+
+
+def ratio_of_medians(a: List[float], b: List[float]) -> float:
+  """median(a) / median(b): what a reader computes from the two "median" columns."""
+  return statistics.median(a) / statistics.median(b)
+
+
+def quartiles(v: List[float]) -> Tuple[float, float]:
+  """(25th, 75th) percentile of ``v`` (inclusive method; both equal v[0] for one value)."""
+  if len(v) < 2:
+    return (v[0], v[0])
+  q = statistics.quantiles(v, n=4, method="inclusive")
+  return (q[0], q[2])
+
+
+# Datasheet peak memory bandwidth (bytes/s), matched against ``jax.devices()[0].device_kind``
+# (first matching substring wins, so the specific names come first). Sources: NVIDIA's product
+# datasheets (H100 SXM5 80 GB HBM3: 3.35 TB/s; H100 PCIe 80 GB HBM2e: 2.0 TB/s; H100 NVL 94 GB:
+# 3.9 TB/s; H200 141 GB HBM3e: 4.8 TB/s; GH200 96 GB HBM3: 4.0 TB/s; A100 SXM4 80 GB: 2.039
+# TB/s; A100 40 GB: 1.555 TB/s; A100 PCIe 80 GB: 1.935 TB/s; L4: 300 GB/s; A10G: 600 GB/s;
+# V100: 900 GB/s; B200: 8 TB/s). These are upper bounds no kernel reaches: a device-to-device
+# copy measures ~90% of them (the benchmarks also report the measured copy bandwidth).
+# Assumption: JAX's device_kind names the card as nvidia-smi does ("NVIDIA H100 80GB HBM3").
+HBM_PEAK = [
+    ("H100 PCIe", 2.0e12), ("H100 NVL", 3.9e12), ("H100", 3.35e12),
+    ("GH200", 4.0e12), ("H200", 4.8e12),
+    ("A100-SXM4-40GB", 1.555e12), ("A100-PCIE-40GB", 1.555e12),
+    ("A100-PCIE-80GB", 1.935e12), ("A100 80GB PCIe", 1.935e12), ("A100", 2.039e12),
+    ("B200", 8.0e12), ("L4", 3.0e11), ("A10G", 6.0e11), ("V100", 9.0e11),
+]
+
+
+def hbm_peak(device_kind: str) -> Optional[float]:
+  """Datasheet memory bandwidth in bytes/s for a GPU ``device_kind``, or None if unknown."""
+  for key, bw in HBM_PEAK:
+    if key.lower() in (device_kind or "").lower():
+      return bw
+  return None
+

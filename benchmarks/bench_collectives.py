@@ -122,6 +122,8 @@ def main():
       "All-reduced bytes per device, one BN layer's forward + backward (compiled HLO)",
       ["implementation", "C", "all-reduces"] + [f"bytes at {d} devices" for d in device_counts]
       + ["bytes in the correction branch", "independent of devices"], rows,
+      platform=(f"{_results.platform_label('hlo')}: compiled, not run, for "
+                f"{', '.join(map(str, device_counts))} simulated CPU devices"),
       note="float32; jaxbn's correction branch runs only when the shift is far from the "
            "batch mean (first steps, jumps of the data).")
 
@@ -152,6 +154,9 @@ def main():
     tables.append(_results.table(
         "ResNet-50 (53 BN layers, 26,560 channels): BN all-reduce per train step, modelled",
         cols, rows, formats=fmts,
+        platform=("Model estimate: bytes from the XLA:CPU compiled-HLO counts above, time "
+                  "from an assumed latency/bandwidth model of GPU and TPU networks; nothing "
+                  "ran on a GPU or TPU"),
         note="bytes: sum of the per-layer HLO measurements above (measured at "
              f"{d0} devices; constant in the device count). Time: T = 2·log2(P)·α per "
              "all-reduce + 2·B/β; GPU α = 5 µs, β = 50 GB/s; TPU α = 1 µs, β = 100 GB/s "

@@ -93,8 +93,11 @@ def bench_dtype(args, dtype_name):
   times = _common.interleaved(fns, reps=args.reps, warmup=1 if args.quick else 2)
   rows = []
   for name in steps:
+    per_round = _common.paired_ratios(times[name], times["flax"])
     rows.append(dict(impl=name, ms=1e3 * _common.median(times[name]),
-                     ratio=_common.paired_ratio(times[name], times["flax"])))
+                     rom=_common.ratio_of_medians(times[name], times["flax"]),
+                     ratio=_common.median(per_round),
+                     spread="{:.2f}–{:.2f}".format(*_common.quartiles(per_round))))
   return rows, len(pairs), n_bn, err, float(np.max(np.abs(ref)))
 
 
@@ -120,23 +123,25 @@ def main(argv=None):
     try:
       res, n_pairs, n_bn, err, scale = bench_dtype(args, dtype_name)
     except Exception as e:  # a failing configuration is a row with its error
-      rows.append([dtype_name, "flax, jaxbn, folded", None, None, None, None, None,
-                   _results.error_text(e)])
+      rows.append([dtype_name, "flax, jaxbn, folded", None, None, None, None, None, None,
+                   None, _results.error_text(e)])
       continue
     for r in res:
       folded = r["impl"] == "folded"
-      rows.append([dtype_name, r["impl"], r["ms"], r["ratio"],
+      rows.append([dtype_name, r["impl"], r["ms"], r["rom"], r["ratio"], r["spread"],
                    f"{n_pairs}/{n_bn}" if folded else "0", err if folded else None,
                    scale if folded else None, ""])
   tables = [_results.table(
       "ResNet eval step: BatchNorm folded into the convolutions vs flax.linen.BatchNorm",
-      ["dtype", "BN", "eval step ms", "/ flax", "BNs folded", "max abs diff vs flax",
-       "max abs output", "error"], rows,
-      formats=[None, None, ".2f", ".2f", None, ".1e", ".2f", None],
+      ["dtype", "BN", "median eval step ms", "ms ÷ flax's", "per-round ratio to flax (median)",
+       "per-round q25–q75", "BNs folded", "max abs diff vs flax", "max abs output", "error"],
+      rows, formats=[None, None, ".2f", ".2f", ".2f", None, None, ".1e", ".2f", None],
+      platform=_results.platform_label("timing"),
       note=(f"ResNet stages={args.stages} filters={args.filters}, input "
             f"{args.batch}x{args.size}x{args.size}x3 NHWC, one device, train=False under "
-            f"jax.jit; {args.reps} interleaved rounds; ratios are paired medians vs flax "
-            "(< 1 is faster)."))]
+            f"jax.jit; {args.reps} interleaved rounds (< 1 is faster). `ms ÷ flax's` divides "
+            "the two median cells; the per-round ratio is the median over rounds of t / t_flax "
+            "from the same round, with its quartiles: on a quiet machine the two agree."))]
   for t in tables:
     _results.print_table(t)
   _results.write_results(

@@ -22,6 +22,11 @@ of the model, float32 parameters), differing only in the norm layer (stated per 
 Results go to ``benchmarks/results/bench_model.json`` (``benchmarks/out/`` with ``--quick``);
 an implementation that fails to build or compile is a row with its error.
 
+It runs on whatever ``jax.devices()`` gives (``JAX_PLATFORMS`` picks): on a GPU the step table
+also gives XLA's bytes accessed per step (``compiled.cost_analysis()``) over the step time as a
+share of the card's datasheet HBM bandwidth (``_common.HBM_PEAK``). The 8-device rows need 8
+devices (8 simulated CPU devices on a CPU machine); with fewer, only the 1-device rows run.
+
 Usage::
 
     python benchmarks/bench_model.py                 # CIFAR-size ResNet-14, batch 128
@@ -37,13 +42,16 @@ import os
 import subprocess
 import sys
 import time
-from typing import Any
-
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+from typing import Any, Optional
 
 import jax  # noqa: E402
 
-jax.config.update("jax_num_cpu_devices", 8)
+# 8 simulated devices when JAX runs on the CPU (the data-parallel rows); on a GPU machine JAX
+# runs on its GPU(s) and this setting only shapes the unused CPU backend.
+try:
+  jax.config.update("jax_num_cpu_devices", 8)
+except (AttributeError, RuntimeError) as e:  # another jax, or a backend already started
+  print(f"# bench_model: could not set 8 CPU devices ({e})", file=sys.stderr)
 
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -121,7 +129,7 @@ def bench_config(args, dtype_name, devices):
   dtype = DTYPES[dtype_name]
   x, labels = make_inputs(args, devices, dtype)
   tx = optax.sgd(0.01, momentum=0.9)
-  steps, state, compiled, temp, errors = {}, {}, {}, {}, {}
+  steps, state, compiled, temp, errors, accessed = {}, {}, {}, {}, {}, {}
   compile_s = {k: [] for k in IMPLS}
   for name, (bn, kw) in IMPLS.items():
     try:
@@ -149,28 +157,60 @@ def bench_config(args, dtype_name, devices):
       compile_s[name].append(time.perf_counter() - t0)
       compiled[name] = c
       temp[name] = c.memory_analysis().temp_size_in_bytes
+      accessed[name] = bytes_accessed(c)
   fns = {name: functools.partial(compiled[name], *state[name], x, labels) for name in steps}
   times = _common.interleaved(fns, reps=args.reps, warmup=1 if args.quick else 2)
   rows = []
   base = "flax" if "flax" in fns else None
+  peak = peak_bandwidth()
   for name in IMPLS:
     kw = IMPLS[name][1]
     if name in errors:
       rows.append([dtype_name, devices, name, str(kw) if kw else "", None, None, None, None,
-                   None, None, errors[name]])
+                   None, None, None, None, None, None] + ([None] if peak else [])
+                  + [errors[name]])
       continue
-    rows.append([
-        dtype_name, devices, name, str(kw) if kw else "", 1e3 * _common.median(times[name]),
-        _common.paired_ratio(times[name], times[base]) if base else None,
+    med = _common.median(times[name])
+    per_round = (_common.paired_ratios(times[name], times[base]) if base else None)
+    gbs = accessed[name] / med / 1e9 if accessed.get(name) else None
+    row = [
+        dtype_name, devices, name, str(kw) if kw else "", 1e3 * med,
+        _common.ratio_of_medians(times[name], times[base]) if base else None,
+        _common.median(per_round) if per_round else None,
+        "{:.2f}–{:.2f}".format(*_common.quartiles(per_round)) if per_round else None,
         _common.median(compile_s[name]),
         _common.paired_ratio(compile_s[name], compile_s[base]) if base else None,
-        temp[name] / 2**20, temp[name] / max(temp[base], 1) if base else None, ""])
+        temp[name] / 2**20, temp[name] / max(temp[base], 1) if base else None,
+        accessed.get(name, 0) / 2**20 if accessed.get(name) else None, gbs]
+    if peak:
+      row.append(100 * gbs * 1e9 / peak if gbs else None)
+    rows.append(row + [""])
   return rows
 
 
-COLUMNS = ["dtype", "devices", "BN", "options", "step ms", "step / flax", "compile s",
-           "compile / flax", "temp MiB", "temp / flax", "error"]
-FORMATS = [None, "d", None, None, ".1f", ".2f", ".2f", ".2f", ".1f", ".2f", None]
+def bytes_accessed(compiled) -> Optional[float]:
+  """XLA's estimate of the bytes a compiled step reads and writes (``cost_analysis()``)."""
+  try:
+    cost = compiled.cost_analysis()
+  except Exception:  # not every backend reports it
+    return None
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else {}
+  v = (cost or {}).get("bytes accessed")
+  return float(v) if v else None
+
+
+def peak_bandwidth() -> Optional[float]:
+  dev = jax.devices()[0]
+  return None if dev.platform == "cpu" else _common.hbm_peak(getattr(dev, "device_kind", ""))
+
+
+COLUMNS = ["dtype", "devices", "BN", "options", "step ms", "step ms ÷ flax's",
+           "per-round step ratio to flax (median)", "per-round q25–q75", "compile s",
+           "compile / flax", "temp MiB", "temp / flax", "XLA bytes accessed MiB",
+           "GB/s (XLA bytes)"]
+FORMATS = [None, "d", None, None, ".1f", ".2f", ".2f", None, ".2f", ".2f", ".1f", ".2f", ".1f",
+           ".1f"]
 
 
 def main(argv=None):
@@ -182,7 +222,7 @@ def main(argv=None):
   p.add_argument("--reps", type=int, default=20, help="timed rounds")
   p.add_argument("--compile-reps", type=int, default=None, help="default 3 (1 with --quick)")
   p.add_argument("--devices", type=int, nargs="+", default=None,
-                 help="default: 1 and 8 (8 only with --quick)")
+                 help="default: 1 and 8 (8 only with --quick); 8 only where JAX has 8 devices")
   p.add_argument("--dtypes", nargs="+", default=None, choices=list(DTYPES),
                  help="default: both (bfloat16 only with --quick)")
   p.add_argument("--quick", action="store_true", help="tiny model, few rounds (smoke test)")
@@ -199,7 +239,8 @@ def main(argv=None):
   if args.dtypes is None:
     args.dtypes = ["bfloat16"] if args.quick else list(DTYPES)
   if args.devices is None:
-    args.devices = [8] if args.quick else [1, 8]
+    have = len(jax.devices())
+    args.devices = ([8] if args.quick else [1, 8]) if have >= 8 else [1]
 
   command = _results.command_line()
   rows = []
@@ -207,21 +248,36 @@ def main(argv=None):
     for devices in args.devices:
       rows += bench_config(args, dtype_name, devices)
   huge = "hugetlb" in os.environ.get("GLIBC_TUNABLES", "")
+  dev = jax.devices()[0]
+  peak = peak_bandwidth()
+  columns, formats = COLUMNS + (["% of HBM peak"] if peak else []) + ["error"], \
+      FORMATS + ([".0f"] if peak else []) + [None]
+  peak_note = (f" `% of HBM peak`: XLA's bytes accessed per step ÷ step time ÷ "
+               f"{peak / 1e12:.2f} TB/s, the datasheet bandwidth of {dev.device_kind} "
+               "(`_common.HBM_PEAK`); XLA's count is an estimate from the compiled program "
+               "(each fusion's operands and results), not a hardware counter." if peak else "")
   tables = [_results.table(
       f"ResNet train step{' (glibc huge pages)' if huge else ''}: "
       "jaxbn.linen.BatchNorm vs flax.linen.BatchNorm",
-      COLUMNS, rows, formats=FORMATS,
+      columns, rows, formats=formats,
+      platform=(f"{_results.platform_label('timing')} for step and compile times; "
+                f"{_results.platform_label('compile').split(' (')[0]} memory_analysis() and "
+                "cost_analysis() for temp and bytes accessed"),
       note=(f"ResNet stages={args.stages} filters={args.filters}, input "
             f"{args.batch}x{args.size}x{args.size}x3 NHWC, SGD+momentum; {args.reps} "
-            f"interleaved rounds, {args.compile_reps} compiles each; ratios are paired medians "
-            "vs flax (< 1 is better). 'no norm (bound)' is an identity in place of BN."))]
+            f"interleaved rounds, {args.compile_reps} compiles each (< 1 is better). "
+            "`step ms ÷ flax's` divides the two `step ms` medians; the per-round ratio is the "
+            "median over rounds of t / t_flax from the same round (it cancels load changing "
+            "between rounds) and its quartiles show the spread: the two agree on a quiet "
+            "machine. 'no norm (bound)' is an identity in place of BN." + peak_note))]
   for t in tables:
     _results.print_table(t)
   name = args.name + ("_hugepages" if huge and not args.name.endswith("_hugepages") else "")
   _results.write_results(
       name, tables, command=command,
       title="ResNet train step: jaxbn vs flax (`bench_model.py`)"
-            + (", glibc huge pages" if huge else ""),
+            + (", glibc huge pages" if huge else "")
+            + (f", {dev.platform.upper()} ({dev.device_kind})" if dev.platform != "cpu" else ""),
       notes=["Equal work: the same ResNet, optimizer, inputs and model `dtype` on every row "
              "(flax's `dtype=`, float32 parameters); only the norm layer differs. `jaxbn` keeps "
              "flax's defaults (use_fast_variance=True); `jaxbn stable var` uses jaxbn's "

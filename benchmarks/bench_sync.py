@@ -212,20 +212,27 @@ def main():
       other = "unsynced" if mode == "synced" else "synced"
       ref = times.get(f"flax {mode}")
       vs_flax = _common.paired_ratio(times[key], ref) if ref else None
+      vs_flax_medians = _common.ratio_of_medians(times[key], ref) if ref else None
       sync_ratio = (_common.paired_ratio(times[key], times[f"{lib} {other}"])
                     if mode == "synced" and f"{lib} {other}" in times else None)
-      rows.append([f"{sname} {shape}", key, _common.median(times[key]) * 1e3, vs_flax,
-                   sync_ratio, counts[key][0], counts[key][1], ""])
+      rows.append([f"{sname} {shape}", key, _common.median(times[key]) * 1e3, vs_flax_medians,
+                   vs_flax, sync_ratio, counts[key][0], counts[key][1], ""])
     for key, err in errors.items():
-      rows.append([f"{sname} {shape}", key, None, None, None, None, None, err])
+      rows.append([f"{sname} {shape}", key, None, None, None, None, None, None, err])
   tables = [_results.table(
       f"Train step (3x3 conv + BN + ReLU) x layers, jit(shard_map), "
       f"{jax.device_count()} devices ({reps} rounds)",
-      ["shape (global N, H=W, C, layers)", "variant", "ms/step", "vs flax (same sync)",
-       "synced / unsynced", "all-reduce ops, every call", "all-reduce arrays, every call",
-       "error"], rows,
-      formats=[None, None, ".2f", ".3f", ".3f", "d", "d", None],
-      note="All-reduces counted in the compiled HLO of the whole train step "
+      ["shape (global N, H=W, C, layers)", "variant", "median ms/step",
+       "ms/step ÷ flax's (same sync)", "per-round ratio to flax, same sync (median)",
+       "synced / unsynced (per-round median)", "all-reduce ops, every call",
+       "all-reduce arrays, every call", "error"], rows,
+      formats=[None, None, ".2f", ".3f", ".3f", ".3f", "d", "d", None],
+      platform=(f"{_results.platform_label('timing')}, {jax.device_count()} simulated "
+                "devices sharing its cores; all-reduces: XLA:CPU compiled-HLO count"),
+      note="`ms/step ÷ flax's` divides the two `median ms/step` cells; the per-round ratios "
+           "are medians over rounds of ratios timed in the same round (they cancel load that "
+           "changes between rounds): on a quiet machine the two agree. "
+           "All-reduces counted in the compiled HLO of the whole train step "
            "(`jaxbn.parallel.collective_counts`), outside `lax.cond` branches; the step's "
            "loss psum and XLA's combining of independent all-reduces are included.")]
 
@@ -242,6 +249,7 @@ def main():
       ["library", "pass", "lowered, every call", "compiled ops, every call",
        "compiled arrays, every call", "compiled ops in a lax.cond branch", "error"],
       count_rows, formats=[None, None, "d", "d", "d", "d", None],
+      platform=f"{_results.platform_label('hlo')}, {jax.device_count()} simulated devices",
       note="'Every call': outside any `lax.cond` branch. jaxbn's exact fallback for statistics "
            "that lose their digits sits in a branch taken only when needed (decided "
            "identically on every device). Counted by `jaxbn.parallel.collective_counts`; "
@@ -256,6 +264,7 @@ def main():
   tables.append(_results.table(
       "flax #2417 masked counter-example (2 devices)",
       ["library", "true masked mean", "synced masked mean", "error"], ce_rows,
+      platform=f"{_results.platform_label()}: computed values (not a timing)",
       formats=[None, ".4f", ".4f", None],
       note="Valid entries: device 0 holds (2, 2, 2), device 1 holds (10,); the true masked "
            "mean is 4.0 (the test `tests/test_oracle_flax2417.py` asserts both values)."))

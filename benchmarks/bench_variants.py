@@ -219,16 +219,24 @@ def run(args):
         for label, t in times.items():
           rows.append([name, str(shape), dname, pname, label, out_dtype[label],
                        variance_of(name, label), _common.median(t) * 1e3,
-                       _common.paired_ratio(t, base) if base else None, ""])
+                       _common.ratio_of_medians(t, base) if base else None,
+                       _common.paired_ratio(t, base) if base else None,
+                       "{:.2f}–{:.2f}".format(*_common.quartiles(_common.paired_ratios(t, base)))
+                       if base else None, ""])
         for label, err in errors.items():
           rows.append([name, str(shape), dname, pname, label, None, variance_of(name, label), None,
-                       None, err])
+                       None, None, None, err])
   table = _results.table(
       f"jaxbn variants vs the closest flax.linen op, jit ({reps} rounds)",
       ["variant", "shape", "dtype", "pass", "impl", "output dtype", "variance", "median ms",
-       "ratio to flax", "error"], rows,
-      formats=[None, None, None, None, None, None, None, ".3f", ".2f", None],
-      note=("Equal work: flax layers built with `dtype` = input dtype and "
+       "median ms ÷ flax's", "per-round ratio to flax (median)", "per-round q25–q75",
+       "error"], rows,
+      formats=[None, None, None, None, None, None, None, ".3f", ".2f", ".2f", None, None],
+      platform=_results.platform_label("timing"),
+      note=("`median ms ÷ flax's` divides the two `median ms` cells; the per-round ratio is "
+            "the median over rounds of t / t_flax from the same round (it cancels load that "
+            "changes between rounds), with its quartiles: on a quiet machine the two agree. "
+            "Equal work: flax layers built with `dtype` = input dtype and "
             "`param_dtype=float32`; the `output dtype` column shows each side's actual output "
             "dtype. Closest flax op: renorm and ghost BN vs `BatchNorm` training on the whole "
             "batch; frozen vs `BatchNorm(use_running_average=True)`; group/instance/layer/RMS "

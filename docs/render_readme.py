@@ -9,7 +9,14 @@ The block sits between ``<!-- BEGIN GENERATED why-table ... -->`` and
 ``<!-- END GENERATED why-table -->``. Each measured cell is read from
 ``benchmarks/results/<script>.json`` (written by ``benchmarks/<script>.py``); where that file or
 table does not exist yet, the cell names the command that measures it instead of a number.
-Every other row states a behaviour and names the test that checks it.
+Every other row states a behaviour and names the test that checks it. Every row names its
+platform: "CPU timing (2-core VM)" for a wall-clock time, "XLA:CPU compile" for the compiler's
+memory report, "XLA:CPU compiled-HLO count", "CUDA lowering count" (StableHLO lowered for GPU on
+a CPU machine), "TPU compile estimate" (libtpu's cost model, no TPU), "CPU test" for a behaviour
+CI checks; no row claims an accelerator measurement from a CPU run.
+
+Results produced from uncommitted code (``code_dirty`` in their metadata) are refused: the
+render and ``--check`` exit 1 (see ``benchmarks/render_results.py``).
 """
 
 from __future__ import annotations
@@ -21,12 +28,18 @@ from typing import Any, Callable, Dict, List, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "docs", "_ext"))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 from results_tables import load_results  # noqa: E402  (docs/_ext/results_tables.py)
+from render_results import provenance_problem  # noqa: E402  (benchmarks/render_results.py)
 README = os.path.join(ROOT, "README.md")
 BEGIN = ("<!-- BEGIN GENERATED why-table: python docs/render_readme.py "
          "(numbers from benchmarks/results/*.json) -->")
 END = "<!-- END GENERATED why-table -->"
 SMALL_SHAPE = "(32, 8, 8, 16)"   # bench_core's small shape: per-kernel overhead dominates
+# bench_core's paired ratio (median over rounds of t_jaxbn / t_flax); older results named it so:
+PAIRED = ("per-round ratio to flax.linen (median)", "ratio to flax.linen")
+# The results files whose numbers this table shows.
+SOURCES = ("bench_core", "bench_collectives", "bench_accel_cuda", "bench_accel_tpu")
 
 
 def _table(results: Dict[str, Any], name: str, title_part: str) -> Optional[Dict[str, Any]]:
@@ -56,8 +69,16 @@ def _range(values: List[float]) -> str:
   return f"{lo:.2f}×" if f"{lo:.2f}" == f"{hi:.2f}" else f"{lo:.2f}–{hi:.2f}×"
 
 
-def _per_dtype(t: Optional[Dict[str, Any]], column: str, **where: Any) -> Optional[str]:
-  if t is None:
+def _column(t: Optional[Dict[str, Any]], names) -> Optional[str]:
+  for n in ([names] if isinstance(names, str) else names):
+    if t is not None and n in t["columns"]:
+      return n
+  return None
+
+
+def _per_dtype(t: Optional[Dict[str, Any]], column, **where: Any) -> Optional[str]:
+  column = _column(t, column)
+  if t is None or column is None:
     return None
   parts = []
   for dtype, short in (("float32", "f32"), ("bfloat16", "bf16")):
@@ -74,13 +95,78 @@ def measured(results: Dict[str, Any]) -> Dict[str, Optional[str]]:
   large: Callable[[str], bool] = lambda s: s != SMALL_SHAPE
   return {
       "memory": _per_dtype(cnn, "temp ratio", impl="jaxbn"),
-      "fwd_bwd_large": _per_dtype(step, "ratio to flax.linen", impl="jaxbn", **{
+      "fwd_bwd_large": _per_dtype(step, PAIRED, impl="jaxbn", **{
           "pass": "fwd+bwd", "shape": large}),
-      "fwd_large": _per_dtype(step, "ratio to flax.linen", impl="jaxbn", **{
+      "fwd_large": _per_dtype(step, PAIRED, impl="jaxbn", **{
           "pass": "fwd", "shape": large}),
-      "small": _per_dtype(step, "ratio to flax.linen", impl="jaxbn", **{
+      "small": _per_dtype(step, PAIRED, impl="jaxbn", **{
           "pass": "fwd+bwd", "shape": SMALL_SHAPE}),
   }
+
+
+def _short(label: str) -> str:
+  """'CPU timing (2-core VM: Intel Xeon)' -> 'CPU timing (2-core VM)'."""
+  head, _, rest = label.partition(" (")
+  if not rest:
+    return label
+  inner = rest.split(":", 1)[0].split(";", 1)[0].rstrip(")")
+  return f"{head} ({inner})"
+
+
+def platform(results: Dict[str, Any], name: str, title_part: str, kind: str) -> str:
+  """The platform of a table's numbers: its own label, or one derived from its run (older JSON).
+
+  ``kind`` is the measurement ("timing", "compile", "hlo") used for results that predate the
+  per-table label; the device always comes from the run's metadata, never assumed.
+  """
+  t = _table(results, name, title_part)
+  if t is not None and t.get("platform"):
+    return _short(t["platform"])
+  meta = results.get(name, {}).get("meta", {})
+  dev, mach = meta.get("devices", {}), meta.get("machine", {})
+  plat = str(dev.get("platform", "?")).upper()
+  xla = f"XLA:{plat}"
+  what = {"timing": f"{plat} timing", "compile": f"{xla} compile",
+          "hlo": f"{xla} compiled-HLO count"}[kind]
+  where = f"{mach.get('cores', '?')} cores" if plat == "CPU" else dev.get("kind", "?")
+  return f"{what} ({where})"
+
+
+def accelerator_rows(results: Dict[str, Any]) -> List[str]:
+  """ResNet-50 rows from bench_accel (CUDA lowering counts, TPU compile estimates), if any."""
+  out = []
+  t = _table(results, "bench_accel_cuda", "CUDA lowering count: ResNet-50")
+  cells = {}
+  if t is not None and {"layer", "mode", "case/if", "optimization barriers"} <= set(t["columns"]):
+    for impl in ("jaxbn.BatchNorm(default)", "flax.BatchNorm(fast)"):
+      rows = _rows(t, layer=impl, mode="shard_map") or _rows(t, layer=impl)
+      if rows and isinstance(rows[0]["case/if"], int):
+        cells[impl] = (f"{rows[0]['case/if']} conditionals, {rows[0]['optimization barriers']} "
+                       f"optimization barriers ({rows[0]['mode']})")
+  if len(cells) == 2:
+    out.append("| ResNet-50 train step on GPU: run-time conditionals (each a host sync on "
+               "XLA:GPU) and optimization barriers | "
+               f"{cells['jaxbn.BatchNorm(default)']} | {cells['flax.BatchNorm(fast)']} | "
+               "CUDA lowering count (lowered on a CPU machine; not a GPU timing) | "
+               "[benchmarks](benchmarks/RESULTS.md) |")
+  else:
+    out.append("| ResNet-50 train step on GPU: run-time conditionals and optimization barriers "
+               "| not measured yet: `python benchmarks/bench_accel.py` | | CUDA lowering count "
+               "| [benchmarks](benchmarks/RESULTS.md) |")
+  t = _table(results, "bench_accel_tpu", "TPU compile estimate")
+  own = "norm's own / flax fast's"
+  cell = None
+  if t is not None and {"topology", "model", "layer", "mode", own} <= set(t["columns"]):
+    rows = [r for r in _rows(t, model="resnet50", layer="jaxbn.BatchNorm(default)")
+            if isinstance(r[own], (int, float))]
+    if rows:
+      r = rows[0]
+      cell = f"{r[own]:.2f}× of flax fast's ({r['topology']}, {r['mode']})"
+  out.append("| ResNet-50 synced train step on TPU: BN's own estimated cycles (minus the "
+             "no-norm step) | " + (cell or "not measured yet: `python benchmarks/bench_accel.py`")
+             + " | 1× | TPU compile estimate (libtpu cost model on a CPU machine; not a TPU "
+             "timing) | [benchmarks](benchmarks/RESULTS.md) |")
+  return out
 
 
 def collectives(results: Dict[str, Any]) -> Optional[Dict[str, str]]:
@@ -114,31 +200,42 @@ def _cell(value: Optional[str], script: str) -> str:
 def render(results: Dict[str, Any]) -> str:
   m = measured(results)
   coll = collectives(results)
+  step_p = platform(results, "bench_core", "BN training step", "timing")
+  mem_p = platform(results, "bench_core", "Small CNN train step", "compile")
+  coll_p = platform(results, "bench_collectives", "All-reduced bytes per device", "hlo")
+  bench = "[benchmarks](benchmarks/RESULTS.md)"
   if coll:
     coll_row = (f"| sync BN all-reduce per layer, forward + backward, C = {coll['C']} | "
-                f"{coll['jaxbn']} | {coll['flax']} | [benchmarks](benchmarks/RESULTS.md) |")
+                f"{coll['jaxbn']} | {coll['flax']} | {coll_p}, simulated devices | {bench} |")
   else:
     coll_row = ("| sync BN all-reduce per layer, forward + backward | not measured yet: "
-                "`python benchmarks/bench_collectives.py` | | [benchmarks](benchmarks/RESULTS.md) |")
+                "`python benchmarks/bench_collectives.py` | | compiled-HLO count | "
+                f"{bench} |")
   rows = [
-      "| | jaxbn | flax's `BatchNorm` | checked by |",
-      "|---|---|---|---|",
+      "| | jaxbn | flax's `BatchNorm` | platform | checked by |",
+      "|---|---|---|---|---|",
       "| sync BN, masked or uneven device batches | global statistics, each device weighted by "
-      "its valid count | averages the per-device means (flax #2417) | "
+      "its valid count | averages the per-device means (flax #2417) | CPU test (CI) | "
       "`tests/test_oracle_flax2417.py` |",
       "| float32 data far from zero (`1e4 + N(0, 1)`) | exact variance | 0 or garbage with its "
-      "default fast variance | `tests/test_batch_norm.py`, `tests/test_docs.py` |",
+      "default fast variance | CPU test (CI) | `tests/test_batch_norm.py`, "
+      "`tests/test_docs.py` |",
       coll_row,
+      *accelerator_rows(results),
       "| train-step temporary memory, small CNN | " + _cell(m["memory"], "bench_core")
-      + " | 1× | [benchmarks](benchmarks/RESULTS.md) |",
+      + f" | 1× | {mem_p}: memory_analysis() | {bench} |",
       "| BN forward+backward time, large NHWC | " + _cell(m["fwd_bwd_large"], "bench_core")
-      + " | 1× | [benchmarks](benchmarks/RESULTS.md) |",
+      + f" | 1× | {step_p} | {bench} |",
       "| BN training forward time, large NHWC | " + _cell(m["fwd_large"], "bench_core")
-      + " | 1× | [benchmarks](benchmarks/RESULTS.md) |",
+      + f" | 1× | {step_p} | {bench} |",
       "| **when not:** tiny activations `(32, 8, 8, 16)`, forward+backward | "
-      + _cell(m["small"], "bench_core") + " | 1× | [benchmarks](benchmarks/RESULTS.md) |",
+      + _cell(m["small"], "bench_core") + f" | 1× | {step_p} | {bench} |",
       "| **when not:** a test pins flax's exact bits | equal within float tolerance, not bit "
-      "for bit | — | `tests/test_dropin.py` |",
+      "for bit | — | CPU test (CI) | `tests/test_dropin.py` |",
+      "",
+      "Times are the median over interleaved rounds of t_jaxbn / t_flax from the same round "
+      "(ranges over shapes; < 1× is faster), measured on the platform named: a CPU timing says "
+      "nothing about a GPU or TPU, whose rows are compiler counts and estimates.",
   ]
   return "\n".join([BEGIN] + rows + [END])
 
@@ -157,7 +254,13 @@ def main(argv: Optional[List[str]] = None) -> int:
   args = p.parse_args(argv)
   with open(README) as f:
     text = f.read()
-  new = updated_readme(text, load_results(ROOT))
+  results = load_results(ROOT)
+  problems = [p for p in (provenance_problem(results[n]) for n in SOURCES if n in results) if p]
+  if problems:
+    print("render_readme: refusing results from a dirty tree:\n  - " + "\n  - ".join(problems),
+          file=sys.stderr)
+    return 1
+  new = updated_readme(text, results)
   if args.check:
     if new != text:
       print("README.md's why-table is stale: run `python docs/render_readme.py` and commit.",
