@@ -27,6 +27,7 @@ API_MODULES = [
     ("jaxbn.nnx", "Flax NNX layers: jaxbn.nnx"),
     ("jaxbn.parallel", "Devices and hosts: jaxbn.parallel"),
     ("jaxbn.interop", "PyTorch conversion: jaxbn.interop"),
+    ("jaxbn.testing", "Checking compiled programs: jaxbn.testing"),
 ]
 jaxbn_docs.generate(DOCS, ROOT, API_MODULES)
 

@@ -91,7 +91,7 @@ def main(process_id: int, num_processes: int, port: int, out_dir: str) -> None:
   try:
     from jax.experimental import multihost_utils
 
-    from jaxbn import parallel
+    from jaxbn import parallel, testing
 
     mesh = parallel.data_mesh()
     d = make_data()
@@ -109,7 +109,7 @@ def main(process_id: int, num_processes: int, port: int, out_dir: str) -> None:
              mean=np.asarray(mean.addressable_data(0)), var=np.asarray(var.addressable_data(0)),
              gs=np.asarray(gs.addressable_data(0)), gb=np.asarray(gb.addressable_data(0)),
              # On the path every call takes (an exact fallback may sit in a cond branch).
-             all_reduces=parallel.collective_counts(compiled, operands=True,
+             all_reduces=testing.collective_counts(compiled, operands=True,
                                                     conditional=False).get("all-reduce", 0),
              devices=jax.device_count(), local_devices=jax.local_device_count(),
              gloo_bound=_BOUND[0] if _BOUND else "")

@@ -22,7 +22,7 @@ from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import jaxbn
-from jaxbn import parallel
+from jaxbn import parallel, testing
 
 KINDS = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 
@@ -190,6 +190,16 @@ def _p_cond(x):  # one psum on every path, one more only in the taken branch
   return lax.cond(s[0] > 0, lambda s: lax.psum(s * x.sum(0), "data"), lambda s: s, s)
 
 
+@jax.jit
+def _psum_sin(s):  # a function of its own: StableHLO calls it (`func.call @_psum_sin`)
+  return lax.psum(jnp.sin(s), "data")
+
+
+def _p_cond_call(x):  # one psum on every path, one in a function called from a branch
+  s = lax.psum(x.sum(0), "data")
+  return lax.cond(s[0] > 0, lambda s: 2 * _psum_sin(s), lambda s: s, s)
+
+
 def _p_gather(x):
   return lax.all_gather(x.sum(0), "data").sum(0)
 
@@ -206,6 +216,9 @@ PROGRAMS = {
     "psum + psum in a cond branch": (_p_cond, P(), {"all-reduce": (1, 1)},
                                      {"all-reduce": (1, 1)}, {"all-reduce": (1, 1)},
                                      {"all-reduce": (1, 1)}),
+    "psum + psum in a function called from a cond branch": (
+        _p_cond_call, P(), {"all-reduce": (1, 1)}, {"all-reduce": (1, 1)},
+        {"all-reduce": (1, 1)}, {"all-reduce": (1, 1)}),
     "1 all_gather": (_p_gather, P(), {"all-gather": (1, 1)}, {}, None, None),
 }
 
@@ -297,14 +310,144 @@ def test_jaxbn_collective_counts_agrees_with_independent_parsers(name, compiled_
                           (compiled, hlo_counts(compiled.as_text()))):
     for arrays in (False, True):
       for cond in (None, False, True):
-        assert parallel.collective_counts(program, operands=arrays, conditional=cond) == \
+        assert testing.collective_counts(program, operands=arrays, conditional=cond) == \
             summarize(counts, arrays=arrays, conditional=cond), (name, arrays, cond)
+
+
+# Collectives reached from a branch only through called computations (as XLA:GPU/TPU keep
+# them: `call`, an async wrapper, a nested conditional), and one computation (%shared) that
+# the entry also calls: it runs on every call. Known counts by construction.
+HLO_CALLED_FROM_BRANCH = """HloModule m, num_partitions=8
+%add (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %s = f32[] add(%a, %b)
+}
+%inner (p.1: f32[4]) -> f32[4] {
+  %p.1 = f32[4]{0} parameter(0)
+  ROOT %ar.1 = f32[4]{0} all-reduce(%p.1), channel_id=2, replica_groups={}, to_apply=%add
+}
+%wrapped_all_gather (p.2: f32[4]) -> f32[32] {
+  %p.2 = f32[4]{0} parameter(0)
+  ROOT %ag = f32[32]{0} all-gather(%p.2), channel_id=3, dimensions={0}
+}
+%b0 (p.3: f32[4]) -> f32[4] {
+  ROOT %p.3 = f32[4]{0} parameter(0)
+}
+%b1 (p.4: f32[4]) -> f32[4] {
+  %p.4 = f32[4]{0} parameter(0)
+  ROOT %cp = f32[4]{0} collective-permute(%p.4), channel_id=4, source_target_pairs={{0,1}}
+}
+%shared (p.5: f32[8]) -> f32[1] {
+  %p.5 = f32[8]{0} parameter(0)
+  ROOT %rs = f32[1]{0} reduce-scatter(%p.5), channel_id=5, dimensions={0}, to_apply=%add
+}
+%then (t: f32[4]) -> f32[4] {
+  %t = f32[4]{0} parameter(0)
+  %called = f32[4]{0} call(%t), to_apply=%inner
+  %w = f32[8]{0} concatenate(%called, %called), dimensions={0}
+  %again = f32[1]{0} call(%w), to_apply=%shared
+  ROOT %r.1 = f32[4]{0} add(%called, %t)
+}
+%else (e: f32[4]) -> f32[4] {
+  %e = f32[4]{0} parameter(0)
+  %st = ((f32[4]{0}), f32[32]{0}) async-start(%e), calls=%wrapped_all_gather
+  %dn = f32[32]{0} async-done(%st), calls=%wrapped_all_gather
+  %i = s32[] constant(1)
+  ROOT %nested = f32[4]{0} conditional(%i, %e, %e), branch_computations={%b0, %b1}
+}
+ENTRY %main (x: f32[4], q: pred[]) -> f32[4] {
+  %x = f32[4]{0} parameter(0)
+  %q = pred[] parameter(1)
+  %ar.0 = f32[4]{0} all-reduce(%x), channel_id=1, replica_groups={}, to_apply=%add
+  %v = f32[8]{0} concatenate(%ar.0, %ar.0), dimensions={0}
+  %every = f32[1]{0} call(%v), to_apply=%shared
+  ROOT %c = f32[4]{0} conditional(%q, %ar.0, %ar.0), true_computation=%then, false_computation=%else
+}
+"""
+
+MLIR_CALLED_FROM_BRANCH = """module @m {
+  func.func public @main(%arg0: tensor<4xf32>, %arg1: tensor<i1>) -> tensor<4xf32> {
+    %0 = "stablehlo.all_reduce"(%arg0) ({
+    ^bb0(%a: tensor<f32>, %b: tensor<f32>):
+      %s = stablehlo.add %a, %b : tensor<f32>
+      stablehlo.return %s : tensor<f32>
+    }) : (tensor<4xf32>) -> tensor<4xf32>
+    %1 = func.call @shared(%0) : (tensor<4xf32>) -> tensor<4xf32>
+    %2 = "stablehlo.if"(%arg1) ({
+      %3 = func.call @outer(%1) : (tensor<4xf32>) -> tensor<4xf32>
+      %4 = func.call @shared(%3) : (tensor<4xf32>) -> tensor<4xf32>
+      stablehlo.return %4 : tensor<4xf32>
+    }, {
+      stablehlo.return %1 : tensor<4xf32>
+    }) : (tensor<i1>) -> tensor<4xf32>
+    return %2 : tensor<4xf32>
+  }
+  func.func private @outer(%arg0: tensor<4xf32>) -> tensor<4xf32> {
+    %0 = call @leaf(%arg0) : (tensor<4xf32>) -> tensor<4xf32>
+    return %0 : tensor<4xf32>
+  }
+  func.func private @leaf(%arg0: tensor<4xf32>) -> tensor<4xf32> {
+    %0 = "stablehlo.all_gather"(%arg0) <{all_gather_dim = 0 : i64}> : (tensor<4xf32>) -> tensor<32xf32>
+    %1 = stablehlo.slice %0 [0:4] : (tensor<32xf32>) -> tensor<4xf32>
+    return %1 : tensor<4xf32>
+  }
+  func.func private @shared(%arg0: tensor<4xf32>) -> tensor<4xf32> {
+    %0 = "stablehlo.collective_permute"(%arg0) <{source_target_pairs = dense<[[0, 1]]> : tensor<1x2xi64>}> : (tensor<4xf32>) -> tensor<4xf32>
+    return %0 : tensor<4xf32>
+  }
+}
+"""
+
+
+def _without_shared(text):
+  """The same program without the computation that the entry and a branch both call."""
+  out, skip = [], None
+  for line in text.splitlines():
+    if skip is not None:
+      if line == skip:
+        skip = None
+      continue
+    if "shared" in line:
+      if line.rstrip().endswith("{"):  # its definition: drop it up to its closing brace
+        skip = line[:len(line) - len(line.lstrip())] + "}"
+      continue
+    out.append(line)
+  return "\n".join(out) + "\n"
+
+
+def test_collectives_called_from_a_branch_count_as_conditional():
+  """A collective reached from a branch only through a call, an async wrapper or a nested
+  conditional runs only when the branch is taken; one that the entry also calls runs on
+  every call. jaxbn's counter agrees with the known counts and with the independent
+  parsers (which do not model the shared computation: compared without it)."""
+  hlo, mlir = HLO_CALLED_FROM_BRANCH, MLIR_CALLED_FROM_BRANCH
+  assert testing.collective_counts(hlo, conditional=False) == {
+      "all-reduce": 1, "reduce-scatter": 1}
+  assert testing.collective_counts(hlo, conditional=True) == {
+      "all-reduce": 1, "all-gather": 1, "collective-permute": 1}
+  assert testing.collective_bytes(hlo, conditional=True) == {
+      "all-reduce": 16, "all-gather": 128, "collective-permute": 16}
+  assert testing.collective_bytes(hlo, conditional=False) == {
+      "all-reduce": 16, "reduce-scatter": 4}
+  assert testing.collective_counts(mlir, conditional=False) == {
+      "all-reduce": 1, "collective-permute": 1}
+  assert testing.collective_counts(mlir, conditional=True) == {"all-gather": 1}
+  for text, parse in ((hlo, hlo_counts), (mlir, stablehlo_counts)):
+    text = _without_shared(text)
+    for cond in (None, False, True):
+      assert testing.collective_counts(text, conditional=cond) == \
+          summarize(parse(text), conditional=cond), cond
+  assert summarize(hlo_counts(_without_shared(hlo)), conditional=True) == {
+      "all-reduce": 1, "all-gather": 1, "collective-permute": 1}
+  assert summarize(stablehlo_counts(_without_shared(mlir)), conditional=True) == {
+      "all-gather": 1}
 
 
 def test_jaxbn_collective_counts_agrees_on_async_and_variadic_text():
   for text, parse in ((HLO_ASYNC, hlo_counts), (MLIR_VARIADIC, stablehlo_counts)):
     for arrays in (False, True):
-      assert parallel.collective_counts(text, operands=arrays) == \
+      assert testing.collective_counts(text, operands=arrays) == \
           summarize(parse(text), arrays=arrays)
 
 
@@ -339,5 +482,14 @@ def test_bn_one_all_reduce_forward_and_one_backward_counted_independently(use_fa
     assert summarize(lo, conditional=False) == {"all-reduce": expected}, fn.__name__
     assert summarize(co, conditional=False) == {"all-reduce": expected}, fn.__name__
     assert set(summarize(co)) <= {"all-reduce"}  # no all-gather of the batch anywhere
-    assert parallel.collective_counts(lowered, conditional=False) == summarize(
+    assert testing.collective_counts(lowered, conditional=False) == summarize(
         lo, conditional=False)
+
+
+def test_parallel_collective_counters_are_deprecated_aliases_of_jaxbn_testing():
+  for name in ("collective_counts", "collective_bytes"):
+    with pytest.warns(DeprecationWarning, match=rf"jaxbn\.parallel\.{name} moved to "
+                                                rf"jaxbn\.testing\.{name}"):
+      old = getattr(parallel, name)
+    assert old is getattr(testing, name)
+    assert name not in parallel.__all__ and name in testing.__all__

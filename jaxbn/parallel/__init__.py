@@ -13,12 +13,16 @@ sharded arrays). This module adds what a data-parallel training loop needs aroun
 * :func:`group_mesh`, :func:`group_batch`: synchronize BN within groups of devices (a
   "virtual batch") under ``shard_map`` and plain ``jit``;
 * :func:`pad_batch`: pad a last partial batch and get the mask of real examples;
-* :func:`average_stats`: combine per-device running statistics (models trained without sync);
-* :func:`collective_counts`, :func:`collective_bytes`: count and size the collectives in a
-  compiled program.
+* :func:`average_stats`: combine per-device running statistics (models trained without sync).
+
+Counting and sizing the collectives of a compiled program moved to :mod:`jaxbn.testing`
+(``jaxbn.parallel.collective_counts``/``collective_bytes`` still work for one release, with a
+``DeprecationWarning``).
 """
 
-from jaxbn.parallel._hlo import collective_bytes, collective_counts
+import importlib as _importlib
+import warnings as _warnings
+
 from jaxbn.parallel._groups import group_batch, group_mesh
 from jaxbn.parallel._mesh import batch_sharding, data_mesh, shard_batch, shard_local_batch
 from jaxbn.parallel._padding import pad_batch
@@ -28,8 +32,6 @@ from jaxbn.parallel._steps import pmap_step, shard_map_step
 __all__ = [
     "average_stats",
     "batch_sharding",
-    "collective_bytes",
-    "collective_counts",
     "data_mesh",
     "group_batch",
     "group_mesh",
@@ -39,3 +41,15 @@ __all__ = [
     "shard_local_batch",
     "shard_map_step",
 ]
+
+# Moved to jaxbn.testing in 0.2: still reachable here for one release, with a DeprecationWarning.
+_MOVED = ("collective_bytes", "collective_counts")
+
+
+def __getattr__(name):  # PEP 562
+  if name in _MOVED:
+    _warnings.warn(
+        f"jaxbn.parallel.{name} moved to jaxbn.testing.{name}; the old name will be removed in "
+        f"jaxbn 0.3.", DeprecationWarning, stacklevel=2)
+    return getattr(_importlib.import_module("jaxbn.testing"), name)
+  raise AttributeError(f"module 'jaxbn.parallel' has no attribute {name!r}")
