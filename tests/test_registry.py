@@ -14,6 +14,7 @@ affine, times the scale ~2 and inverse std ~1.5); population moments over 48 row
 from __future__ import annotations
 
 import ast
+import dataclasses
 import functools
 import inspect
 import pathlib
@@ -419,7 +420,10 @@ def _h64(kernel, bias, x):
 def test_linen_tools_treat_every_layer_holding_statistics_as_its_kind_says(name):
   from jaxbn._layers import registry
   t = registry.KINDS[registry.kind_of(getattr(jaxbn.linen, name))]
-  net = _LinenNet(functools.partial(getattr(jaxbn.linen, name), name="bn"))
+  cls = getattr(jaxbn.linen, name)
+  fields = {f.name for f in dataclasses.fields(cls)}
+  net = _LinenNet(functools.partial(cls, name="bn", **{
+      n: v for n, v in _NNX_ARGS.items() if n in fields}))
   v = net.init(jax.random.key(0), _X4[0], train=False)
   v = {**v, "params": {**v["params"], "bn": _randomized(v["params"]["bn"], 1)},
        "batch_stats": {"bn": _randomized(v["batch_stats"]["bn"], 2)}}
@@ -460,8 +464,10 @@ def test_nnx_tools_treat_every_layer_holding_statistics_as_its_kind_says(name):
   from jaxbn._layers import registry
   cls = getattr(jaxbn.nnx, name)
   t = registry.KINDS[registry.kind_of(cls)]
+  params = inspect.signature(cls).parameters
+  extra = {n: v for n, v in _NNX_ARGS.items() if n in params and n != "num_features"}
   model = nnx.Sequential(nnx.Linear(3, 4, rngs=nnx.Rngs(0)),
-                         cls(4, epsilon=EPSILON, momentum=0.9, rngs=nnx.Rngs(1)))
+                         cls(4, epsilon=EPSILON, momentum=0.9, rngs=nnx.Rngs(1), **extra))
   bn = model.layers[1]
   nnx.update(bn, _randomized(nnx.state(bn), 3))
   before = jax.tree.map(np.asarray, nnx.state(bn, nnx.BatchStat))

@@ -9,7 +9,8 @@ from jaxbn.linen._adapt import (SplitBatchNorm, TestTimeBatchNorm, batch_norm_af
                                 swa_batch_stats, test_time_adaptation)
 from jaxbn.linen._batch_free import (EvoNormB0, EvoNormS0, FilterResponseNorm, ScaledWSConv,
                                      WSConv)
-from jaxbn.linen._batch_norm import BatchNorm
+from jaxbn.linen import _batch_norm
+from jaxbn.linen._batch_norm import *  # noqa: F403 (the batch norms: BatchNorm, ...)
 from jaxbn.linen._freeze import freeze_batch_norm, unfreeze_batch_norm
 from jaxbn.linen._frozen import FrozenBatchNorm
 from jaxbn.linen._ghost import GhostBatchNorm
@@ -21,7 +22,7 @@ from jaxbn.linen._renorm import BatchRenorm
 from jaxbn.linen._surgery import replace_batch_norm, restore_batch_norm
 
 __all__ = [
-    "BatchNorm",
+    *_batch_norm.__all__,
     "BatchRenorm",
     "FrozenBatchNorm",
     "GhostBatchNorm",

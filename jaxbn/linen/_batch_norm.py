@@ -1,4 +1,5 @@
-"""``jaxbn.linen.BatchNorm``: flax.linen's BatchNorm interface over :func:`jaxbn.batch_norm`."""
+"""``jaxbn.linen.BatchNorm`` (flax.linen's BatchNorm interface over :func:`jaxbn.batch_norm`),
+and its fields as the base of the BN-family layers."""
 
 from __future__ import annotations
 
@@ -14,7 +15,30 @@ import jaxbn
 from jaxbn.linen._common import bn_call, resolve_mode
 
 
-class BatchNorm(nn.Module):
+class BatchNormFields(nn.Module):
+  """``flax.linen.BatchNorm``'s fields, in its order and with its defaults, and jaxbn's extras
+  (the shared base of the BN-family layers; see :class:`BatchNorm` for their meaning)."""
+
+  use_running_average: Optional[bool] = None
+  axis: Axes = -1
+  momentum: Optional[float] = 0.99
+  epsilon: float = 1e-5
+  dtype: Optional[Dtype] = None
+  param_dtype: Dtype = jnp.float32
+  use_bias: bool = True
+  use_scale: bool = True
+  bias_init: Initializer = initializers.zeros
+  scale_init: Initializer = initializers.ones
+  axis_name: Any = None
+  axis_index_groups: Any = None
+  use_fast_variance: bool = True
+  force_float32_reductions: bool = True
+  # jaxbn extras (flax has no such fields).
+  unbiased_running_var: bool = False
+  debias: bool = False
+
+
+class BatchNorm(BatchNormFields):
   r"""Batch normalization for Linen, a drop-in replacement for ``flax.linen.BatchNorm``.
 
   .. math::
@@ -70,24 +94,6 @@ class BatchNorm(nn.Module):
     >>> y_eval = bn.apply({**variables, **updates}, x, use_running_average=True)
   """
 
-  use_running_average: Optional[bool] = None
-  axis: Axes = -1
-  momentum: Optional[float] = 0.99
-  epsilon: float = 1e-5
-  dtype: Optional[Dtype] = None
-  param_dtype: Dtype = jnp.float32
-  use_bias: bool = True
-  use_scale: bool = True
-  bias_init: Initializer = initializers.zeros
-  scale_init: Initializer = initializers.ones
-  axis_name: Any = None
-  axis_index_groups: Any = None
-  use_fast_variance: bool = True
-  force_float32_reductions: bool = True
-  # jaxbn extras (flax has no such fields).
-  unbiased_running_var: bool = False
-  debias: bool = False
-
   @nn.compact
   def __call__(
       self,
@@ -115,3 +121,6 @@ class BatchNorm(nn.Module):
     """
     mode = resolve_mode("jaxbn.linen.BatchNorm", self.use_running_average, use_running_average)
     return bn_call(self, jaxbn.batch_norm, "jaxbn.linen.BatchNorm", x, mode, mask)
+
+
+__all__ = ["BatchNorm"]

@@ -7,10 +7,9 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
-from flax.typing import Axes, Dtype, Initializer
-from jax.nn import initializers
 
 import jaxbn
+from jaxbn.linen._batch_norm import BatchNormFields
 from jaxbn.linen._common import bn_variables
 
 
@@ -22,7 +21,7 @@ def frozen_apply(mdl: nn.Module, x: jax.typing.ArrayLike, freeze_affine: bool,
                                  dtype=out_dtype, freeze_affine=freeze_affine)
 
 
-class FrozenBatchNorm(nn.Module):
+class FrozenBatchNorm(BatchNormFields):
   r"""Batch norm with frozen statistics for Linen (detectron2's ``FrozenBatchNorm2d``).
 
   .. math::
@@ -58,22 +57,6 @@ class FrozenBatchNorm(nn.Module):
     True
   """
 
-  use_running_average: Optional[bool] = None
-  axis: Axes = -1
-  momentum: Optional[float] = 0.99
-  epsilon: float = 1e-5
-  dtype: Optional[Dtype] = None
-  param_dtype: Dtype = jnp.float32
-  use_bias: bool = True
-  use_scale: bool = True
-  bias_init: Initializer = initializers.zeros
-  scale_init: Initializer = initializers.ones
-  axis_name: Any = None
-  axis_index_groups: Any = None
-  use_fast_variance: bool = True
-  force_float32_reductions: bool = True
-  unbiased_running_var: bool = False
-  debias: bool = False
   freeze_affine: bool = True
 
   @nn.compact

@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
-from flax.typing import Axes, Dtype, Initializer
-from jax.nn import initializers
 
 import jaxbn
+from jaxbn.linen._batch_norm import BatchNormFields
 from jaxbn.linen._common import bn_call, resolve_mode
 
 
-class BatchRenorm(nn.Module):
+class BatchRenorm(BatchNormFields):
   r"""Batch renormalization (Ioffe, 2017) for Linen, with BatchNorm's fields and variables.
 
   .. math::
@@ -56,22 +55,7 @@ class BatchRenorm(nn.Module):
     ((4, 3), ['mean', 'var'])
   """
 
-  use_running_average: Optional[bool] = None
-  axis: Axes = -1
-  momentum: Optional[float] = 0.99
-  epsilon: float = 1e-5
-  dtype: Optional[Dtype] = None
-  param_dtype: Dtype = jnp.float32
-  use_bias: bool = True
-  use_scale: bool = True
-  bias_init: Initializer = initializers.zeros
-  scale_init: Initializer = initializers.ones
-  axis_name: Any = None
-  axis_index_groups: Any = None
-  use_fast_variance: bool = False
-  force_float32_reductions: bool = True
-  unbiased_running_var: bool = False
-  debias: bool = False
+  use_fast_variance: bool = False  # (jaxbn's stable variance by default)
   r_max: float = 3.0
   d_max: float = 5.0
   r_min: Optional[float] = None

@@ -9,7 +9,8 @@ from jaxbn.nnx._adapt import (SplitBatchNorm, TestTimeBatchNorm, batch_norm_affi
                               swa_batch_stats, test_time_adaptation)
 from jaxbn.nnx._batch_free import (EvoNormB0, EvoNormS0, FilterResponseNorm, ScaledWSConv,
                                    WSConv)
-from jaxbn.nnx._batch_norm import BatchNorm
+from jaxbn.nnx import _batch_norm
+from jaxbn.nnx._batch_norm import *  # noqa: F403 (the batch norms: BatchNorm, ...)
 from jaxbn.nnx._common import promote_dtype, register_batch_norm
 from jaxbn.nnx._freeze import freeze_batch_norm, unfreeze_batch_norm
 from jaxbn.nnx._frozen import FrozenBatchNorm
@@ -22,7 +23,7 @@ from jaxbn.nnx._renorm import BatchRenorm
 from jaxbn.nnx._surgery import replace_batch_norm
 
 __all__ = [
-    "BatchNorm",
+    *_batch_norm.__all__,
     "BatchRenorm",
     "FrozenBatchNorm",
     "GhostBatchNorm",

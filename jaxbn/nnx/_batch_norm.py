@@ -140,3 +140,6 @@ class BatchNorm(Layer):
                                        self.use_running_average)
     return bn_call(self, jaxbn.batch_norm, "jaxbn.nnx.BatchNorm", x, use_running_average, mask,
                    shared_error=_SHARED_UNDER_VMAP)
+
+
+__all__ = ["BatchNorm"]
