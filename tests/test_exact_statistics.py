@@ -61,7 +61,7 @@ def _ghost_ref():
   num = den = 0.0
   for d in range(D):
     v = X.astype(np.float64)[d * PER:(d + 1) * PER][MASK[d * PER:(d + 1) * PER, 0]]
-    if len(v):
+    if len(v) > 1:  # a virtual batch with at most one valid row is left out (the contract)
       num = num + len(v) * v.var(0)
       den += len(v)
   return num / den
@@ -176,3 +176,112 @@ def test_update_stats_keeps_float64_precision():
     assert new.mean.dtype == jnp.float64
     # 0.1 * 2 in float64 (a float32 momentum would give 0.20000004768)
     assert abs(float(new.mean[0]) - 0.2) <= 4 * np.finfo(np.float64).eps
+
+
+# ----------------------------------------------------------------- the sampled shift
+
+
+def _rel_var_err(x, m, mask=None):
+  xv = np.asarray(x, np.float64)
+  if mask is not None:
+    xv = xv[np.broadcast_to(mask, x.shape)[:, 0]]
+  ref = xv.var(0)
+  return np.max(np.abs(np.asarray(m.var, np.float64) - ref) / ref)
+
+
+@pytest.mark.parametrize("rows", [1000, 70000])  # both sides of ALIAS_MIN_SIZE (2 features)
+def test_single_device_exact_on_both_sides_of_the_cpu_alias_threshold(rows):
+  """One device, no axis name: one pass about the sampled shift is exact at offset 1e4 for a
+  small input (no barriers) and one above moments.ALIAS_MIN_SIZE (per-pass aliases on CPU).
+  Bound: 8·sqrt(n)·eps32 as above; a shift of 0 (the running mean of a fresh start) errs by
+  O(1) here, so the bound rejects a shift that is not taken from the data."""
+  from jaxbn._core import moments as mom
+  assert (rows * 2 >= mom.ALIAS_MIN_SIZE) == (rows == 70000)
+  rng = np.random.default_rng(3)
+  x = (OFFSET + rng.normal(size=(rows, 2))).astype(np.float32)
+  for fast in (False, True):
+    m = jax.jit(functools.partial(jaxbn.moments, use_fast_variance=fast))(x)
+    assert _rel_var_err(x, m) <= 8 * np.sqrt(rows) * EPS32
+  naive = np.mean(x * x, 0, dtype=np.float32) - np.mean(x, 0, dtype=np.float32) ** 2
+  assert np.max(np.abs(naive - x.astype(np.float64).var(0))) > 0.5  # the planted shift 0
+
+
+def test_sampled_shift_bound_holds_when_every_sampled_entry_is_an_outlier():
+  """Adversarial sample: the strided positions the shift is taken from hold outliers 1e3·σ
+  away. K − μ is then large in σ units, but bounded by the data's own spread:
+  c = 1 + (μ − K)²/σ² ≤ 1 + n/r. The variance keeps the error c·sqrt(n)·eps32 of that bound
+  (stated in the moments docstring) — not the O(1) error of a shift far from the data."""
+  from jaxbn._core import moments as mom
+  n = 4096
+  rng = np.random.default_rng(5)
+  x = (OFFSET + rng.normal(size=(n, 1))).astype(np.float32)
+  step = -(-n // mom.SAMPLE_PER_AXIS)
+  x[::step] += 1e3
+  m = jaxbn.moments(x)
+  xv = x.astype(np.float64)
+  r = len(x[::step])
+  c = 1 + (xv[::step].mean() - xv.mean()) ** 2 / xv.var()
+  assert c <= 1 + n / r
+  assert _rel_var_err(x, m) <= 8 * c * np.sqrt(n) * EPS32
+
+
+def test_fully_masked_sample_falls_back_to_the_running_mean():
+  """A mask that hides every sampled position (here: all but the last rows are padding, as
+  left-padded data would be) makes the shift the caller's fallback — batch norm's running
+  mean — and the statistics are still those of the valid entries (exact where the running
+  mean is near the data)."""
+  rng = np.random.default_rng(6)
+  x = (OFFSET + rng.normal(size=(64, 3))).astype(np.float32)
+  mask = (np.arange(64) % 16 != 0)[:, None]  # the 4 sampled rows (0, 16, 32, 48) are masked
+  stats = jaxbn.BatchStats(jnp.full((3,), OFFSET, jnp.float32), jnp.ones(3),
+                           jnp.zeros((), jnp.int32))
+  _, new = jaxbn.batch_norm(x, stats, training=True, momentum=0.0, mask=mask)
+  ref = x.astype(np.float64)[mask[:, 0]]
+  assert np.max(np.abs(np.asarray(new.var) - ref.var(0)) / ref.var(0)) <= BOUND
+  assert np.max(np.abs(np.asarray(new.mean) - ref.mean(0))) <= 4 * OFFSET * EPS32
+
+
+def _lowered_text(f, *args, platform):
+  return jax.export.export(jax.jit(f), platforms=[platform])(*args).mlir_module()
+
+
+def test_cpu_only_aliases_and_no_conditional_on_gpu_or_tpu():
+  """The per-pass aliases (optimization barriers) exist in the XLA:CPU program of a large
+  input only; the CUDA and TPU programs of the same train step hold no barrier, and no
+  platform's program holds a run-time conditional (a case/if with a non-constant index)."""
+  def step(x, s, b):
+    def loss(x, s, b):
+      y, _ = jaxbn.batch_norm(x, jaxbn.init_stats(8), s, b, training=True)
+      return jnp.sum(y.astype(jnp.float32) ** 3)
+    return jax.grad(loss, argnums=(0, 1, 2))(x, s, b)
+
+  vec = jax.ShapeDtypeStruct((8,), jnp.float32)
+  for rows, barriers_on_cpu in ((64, False), (16384, True)):
+    x = jax.ShapeDtypeStruct((rows, 8), jnp.bfloat16)
+    for platform in ("cpu", "cuda", "tpu"):
+      text = _lowered_text(step, x, vec, vec, platform=platform)
+      has_barrier = "optimization_barrier" in text
+      assert has_barrier == (platform == "cpu" and barriers_on_cpu), (rows, platform)
+      assert "stablehlo.if" not in text and "stablehlo.while" not in text
+      assert _runtime_cases(text) == 0, (rows, platform)
+
+
+def _runtime_cases(text: str) -> int:
+  """Cases whose index is computed at run time. lax.platform_dependent emits cases indexed
+  by a constant, or by the result of such a case (XLA folds both away)."""
+  import re
+  static, count = set(), 0
+  for line in text.splitlines():
+    m = re.match(r"\s*(%[\w#]+)(?::\d+)? = (.*)", line)
+    if not m:
+      continue
+    name, rhs = m.group(1), m.group(2)
+    if rhs.startswith("stablehlo.constant"):
+      static.add(name)
+    elif rhs.startswith('"stablehlo.case"('):
+      index = re.match(r'"stablehlo.case"\((%[\w#]+)', rhs).group(1)
+      if index in static:
+        static.add(name)
+      else:
+        count += 1
+  return count

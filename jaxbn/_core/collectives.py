@@ -1,8 +1,9 @@
 """The cross-device reductions of the forward pass (the only place jaxbn communicates).
 
-Each BN call issues one collective in its forward pass (a second, of the same size, only on
-the rare exact-correction branch of ``moments.py``) and one in its backward pass: everything
-that must be reduced is stacked into one array first.
+A synchronized BN call issues two small collectives in its forward pass (the common shift,
+``C`` numbers, which overlaps the pass over ``x``; then the moments, ``2–3 C``) and one in
+its backward pass (``2 C``): everything that must be reduced at one point is stacked into one
+array first. Nothing here is conditional.
 """
 
 from __future__ import annotations
@@ -48,15 +49,29 @@ def groups_tuple(axis_index_groups: Optional[Sequence]) -> Optional[tuple]:
   return tuple(tuple(int(i) for i in g) for g in axis_index_groups)
 
 
+def varying_axes(v) -> frozenset:
+  """The manual mesh axes ``v`` varies over inside ``jax.shard_map`` (empty elsewhere)."""
+  mat = getattr(jax.typeof(v), "manual_axis_type", None)
+  return frozenset(getattr(mat, "varying", ()))
+
+
+def _manual_axes() -> frozenset:
+  """Mesh axes that are manual here (inside ``jax.shard_map``/``pmap``; none under vmap)."""
+  return frozenset(getattr(jax.sharding.get_abstract_mesh(), "manual_axes", ()))
+
+
 def to_varying(x: jax.Array, axis_name: Any):
-  """Marks a replicated value as device-varying, once, so that its transpose is one psum."""
-  if axis_name is None:
+  """Marks ``x`` device-varying over the manual axes of ``axis_name`` it does not vary over.
+
+  Casting a replicated value once, at its own (small) shape, makes its transpose one psum of
+  that shape; left to JAX, the cast happens where it meets device-varying data, after any
+  broadcast — an activation-sized psum in the backward pass. Outside ``shard_map``'s type
+  system (``vmap``) there is nothing to mark.
+  """
+  missing = (frozenset(names(axis_name)) & _manual_axes()) - varying_axes(x)
+  if not missing:
     return x
-  ax = names(axis_name)
-  try:
-    return lax.pcast(x, ax, to="varying")
-  except Exception:  # outside shard_map's type system (pmap/vmap): nothing to mark
-    return x
+  return lax.pcast(x, tuple(sorted(missing)), to="varying")
 
 
 def psum_stacked(parts: Sequence[jax.Array], axis_name: Any,
@@ -78,7 +93,7 @@ def to_varying_stacked(parts: Sequence[jax.Array], axis_name: Any) -> tuple:
 
   Its transpose (reverse mode) is one ``psum`` of the stacked cotangents.
   """
-  if axis_name is None:
+  if not names(axis_name):
     return tuple(parts)
   stacked = to_varying(jnp.stack(parts), axis_name)
   return tuple(stacked[i] for i in range(len(parts)))

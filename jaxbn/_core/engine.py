@@ -38,8 +38,8 @@ class Config(NamedTuple):
 
 
 def _aliases(v, n, x):
-  """Per-pass aliases of ``v`` (see :func:`jaxbn._core.moments.aliases`); none for small x,
-  where a barrier's kernel boundary costs more than the temporary it avoids."""
+  """Per-pass aliases of ``v`` on XLA:CPU (see :func:`jaxbn._core.moments.aliases`); none for
+  a small x, where a barrier's kernel boundary costs more than the temporary it avoids."""
   if not mom.large(x):
     return (v,) * n
   return mom.aliases(v, n)
@@ -72,7 +72,7 @@ def _in_stat_shape(v, sfeat, pfeat, sshape):
 
 
 def _stats(cfg, x, mask, epsilon, correction, shift):
-  count, mean, var = mom.batch_moments(x, mask, cfg.plan, shift, floor=epsilon)
+  count, mean, var = mom.batch_moments(x, mask, cfg.plan, shift)
   inv = lax.rsqrt(var + epsilon)
   r = d = None
   if correction is not None:
@@ -171,11 +171,16 @@ def _standardize_train_jvp(cfg, primals, tangents):
   fold = set(pfeat) <= set(sfeat)
   glen = None if grouping is None else x.shape[sfeat[grouping[0]]]
 
-  @functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.nothing_saveable)
+  @functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.nothing_saveable,
+                     prevent_cse=False)
   def tangent(x, mean, inv, g, mask, count, xd, sd_eff, bd_eff, eps_dot):
     sharding = collectives.explicit_sharding(x)
     bs = functools.partial(bcast, shape=x.shape, feat=sfeat, sharding=sharding)
     bp = functools.partial(bcast, shape=x.shape, feat=pfeat, sharding=sharding)
+    # The device axes the data varies over (shard_map): replicated coefficients that meet it
+    # are cast to varying at their own small shape, so each transposes to a small psum.
+    data_axes = collectives.varying_axes(x)
+    vary = tuple(sorted(data_axes | set(collectives.names(axis_name))))
     # Two aliases of x: one for the statistics' tangents (whose transpose is elementwise,
     # part of dx), one for y's tangent (whose transpose holds the reductions Σdy, Σdy·x̂).
     # Distinct aliases keep XLA from sharing one materialized x̂ between the passes.
@@ -207,13 +212,19 @@ def _standardize_train_jvp(cfg, primals, tangents):
     mean_dot = r0 if center else jnp.zeros_like(mean)
     var_dot = 2.0 * r1 / inv
     if fold:  # per-statistic coefficients (batch, instance, group norm)
+      # Parameter tangents vary over the data's device axes before they are broadcast to
+      # the statistics' shape (e.g. group norm's (N, C)): their transpose is a C-sized psum.
+      # Over the synchronized axes they join the one stacked cast below.
+      early = tuple(sorted(data_axes - set(collectives.names(axis_name))))
+      sd_eff, bd_eff = (None if v is None else collectives.to_varying(v, early)
+                        for v in (sd_eff, bd_eff))
       g_s, sd_s, bd_s = (_in_stat_shape(v, sfeat, pfeat, inv.shape)
                          for v in (g, sd_eff, bd_eff))
       if sfeat != pfeat and (sd_s is not None or bd_s is not None):
         # Transposed, the barrier makes the scale/bias gradients sums of the per-statistic
         # sums (instead of XLA merging them into second reductions over the whole of
         # dy·x̂, which it then writes out to feed both).
-        sd_s, bd_s = lax.optimization_barrier((sd_s, bd_s))
+        sd_s, bd_s = mom.on_cpu(lambda *v: lax.optimization_barrier(v), sd_s, bd_s)
       k = inv if g_s is None else inv * g_s
       c1 = -(k * r1) if sd_s is None else sd_s - k * r1
       e = -0.5 * inv * inv * eps_dot  # x̂'s tangent through ε, per statistic
@@ -225,20 +236,20 @@ def _standardize_train_jvp(cfg, primals, tangents):
       # The per-statistic coefficients that meet the device-varying data (they carry the
       # replicated bias/scale tangents) are made varying in ONE stacked cast: its transpose
       # is the backward pass's only psum, and the bias/scale gradients are its rows.
-      c = collectives.to_varying_stacked(parts, axis_name)
+      c = collectives.to_varying_stacked(parts, vary)
       terms = [bs(k) * xdt, xh_b * bs(c[-1])]
       if len(c) == 2:
         terms.append(bs(c[0]))
     else:  # parameters along axes the statistics reduce over (layer and RMS norm)
       a1 = inv * r1 + 0.5 * inv * inv * eps_dot  # x̂'s tangent through ε joins r1's term
       a = [a1] if not center else [inv * r0, a1]
-      a = collectives.to_varying_stacked(a, axis_name)
+      a = collectives.to_varying_stacked(a, vary)
       base = bs(inv) * xdt - xh_b * bs(a[-1])
       if center:
         base = base - bs(a[0])
       terms = [base if g is None else base * bp(g)]
       p = [v for v in (sd_eff, bd_eff) if v is not None]
-      p = collectives.to_varying_stacked(p, axis_name) if p else []
+      p = collectives.to_varying_stacked(p, vary) if p else []
       if sd_eff is not None:
         terms.append(xh_b * bp(p[0]))
       if bd_eff is not None:
@@ -246,7 +257,8 @@ def _standardize_train_jvp(cfg, primals, tangents):
     if jnp.finfo(out_dtype).bits < jnp.finfo(acc).bits and mom.large(x):
       # bf16/fp16 output: the cotangent reaches each term through its own alias, up-cast
       # inside that term's fused loop (no shared float32 copy of dy).
-      terms = lax.optimization_barrier(tuple(t.astype(out_dtype) for t in terms))
+      terms = mom.on_cpu(lambda *t: lax.optimization_barrier(t),
+                         *(t.astype(out_dtype) for t in terms))
     y_dot = functools.reduce(lambda u, v: u + v, terms)
     return y_dot.astype(out_dtype), mean_dot.astype(mean.dtype), var_dot.astype(var.dtype)
 
@@ -274,7 +286,7 @@ def standardize(fn: str, x, scale, bias, *, red, param_axes, mask, epsilon, dtyp
   bias = None if bias is None else jnp.asarray(bias).reshape(pshape)
   plan = mom.Plan(red=tuple(red), axis_name=axis_name,
                   groups=collectives.groups_tuple(axis_index_groups),
-                  limit=mom.variance_limit(use_fast_variance), center=bool(center),
+                  center=bool(center),
                   grouping=None if grouping is None else tuple(int(g) for g in grouping))
   cfg = Config(plan, tuple(param_axes), out_dtype)
   eps = jnp.asarray(epsilon, rdt)  # differentiable: a learned epsilon gets its gradient

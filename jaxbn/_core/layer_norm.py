@@ -19,8 +19,8 @@ Axes = checks.Axes
 
 
 def _normalized(fn, x, scale, bias, **kw):
-  """The engine's ``y`` for a norm without running state (statistics ``K = 0``-shifted,
-  with the exact correction where the data is far from zero)."""
+  """The engine's ``y`` for a norm without running state (exact one-pass statistics about a
+  shift sampled from ``x``)."""
   return standardize(fn, x, scale, bias, **kw)[0]
 
 

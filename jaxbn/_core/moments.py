@@ -1,39 +1,43 @@
-"""The one moment algebra: local sums, the cross-device combine, the exactness guard, merges.
+"""The one moment algebra: a sampled shift, local sums, the cross-device combine, merges.
 
 Every statistic in jaxbn — batch norm and its variants, the per-example norms, the precise
 statistics and the pooling of per-device running statistics — is computed here.
 
-**Algorithm.** For each statistic (a feature, or a block of them for grouped norms) one fused
-pass over ``x`` accumulates, in at least float32,
+**Algorithm.** For each statistic (a feature, or a block of them for grouped norms) a *shift*
+``K`` is taken from the batch itself: the mean of the valid entries of a small strided sample
+of ``x`` (at most :data:`SAMPLE_PER_AXIS` evenly spaced positions along each reduced axis,
+e.g. 64 entries per feature of an NHWC batch, a read of a few kilobytes). Then one fused pass
+over ``x`` accumulates, in at least float32,
 
 .. math::
    n = \\sum_i m_i, \\quad S_1 = \\sum_i m_i (x_i - K), \\quad S_2 = \\sum_i m_i |x_i - K|^2
 
-about a *shift* ``K`` that is the same on every device (batch norm uses its running mean;
-without running statistics ``K = 0`` unless the caller gives one). One ``psum`` of the stacked
-``(S_1, S_2[, n])`` — ``2C`` or ``3C`` numbers, whatever the number of devices — gives the
-global sums; then ``μ = K + S_1/n`` and ``M_2 = S_2 − S_1²/n``.
+and ``μ = K + S_1/n``, ``M_2 = S_2 − S_1²/n``. The subtraction loses about ``log2(c)`` bits,
+``c = S_2 / M_2 = 1 + (μ − K)²/σ²``. Because ``K`` is a mean of ``r`` of the data's own
+values, ``(K − μ)² ≤ (1/r) Σ_sample (x_s − μ)² ≤ n σ² / r``: ``c ≤ 1 + n/r`` whatever the
+offset of the data (typically ``c ≈ 1 + 1/r`` for exchangeable rows), and ``x − K`` is exact
+in floating point where ``K`` is within a factor 2 of ``x`` (Sterbenz). So the statistics are
+exact for any offset — float32 ``1e4 + N(0, 1)`` keeps a relative variance error near
+``c · log2(n) · eps`` — with no guard, no conditional and no second pass.
 
-**Guard.** The subtraction ``S_2 − S_1²/n`` loses about ``log2(c)`` bits, with the condition
-number ``c = S_2 / M_2 = 1 + (μ − K)²/σ²``. When ``c`` exceeds the limit of the variance
-mode for some statistic, a ``lax.cond`` — whose predicate is computed from the all-reduced
-sums, so every device takes the same branch — adds one exact correction: a second fused pass
-about the global mean ``μ`` (the sums ``Σ(x−μ)``, ``Σ|x−μ|²``) and one more ``psum`` of
-``2C`` numbers. Its condition number is ``1 + O(eps)``, so the result has the rounding error
-of the textbook two-pass algorithm. The fallback runs on the first steps from fresh running
-statistics or after a jump of the data; on ordinary data it never runs.
+**Synchronized** (``axis_name``): each device takes its own sampled shift ``K_d`` and makes
+its pass about it (it does not wait for any collective). Round 1, one ``psum`` of ``C``
+numbers (``2C`` with a mask: the sample's valid counts weight it) that depends only on the
+sample and so overlaps the pass, gives the common shift ``K`` = the mean of the devices'
+shifts. Each device moves its sums to ``K`` exactly in algebra and well conditioned in
+floating point (``δ = K_d − K`` is of the order of the data's spread):
+``S_2 ← S_2 + 2δ S_1 + n δ²``, ``S_1 ← S_1 + n δ``. Round 2, one ``psum`` of ``(S_1, S_2[,
+n])`` — ``2C`` or ``3C`` numbers, independent of the number of devices — gives the global
+sums about the common shift. Under plain ``jax.jit`` on sharded arrays the sample spans every
+shard and XLA's partitioner inserts the two all-reduces.
 
-Limits: ``STABLE_LIMIT = 16`` (``use_fast_variance=False``: at most 4 bits more rounding error
-than two-pass; the mean may drift 3.9 σ from the shift) and ``FAST_LIMIT = 1024`` (flax's
-``use_fast_variance=True``: ``K = 0`` and flax's numbers wherever ``mean² < 1023 σ²``). The
-condition number is taken relative to ``var + ε`` for a normalization (``floor``), the quantity
-it divides by, so a constant feature whose shift is not exactly its value does not take the
-branch. In float32 the relative error of the variance stays below ``limit · n_eff · eps`` where
-``n_eff`` is the accumulation error growth of the reduction (about ``sqrt(n)`` on CPU).
+A sample without a valid entry (a fully masked window) falls back to the caller's ``shift``
+(batch norm's running mean, else 0); only then does the bound above not hold.
 
-Small local inputs (fewer than ``ALIAS_MIN_SIZE`` entries, no ``axis_name``, not sharded) take
-two dependent passes instead — the mean, then the sums about it — because on CPU a conditional's
-dispatch costs more than a pass over a small array.
+XLA:CPU only (``lax.platform_dependent``): each pass reads its own alias of ``x`` through one
+``optimization_barrier`` for inputs of at least :data:`ALIAS_MIN_SIZE` entries, which keeps
+XLA:CPU from writing the up-cast of a bf16 ``x`` out in full. The CUDA and TPU programs hold
+no barrier and no conditional.
 
 **Merge.** :func:`merge` is Chan, Golub & LeVeque's pairwise update of ``(n, μ, M_2)``, used
 for population statistics, ghost batches and the pooling of per-device running statistics.
@@ -46,7 +50,6 @@ from typing import Any, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec as P
 from jax.typing import ArrayLike
@@ -55,9 +58,8 @@ from jaxbn._core import checks
 from jaxbn._core import collectives
 from jaxbn._core.types import Moments
 
-# Largest condition number S2 / M2 trusted without the exact correction, per variance mode.
-STABLE_LIMIT = 16.0
-FAST_LIMIT = 1024.0
+# Positions sampled along each reduced axis for the shift (evenly spaced, the first included).
+SAMPLE_PER_AXIS = 4
 
 
 def accumulation_dtype(dtype) -> jnp.dtype:
@@ -78,27 +80,46 @@ def abs2(z):
   return z * z
 
 
-# Below this many elements a pass over x costs less than a kernel launch: no barriers.
+# XLA:CPU only: below this many elements a pass costs less than a barrier's kernel boundary.
 ALIAS_MIN_SIZE = 1 << 16
 
 
 def large(x) -> bool:
-  """Whether ``x`` is large enough for per-pass aliases (a symbolic size counts as large)."""
-  try:
-    return bool(x.size >= ALIAS_MIN_SIZE)
-  except Exception:  # noqa: BLE001 - a symbolic dimension (jax.export) cannot be compared
-    return True
+  """Whether ``x`` is large enough for per-pass aliases on CPU (a symbolic size counts)."""
+  size = x.size
+  return not isinstance(size, int) or size >= ALIAS_MIN_SIZE
+
+
+def on_cpu(fn, *args):
+  """``fn(*args)`` in the XLA:CPU program, ``args`` unchanged in every other one.
+
+  For XLA:CPU-specific devices (optimization barriers): ``lax.platform_dependent`` keeps
+  them out of the CUDA and TPU programs (lowered for one platform, its index is a constant
+  that XLA folds away).
+  """
+  # A barrier types all its outputs device-varying when one input is (shard_map): give
+  # every input the same varying axes first so that both branches have one type.
+  vma = frozenset().union(*(collectives.varying_axes(v) for v in jax.tree.leaves(args)))
+  if vma:
+    def vary(v):
+      missing = tuple(sorted(vma - collectives.varying_axes(v)))
+      return lax.pcast(v, missing, to="varying") if missing else v
+    args = jax.tree.map(vary, args)
+  return lax.platform_dependent(*args, cpu=fn, default=lambda *a: a)
 
 
 def aliases(x: jax.Array, n: int):
-  """``n`` aliases of ``x`` that XLA cannot merge (one ``optimization_barrier``).
+  """``n`` aliases of ``x`` that XLA:CPU cannot merge (one ``optimization_barrier``, CPU only).
 
   When one value (a bf16 ``x`` up-cast to float32, or a broadcast per-feature vector) feeds
   several fused passes, XLA:CPU writes it out in full, a temporary the size of ``x``; giving
   each pass its own alias keeps the computation inside each pass's loop. The aliases must
   come from a single barrier: separate identical barriers are merged and then removed.
+  Other backends fuse multi-output reductions themselves and get ``x`` ``n`` times.
   """
-  return lax.optimization_barrier((x,) * n)
+  if n < 2:
+    return (x,) * n
+  return on_cpu(lambda *v: lax.optimization_barrier(v), *((x,) * n))
 
 
 def bcast(v: jax.Array, shape: tuple[int, ...], feat: tuple[int, ...],
@@ -158,6 +179,70 @@ def block_values(v, grouping):
   return lax.index_in_dim(split(v, pos, n), 0, pos + 1, keepdims=False)
 
 
+# ---------------------------------------------------------------- the sampled shift
+
+
+def _sample(v, red):
+  """Evenly spaced entries of ``v`` along each axis in ``red`` (at most SAMPLE_PER_AXIS each).
+
+  An axis sharded over mesh axes (plain ``jax.jit`` on an explicit mesh) is first cut into
+  ``(shards, local)``, and each shard is sampled, so every device contributes and no slice
+  crosses a shard boundary. A symbolic axis (``jax.export``) contributes its first entry.
+  Returns the sample and its reduced axes.
+  """
+  sharding = collectives.explicit_sharding(v)
+  spec = () if sharding is None else tuple(sharding.spec) + (None,) * v.ndim
+  axes = []
+  offset = 0
+  for a in sorted(red):
+    pos = a + offset
+    d = v.shape[pos]
+    parts = collectives.names(spec[a]) if sharding is not None else ()
+    shards = math.prod(sharding.mesh.shape[p] for p in parts) if parts else 1
+    if shards > 1:
+      v = split(v, pos, shards)
+      axes.append(pos)
+      offset += 1
+      pos += 1
+      d = d // shards
+    if isinstance(d, int):
+      step = max(1, -(-d // SAMPLE_PER_AXIS))
+      v = lax.slice_in_dim(v, 0, d, step, axis=pos)
+    else:
+      v = lax.slice_in_dim(v, 0, 1, axis=pos)
+    axes.append(pos)
+  return v, tuple(axes)
+
+
+def _sampled_shift(x, mask, red, grouping, fallback):
+  """Per-statistic shift from the sample (block-shaped) and its valid weight.
+
+  ``K`` is the mean of the sample's valid, finite entries; where there is none it is
+  ``fallback``. The weight ``w`` is the number of such entries (the same positive number on
+  every device without a mask).
+  """
+  acc = accumulation_dtype(x.dtype)
+  rdt = real_dtype(acc)
+  xs, axes = _sample(lax.stop_gradient(x), red)
+  ok = jnp.isfinite(abs2(xs.astype(acc)))
+  if mask is not None:
+    ms, _ = _sample(jnp.broadcast_to(mask, x.shape), red)
+    ok = ok & ms
+  total = jnp.sum(jnp.where(ok, xs.astype(acc), jnp.zeros((), acc)), axis=axes)
+  w = jnp.sum(ok, axis=axes, dtype=rdt)
+  total, w = block_sum(total, grouping), block_sum(w, grouping)
+  k = jnp.where(w > 0, total / jnp.maximum(w, 1.0), like(fallback, total))
+  return k, w
+
+
+def like(v, ref):
+  """``v`` with the explicit sharding of ``ref`` (plain jit on an explicit mesh), else ``v``."""
+  sharding = collectives.explicit_sharding(ref)
+  if sharding is None or collectives.explicit_sharding(v) == sharding:
+    return v
+  return jax.sharding.reshard(v, sharding)
+
+
 # ---------------------------------------------------------------- local sums and the combine
 
 
@@ -168,24 +253,18 @@ class Plan(NamedTuple):
     red: axes of ``x`` reduced; the others are the statistics' ("stat") axes.
     axis_name: mapped axis name(s) the sums are synchronized over, or None.
     groups: ``axis_index_groups`` as a tuple of tuples, or None.
-    limit: largest trusted condition number (:data:`STABLE_LIMIT` or :data:`FAST_LIMIT`).
-    center: False for a mean square about 0 (RMS norm): no shift, no guard.
+    center: False for a mean square about 0 (RMS norm): no shift.
     grouping: ``(pos, n)`` blocks of stat axis ``pos`` sharing statistics, or None.
   """
 
   red: tuple
   axis_name: Any = None
   groups: Any = None
-  limit: float = STABLE_LIMIT
   center: bool = True
   grouping: Any = None
 
 
-def variance_limit(use_fast_variance: bool) -> float:
-  return FAST_LIMIT if use_fast_variance else STABLE_LIMIT
-
-
-def _local_sums(x, red, mask, shift, need_s1=True, need_s2=True):
+def _local_sums(x, red, mask, shift, need_s1=True):
   """One fused pass: count, ``Σ(x − shift)`` and ``Σ|x − shift|²`` over ``red`` (stat-shaped).
 
   ``count`` is a Python float when there is no mask (every entry counts) and the shape is
@@ -202,11 +281,9 @@ def _local_sums(x, red, mask, shift, need_s1=True, need_s2=True):
   else:
     mask = jnp.broadcast_to(mask, x.shape)
     count = jnp.sum(mask, axis=red, dtype=rdt)
-  # Each sum reads its own alias of x (and of the broadcast shift), so that XLA keeps the
-  # up-cast and the subtraction inside each reduction loop instead of writing x − K out.
-  passes = int(need_s1) + int(need_s2)
+  passes = 1 + int(need_s1)
   xs = aliases(x, passes) if large(x) else (x,) * passes
-  ks = (shift,) * passes if shift is None or not large(x) else aliases(shift, passes)
+  ks = aliases(shift, passes) if shift is not None and large(x) else (shift,) * passes
 
   def centered(xv, k):
     d = xv.astype(acc)
@@ -215,117 +292,81 @@ def _local_sums(x, red, mask, shift, need_s1=True, need_s2=True):
     return d if mask is None else jnp.where(mask, d, jnp.zeros((), acc))
 
   s1 = jnp.sum(centered(xs[0], ks[0]), axis=red) if need_s1 else None
-  s2 = jnp.sum(abs2(centered(xs[-1], ks[-1])), axis=red).astype(rdt) if need_s2 else None
+  s2 = jnp.sum(abs2(centered(xs[-1], ks[-1])), axis=red).astype(rdt)
   return count, s1, s2
 
 
 def batch_moments(x: jax.Array, mask: Optional[jax.Array], plan: Plan,
-                  shift: Optional[jax.Array] = None, floor: Any = 0.0):
+                  shift: Optional[jax.Array] = None):
   """Global ``(count, mean, var)`` of ``x``'s valid entries, each stat-shaped.
 
-  ``shift`` (block-shaped, i.e. the stat shape with the grouped axis cut to its blocks) is
-  the per-statistic offset ``K``; None is 0. It must be the same on every device of
-  ``plan.axis_name``. The result is exact for any offset of the data (see the module
-  docstring); ``mean`` and ``var`` of a statistic without valid entries are 0.
-  With ``plan.center=False`` ``mean`` is 0 and ``var`` is the mean square.
-
-  ``floor`` (a normalization's epsilon) is the variance below which digits do not matter: the
-  guard bounds the error relative to ``var + floor``, the quantity a normalization divides
-  by, so a constant (e.g. dead) feature whose shift is not exactly its value does not take
-  the correction branch on every step.
+  Exact for any offset of the data, with no conditional (see the module docstring).
+  ``shift`` (block-shaped, i.e. the stat shape with the grouped axis cut to its blocks; the
+  same on every device of ``plan.axis_name``) is only the fallback for a statistic whose
+  sample holds no valid entry; None is 0. ``mean`` and ``var`` of a statistic without valid
+  entries are 0. With ``plan.center=False`` ``mean`` is 0 and ``var`` is the mean square.
   """
   acc = accumulation_dtype(x.dtype)
   rdt = real_dtype(acc)
-  red, grouping = plan.red, plan.grouping
+  red, grouping, axis_name = plan.red, plan.grouping, plan.axis_name
   sfeat = tuple(i for i in range(x.ndim) if i not in red)
   sshape = tuple(x.shape[i] for i in sfeat)
   glen = None if grouping is None else sshape[grouping[0]]
   bshape = sshape if grouping is None else (
       sshape[:grouping[0]] + (grouping[1],) + sshape[grouping[0] + 1:])
 
-  def as_counts(c):
-    if not isinstance(c, float):
-      return c
-    per_block = 1 if grouping is None else glen // grouping[1]
-    size = collectives.axis_size(plan.axis_name, plan.groups)
-    return jnp.full(bshape, c * per_block * size, rdt)
+  def block_counts(c):
+    if isinstance(c, float):  # every entry counts: a static number per block
+      return jnp.full(bshape, c * (1 if grouping is None else glen // grouping[1]), rdt)
+    return block_sum(c, grouping)
 
-  def global_sums(count, s1, s2, known_count=None):
-    """Block sums, then ONE psum of ``(S1, S2[, count])``; a known count is not resent."""
-    if known_count is not None:
-      count = known_count
-    elif not isinstance(count, float):
-      count = block_sum(count, grouping)
-    s1 = None if s1 is None else block_sum(s1, grouping)
-    s2 = None if s2 is None else block_sum(s2, grouping)
-    parts = [v for v in (s1, s2) if v is not None]
-    send_count = known_count is None and not isinstance(count, float)
-    if send_count:
-      parts.append(count.astype(parts[0].dtype))
-    if plan.axis_name is not None:
-      parts = list(collectives.psum_stacked(parts, plan.axis_name, plan.groups))
-    s1g = parts.pop(0) if s1 is not None else None
-    s2g = parts.pop(0).real.astype(rdt) if s2 is not None else None
-    if send_count:
-      count = parts.pop(0).real.astype(rdt)
-    elif isinstance(count, float):
-      count = as_counts(count)
-    return count, s1g, s2g
+  def psum(parts):
+    return list(collectives.psum_stacked(parts, axis_name, plan.groups))
 
   if not plan.center:
-    count, _, s2 = global_sums(*_local_sums(x, red, mask, None, need_s1=False))
-    n = jnp.maximum(count, 1.0)
-    out = (count, jnp.zeros(bshape, acc), s2 / n)
+    count, _, s2 = _local_sums(x, red, mask, None, need_s1=False)
+    static = isinstance(count, float)
+    count, s2 = block_counts(count), block_sum(s2, grouping)
+    if static:
+      s2 = psum([s2])[0]
+      count = count * collectives.axis_size(axis_name, plan.groups)
+    else:
+      s2, count = psum([s2, count])
+    out = (count, jnp.zeros(bshape, acc), s2 / jnp.maximum(count, 1.0))
     return tuple(expand(v, grouping, glen) for v in out)
 
-  if shift is None:
-    k = jnp.zeros(bshape, acc)
-  else:
-    k = lax.stop_gradient(jnp.asarray(shift).astype(acc))
-    k = jnp.where(jnp.isfinite(abs2(k)), k, jnp.zeros((), acc))  # a corrupt shift is 0
-
-  def shifted(k, known_count=None):
-    count, s1, s2 = global_sums(*_local_sums(x, red, mask, expand(k, grouping, glen)),
-                                known_count=known_count)
-    n = jnp.maximum(count, 1.0)
-    d = s1 / n
-    return count, k + d, jnp.maximum(s2 - n * abs2(d), 0.0), s2
-
-  if not large(x) and plan.axis_name is None and collectives.explicit_sharding(x) is None:
-    # A small local x: kernel dispatch dominates, and two dependent passes (the mean, then
-    # the sums about it) cost less than a conditional. Exact for any offset, no guard.
-    count, s1, _ = global_sums(*_local_sums(x, red, mask, expand(k, grouping, glen),
-                                            need_s2=False))
-    _, mean, m2, _ = shifted(k + s1 / jnp.maximum(count, 1.0), known_count=count)
-    var = m2 / jnp.maximum(count, 1.0)
-    mean = jnp.where(count > 0, mean, jnp.zeros((), acc))
-    return tuple(expand(v, grouping, glen) for v in (count, mean, var))
-
-  count, mean, m2, s2 = shifted(k)
-  # Trusted where S2 <= limit * (M2 + n * floor), i.e. the shift is within sqrt(limit - 1)
-  # std of the mean (NaN-safe: a non-finite sum is not trusted).
-  floor = lax.stop_gradient(jnp.asarray(floor, rdt))
-  trusted = jnp.all(s2 <= plan.limit * (m2 + count * floor))
-
-  def exact():
-    _, mean2, m2_2, _ = shifted(mean, known_count=count)
-    return mean2, m2_2
-
-  def select():
-    exact_mean, exact_m2 = exact()
-    return jnp.where(trusted, mean, exact_mean), jnp.where(trusted, m2, exact_m2)
-
-  try:
-    mean, m2 = lax.cond(trusted, lambda: (mean, m2), exact)
-  except Exception as e:  # noqa: BLE001 - JAX's sharding errors only; the rest re-raised
-    if "sharding" not in str(e) and "not found in mesh" not in str(e):
-      raise
-    # jax.vmap over an explicitly sharded axis cannot batch a data-dependent cond (JAX
-    # 0.10 raises a sharding error for the batched predicate): compute both and select.
-    mean, m2 = select()
-  valid = count > 0
-  mean = jnp.where(valid, mean, jnp.zeros((), acc))
-  var = m2 / jnp.maximum(count, 1.0)
+  fallback = jnp.zeros(bshape, acc) if shift is None else lax.stop_gradient(
+      jnp.asarray(shift).astype(acc))
+  fallback = jnp.where(jnp.isfinite(abs2(fallback)), fallback, jnp.zeros((), acc))
+  k_local, w = _sampled_shift(x, mask, red, grouping, fallback)
+  count, s1, s2 = _local_sums(x, red, mask, expand(k_local, grouping, glen))
+  static = isinstance(count, float)
+  count, s1, s2 = block_counts(count), block_sum(s1, grouping), block_sum(s2, grouping)
+  k = k_local
+  if axis_name is not None:
+    # Round 1 (depends on the sample only, so it overlaps the pass): the common shift.
+    if mask is None:
+      k = psum([k_local])[0] / collectives.axis_size(axis_name, plan.groups)
+    else:
+      kw, wsum = psum([k_local * w, w.astype(acc)])
+      wsum = wsum.real
+      k = jnp.where(wsum > 0, kw / jnp.maximum(wsum, 1.0), like(fallback, kw))
+    # Move the local sums to the common shift (δ is of the order of the data's spread).
+    delta = k_local - k
+    s2 = s2 + (2.0 * (delta.conj() * s1).real + count * abs2(delta)).astype(rdt)
+    s1 = s1 + count * delta
+    # Round 2: the global sums (a static count is not sent).
+    if static:
+      s1, s2 = psum([s1, s2.astype(acc)])
+      count = count * collectives.axis_size(axis_name, plan.groups)
+    else:
+      s1, s2, count = psum([s1, s2.astype(acc), count.astype(acc)])
+      count = count.real
+    s2 = s2.real.astype(rdt)
+  n = jnp.maximum(count, 1.0)
+  d = s1 / n
+  mean = jnp.where(count > 0, k + d, jnp.zeros((), acc))
+  var = jnp.maximum(s2 - n * abs2(d), 0.0) / n
   return tuple(expand(v, grouping, glen) for v in (count, mean, var))
 
 
@@ -384,16 +425,15 @@ def moments(
      \mu = \frac{1}{n}\sum_{i \in \text{valid}} x_i, \qquad
      \sigma^2 = \frac{1}{n}\sum_{i \in \text{valid}} |x_i - \mu|^2
 
-  Numerics: one fused pass accumulates ``Σ(x − K)`` and ``Σ|x − K|²`` in float32 (or wider)
-  about a per-feature shift ``K`` (``shift``, default 0), without an up-cast copy of ``x``.
-  Where the shift is far from the mean (``(μ − K)² > 15 σ²``, or ``1023 σ²`` with
-  ``use_fast_variance=True``) an exact correction pass about the mean is added, so the result
-  is exact for any offset of the data — e.g. float32 data ``1e4 + N(0, 1)`` keeps a relative
-  error near float32's rounding, synchronized or not. Pass a shift close to the mean (a
-  running mean, a previous batch's mean) to keep one pass on data far from zero.
+  Numerics: one fused pass accumulates ``Σ(x − K)`` and ``Σ|x − K|²`` in float32 (or wider),
+  without an up-cast copy of ``x``, about a per-feature shift ``K`` taken from the batch
+  itself (the mean of a strided sample of a few entries per feature), so the result is exact
+  for any offset of the data — float32 data ``1e4 + N(0, 1)`` keeps a relative error near
+  float32's rounding, synchronized or not — with no conditional and no second pass.
   With ``axis_name`` the statistics are those of the union of all devices' valid entries,
-  weighted by their true counts, computed with one ``psum`` of ``2–3 × features`` numbers
-  (independent of the number of devices); the shift must be the same on every device.
+  weighted by their true counts: one ``psum`` of ``features`` numbers (``2 × features`` with a
+  mask) agrees on a common shift while the pass runs, one of ``2–3 × features`` numbers sums
+  the moments — both independent of the number of devices.
 
   Args:
     x: input array, any float dtype (complex allowed: the variance is that of ``|x - mean|``).
@@ -403,9 +443,10 @@ def moments(
     axis_name: name or tuple of names of mapped axes (``shard_map``/``pmap``/``vmap``) over
       which to synchronize the statistics; None for none.
     axis_index_groups: optional groups of device indices to synchronize within (``pmap``).
-    use_fast_variance: flax's ``E[x²] − E[x]²`` numbers where they are accurate (the
-      correction pass only where ``mean² > 1023 var``); ignores ``shift``.
-    shift: optional per-feature offset ``K`` (feature shape), treated as a constant.
+    use_fast_variance: accepted for flax compatibility; the one-pass statistics above are
+      already fast, and are exact in both modes (flax's ``E[x²] − E[x]²`` is not).
+    shift: optional per-feature fallback offset (feature shape, treated as a constant, the
+      same on every device), used only for a feature whose sample holds no valid entry.
 
   Returns:
     :class:`Moments` ``(mean, var, count)`` of the feature shape. ``count`` is 0 (and mean and
@@ -428,8 +469,7 @@ def moments(
     checks.feature_shape_matches(fn, "shift", shift, fshape,
                                  "pass one value per feature (e.g. a running mean).")
   plan = Plan(red=checks.reduction_axes(x.ndim, feat), axis_name=axis_name,
-              groups=collectives.groups_tuple(axis_index_groups),
-              limit=variance_limit(use_fast_variance))
-  k = None if shift is None or use_fast_variance else jnp.asarray(shift).reshape(fshape)
+              groups=collectives.groups_tuple(axis_index_groups))
+  k = None if shift is None else jnp.asarray(shift).reshape(fshape)
   count, mean, var = batch_moments(x, None if mask is None else jnp.asarray(mask), plan, k)
   return Moments(mean, var, count)
