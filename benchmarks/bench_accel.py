@@ -604,7 +604,24 @@ def run_cuda(args) -> None:
   mesh = data_mesh(jax.devices()[:8])
   records = []
   t0 = time.perf_counter()
-  for model, layer, mode in cuda_configs(args):
+  configs = cuda_configs(args)
+
+  def write():  # after every configuration: a stopped run keeps what it measured
+    return _results.write_results(
+        "bench_accel_cuda", cuda_tables(records), command=_results.command_line(),
+        title="CUDA lowering counts: conditionals, barriers, collectives (`bench_accel.py`)",
+        notes=["Platform: **CUDA lowering count** (StableHLO for XLA:GPU, lowered on a CPU "
+               "machine with `jax.export`; nothing runs on a GPU, nothing is timed). The "
+               "`jit` mode's collectives are **XLA:CPU-compiled counts** after SPMD "
+               "partitioning on 8 simulated CPU devices.",
+               f"Train step: loss, gradient w.r.t. parameters and input, batch statistics "
+               f"updated; momentum {MOMENTUM}, epsilon {EPSILON}; shard_map: 8 devices, "
+               f"axis_name='data' for the layers with batch statistics. "
+               f"{len(records)} of {len(configs)} configurations, wall time "
+               f"{time.perf_counter() - t0:.0f} s."],
+        out_dir=_results.output_dir(args))
+
+  for model, layer, mode in configs:
     try:
       rec = cuda_one(model, layer, mode, mesh, args)
     except Exception as e:  # a failing configuration is a row with its error
@@ -615,20 +632,10 @@ def run_cuda(args) -> None:
           + (f"case/if={s['case_if']} barriers={s['optimization_barrier']} "
              f"all-reduce={coll_total(s['collectives'], 'all_reduce')} ops={s['ops']} "
              f"{rec['lower_s']:.1f}s" if s else rec["error"]), file=sys.stderr, flush=True)
-  tables = cuda_tables(records)
-  path = _results.write_results(
-      "bench_accel_cuda", tables, command=_results.command_line(),
-      title="CUDA lowering counts: conditionals, barriers, collectives (`bench_accel.py`)",
-      notes=["Platform: **CUDA lowering count** (StableHLO for XLA:GPU, lowered on a CPU "
-             "machine with `jax.export`; nothing runs on a GPU, nothing is timed). The "
-             "`jit` mode's collectives are **XLA:CPU-compiled counts** after SPMD "
-             "partitioning on 8 simulated CPU devices.",
-             f"Train step: loss, gradient w.r.t. parameters and input, batch statistics "
-             f"updated; momentum {MOMENTUM}, epsilon {EPSILON}; shard_map: 8 devices, "
-             f"axis_name='data' for the layers with batch statistics; total wall time "
-             f"{time.perf_counter() - t0:.0f} s."],
-      out_dir=_results.output_dir(args))
-  for t in tables:
+    if model == "resnet50":
+      write()
+  path = write()
+  for t in cuda_tables(records):
     _results.print_table(t)
   print(f"# {path}", file=sys.stderr)
 
@@ -743,10 +750,33 @@ def tpu_tables(records) -> List[Dict[str, Any]]:
 def run_tpu(args) -> None:
   _check_tpu_safety()
   from jax.experimental import topologies  # noqa: PLC0415 (loads libtpu)
+  try:
+    from importlib import metadata  # noqa: PLC0415
+    libtpu = metadata.version("libtpu")
+  except Exception:  # noqa: BLE001
+    libtpu = None
   records = []
   t0 = time.perf_counter()
   meshes: Dict[str, Any] = {}
-  for topo, model, layer, mode in tpu_configs(args):
+  configs = tpu_configs(args)
+
+  def write():  # after every configuration: a stopped run keeps what it compiled
+    return _results.write_results(
+        "bench_accel_tpu", tpu_tables(records), command=_results.command_line(),
+        title="TPU compile estimates: cycles, bytes, memory, collectives (`bench_accel.py`)",
+        notes=["Platform: **TPU compile estimate (XLA:TPU cost model, not a measurement)**: "
+               f"libtpu {libtpu} compiles for compile-only TPU devices "
+               "(`jax.experimental.topologies.get_topology_desc`) on a CPU machine, under "
+               "`unshare --net` with `TPU_SKIP_MDS_QUERY=1 JAX_PLATFORMS=cpu`. Nothing runs "
+               "on a TPU; compare implementations within this run.",
+               f"Train step: loss, gradient w.r.t. parameters and input, batch statistics "
+               f"updated; batch {args.batch} per device; shard_map: axis_name='data' for the "
+               f"layers with batch statistics; jit: batch-sharded, no axis name. "
+               f"{len(records)} of {len(configs)} configurations, wall time "
+               f"{time.perf_counter() - t0:.0f} s."],
+        out_dir=_results.output_dir(args))
+
+  for topo, model, layer, mode in configs:
     try:
       if topo not in meshes:
         meshes[topo] = data_mesh(topologies.get_topology_desc(topo, "tpu").devices)
@@ -762,26 +792,9 @@ def run_tpu(args) -> None:
              f"(+{h['estimated_cycles_in_branch'] / 1e6:.3f}) "
              f"GB={rec['bytes_accessed'] / 1e9:.3f} temp={rec['temp_bytes']} "
              f"{rec['compile_s']:.0f}s" if h else rec["error"]), file=sys.stderr, flush=True)
-  tables = tpu_tables(records)
-  try:
-    from importlib import metadata  # noqa: PLC0415
-    libtpu = metadata.version("libtpu")
-  except Exception:  # noqa: BLE001
-    libtpu = None
-  path = _results.write_results(
-      "bench_accel_tpu", tables, command=_results.command_line(),
-      title="TPU compile estimates: cycles, bytes, memory, collectives (`bench_accel.py`)",
-      notes=["Platform: **TPU compile estimate (XLA:TPU cost model, not a measurement)**: "
-             f"libtpu {libtpu} compiles for compile-only TPU devices "
-             "(`jax.experimental.topologies.get_topology_desc`) on a CPU machine, under "
-             "`unshare --net` with `TPU_SKIP_MDS_QUERY=1 JAX_PLATFORMS=cpu`. Nothing runs on "
-             "a TPU; compare implementations within this run.",
-             f"Train step: loss, gradient w.r.t. parameters and input, batch statistics "
-             f"updated; batch {args.batch} per device; shard_map: axis_name='data' for the "
-             f"layers with batch statistics; jit: batch-sharded, no axis name; total wall "
-             f"time {time.perf_counter() - t0:.0f} s."],
-      out_dir=_results.output_dir(args))
-  for t in tables:
+    write()
+  path = write()
+  for t in tpu_tables(records):
     _results.print_table(t)
   print(f"# {path}", file=sys.stderr)
 
