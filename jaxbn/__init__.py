@@ -10,6 +10,7 @@ import importlib as _importlib
 import warnings as _warnings
 
 from jaxbn._core.adapt import adapt_batch_norm, mix_stats, source_weight, split_batch_norm
+from jaxbn._core.batch_channel_norm import batch_channel_norm
 from jaxbn._core.batch_norm import batch_norm
 from jaxbn._core.ema import momentum_from_torch, update_stats
 from jaxbn._core.evonorm import evonorm_b0, evonorm_s0
@@ -42,6 +43,7 @@ __all__ = [
     "batch_renorm",
     "renorm_schedule",
     "ghost_batch_norm",
+    "batch_channel_norm",
     "frozen_batch_norm",
     "evonorm_b0",
     # batch-independent normalizations

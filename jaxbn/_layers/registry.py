@@ -39,6 +39,7 @@ from __future__ import annotations
 from typing import Any, Callable, NamedTuple, Optional
 
 from jaxbn._core.adapt import adapt_batch_norm, split_batch_norm
+from jaxbn._core.batch_channel_norm import batch_channel_norm
 from jaxbn._core.batch_norm import batch_norm
 from jaxbn._core.evonorm import evonorm_b0, evonorm_s0
 from jaxbn._core.frn import filter_response_norm
@@ -112,6 +113,8 @@ LAYERS: list[Layer] = [
     Layer("GhostBatchNorm", ghost_batch_norm, "trains", _BN,
           ("virtual_batch_size", "batch_axis", "stats_update"),
           summary="ghost (virtual) batch norm (Hoffer et al. 2017)"),
+    Layer("BatchChannelNorm", batch_channel_norm, "running", _BN, ("num_groups", "group_size"),
+          summary="batch norm, then group norm (Qiao et al. 2019)"),
     Layer("FrozenBatchNorm", frozen_batch_norm, "frozen", _BN, ("freeze_affine",),
           summary="batch norm with fixed statistics (detectron2)"),
     Layer("TestTimeBatchNorm", adapt_batch_norm, "adaptive", _BN[:2] + _AFFINE, ("prior",),

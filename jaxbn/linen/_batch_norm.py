@@ -1,5 +1,5 @@
 """``jaxbn.linen.BatchNorm`` (flax.linen's BatchNorm interface over :func:`jaxbn.batch_norm`),
-and its fields as the base of the BN-family layers."""
+its fields as a base, and the BN-family layers built on them alone."""
 
 from __future__ import annotations
 
@@ -123,4 +123,44 @@ class BatchNorm(BatchNormFields):
     return bn_call(self, jaxbn.batch_norm, "jaxbn.linen.BatchNorm", x, mode, mask)
 
 
-__all__ = ["BatchNorm"]
+class BatchChannelNorm(BatchNormFields):
+  r"""Batch-channel normalization (Qiao et al., 2019) for Linen: BN, then GroupNorm.
+
+  .. math::
+     y = \gamma\,\mathrm{GN}\Big(\frac{x - \mu}{\sqrt{\sigma^2 + \epsilon}}\Big) + \beta
+
+  :func:`jaxbn.batch_channel_norm`: the batch norm (running statistics as
+  :class:`BatchNorm`'s, no affine) then a group norm per example over ``num_groups`` channel
+  groups with ``scale``/``bias``. :class:`BatchNorm`'s fields, call and variables
+  (``batch_stats/mean``, ``var``; ``params/scale``, ``bias``), plus the groups; channels last.
+  Its eval is not an affine map: the tools run it in eval mode (freeze), leave its statistics
+  (recompute) and do not fold it (kind ``running``).
+
+  Attributes:
+    num_groups: channel groups (default 32); None with ``group_size``.
+    group_size: channels per group instead of ``num_groups``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, jaxbn.linen
+    >>> layer = jaxbn.linen.BatchChannelNorm(num_groups=2, use_running_average=False)
+    >>> x = jax.random.normal(jax.random.key(0), (8, 4, 4, 6))
+    >>> variables = layer.init(jax.random.key(1), x)
+    >>> y, updates = layer.apply(variables, x, mutable=['batch_stats'])
+    >>> updates['batch_stats']['var'].shape
+    (6,)
+  """
+
+  num_groups: Optional[int] = 32
+  group_size: Optional[int] = None
+
+  @nn.compact
+  def __call__(self, x: jax.typing.ArrayLike, use_running_average: Optional[bool] = None, *,
+               mask: Optional[jax.Array] = None) -> jax.Array:
+    """As :meth:`BatchNorm.__call__`, then the group norm."""
+    fn = "jaxbn.linen.BatchChannelNorm"
+    mode = resolve_mode(fn, self.use_running_average, use_running_average)
+    return bn_call(self, jaxbn.batch_channel_norm, fn, x, mode, mask,
+                   num_groups=self.num_groups, group_size=self.group_size)
+
+
+__all__ = ["BatchNorm", "BatchChannelNorm"]

@@ -1,4 +1,5 @@
-"""``jaxbn.nnx.BatchNorm``: flax.nnx's BatchNorm interface over :func:`jaxbn.batch_norm`."""
+"""``jaxbn.nnx.BatchNorm`` (flax.nnx's BatchNorm interface over :func:`jaxbn.batch_norm`) and
+the BN-family layers that share its constructor alone."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from flax.typing import Axes, Dtype, Initializer, PromoteDtypeFn
 from jax.nn import initializers
 
 import jaxbn
-from jaxbn.nnx._common import Layer, bn_call, init_bn_layer, promote_dtype, resolve_mode
+from jaxbn.nnx._common import (Layer, bn_call, init_bn_layer, mode, promote_dtype,
+                               resolve_mode)
 
 _SHARED_UNDER_VMAP = (
     "jaxbn.nnx.BatchNorm: cannot write the running statistics `mean`/`var` in training mode: "
@@ -142,4 +144,63 @@ class BatchNorm(Layer):
                    shared_error=_SHARED_UNDER_VMAP)
 
 
-__all__ = ["BatchNorm"]
+class BatchChannelNorm(Layer):
+  r"""Batch-channel normalization (Qiao et al., 2019) for NNX: BN, then GroupNorm.
+
+  :func:`jaxbn.batch_channel_norm` (see :class:`jaxbn.linen.BatchChannelNorm`): the
+  constructor, attributes and state of :class:`BatchNorm` (``mean``, ``var``, ``scale``,
+  ``bias``) plus ``num_groups``/``group_size``; channels last. The other arguments are as
+  :class:`BatchNorm`'s.
+
+  Args:
+    num_groups: channel groups (default 32); None with ``group_size``.
+    group_size: channels per group instead of ``num_groups``.
+
+  Example:
+    >>> import jax, jaxbn.nnx
+    >>> from flax import nnx
+    >>> layer = jaxbn.nnx.BatchChannelNorm(6, num_groups=2, rngs=nnx.Rngs(0))
+    >>> y = layer(jax.random.normal(jax.random.key(0), (8, 4, 4, 6)))   # updates mean/var
+    >>> sorted(nnx.state(layer).keys())
+    ['bias', 'mean', 'scale', 'var']
+  """
+
+  def __init__(
+      self,
+      num_features: int,
+      *,
+      use_running_average: Optional[bool] = False,
+      axis: Axes = -1,
+      momentum: Optional[float] = 0.99,
+      epsilon: float = 1e-5,
+      dtype: Optional[Dtype] = None,
+      param_dtype: Dtype = jnp.float32,
+      use_bias: bool = True,
+      use_scale: bool = True,
+      bias_init: Initializer = initializers.zeros,
+      scale_init: Initializer = initializers.ones,
+      axis_name: Any = None,
+      axis_index_groups: Any = None,
+      use_fast_variance: bool = True,
+      promote_dtype: PromoteDtypeFn = promote_dtype,
+      rngs: nnx.Rngs,
+      bias_metadata: Mapping[str, Any] = MappingProxyType({}),
+      scale_metadata: Mapping[str, Any] = MappingProxyType({}),
+      unbiased_running_var: bool = False,
+      debias: bool = False,
+      num_groups: Optional[int] = 32,
+      group_size: Optional[int] = None,
+  ):
+    init_bn_layer(self, "jaxbn.nnx.BatchChannelNorm", locals())
+
+  def __call__(self, x: jax.typing.ArrayLike, use_running_average: Optional[bool] = None, *,
+               mask: Optional[jax.Array] = None) -> jax.Array:
+    """As :meth:`BatchNorm.__call__`, then the group norm (held in eval mode when frozen)."""
+    fn = "jaxbn.nnx.BatchChannelNorm"
+    use_running_average = resolve_mode(fn, mode(self, use_running_average), None)
+    return bn_call(self, jaxbn.batch_channel_norm, fn, x, use_running_average, mask,
+                   shared_error=_SHARED_UNDER_VMAP, num_groups=self.num_groups,
+                   group_size=self.group_size)
+
+
+__all__ = ["BatchNorm", "BatchChannelNorm"]
