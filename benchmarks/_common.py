@@ -75,6 +75,37 @@ def quartiles(v: List[float]) -> Tuple[float, float]:
   return (q[0], q[2])
 
 
+class Deadline:
+  """Skips a unit of work that would not finish ``seconds`` after creation (None: never skips).
+
+  The estimate of a unit's duration is the longest one so far, so a script under an external
+  time limit (``timeout``) still writes the results it has instead of being killed mid-way.
+  """
+
+  def __init__(self, seconds: Optional[float]):
+    self.t0, self.seconds, self.longest = time.perf_counter(), seconds, 0.0
+    self.skipped: List[str] = []
+
+  def allows(self, what: str) -> bool:
+    """True if ``what`` may start; else records it in ``skipped``."""
+    if self.seconds is None:
+      return True
+    if time.perf_counter() - self.t0 + self.longest > self.seconds:
+      self.skipped.append(what)
+      return False
+    return True
+
+  def took(self, started: float) -> None:
+    """Records the duration of a unit that started at ``started`` (``time.perf_counter()``)."""
+    self.longest = max(self.longest, time.perf_counter() - started)
+
+  def note(self) -> Optional[str]:
+    if not self.skipped:
+      return None
+    return (f"Stopped at the {self.seconds:.0f} s deadline (--deadline): not run: "
+            + "; ".join(self.skipped) + ".")
+
+
 # Datasheet peak memory bandwidth (bytes/s), matched against ``jax.devices()[0].device_kind``
 # (first matching substring wins, so the specific names come first). Sources: NVIDIA's product
 # datasheets (H100 SXM5 80 GB HBM3: 3.35 TB/s; H100 PCIe 80 GB HBM2e: 2.0 TB/s; H100 NVL 94 GB:

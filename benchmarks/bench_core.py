@@ -469,9 +469,13 @@ def run(args):
   if torch_name == "torch":
     torch_name = "torch (CPU)" if dev.platform == "cpu" else f"torch ({dev.platform})"
   torch_ratios = {}  # (shape, dtype, pass) -> ratios(jaxbn, torch) from the same rounds
+  deadline = _common.Deadline(args.deadline)
   for dname in dtypes:
     dtype = jnp.dtype(dname)
     for shape in shapes:
+      if not deadline.allows(f"{shape} {dname}"):
+        continue
+      started = time.perf_counter()
       c = shape[-1]
       x = jnp.asarray(rng.normal(size=shape) * 2 + 1, dtype)
       dy = jnp.asarray(rng.normal(size=shape), dtype)
@@ -522,6 +526,7 @@ def run(args):
         for name, err in errors.items():
           rows.append([str(shape), dname, pname, name, None, None, None, None, roof, None, None]
                       + ([None] if peak else []) + [err])
+      deadline.took(started)
   columns = ["shape", "dtype", "pass", "impl", "median ms", RATIO_OF_MEDIANS, PAIRED, SPREAD,
              "roofline ms", "% of roofline", "GB/s (min bytes)"]
   formats = [None, None, None, None, ".3f", ".2f", ".2f", None, ".3f", ".0f", ".1f"]
@@ -590,6 +595,8 @@ def run(args):
   ]
   if torch_error:
     notes.append(f"{torch_name} unavailable: {torch_error}")
+  if deadline.note():
+    notes.append(deadline.note())
   return tables, notes
 
 
@@ -617,6 +624,9 @@ def main():
   p.add_argument("--only", default="", help="comma-separated implementations to include")
   p.add_argument("--no-torch", action="store_true")
   p.add_argument("--no-cnn", action="store_true")
+  p.add_argument("--deadline", type=float, default=None,
+                 help="seconds: skip the shapes that would not finish by then (results are "
+                      "still written, the skipped ones named in the notes)")
   p.add_argument("--cnn-rounds", type=int, default=3,
                  help="interleaved compile rounds of the 20-layer CNN (median reported)")
   p.add_argument("--hugepages", choices=["off", "on", "both"], default="off",

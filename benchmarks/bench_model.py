@@ -226,6 +226,8 @@ def main(argv=None):
   p.add_argument("--dtypes", nargs="+", default=None, choices=list(DTYPES),
                  help="default: both (bfloat16 only with --quick)")
   p.add_argument("--quick", action="store_true", help="tiny model, few rounds (smoke test)")
+  p.add_argument("--deadline", type=float, default=None,
+                 help="seconds: skip the configurations that would not finish by then")
   p.add_argument("--name", default="bench_model", help="result file stem")
   _results.add_output_args(p)
   p.add_argument("--hugepages", choices=["off", "both"], default="off",
@@ -244,9 +246,13 @@ def main(argv=None):
 
   command = _results.command_line()
   rows = []
+  deadline = _common.Deadline(args.deadline)
   for dtype_name in args.dtypes:
     for devices in args.devices:
-      rows += bench_config(args, dtype_name, devices)
+      if deadline.allows(f"{dtype_name} on {devices} device(s)"):
+        started = time.perf_counter()
+        rows += bench_config(args, dtype_name, devices)
+        deadline.took(started)
   huge = "hugetlb" in os.environ.get("GLIBC_TUNABLES", "")
   dev = jax.devices()[0]
   peak = peak_bandwidth()
@@ -281,7 +287,7 @@ def main(argv=None):
       notes=["Equal work: the same ResNet, optimizer, inputs and model `dtype` on every row "
              "(flax's `dtype=`, float32 parameters); only the norm layer differs. `jaxbn` keeps "
              "flax's defaults (use_fast_variance=True); `jaxbn stable var` uses jaxbn's "
-             "stable variance."],
+             "stable variance."] + ([deadline.note()] if deadline.note() else []),
       out_dir=_results.output_dir(args))
   if args.hugepages == "both":
     env = dict(os.environ, GLIBC_TUNABLES="glibc.malloc.hugetlb=1")
