@@ -11,7 +11,10 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jax.typing import ArrayLike, DTypeLike
+
+from jaxbn._core.engine import standardize
 
 
 def _axes(fn: str, ndim: int, axis) -> tuple[int, ...]:
@@ -91,8 +94,9 @@ def filter_response_norm(
   per example and channel. ``ε = epsilon + |learned_epsilon|``: pass a trainable scalar as
   ``learned_epsilon`` for the paper's learned-ε variant (``epsilon`` is then its floor). For
   an input without spatial axes (``(N, C)``) ``ν² = x²``, so ``y ≈ γ·sign(x) + β``: use it on
-  feature maps. Plain differentiable JAX (``jax.grad`` gives the exact derivative, also for
-  ``learned_epsilon``); the mean square is accumulated in at least float32.
+  feature maps. It runs on jaxbn's engine (the uncentered statistics of RMS norm over ``S``):
+  the mean square is accumulated in at least float32 in one pass, and the derivative is the
+  engine's closed-form one (also for ``learned_epsilon``).
 
   Args:
     x: input, real float, batch axis 0.
@@ -134,27 +138,18 @@ def filter_response_norm(
     raise ValueError(f"{fn}: `epsilon` must be > 0, got {epsilon!r}.")
   feat = _axes(fn, x.ndim, _channel_axis(fn, axis, feature_axes))
   red = tuple(a for a in range(1, x.ndim) if a not in feat)
-  out = jnp.dtype(dtype) if dtype is not None else x.dtype
-  acc = acc_dtype(x.dtype)
-  xf = x.astype(acc)
-  sq = jnp.square(xf)
-  if mask is None:
-    nu2 = jnp.mean(sq, axis=red, keepdims=True)
-  else:
-    m = jnp.broadcast_to(jnp.asarray(mask, bool), x.shape)
-    n = jnp.sum(m, axis=red, keepdims=True, dtype=acc)
-    nu2 = jnp.sum(jnp.where(m, sq, 0), axis=red, keepdims=True) / jnp.maximum(n, 1)
-  eps = jnp.asarray(epsilon, acc)
+  fshape = tuple(x.shape[a] for a in feat)
+  scale, bias, tau = (None if v is None else _per_channel(fn, name, v, x, feat).reshape(fshape)
+                      for name, v in (("scale", scale), ("bias", bias), ("tau", tau)))
+  eps = jnp.asarray(epsilon, acc_dtype(x.dtype))
   if learned_epsilon is not None:
-    eps = eps + jnp.abs(_float(fn, "learned_epsilon", learned_epsilon).astype(acc))
-  y = xf * jax.lax.rsqrt(nu2 + eps)
-  g = _per_channel(fn, "scale", scale, x, feat)
-  b = _per_channel(fn, "bias", bias, x, feat)
-  t = _per_channel(fn, "tau", tau, x, feat)
-  if g is not None:
-    y = y * g.astype(acc)
-  if b is not None:
-    y = y + b.astype(acc)
-  if t is not None:
-    y = jnp.maximum(y, t.astype(acc))
+    eps = eps + jnp.abs(_float(fn, "learned_epsilon", learned_epsilon).astype(eps.dtype))
+  # The engine's uncentered statistics (the mean square over S, per example and channel) and
+  # its closed-form derivative; the TLU follows in the accumulation dtype.
+  out = jnp.dtype(dtype) if dtype is not None else x.dtype
+  y = standardize(fn, x, scale, bias, red=red, param_axes=feat, mask=mask, epsilon=eps,
+                  dtype=acc_dtype(x.dtype) if tau is not None else out, axis_name=None,
+                  axis_index_groups=None, use_fast_variance=False, center=False)[0]
+  if tau is not None:
+    y = jnp.maximum(y, lax.broadcast_in_dim(tau.astype(y.dtype), x.shape, feat))
   return y.astype(out)
