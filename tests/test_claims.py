@@ -186,3 +186,48 @@ def test_every_keyword_of_a_documented_jaxbn_call_is_a_real_parameter():
       wrong.append(f"{path}: `jaxbn.{name}(..., {key}=...)` but it has no parameter {key!r}")
   assert seen > 0, "no documented jaxbn call with keywords found in README.md/docs"
   assert not wrong, "\n".join(wrong)
+
+
+# ------------------------------------------------------------------ the variants guide's table
+def _keyword_table():
+  """{function: {keyword: claimed}} from the `mask`/`axis_name` table of docs/guide/variants.md."""
+  text = (ROOT / "docs" / "guide" / "variants.md").read_text()
+  header = re.search(r"^\| function \|(.*)\|\s*$", text, re.M)
+  assert header, "variants.md: the `mask`/`axis_name` table is missing"
+  keywords = [k.strip().strip("`") for k in header.group(1).split("|")]
+  rows = {}
+  for line in text[header.end():].splitlines()[2:]:
+    if not line.startswith("|"):
+      break
+    cells = [c.strip() for c in line.strip().strip("|").split("|")]
+    name = cells[0].strip("`")
+    claims = {}
+    for k, cell in zip(keywords, cells[1:]):
+      assert cell.split()[0] in ("yes", "no"), (name, k, cell)
+      claims[k] = cell.split()[0] == "yes"
+    rows[name] = claims
+  return rows
+
+
+def test_variants_guide_says_which_functions_take_mask_and_axis_name_as_their_signatures_do():
+  """Each yes/no of the table is the function's signature (inspect.signature), and every
+  function of the guide's layer table has a row."""
+  from jaxbn._layers import registry
+  rows = _keyword_table()
+  assert {"mask", "axis_name"} <= set(next(iter(rows.values())))
+  for name, claims in rows.items():
+    params = inspect.signature(getattr(jaxbn, name)).parameters
+    for keyword, claimed in claims.items():
+      assert (keyword in params) == claimed, (
+          f"docs/guide/variants.md says {name} {'takes' if claimed else 'does not take'} "
+          f"`{keyword}`; its signature says otherwise")
+  layer_functions = {row.core.__name__ for row in registry.LAYERS} - {"standardize_weight"}
+  assert layer_functions <= set(rows), layer_functions - set(rows)
+
+
+# ------------------------------------------------------------------ conftest.py
+def test_hypothesis_runs_derandomized_with_no_example_database():
+  """The root conftest's default profile: the same examples on every run and machine."""
+  from hypothesis import settings
+  current = settings()
+  assert current.derandomize and current.database is None and current.deadline is None
