@@ -12,11 +12,15 @@ It serves the site on 127.0.0.1 (a free port, nothing else is contacted), opens
 * the index page — it has the page title and the navigation sidebar;
 * the API page of ``jaxbn.batch_norm`` — MathJax typeset its ``.. math::`` formula (there are
   ``mjx-container`` elements and no raw ``\\frac`` left in the text);
+* every notebook page — it opens with its title (no code cell above it) and its display
+  math does not scroll sideways;
+* the getting-started page — its install block does not scroll sideways;
 * a notebook page — its math is typeset and every ``<img>`` loaded (``naturalWidth > 0``);
 * the search page with ``?q=batch_norm`` — the search index loaded and found results;
 
 and saves a screenshot of each to ``docs/_build/screenshots/<name>.png`` (``index``,
-``api_batch_norm``, ``notebook``, ``notebook_plot``: the first plot, ``search``). Exit status 1 with
+``api_batch_norm``, ``notebook_01`` ... (one per notebook), ``getting_started``,
+``notebook``, ``notebook_plot``: the first plot, ``search``). Exit status 1 with
 one line per failed check.
 """
 
@@ -89,6 +93,17 @@ def _wait(driver, predicate: Callable[[], bool], timeout: float = 20.0) -> bool:
   return False
 
 
+# Elements of the page body that scroll sideways (wider content than their box).
+SIDEWAYS = """return Array.from(document.querySelectorAll(arguments[0]))
+  .filter(e => e.clientWidth > 0 && e.scrollWidth > e.clientWidth + 1)
+  .map(e => (e.innerText || '').trim().split('\\n')[0].slice(0, 40))"""
+DISPLAY_MATH = "article mjx-container[display='true'], article div.math, article .math-wrapper"
+# Code cells or code blocks placed above the page title.
+ABOVE_TITLE = """const h1 = document.querySelector('article h1');
+  if (!h1) return -1;
+  return Array.from(document.querySelectorAll('article div.cell'))
+    .filter(c => h1.compareDocumentPosition(c) & Node.DOCUMENT_POSITION_PRECEDING).length"""
+
 MATH_DONE = ("return !!(window.MathJax && MathJax.startup && MathJax.startup.promise && "
              "document.querySelectorAll('mjx-container').length > 0)")
 
@@ -125,8 +140,32 @@ def _page_checks(driver, base: str, site: str,
   shot("api_batch_norm")
   results.append(("api_batch_norm", api, fails))
 
-  # 3. A notebook page with plots and math.
+  # 3. The notebook pages: each opens with its title (no code above it), and its display
+  # math fits the page; the first is checked in full below.
   nbs = sorted(glob.glob(os.path.join(site, "_generated", "notebooks", "*.html")))
+  for page in nbs:
+    nb = os.path.relpath(page, site)
+    name = "notebook_" + os.path.basename(page)[:2]
+    fails = visit(name, nb)
+    above = driver.execute_script(ABOVE_TITLE)
+    if above:
+      fails.append("no title" if above < 0 else f"{above} code cell(s) above the title")
+    if _wait(driver, lambda: driver.execute_script(MATH_DONE), timeout=5):
+      wide = driver.execute_script(SIDEWAYS, DISPLAY_MATH)
+      if wide:
+        fails.append(f"display math scrolls sideways: {wide}")
+    shot(name)
+    results.append((name, nb, fails))
+
+  # 4. Getting started: the install block fits the page (no sideways scroll).
+  fails = visit("getting_started", "getting_started.html")
+  wide = driver.execute_script(SIDEWAYS, "article section#install pre")
+  if wide:
+    fails.append(f"the install block scrolls sideways: {wide}")
+  shot("getting_started")
+  results.append(("getting_started", "getting_started.html", fails))
+
+  # 5. A notebook page with plots and math.
   if not nbs:
     results.append(("notebook", "_generated/notebooks/", ["no notebook page was built"]))
   else:
@@ -151,7 +190,7 @@ def _page_checks(driver, base: str, site: str,
       shot("notebook_plot")
     results.append(("notebook", nb, fails))
 
-  # 4. Search.
+  # 6. Search.
   fails = visit("search", "search.html?q=batch_norm")
   if not _wait(driver, lambda: driver.execute_script(
       "return document.querySelectorAll('#search-results li, ul.search li').length > 0")):

@@ -12,22 +12,6 @@
 #     name: python3
 # ---
 
-# %%
-# Generated from notebooks/01_batch_norm_from_scratch.py by `python notebooks/build.py` — edit that file.
-# Setup. Inside the jaxbn repository: put the repository on the path (for `examples/`), nothing
-# else. Elsewhere (e.g. Colab): install jaxbn with the examples' dependencies first.
-import os, subprocess, sys
-_repo = os.path.abspath("..")
-if os.path.isfile(os.path.join(_repo, "jaxbn", "__init__.py")):
-  sys.path.insert(0, _repo)
-else:
-  subprocess.run([sys.executable, "-m", "pip", "install", "-q", "jaxbn[examples]"], check=True)
-
-# %% [markdown]
-# *This notebook is generated from [`notebooks/01_batch_norm_from_scratch.py`](./01_batch_norm_from_scratch.py) (jupytext percent format)
-# by `python notebooks/build.py 01`, which also executes it: edit the `.py` file, not the
-# `.ipynb`.*
-
 # %% [markdown]
 # # Batch normalization from scratch
 #
@@ -43,9 +27,33 @@ else:
 # For a convolutional layer with NHWC activations $x$, BN computes one mean and one variance per
 # channel $c$, over the batch and the spatial positions:
 #
-# $$\mu_c = \frac{1}{NHW}\sum_{n,h,w} x_{nhwc},\qquad
-# \sigma^2_c = \frac{1}{NHW}\sum_{n,h,w} (x_{nhwc}-\mu_c)^2,\qquad
-# y_{nhwc} = \gamma_c\,\frac{x_{nhwc}-\mu_c}{\sqrt{\sigma^2_c+\epsilon}} + \beta_c .$$
+# $$\begin{aligned}
+# \mu_c &= \frac{1}{NHW}\sum_{n,h,w} x_{nhwc}, \\
+# \sigma^2_c &= \frac{1}{NHW}\sum_{n,h,w} (x_{nhwc}-\mu_c)^2, \\
+# y_{nhwc} &= \gamma_c\,\frac{x_{nhwc}-\mu_c}{\sqrt{\sigma^2_c+\epsilon}} + \beta_c .
+# \end{aligned}$$
+
+# %% [markdown]
+# *This notebook is generated from [`notebooks/01_batch_norm_from_scratch.py`](./01_batch_norm_from_scratch.py) (jupytext percent format)
+# by `python notebooks/build.py 01`, which also executes it: edit the `.py` file, not the
+# `.ipynb`.*
+
+# %%
+# Generated from notebooks/01_batch_norm_from_scratch.py
+# by `python notebooks/build.py`: edit that file.
+# Setup. Inside the jaxbn repository: put the repository on the path (for
+# `examples/`), nothing else. Elsewhere (e.g. Colab): jaxbn is not on PyPI, so
+# clone the repository and install it from the clone, with the examples' extras.
+import os, subprocess, sys
+_repo = os.path.abspath("..")
+if not os.path.isfile(os.path.join(_repo, "jaxbn", "__init__.py")):
+  _repo = os.path.abspath("jaxbn")
+  _url = "https://github.com/jaxbn/jaxbn"
+  if not os.path.isdir(_repo):
+    subprocess.run(["git", "clone", "--depth", "1", _url, _repo], check=True)
+  subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e",
+                  _repo + "[examples]"], check=True)
+sys.path.insert(0, _repo)
 
 # %%
 import os

@@ -12,22 +12,6 @@
 #     name: python3
 # ---
 
-# %%
-# Generated from notebooks/02_normalization_compared.py by `python notebooks/build.py` — edit that file.
-# Setup. Inside the jaxbn repository: put the repository on the path (for `examples/`), nothing
-# else. Elsewhere (e.g. Colab): install jaxbn with the examples' dependencies first.
-import os, subprocess, sys
-_repo = os.path.abspath("..")
-if os.path.isfile(os.path.join(_repo, "jaxbn", "__init__.py")):
-  sys.path.insert(0, _repo)
-else:
-  subprocess.run([sys.executable, "-m", "pip", "install", "-q", "jaxbn[examples]"], check=True)
-
-# %% [markdown]
-# *This notebook is generated from [`notebooks/02_normalization_compared.py`](./02_normalization_compared.py) (jupytext percent format)
-# by `python notebooks/build.py 02`, which also executes it: edit the `.py` file, not the
-# `.ipynb`.*
-
 # %% [markdown]
 # # Normalization layers compared: BN, layer, instance and group norm
 #
@@ -36,6 +20,28 @@ else:
 # 2. An experiment on the digits at **per-device batch sizes 2, 4, 8 and 32** (8 devices): batch
 #    norm with per-device statistics, synchronized batch norm, batch renormalization and group
 #    norm — the small-batch weakness of BN and its remedies.
+
+# %% [markdown]
+# *This notebook is generated from [`notebooks/02_normalization_compared.py`](./02_normalization_compared.py) (jupytext percent format)
+# by `python notebooks/build.py 02`, which also executes it: edit the `.py` file, not the
+# `.ipynb`.*
+
+# %%
+# Generated from notebooks/02_normalization_compared.py
+# by `python notebooks/build.py`: edit that file.
+# Setup. Inside the jaxbn repository: put the repository on the path (for
+# `examples/`), nothing else. Elsewhere (e.g. Colab): jaxbn is not on PyPI, so
+# clone the repository and install it from the clone, with the examples' extras.
+import os, subprocess, sys
+_repo = os.path.abspath("..")
+if not os.path.isfile(os.path.join(_repo, "jaxbn", "__init__.py")):
+  _repo = os.path.abspath("jaxbn")
+  _url = "https://github.com/jaxbn/jaxbn"
+  if not os.path.isdir(_repo):
+    subprocess.run(["git", "clone", "--depth", "1", _url, _repo], check=True)
+  subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e",
+                  _repo + "[examples]"], check=True)
+sys.path.insert(0, _repo)
 
 # %%
 import os

@@ -12,22 +12,6 @@
 #     name: python3
 # ---
 
-# %%
-# Generated from notebooks/03_sync_batch_norm.py by `python notebooks/build.py` — edit that file.
-# Setup. Inside the jaxbn repository: put the repository on the path (for `examples/`), nothing
-# else. Elsewhere (e.g. Colab): install jaxbn with the examples' dependencies first.
-import os, subprocess, sys
-_repo = os.path.abspath("..")
-if os.path.isfile(os.path.join(_repo, "jaxbn", "__init__.py")):
-  sys.path.insert(0, _repo)
-else:
-  subprocess.run([sys.executable, "-m", "pip", "install", "-q", "jaxbn[examples]"], check=True)
-
-# %% [markdown]
-# *This notebook is generated from [`notebooks/03_sync_batch_norm.py`](./03_sync_batch_norm.py) (jupytext percent format)
-# by `python notebooks/build.py 03`, which also executes it: edit the `.py` file, not the
-# `.ipynb`.*
-
 # %% [markdown]
 # # Synchronized batch norm on 8 (simulated) devices
 #
@@ -35,7 +19,30 @@ else:
 # 2. The uneven-batch case (a padded last batch): averaging per-device means is wrong, weighting
 #    by the true counts is right.
 # 3. The collectives in the compiled program.
-#
+
+# %% [markdown]
+# *This notebook is generated from [`notebooks/03_sync_batch_norm.py`](./03_sync_batch_norm.py) (jupytext percent format)
+# by `python notebooks/build.py 03`, which also executes it: edit the `.py` file, not the
+# `.ipynb`.*
+
+# %%
+# Generated from notebooks/03_sync_batch_norm.py
+# by `python notebooks/build.py`: edit that file.
+# Setup. Inside the jaxbn repository: put the repository on the path (for
+# `examples/`), nothing else. Elsewhere (e.g. Colab): jaxbn is not on PyPI, so
+# clone the repository and install it from the clone, with the examples' extras.
+import os, subprocess, sys
+_repo = os.path.abspath("..")
+if not os.path.isfile(os.path.join(_repo, "jaxbn", "__init__.py")):
+  _repo = os.path.abspath("jaxbn")
+  _url = "https://github.com/jaxbn/jaxbn"
+  if not os.path.isdir(_repo):
+    subprocess.run(["git", "clone", "--depth", "1", _url, _repo], check=True)
+  subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e",
+                  _repo + "[examples]"], check=True)
+sys.path.insert(0, _repo)
+
+# %% [markdown]
 # On a machine without accelerators, JAX can simulate devices on the CPU. The number must be set
 # before JAX starts:
 

@@ -48,14 +48,20 @@ def test_notebook_is_in_sync_with_its_source(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_first_cell_installs_outside_the_repo_and_banner_names_the_source(name):
+def test_title_first_then_banner_then_setup_that_installs_from_a_clone(name):
+  """The page opens with its title; the banner names the source; the setup cell installs
+  jaxbn from a clone outside the repository (jaxbn is not on PyPI)."""
   nb = build.read_source(os.path.join(NOTEBOOKS, name[:-6] + ".py"))
-  first, second = nb.cells[0], nb.cells[1]
-  assert first.cell_type == "code"
-  assert 'pip", "install", "-q", "jaxbn[examples]"' in first.source
-  assert 'os.path.isfile(os.path.join(_repo, "jaxbn", "__init__.py"))' in first.source
-  assert second.cell_type == "markdown" and f"notebooks/{name[:-6]}.py" in second.source
-  assert "edit the `.py` file" in second.source
+  title, banner, setup = nb.cells[:3]
+  assert title.cell_type == "markdown" and title.source.startswith("# ")
+  assert banner.cell_type == "markdown" and f"notebooks/{name[:-6]}.py" in banner.source
+  assert "edit the `.py` file" in banner.source
+  assert setup.cell_type == "code"
+  assert 'os.path.isfile(os.path.join(_repo, "jaxbn", "__init__.py"))' in setup.source
+  assert '_url = "https://github.com/jaxbn/jaxbn"' in setup.source
+  assert '"git", "clone", "--depth", "1", _url, _repo' in setup.source
+  assert '"pip", "install", "-q", "-e",\n                  _repo + "[examples]"' in setup.source
+  assert "jaxbn[examples]\"" not in setup.source  # the unpublished package name
 
 
 @pytest.mark.parametrize("name", NAMES)
