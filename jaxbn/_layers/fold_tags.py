@@ -5,12 +5,54 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.extend.core
 
 from jaxbn._core import checks
+
+class FoldPair(NamedTuple):
+  """A Conv/Dense layer and the batch norm it feeds, as found by ``find_conv_bn_pairs``.
+
+  Attributes:
+    layer: path of the Conv/Dense layer: a Linen module path, e.g.
+      ``('ResNetBlock_0', 'Conv_0')``, or an NNX graph path, e.g. ``('blocks', 0, 'conv')``.
+    bn: path of the batch norm.
+    epsilon: the batch norm's epsilon (None: Linen, the ``epsilon`` given to
+      ``fold_batch_norm_layers``; NNX, the layer's own).
+    kernel_axes: the kernel's output-feature axes (``(-1,)`` for flax Conv/Dense; None: the
+      trailing axes, as many as the batch norm has feature axes).
+  """
+
+  layer: tuple
+  bn: tuple
+  epsilon: Optional[float] = None
+  kernel_axes: Optional[tuple[int, ...]] = None
+
+
+def found_pairs(closed_jaxpr: Any, srcs: list, dsts: list) -> list[FoldPair]:
+  """The foldable pairs of a traced model whose layer outputs (``srcs``: ``(path, kind)``,
+  kind ``"trailing"`` or the kernel's axes) and BN inputs (``dsts``: ``(path, epsilon,
+  trailing_axes)``) were tagged by :func:`mark` in call order: a layer's output feeding only
+  a BN, each called once, the BN normalizing trailing axes."""
+  calls: dict = {}
+  for role, log in (("src", srcs), ("dst", dsts)):
+    for entry in log:
+      calls[(role, entry[0])] = calls.get((role, entry[0]), 0) + 1
+  pairs = []
+  for s, d in marked_pairs(closed_jaxpr):
+    layer, kind = srcs[s]
+    bn, eps, bn_axes = dsts[d]
+    if calls[("src", layer)] != 1 or calls[("dst", bn)] != 1 or bn_axes is None:
+      continue
+    if kind != "trailing":
+      if len(bn_axes) != 1:
+        continue
+      bn_axes = kind
+    pairs.append(FoldPair(tuple(layer), tuple(bn), eps, tuple(bn_axes)))
+  return pairs
+
 
 MARK = "jaxbn_fold:"
 # Call-like primitives whose body runs once per call: pairs inside them are still foldable.

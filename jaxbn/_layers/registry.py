@@ -2,36 +2,27 @@
 
 A row (:class:`Layer`) says, without any framework: the class name (the same in
 ``jaxbn.linen`` and ``jaxbn.nnx``), the functional op it calls, its *kind*, its variables,
-its own fields and its call-time overrides. The kind (:data:`KINDS`) is what the tools of
-both frameworks do with a layer — freeze (``freeze_batch_norm``), recompute
-(``recompute_batch_stats``), fold (``find_conv_bn_pairs``/``folded``), surgery
-(``replace_batch_norm``'s default targets, so ``test_time_adaptation``'s too) and TENT's
-affine filter (``batch_norm_affine_mask``/``batch_norm_affine_filter``):
+its own fields and its call-time overrides. The kind says what the tools of both frameworks
+do with a layer (:data:`KINDS`, rendered with the rows into the docs' table by
+:func:`markdown_table`): freeze (``freeze_batch_norm``), recompute (``recompute_batch_stats``),
+fold (``find_conv_bn_pairs``, ``folded``), surgery (``replace_batch_norm``'s default targets,
+so ``test_time_adaptation``'s) and TENT's filter (``batch_norm_affine_mask``/``_filter``).
 
-==========  ==================================  ===================  =====  =======  ======
-kind        freeze                              recompute            fold   replace  affine
-==========  ==================================  ===================  =====  =======  ======
-trains      becomes FrozenBatchNorm             population stats     yes    yes      yes
-frozen      left as it is                       runs as itself       yes    yes      yes
-adaptive    becomes FrozenBatchNorm (source)    population stats     no     yes      yes
-running     runs in eval mode (its statistics)  runs as itself       no     no       yes
-stateless   —                                   —                    —      —        —
-==========  ==================================  ===================  =====  =======  ======
+* ``trains``: trained on batch statistics; eval is the per-feature affine map of the running
+  ``mean``/``var`` (BatchNorm and its variants): frozen, recomputed, folded, replaced.
+* ``frozen``: statistics fixed by design: left as it is and not recomputed; folded.
+* ``adaptive``: BatchNorm's variables, never updated, normalizing with statistics that depend
+  on the batch (test-time adaptation): frozen to the source statistics, recomputed, replaced;
+  not folded.
+* ``running``: running statistics, but an eval that is not BatchNorm's affine map (per-domain
+  rows, EvoNorm-B0's variance, BN then GroupNorm): frozen by running in eval mode (no update;
+  its ``scale``/``bias`` still train), its statistics left by recomputation; not folded, not
+  replaced.
+* ``stateless``: no statistics; no tool touches it.
 
-``trains``: trained on batch statistics, eval is the per-feature affine map of its running
-``mean``/``var`` (BatchNorm and its variants). ``frozen``: statistics fixed by design.
-``adaptive``: reads BatchNorm's variables, never updates them, and normalizes with statistics
-that depend on the batch (test-time adaptation): not foldable. ``running``: holds running
-statistics, but its eval is not BatchNorm's affine map (per-domain rows, EvoNorm-B0's
-variance-only state, a BN followed by a GroupNorm): frozen by running it in eval mode (no
-update, its ``scale``/``bias`` still train), not folded, not replaced, and recomputation leaves
-its statistics as they are. Every kind but ``stateless`` holds statistics: a test holds every
-exported linen and nnx class against this table.
-
-A class's row is found by name: a class defined in ``jaxbn.linen``/``jaxbn.nnx`` whose name
-is a row's, flax's class named in a row's ``flax`` (``flax.linen.BatchNorm`` is a
-``trains``), or a class given to :func:`register` (``register_batch_norm`` of either
-framework); subclasses inherit their base's row.
+A class's row is found by name (a class of ``jaxbn.linen``/``jaxbn.nnx`` named as a row,
+flax's class named in a row's ``flax``) or by :func:`register` (``register_batch_norm`` of
+either framework); subclasses inherit their base's. A test holds every exported class here.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import warnings
-from typing import Any, Callable, Iterable, NamedTuple, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +20,7 @@ import jaxbn
 # jaxpr tags that find Conv/Dense -> BN pairs (`mark`, `marked_pairs`, `trailing_axes`), and
 # the core's axis check and feature reshape.
 from jaxbn._layers import fold_tags as _fold
+from jaxbn._layers.fold_tags import FoldPair
 from jaxbn._layers import recompute
 from jaxbn._core.checks import feature_axes
 from jaxbn._core.normalize import to_keepdims
@@ -205,24 +206,6 @@ def recompute_batch_stats(
 # --------------------------------------------------------------------------------------------
 
 
-class FoldPair(NamedTuple):
-  """A Conv/Dense layer and the batch norm it feeds, as found by :func:`find_conv_bn_pairs`.
-
-  Attributes:
-    layer: module path of the Conv/Dense layer, e.g. ``('ResNetBlock_0', 'Conv_0')``.
-    bn: module path of the batch norm.
-    epsilon: the batch norm's epsilon (None: the ``epsilon`` given to
-      :func:`fold_batch_norm_layers`).
-    kernel_axes: the kernel's output-feature axes (``(-1,)`` for flax Conv/Dense; None: the
-      trailing axes, as many as the batch norm has feature axes).
-  """
-
-  layer: Path
-  bn: Path
-  epsilon: Optional[float] = None
-  kernel_axes: Optional[tuple[int, ...]] = None
-
-
 def _kernel_axes(module: Any):
   """'trailing' for layers whose kernel ends with the output features, (-2,) or None."""
   if isinstance(module, nn.ConvTranspose):
@@ -294,22 +277,7 @@ def find_conv_bn_pairs(apply_fn: Any, variables: Any, *args: Any, **kwargs: Any)
 
   with nn.intercept_methods(interceptor):
     jaxpr = jax.make_jaxpr(lambda v: apply(v, *args, **kwargs))(variables)
-  calls: dict = {}
-  for role, log in (("src", srcs), ("dst", dsts)):
-    for entry in log:
-      calls[(role, entry[0])] = calls.get((role, entry[0]), 0) + 1
-  pairs = []
-  for s, d in _fold.marked_pairs(jaxpr):
-    layer, kind = srcs[s]
-    bn, eps, bn_axes = dsts[d]
-    if calls[("src", layer)] != 1 or calls[("dst", bn)] != 1 or bn_axes is None:
-      continue
-    if kind != "trailing":
-      if len(bn_axes) != 1:
-        continue
-      bn_axes = kind
-    pairs.append(FoldPair(tuple(layer), tuple(bn), eps, tuple(bn_axes)))
-  return pairs
+  return _fold.found_pairs(jaxpr, srcs, dsts)
 
 
 def fold_batch_norm_layers(variables: Any, pairs: Sequence[Union[FoldPair, tuple]], *,

@@ -16,6 +16,7 @@ import jaxbn
 # functions give the same messages.
 from jaxbn._core.checks import epsilon_value, feature_axes, momentum_value
 from jaxbn._layers import registry
+from jaxbn._layers.common import flax_axes, flax_error
 
 
 # --------------------------------------------------------------------------------------------
@@ -64,22 +65,9 @@ def output_dtype(promote: Callable[..., tuple], arrays: tuple, dtype: Optional[D
   return out[0].dtype
 
 
-def flax_axes(axis: Any, ndim: int) -> Any:
-  """``axis`` deduplicated and sorted as flax canonicalizes it (``(-1, 2)`` of a rank-3 input
-  is ``(2,)``); an int, or entries that are not valid axes, are left for the core to check."""
-  if isinstance(axis, int) or not all(isinstance(a, int) and -ndim <= a < ndim for a in axis):
-    return axis
-  return tuple(sorted({a % ndim for a in axis}))
-
-
 # --------------------------------------------------------------------------------------------
 # Errors that flax also raises (flax's type and sentence first), and argument checks.
 # --------------------------------------------------------------------------------------------
-
-
-def flax_error(flax_sentence: str, explanation: str) -> ValueError:
-  """flax's ``ValueError`` for a refused input, with jaxbn's explanation appended."""
-  return ValueError(f"{flax_sentence} {explanation}")
 
 
 MODE_HOWTO = (
@@ -330,23 +318,22 @@ def treatment(fn: str, node: Any, path: Any = ()) -> registry.Treatment:
 
 
 def register_batch_norm(cls: type, *, kind: str = "trains") -> type:
-  """Registers a NNX batch-norm class with the freeze, recompute, fold and surgery tools.
+  """Registers a class with the freeze, recompute, fold, surgery and TENT tools.
 
-  A ``"trains"`` class must have flax ``BatchNorm``'s attributes and state, normalize at
-  inference with its running statistics, and take the input as the first argument of
-  ``__call__``. Subclasses of a registered class (or of a jaxbn layer) need no registration.
-  The kinds and what each tool does with them are listed in ``jaxbn._layers.registry``.
+  ``kind`` (``jaxbn._layers.registry``) says what each tool does with it; a ``"trains"`` class
+  has flax ``BatchNorm``'s fields and variables, normalizes at inference with its running
+  statistics and takes the input first. Subclasses of a registered class or of a jaxbn layer
+  need no registration.
 
   Args:
     cls: a ``flax.nnx.Module`` subclass.
-    kind: ``"trains"`` (trained on batch statistics: frozen, recomputed, folded),
-      ``"frozen"`` (fixed statistics: only folded), ``"adaptive"`` or ``"running"``.
+    kind: ``"trains"`` (default), ``"frozen"``, ``"adaptive"`` or ``"running"``.
 
   Returns:
     ``cls`` (so this can decorate a class definition).
 
   Raises:
-    TypeError: ``cls`` is not a NNX module class.
+    TypeError: ``cls`` is not a module class of this framework.
     ValueError: an unknown ``kind``.
 
   Example:

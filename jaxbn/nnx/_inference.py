@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import warnings
-from typing import Any, Callable, Iterable, NamedTuple, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +20,7 @@ import jaxbn
 # `current_recorder`), the jaxpr tags that find Conv/Dense -> BN pairs (`mark`,
 # `marked_pairs`, `trailing_axes`); the core's axis check and feature reshape.
 from jaxbn._layers import fold_tags as _fold
+from jaxbn._layers.fold_tags import FoldPair
 from jaxbn._layers import recompute
 from jaxbn._core.checks import feature_axes
 from jaxbn._core.normalize import to_keepdims
@@ -223,23 +224,6 @@ def recompute_batch_stats(
 # --------------------------------------------------------------------------------------------
 
 
-class FoldPair(NamedTuple):
-  """A Conv/Linear layer and the batch norm it feeds, as found by :func:`find_conv_bn_pairs`.
-
-  Attributes:
-    layer: graph path of the Conv/Linear layer, e.g. ``('blocks', 0, 'conv')``.
-    bn: graph path of the batch norm.
-    epsilon: the batch norm's epsilon (None: the layer's own ``epsilon``).
-    kernel_axes: the kernel's output-feature axes (``(-1,)`` for flax Conv/Linear; None: the
-      trailing axes, as many as the batch norm has feature axes).
-  """
-
-  layer: Path
-  bn: Path
-  epsilon: Optional[float] = None
-  kernel_axes: Optional[tuple[int, ...]] = None
-
-
 class FoldedBatchNorm(Layer):
   """What remains of a BatchNorm folded into the layer before it: ``y = x + bias``.
 
@@ -347,22 +331,7 @@ def find_conv_bn_pairs(model: nnx.Module, *args: Any,
     jaxpr = jax.make_jaxpr(lambda s: run_forward(nnx.merge(graphdef, s), *args))(state)
   finally:
     _FINDING.log = None
-  calls: dict = {}
-  for role in ("src", "dst"):
-    for entry in log[role]:
-      calls[(role, entry[0])] = calls.get((role, entry[0]), 0) + 1
-  pairs = []
-  for s, d in _fold.marked_pairs(jaxpr):
-    layer, kind = log["src"][s]
-    bn, eps, bn_axes = log["dst"][d]
-    if calls[("src", layer)] != 1 or calls[("dst", bn)] != 1 or bn_axes is None:
-      continue
-    if kind != "trailing":
-      if len(bn_axes) != 1:
-        continue
-      bn_axes = kind
-    pairs.append(FoldPair(tuple(layer), tuple(bn), eps, tuple(bn_axes)))
-  return pairs
+  return _fold.found_pairs(jaxpr, log["src"], log["dst"])
 
 
 def fold_batch_norm_layers(model: nnx.Module,

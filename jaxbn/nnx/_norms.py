@@ -14,7 +14,8 @@ from jax.nn import initializers
 
 from jaxbn import group_norm, instance_norm, layer_norm, rms_norm
 from jaxbn._core.checks import named_axes
-from jaxbn.nnx._common import Layer, flax_error, init_norm, output_dtype, promote_dtype, store
+from jaxbn._layers.common import check_groups, flax_error
+from jaxbn.nnx._common import Layer, init_norm, output_dtype, promote_dtype, store
 
 _COMPAT = """
   Same constructor, defaults (``epsilon=1e-6``, ``use_fast_variance=True``), attributes and
@@ -38,25 +39,6 @@ def _inputs(mdl, x):
   if not jnp.issubdtype(x.dtype, jnp.inexact):
     x = x.astype(out)
   return x, scale, bias, out
-
-
-def check_groups(fn: str, channels: int, num_groups, group_size, what: str, of: str) -> None:
-  """flax GroupNorm's checks of ``num_groups``/``group_size`` (its sentences first)."""
-  if (num_groups is None) == (group_size is None):
-    raise flax_error(
-        "Either `num_groups` or `group_size` should be specified. If `group_size` is to be "
-        "specified, pass `num_groups=None` as argument to override the default `num_groups` "
-        "value of 32.", f"{fn}: got num_groups={num_groups!r} and group_size={group_size!r}.")
-  if group_size is not None:
-    if not isinstance(group_size, int) or group_size <= 0 or channels % group_size:
-      raise flax_error(
-          f"Number of {what} ({channels}) is not multiple of the group size ({group_size}).",
-          f"{fn}: `group_size`={group_size!r} must be a positive divisor of {of}.")
-    num_groups = channels // group_size
-  if not isinstance(num_groups, int) or num_groups <= 0 or channels % num_groups:
-    raise flax_error(
-        f"Number of groups ({num_groups}) does not divide the number of channels ({channels}).",
-        f"{fn}: `num_groups`={num_groups!r} must be a positive divisor of {of}.")
 
 
 class LayerNorm(Layer):
