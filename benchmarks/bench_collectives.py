@@ -4,7 +4,7 @@ Part 1 (measured): one BN layer's train step (forward + backward, float32) under
 ``jax.shard_map`` is compiled — not run — on 8, 64 and 256 simulated CPU devices (a fresh
 process per count) for jaxbn (both variance modes) and ``flax.linen.BatchNorm(axis_name=)``;
 the all-reduced bytes per device are read from the compiled HLO with
-``jaxbn.parallel.collective_bytes`` (the path every call takes, and jaxbn's rarely taken
+``jaxbn.testing.collective_bytes`` (the path every call takes, and jaxbn's rarely taken
 exact-correction branch separately).
 
 Part 2 (model): ResNet-50's 53 BN layers (26,560 channels) — the per-layer bytes measured in
@@ -48,7 +48,7 @@ _WORKER = textwrap.dedent("""
     from jax.sharding import NamedSharding, PartitionSpec as P
     import flax.linen as nn
     import jaxbn
-    from jaxbn import parallel
+    from jaxbn import testing
     channels = [int(c) for c in sys.argv[1].split(",")]
     mesh = jax.make_mesh((len(jax.devices()),), ("data",))
     b = P("data")
@@ -75,10 +75,10 @@ _WORKER = textwrap.dedent("""
                                   out_specs=(b, P(), P())))
         c = g.lower(sds((n, C), b), sds((C,), P()), sds((C,), P()), sds((n, C), b)).compile()
         out[f"{name}/{C}"] = {
-            "bytes": parallel.collective_bytes(c, conditional=False).get("all-reduce", 0),
-            "calls": parallel.collective_counts(c, conditional=False).get("all-reduce", 0),
-            "branch_bytes": parallel.collective_bytes(c, conditional=True).get("all-reduce", 0),
-            "other": {k: v for k, v in parallel.collective_counts(c).items()
+            "bytes": testing.collective_bytes(c, conditional=False).get("all-reduce", 0),
+            "calls": testing.collective_counts(c, conditional=False).get("all-reduce", 0),
+            "branch_bytes": testing.collective_bytes(c, conditional=True).get("all-reduce", 0),
+            "other": {k: v for k, v in testing.collective_counts(c).items()
                       if k != "all-reduce"}}
     print(json.dumps(out))
 """)

@@ -43,7 +43,7 @@ import _common  # noqa: E402
 import _results  # noqa: E402
 
 import jaxbn  # noqa: E402
-from jaxbn import parallel  # noqa: E402
+from jaxbn import parallel, testing  # noqa: E402
 
 MOMENTUM, EPS, LR = 0.9, 1e-5, 0.01
 # name: (global batch, height = width, channels, conv+BN layers)
@@ -146,7 +146,7 @@ def bn_only_counts(norm_factory, mesh):
     lowered = jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=in_specs,
                                     out_specs=outs)).lower(*args)
     compiled = lowered.compile()
-    count = lambda p, **kw: parallel.collective_counts(p, **kw).get("all-reduce", 0)  # noqa
+    count = lambda p, **kw: testing.collective_counts(p, **kw).get("all-reduce", 0)  # noqa
     # Every call (outside lax.cond branches) and only in a branch (a rarely taken fallback).
     out[name] = (count(lowered, conditional=False), count(compiled, conditional=False),
                  count(compiled, operands=True, conditional=False),
@@ -203,7 +203,7 @@ def main():
         except Exception as e:  # a failing variant is a row with its error
           errors[key] = _results.error_text(e)
           continue
-        counts[key] = tuple(parallel.collective_counts(
+        counts[key] = tuple(testing.collective_counts(
             compiled, operands=arrays, conditional=False).get("all-reduce", 0)
                             for arrays in (False, True))
     times = _common.interleaved(fns, reps=reps, warmup=1 if args.quick else 2)
@@ -233,7 +233,7 @@ def main():
            "are medians over rounds of ratios timed in the same round (they cancel load that "
            "changes between rounds): on a quiet machine the two agree. "
            "All-reduces counted in the compiled HLO of the whole train step "
-           "(`jaxbn.parallel.collective_counts`), outside `lax.cond` branches; the step's "
+           "(`jaxbn.testing.collective_counts`), outside `lax.cond` branches; the step's "
            "loss psum and XLA's combining of independent all-reduces are included.")]
 
   count_rows = []
@@ -252,7 +252,7 @@ def main():
       platform=f"{_results.platform_label('hlo')}, {jax.device_count()} simulated devices",
       note="'Every call': outside any `lax.cond` branch. jaxbn's exact fallback for statistics "
            "that lose their digits sits in a branch taken only when needed (decided "
-           "identically on every device). Counted by `jaxbn.parallel.collective_counts`; "
+           "identically on every device). Counted by `jaxbn.testing.collective_counts`; "
            "`tests/test_oracle_collectives.py` checks that counter against two independent "
            "parsers."))
 
