@@ -24,6 +24,13 @@ _COMPAT = """
   accepted and changes nothing but is the more accurate for it), with ``mask`` and
   ``axis_name`` weighted by the true counts, and masked entries holding NaN/Inf do not leak
   into the output.
+
+  The settings shared with flax's layer mean what they mean there: ``epsilon`` (added to the
+  variance, default 1e-6), ``dtype`` (of the result; default inferred as flax does),
+  ``param_dtype`` (default float32), ``use_bias``/``use_scale`` (learn ``bias``/``scale``),
+  ``bias_init``/``scale_init`` (zeros/ones), ``axis_name``/``axis_index_groups`` (mapped axes
+  across which the reduced axes are sharded, groups of them), ``use_fast_variance`` (``E[x²] −
+  E[x]²``, default True as flax; False: stable variance).
 """
 
 
@@ -34,19 +41,8 @@ class LayerNorm(nn.Module):
   follow ``feature_axes``. See :func:`jaxbn.layer_norm` for the math and when to use it.
 """ + _COMPAT + r"""
   Attributes:
-    epsilon: small float added to the variance (default 1e-6).
-    dtype: dtype of the result (default: inferred from the input and parameters, as flax).
-    param_dtype: dtype of the parameters (default float32).
-    use_bias: if True, add the learned ``bias``.
-    use_scale: if True, multiply by the learned ``scale``.
-    bias_init: initializer for ``bias`` (default zeros).
-    scale_init: initializer for ``scale`` (default ones).
     reduction_axes: axes for the statistics (default -1).
     feature_axes: axes of the learned ``scale``/``bias`` (default -1).
-    axis_name: mapped axis name(s) across which the reduced axes are sharded.
-    axis_index_groups: synchronize within these groups of axis indices only.
-    use_fast_variance: ``E[x²] − E[x]²`` (default True, as flax); False: stable variance.
-    force_float32_reductions: accepted for compatibility (reductions are always >= float32).
 
   Example:
     >>> import jax, jax.numpy as jnp, jaxbn.linen
@@ -103,17 +99,9 @@ class RMSNorm(nn.Module):
   :func:`jaxbn.rms_norm` for the math and when to use it.
 """ + _COMPAT + r"""
   Attributes:
-    epsilon: small float added to the mean square (default 1e-6).
-    dtype: dtype of the result (default: inferred from the input and parameters, as flax).
-    param_dtype: dtype of the parameters (default float32).
-    use_scale: if True, multiply by the learned ``scale``.
-    scale_init: initializer for ``scale`` (default ones).
     reduction_axes: axes for the statistics (default -1).
     feature_axes: axes of the learned ``scale`` (default -1).
-    axis_name: mapped axis name(s) across which the reduced axes are sharded.
-    axis_index_groups: synchronize within these groups of axis indices only.
     use_fast_variance: accepted for compatibility (unused: there is no mean to subtract).
-    force_float32_reductions: accepted for compatibility (reductions are always >= float32).
 
   Example:
     >>> import jax, jax.numpy as jnp, jaxbn.linen
@@ -167,18 +155,7 @@ class GroupNorm(nn.Module):
   Attributes:
     num_groups: number of channel groups (default 32).
     group_size: channels per group (pass ``num_groups=None`` with it).
-    epsilon: small float added to the variance (default 1e-6).
-    dtype: dtype of the result (default: inferred from the input and parameters, as flax).
-    param_dtype: dtype of the parameters (default float32).
-    use_bias: if True, add the learned ``bias``.
-    use_scale: if True, multiply by the learned ``scale``.
-    bias_init: initializer for ``bias`` (default zeros).
-    scale_init: initializer for ``scale`` (default ones).
     reduction_axes: axes for the statistics, including the last (default: all but axis 0).
-    axis_name: mapped axis name(s) across which the reduced axes are sharded.
-    axis_index_groups: synchronize within these groups of axis indices only.
-    use_fast_variance: ``E[x²] − E[x]²`` (default True, as flax); False: stable variance.
-    force_float32_reductions: accepted for compatibility (reductions are always >= float32).
 
   Example:
     >>> import jax, jax.numpy as jnp, jaxbn.linen
@@ -244,18 +221,7 @@ class InstanceNorm(nn.Module):
   ``feature_axes``. See :func:`jaxbn.instance_norm` for the math and when to use it.
 """ + _COMPAT + r"""
   Attributes:
-    epsilon: small float added to the variance (default 1e-6).
-    dtype: dtype of the result (default: inferred from the input and parameters, as flax).
-    param_dtype: dtype of the parameters (default float32).
-    use_bias: if True, add the learned ``bias``.
-    use_scale: if True, multiply by the learned ``scale``.
-    bias_init: initializer for ``bias`` (default zeros).
-    scale_init: initializer for ``scale`` (default ones).
     feature_axes: the channel axes (default -1); not axis 0.
-    axis_name: mapped axis name(s) across which the reduced axes are sharded.
-    axis_index_groups: synchronize within these groups of axis indices only.
-    use_fast_variance: ``E[x²] − E[x]²`` (default True, as flax); False: stable variance.
-    force_float32_reductions: accepted for compatibility (reductions are always >= float32).
 
   Example:
     >>> import jax, jax.numpy as jnp, jaxbn.linen

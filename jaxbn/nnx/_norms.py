@@ -24,6 +24,15 @@ _COMPAT = """
   arithmetic runs in at least float32 with float32 statistics (flax first casts ``x`` to the
   promoted dtype), ``mask`` and ``axis_name`` are weighted by the true counts, and masked
   entries holding NaN/Inf do not leak into the output.
+
+  The settings shared with flax's layer mean what they mean there: ``epsilon`` (added to the
+  variance, default 1e-6), ``dtype`` (of the result; default inferred as flax does),
+  ``param_dtype`` (default float32), ``use_bias``/``use_scale`` (learn ``bias``/``scale``),
+  ``bias_init``/``scale_init`` (zeros/ones), ``axis_name``/``axis_index_groups`` (mapped axes
+  across which the reduced axes are sharded, groups of them), ``use_fast_variance`` (``E[x²] −
+  E[x]²``, default True as flax; False: stable variance), ``promote_dtype`` (flax's dtype
+  promotion; decides the output dtype), ``rngs`` (for the initializers),
+  ``bias_metadata``/``scale_metadata`` (of the ``nnx.Param``).
 """
 
 # The settings every layer here stores (each adds its own).
@@ -50,22 +59,8 @@ class LayerNorm(Layer):
 """ + _COMPAT + r"""
   Args:
     num_features: number of features (entries of ``scale``/``bias``).
-    epsilon: small float added to the variance (default 1e-6).
-    dtype: dtype of the result (default: inferred by ``promote_dtype``).
-    param_dtype: dtype of the parameters (default float32).
-    use_bias: if True, add the learned ``bias``.
-    use_scale: if True, multiply by the learned ``scale``.
-    bias_init: initializer for ``bias`` (default zeros).
-    scale_init: initializer for ``scale`` (default ones).
     reduction_axes: axes for the statistics (default -1).
     feature_axes: axes of the learned ``scale``/``bias`` (default -1).
-    axis_name: mapped axis name(s) across which the reduced axes are sharded.
-    axis_index_groups: synchronize within these groups of axis indices only.
-    use_fast_variance: ``E[x²] − E[x]²`` (default True, as flax); False: stable variance.
-    promote_dtype: flax's dtype-promotion function; decides the output dtype.
-    rngs: ``nnx.Rngs`` for the initializers.
-    bias_metadata: metadata for the ``bias`` ``nnx.Param``.
-    scale_metadata: metadata for the ``scale`` ``nnx.Param``.
 
   Example:
     >>> import jax, jax.numpy as jnp, jaxbn.nnx
@@ -126,19 +121,9 @@ class RMSNorm(Layer):
 """ + _COMPAT + r"""
   Args:
     num_features: number of features (entries of ``scale``).
-    epsilon: small float added to the mean square (default 1e-6).
-    dtype: dtype of the result (default: inferred by ``promote_dtype``).
-    param_dtype: dtype of the parameters (default float32).
-    use_scale: if True, multiply by the learned ``scale``.
-    scale_init: initializer for ``scale`` (default ones).
     reduction_axes: axes for the statistics (default -1).
     feature_axes: axes of the learned ``scale`` (default -1).
-    axis_name: mapped axis name(s) across which the reduced axes are sharded.
-    axis_index_groups: synchronize within these groups of axis indices only.
     use_fast_variance: accepted for compatibility (unused: there is no mean to subtract).
-    promote_dtype: flax's dtype-promotion function; decides the output dtype.
-    rngs: ``nnx.Rngs`` for the initializer.
-    scale_metadata: metadata for the ``scale`` ``nnx.Param``.
 
   Example:
     >>> import jax.numpy as jnp, jaxbn.nnx
@@ -203,21 +188,7 @@ class GroupNorm(Layer):
     num_features: number of channels (last axis).
     num_groups: number of channel groups (default 32).
     group_size: channels per group (pass ``num_groups=None`` with it).
-    epsilon: small float added to the variance (default 1e-6).
-    dtype: dtype of the result (default: inferred by ``promote_dtype``).
-    param_dtype: dtype of the parameters (default float32).
-    use_bias: if True, add the learned ``bias``.
-    use_scale: if True, multiply by the learned ``scale``.
-    bias_init: initializer for ``bias`` (default zeros).
-    scale_init: initializer for ``scale`` (default ones).
     reduction_axes: axes for the statistics, including the last (default: all but axis 0).
-    axis_name: mapped axis name(s) across which the reduced axes are sharded.
-    axis_index_groups: synchronize within these groups of axis indices only.
-    use_fast_variance: ``E[x²] − E[x]²`` (default True, as flax); False: stable variance.
-    promote_dtype: flax's dtype-promotion function; decides the output dtype.
-    rngs: ``nnx.Rngs`` for the initializers.
-    bias_metadata: metadata for the ``bias`` ``nnx.Param``.
-    scale_metadata: metadata for the ``scale`` ``nnx.Param``.
 
   Raises:
     ValueError: both or neither of ``num_groups``/``group_size``, or groups that do not
@@ -289,21 +260,7 @@ class InstanceNorm(Layer):
 """ + _COMPAT + r"""
   Args:
     num_features: number of features (entries of ``scale``/``bias``).
-    epsilon: small float added to the variance (default 1e-6).
-    dtype: dtype of the result (default: inferred by ``promote_dtype``).
-    param_dtype: dtype of the parameters (default float32).
-    use_bias: if True, add the learned ``bias``.
-    use_scale: if True, multiply by the learned ``scale``.
-    bias_init: initializer for ``bias`` (default zeros).
-    scale_init: initializer for ``scale`` (default ones).
     feature_axes: the channel axes (default -1); not axis 0.
-    axis_name: mapped axis name(s) across which the reduced axes are sharded.
-    axis_index_groups: synchronize within these groups of axis indices only.
-    use_fast_variance: ``E[x²] − E[x]²`` (default True, as flax); False: stable variance.
-    promote_dtype: flax's dtype-promotion function; decides the output dtype.
-    rngs: ``nnx.Rngs`` for the initializers.
-    bias_metadata: metadata for the ``bias`` ``nnx.Param``.
-    scale_metadata: metadata for the ``scale`` ``nnx.Param``.
 
   Example:
     >>> import jax, jax.numpy as jnp, jaxbn.nnx
