@@ -34,6 +34,7 @@ def batch_norm(
     use_fast_variance: bool = False,
     unbiased_running_var: bool = False,
     debias: bool = False,
+    skip_nonfinite: bool = True,
 ) -> tuple[jax.Array, BatchStats]:
   r"""Batch normalization (Ioffe & Szegedy, 2015) as a pure function of explicit state.
 
@@ -49,12 +50,13 @@ def batch_norm(
   Numerics:
     * statistics are accumulated in float32 (or wider) for bf16/fp16 input without writing
       an up-cast copy of ``x``; the output has ``x``'s dtype (or ``dtype``);
-    * one fused pass over ``x`` accumulates ``Σ(x − K)`` and ``Σ(x − K)²`` about the running
-      mean ``K`` (``K = 0`` with ``use_fast_variance=True``: flax's ``E[x²] − E[x]²``
-      numbers), and one ``psum`` of ``2–3 × features`` numbers synchronizes them; where the
-      batch mean is far from ``K`` (the first steps, a jump of the data) an exact
-      correction pass is added, so the variance is exact for any offset of the data in
-      both modes, synchronized or not (see :func:`jaxbn.moments`);
+    * one fused pass over ``x`` accumulates ``Σ(x − K)`` and ``Σ(x − K)²`` about a shift
+      ``K`` sampled from the batch itself (the mean of a few strided entries per feature),
+      so the variance is exact for any offset of the data in both variance modes,
+      synchronized or not, with no conditional and no second pass (see
+      :func:`jaxbn.moments`); with ``axis_name`` one ``psum`` of ``features`` numbers agrees
+      on a common shift while the pass runs and one of ``2–3 × features`` numbers sums the
+      moments;
     * ``momentum`` is the weight of the *old* running value (flax/Keras/haiku). PyTorch's
       ``momentum=p`` is ``1 - p`` here (:func:`jaxbn.momentum_from_torch`); ``momentum=None``
       is a cumulative average (PyTorch's ``momentum=None``);
@@ -70,7 +72,22 @@ def batch_norm(
   Masks: entries where ``mask`` is False do not enter the statistics, even if they hold NaN
   or Inf; their outputs are normalized with the batch statistics like the others (as flax),
   except non-finite masked entries, which output ``bias``. A batch with no valid entry gives
-  finite outputs and leaves the running statistics unchanged.
+  finite outputs and leaves the running statistics unchanged; so does a feature that the
+  mask leaves with a single valid entry (its variance 0 says nothing about the data).
+
+  Bad data (the contract): where a feature's batch mean or variance is not finite (a NaN or
+  Inf in ``x``, an overflow), its running statistics keep their previous values bit for bit
+  and the other features update as usual (``count`` advances if any feature updated); the
+  output is what the formula gives, so the NaN stays visible in ``y`` and the loss. The
+  decision is a ``jnp.where`` on feature-sized vectors (no host check, no conditional, no
+  extra pass over ``x``); synchronized, it uses the global statistics and is the same on
+  every device. ``skip_nonfinite=False`` gives flax's behaviour (the NaN enters the running
+  statistics). One value per feature in training (e.g. a ``(1, C)`` batch without
+  ``axis_name``) raises a ``ValueError`` before anything is computed: its variance is 0.
+
+  Differences from flax: the non-finite skip above (flax's running statistics turn NaN for
+  good); the one-value error (flax returns ``bias`` and pulls the running variance to 0,
+  PyTorch raises "Expected more than 1 value per channel when training").
 
   Args:
     x: input, float dtype, any rank >= 1.
@@ -86,9 +103,12 @@ def batch_norm(
     axis_index_groups: synchronize within these groups of device indices only (``pmap``).
     mask: optional bool array broadcastable to ``x``: which entries count in the statistics.
     dtype: output dtype (default ``x.dtype``).
-    use_fast_variance: flax's one-pass numbers (shift 0, guarded by the exact correction).
+    use_fast_variance: accepted for flax compatibility: both modes compute the same exact
+      one-pass statistics (flax's fast ``E[x²] − E[x]²`` loses the variance far from zero).
     unbiased_running_var: store the unbiased variance in the running statistics (PyTorch).
     debias: zero-debiased running averages (see :func:`jaxbn.update_stats`).
+    skip_nonfinite: True (default): features whose batch statistics are not finite keep
+      their running statistics; False: flax's behaviour (they become NaN/Inf).
 
   Returns:
     ``(y, new_stats)``: the normalized array (shape of ``x``) and the updated statistics
@@ -97,7 +117,9 @@ def batch_norm(
   Raises:
     ValueError / TypeError: a non-float ``x``, an out-of-range ``axis``, ``stats``/``scale``/
       ``bias`` that do not match the features, a ``mask`` that does not broadcast, a momentum
-      outside [0, 1], ``epsilon <= 0`` or an unbound ``axis_name`` — each naming the fix.
+      outside [0, 1], ``epsilon <= 0`` or an unbound ``axis_name`` — each naming the fix;
+      ``ValueError`` for one value per feature in training (the static count over the
+      reduced axes times the synchronized devices is 1).
 
   Example:
     >>> import jax, jax.numpy as jnp, jaxbn
@@ -131,12 +153,16 @@ def batch_norm(
     inv = lax.rsqrt(jnp.asarray(stats.var).astype(rdt) + jnp.asarray(epsilon, rdt))
     return affine(x, feat, mean, inv, scale_v, bias_v, out_dtype), stats
 
-  # The running mean is the shift of the one-pass statistics (flax's fast variance: 0).
-  shift = None if use_fast_variance else jnp.asarray(stats.mean).reshape(fshape)
+  checks.axis_name_bound(fn, axis_name, axis_index_groups)
+  checks.more_than_one_value(fn, x.shape, checks.reduction_axes(x.ndim, feat), axis_name,
+                             axis_index_groups)
+  # The running mean is the statistics' fallback shift (for a fully masked sample).
+  shift = jnp.asarray(stats.mean).reshape(fshape)
   y, mean, var, count = standardize(
       fn, x, scale_v, bias_v, red=checks.reduction_axes(x.ndim, feat), param_axes=feat,
       mask=mask, epsilon=epsilon, dtype=dtype, axis_name=axis_name,
       axis_index_groups=axis_index_groups, use_fast_variance=use_fast_variance, shift=shift)
   new_stats = update_stats(stats, Moments(mean, var, count), momentum=momentum,
-                           unbiased_running_var=unbiased_running_var, debias=debias)
+                           unbiased_running_var=unbiased_running_var, debias=debias,
+                           skip_nonfinite=skip_nonfinite)
   return y, new_stats

@@ -6,6 +6,9 @@ how to fix it, so that users never see a broadcasting error from deep inside JAX
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import math
 import numbers
 from typing import Any, Optional, Sequence, Union
 
@@ -14,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jaxbn._core import collectives
 from jaxbn._core.types import BatchStats
 
 Axes = Union[int, Sequence[int]]
@@ -302,7 +306,66 @@ def per_example_args(fn: str, x: ArrayLike, reduction_axes: Axes, feature_axes: 
   return x, red, feat
 
 
+# --------------------------------------------------------------------------------------------
+# One value per feature in training.
+# --------------------------------------------------------------------------------------------
+
+_ONE_VALUE_OK = contextvars.ContextVar("jaxbn_one_value_per_feature_ok", default=False)
+
+
+@contextlib.contextmanager
+def one_value_per_feature_ok(ok: bool = True):
+  """Within this block (at trace time) a training call with one value per feature does not
+  raise. For flax linen's ``init`` only, where a one-row dummy batch is the usual way to
+  create the variables (nothing is updated during ``init``)."""
+  token = _ONE_VALUE_OK.set(bool(ok) or _ONE_VALUE_OK.get())
+  try:
+    yield
+  finally:
+    _ONE_VALUE_OK.reset(token)
+
+
+def more_than_one_value(fn: str, x_shape: Sequence[Any], red: Sequence[int], axis_name: Any,
+                        axis_index_groups: Any = None, *, virtual_batch: bool = False) -> None:
+  """Raises when the batch statistics would see exactly one value per feature.
+
+  The static count is the number of entries of ``x`` along the reduced axes ``red``, times
+  the number of devices ``axis_name`` synchronizes over (the group size with
+  ``axis_index_groups``). Call after :func:`axis_name_bound`. A symbolic shape
+  (``jax.export``) is not checked; an empty batch (0 values) is allowed (it leaves the
+  running statistics unchanged).
+  """
+  if _ONE_VALUE_OK.get():
+    return
+  try:
+    local = int(math.prod(x_shape[a] for a in red))
+  except Exception:  # noqa: BLE001 - a symbolic dimension
+    return
+  devices = 1 if virtual_batch else collectives.axis_size(axis_name, axis_index_groups)
+  if local * devices != 1:
+    return
+  if virtual_batch:
+    what = (f"each virtual batch of `x` (shape {tuple(x_shape)}) has 1 entry per feature "
+            f"(`virtual_batch_size` times the other reduced axes; virtual batches are not "
+            f"synchronized over devices)")
+    fixes = ("use a larger `virtual_batch_size`, switch to jaxbn.batch_norm (which "
+             "synchronizes over devices with axis_name=...)")
+  else:
+    synced = ("" if axis_name is None else
+              f", synchronized over {devices} device (axis_name={axis_name!r})")
+    what = (f"`x` of shape {tuple(x_shape)} has 1 entry per feature along the axes "
+            f"{tuple(red)} that the statistics reduce over{synced}")
+    fixes = "use a larger batch, synchronize the statistics over devices with axis_name=..."
+  raise ValueError(
+      f"{fn}: expected more than 1 value per feature when training: {what}. The batch "
+      f"variance of one value is 0, so every output would be `bias` and the running "
+      f"variance would be pulled toward 0. Fixes: evaluate with the running statistics "
+      f"(training=False; layers: use_running_average=True or model.eval()), {fixes}, or "
+      f"use a norm without batch statistics (jaxbn.group_norm, jaxbn.layer_norm).")
+
+
 __all__ = [
+    "one_value_per_feature_ok", "more_than_one_value",
     "feature_axes", "reduction_axes", "float_input", "momentum_value", "epsilon_value",
     "axis_name_bound", "feature_shape_matches", "mask_broadcasts", "static_bool",
     "validate_bn_args", "named_axes", "param_shape", "affine_params", "per_example_args",

@@ -33,6 +33,26 @@ def momentum_from_torch(torch_momentum: Optional[float]) -> Optional[float]:
   return round(1.0 - p, 12)
 
 
+def select(pred: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
+  """``jnp.where(pred, a, b)`` for feature vectors that may be sharded differently.
+
+  Under ``jax.jit`` with explicit mesh axes a select refuses operands of different shardings
+  (e.g. replicated running statistics and batch moments sharded along the feature axis);
+  adding zeros of the combined sharding first (exact) makes them agree.
+  """
+  z = jnp.zeros_like(a) + jnp.zeros_like(b) + jnp.zeros_like(pred, jnp.result_type(a, b))
+  return jnp.where(pred | (z != 0), a + z, b + z)
+
+
+def updated_features(batch: Moments, *, skip_nonfinite: bool = True) -> jax.Array:
+  """Which features a batch updates (bool, feature shape): more than one valid entry and,
+  with ``skip_nonfinite``, a finite mean and variance (see :func:`update_stats`)."""
+  valid = jnp.asarray(batch.count) > 1
+  if skip_nonfinite:
+    valid = valid & jnp.isfinite(batch.mean) & jnp.isfinite(batch.var)
+  return valid
+
+
 def update_stats(
     stats: BatchStats,
     batch: Moments,
@@ -40,6 +60,7 @@ def update_stats(
     momentum: Optional[ArrayLike] = 0.99,
     unbiased_running_var: bool = False,
     debias: bool = False,
+    skip_nonfinite: bool = True,
 ) -> BatchStats:
   r"""Folds one batch's moments into the running statistics.
 
@@ -50,9 +71,19 @@ def update_stats(
   of the new value (use :func:`momentum_from_torch`). ``momentum=None`` gives the cumulative
   average over all updates, ``m = count / (count + 1)`` (PyTorch's ``momentum=None``).
 
-  Features whose batch had no valid entry (``batch.count == 0``) keep their running values,
-  and ``count`` only advances when some feature had a valid entry, so empty or fully masked
-  batches never corrupt the statistics.
+  Bad batches never corrupt the statistics. A feature keeps its running mean and variance
+  (bit for bit) when its batch
+
+  * had at most one valid entry (``batch.count <= 1``: an empty or fully masked batch, or a
+    mask that leaves a single value, whose variance 0 says nothing about the data), or
+  * has a non-finite mean or variance (a NaN or Inf in the data, or an overflow), with
+    ``skip_nonfinite=True`` (the default).
+
+  The other features update as usual. ``count`` is a scalar: it advances by 1 when *any*
+  feature updated (so with ``momentum=None`` or ``debias`` a feature that skipped a batch
+  uses the weights of the common count afterwards). The decision is a ``jnp.where`` on the
+  feature-sized vectors: no host check, no conditional, the same under ``jit``; with
+  moments synchronized over devices it is the same on every device.
 
   Args:
     stats: the current :class:`BatchStats`.
@@ -67,6 +98,9 @@ def update_stats(
       is applied as a weight of the old value ``m (1 - m^{t-1}) / (1 - m^t)``, which is 0 at
       the first update: the first batch replaces the initial values, mean and variance alike.
       Ignored with ``momentum=None`` (a cumulative average is unbiased already).
+    skip_nonfinite: True (default): a feature whose batch mean or variance is not finite
+      keeps its running values. False: flax's behaviour, the NaN/Inf enters the running
+      statistics (and stays there).
 
   Returns:
     New :class:`BatchStats` with the structure, shapes and dtypes of ``stats``.
@@ -93,7 +127,7 @@ def update_stats(
   # float64 weights (momentum 0.9 is not rounded to float32's 0.8999999762).
   wdt = jnp.promote_types(jnp.finfo(dtype).dtype, jnp.float32)
   n = jnp.asarray(batch.count, wdt)
-  valid = n > 0
+  valid = updated_features(batch, skip_nonfinite=skip_nonfinite)
   var = batch.var
   if unbiased_running_var:
     var = var * n / jnp.maximum(n - 1.0, 1.0)
@@ -118,10 +152,14 @@ def update_stats(
           f"{fn}: the batch statistics are complex but `stats` are {old.dtype}; create them "
           f"with init_stats(..., dtype=jnp.complex64) for complex input.")
     work = jnp.promote_types(old.dtype, jnp.float32)
-    # A feature without valid entries keeps its old value: its weight of the new value is 0
-    # (arithmetic rather than a select, so that operands sharded differently still combine).
+    # A feature that does not update gets weight 0 for the new value (arithmetic, so that
+    # operands sharded differently still combine); skipping a non-finite value also needs a
+    # select, as 0 * NaN is NaN (skip_nonfinite=False lets it through, as flax does).
     w = jnp.where(valid, w_new, 0.0).astype(work)
-    return (old.astype(work) + w * (new.astype(work) - old.astype(work))).astype(old.dtype)
+    out = old.astype(work) + w * (new.astype(work) - old.astype(work))
+    if skip_nonfinite:
+      out = select(valid, out, old.astype(work))
+    return out.astype(old.dtype)
 
   return BatchStats(
       mean=blend(stats.mean, batch.mean),

@@ -15,7 +15,7 @@ from jaxbn._core import collectives
 from jaxbn._core.batch_norm import batch_norm
 from jaxbn._core.ema import update_stats
 from jaxbn._core.engine import standardize
-from jaxbn._core.moments import block_values
+from jaxbn._core.moments import block_values, on_cpu
 from jaxbn._core.types import BatchStats, Moments
 
 _RULES = ("average", "sequential")
@@ -41,13 +41,18 @@ def _check_layout(fn: str, x: jax.Array, batch_axis: int, ghosts: int, size: int
 def _merge_ghost_moments(mean, var, count, axis_name, groups, unbiased):
   """Pools per-virtual-batch moments ``(G, *features)`` into one update (count-weighted).
 
-  Mean: the mean of all valid entries; variance: the count-weighted mean of the
-  virtual-batch variances (pooled within-batch variance; unbiased: ``Σ n_l v_l / Σ (n_l −
-  1)``). With ``axis_name`` the sums run over all devices (one psum).
+  Mean: the mean of the valid entries of the virtual batches that have more than one;
+  variance: the count-weighted mean of their variances (pooled within-batch variance;
+  unbiased: ``Σ n_l v_l / Σ (n_l − 1)``). A virtual batch with at most one valid entry (a
+  fully masked one, or a single value whose variance 0 says nothing) is left out, as an empty
+  batch is in :func:`jaxbn.update_stats`. With ``axis_name`` the sums run over all devices
+  (one psum).
   """
-  dof = jnp.maximum(count - 1.0, 0.0) if unbiased else count
-  sums = jnp.stack([jnp.sum(count, 0), jnp.sum(count * mean, 0), jnp.sum(count * var, 0),
-                    jnp.sum(dof, 0)])
+  used = count > 1
+  n_l = jnp.where(used, count, 0.0)
+  dof = jnp.where(used, count - 1.0, 0.0) if unbiased else n_l
+  sums = jnp.stack([jnp.sum(n_l, 0), jnp.sum(jnp.where(used, count * mean, 0.0), 0),
+                    jnp.sum(jnp.where(used, count * var, 0.0), 0), jnp.sum(dof, 0)])
   sums = collectives.psum(sums, axis_name, groups)
   n = sums[0]
   return Moments(sums[1] / jnp.maximum(n, 1.0), sums[2] / jnp.maximum(sums[3], 1.0), n)
@@ -73,6 +78,7 @@ def ghost_batch_norm(
     stats_update: str = "average",
     unbiased_running_var: bool = False,
     debias: bool = False,
+    skip_nonfinite: bool = True,
 ) -> tuple[jax.Array, BatchStats]:
   r"""Ghost batch normalization (Hoffer et al., 2017): BN statistics per virtual batch.
 
@@ -112,7 +118,13 @@ def ghost_batch_norm(
 
   The batch size must be a multiple of ``virtual_batch_size`` (an error says otherwise):
   drop or pad the last batch of an epoch, or pass a padding ``mask`` (masked entries do not
-  count in the statistics; a virtual batch without valid entries is skipped in the update).
+  count in the statistics; a virtual batch with at most one valid entry is skipped in the
+  update, as an empty batch is).
+
+  Bad data: as :func:`jaxbn.batch_norm`, a feature whose pooled statistics (``"average"``)
+  or whose virtual batch's statistics (``"sequential"``) are not finite keeps its running
+  values unless ``skip_nonfinite=False``; training with one value per feature *per virtual
+  batch* (``virtual_batch_size`` times the other reduced axes is 1) raises a ``ValueError``.
 
   Args:
     x: input, float dtype, rank >= 2.
@@ -135,14 +147,16 @@ def ghost_batch_norm(
     unbiased_running_var: fold in unbiased variances (pooled ``Σ n_l v_l / Σ (n_l − 1)`` for
       ``"average"``; ``v_l n_l/(n_l − 1)`` per virtual batch for ``"sequential"``).
     debias: zero-debiased running averages (see :func:`jaxbn.update_stats`).
+    skip_nonfinite: True (default): features whose batch statistics are not finite keep
+      their running statistics; False: flax's behaviour (they become NaN/Inf).
 
   Returns:
     ``(y, new_stats)`` as :func:`jaxbn.batch_norm`.
 
   Raises:
     ValueError / TypeError: as :func:`jaxbn.batch_norm`; also a batch size that is not a
-      multiple of ``virtual_batch_size``, a bad ``virtual_batch_size``/``batch_axis``, or an
-      unknown ``stats_update``.
+      multiple of ``virtual_batch_size``, a bad ``virtual_batch_size``/``batch_axis``, an
+      unknown ``stats_update``, or one value per feature per virtual batch in training.
 
   Example:
     >>> import jax, jax.numpy as jnp, jaxbn
@@ -192,6 +206,9 @@ def ghost_batch_norm(
         f"pass a `mask` that excludes the padding.")
   checks.mask_broadcasts(fn, mask, x.shape)
   checks.axis_name_bound(fn, axis_name, axis_index_groups)
+  vshape = tuple(virtual_batch_size if a == ba else d for a, d in enumerate(x.shape))
+  checks.more_than_one_value(fn, vshape, checks.reduction_axes(x.ndim, feat), axis_name,
+                             axis_index_groups, virtual_batch=True)
   ghosts = size // virtual_batch_size
 
   _check_layout(fn, x, ba, ghosts, virtual_batch_size)
@@ -210,14 +227,15 @@ def ghost_batch_norm(
       use_fast_variance=use_fast_variance, grouping=grouping, shift=shift)
   # Per-virtual-batch moments with the G axis first: (G, *features). The barrier keeps XLA
   # from fusing the pooling below back into the reductions over x.
-  mean, var, count = lax.optimization_barrier(tuple(
+  mean, var, count = on_cpu(lambda *v: lax.optimization_barrier(v), *(
       lax.stop_gradient(jnp.moveaxis(block_values(v, grouping), grouping[0], 0))
       for v in (mean, var, count)))
   groups = None if axis_index_groups is None else [list(g) for g in axis_index_groups]
 
   if stats_update == "average":
     batch = _merge_ghost_moments(mean, var, count, axis_name, groups, unbiased_running_var)
-    new_stats = update_stats(stats, batch, momentum=momentum, debias=debias)
+    new_stats = update_stats(stats, batch, momentum=momentum, debias=debias,
+                             skip_nonfinite=skip_nonfinite)
     return y, new_stats
 
   if axis_name is not None:  # merge the l-th virtual batches of all devices
@@ -228,7 +246,8 @@ def ghost_batch_norm(
 
   def step(carry, moments):
     return update_stats(carry, Moments(*moments), momentum=momentum,
-                        unbiased_running_var=unbiased_running_var, debias=debias), None
+                        unbiased_running_var=unbiased_running_var, debias=debias,
+                        skip_nonfinite=skip_nonfinite), None
 
   new_stats, _ = lax.scan(step, stats, (mean, var, count))
   return y, new_stats

@@ -21,6 +21,7 @@ from typing import Optional
 import jax.numpy as jnp
 from jax.typing import DTypeLike
 
+from jaxbn._core.ema import select
 from jaxbn._core.moments import merge
 from jaxbn._core.types import (BatchStats, Moments, PopulationMoments, Shape, _as_shape,
                                init_stats)
@@ -47,7 +48,8 @@ def init_population_moments(feature_shape: Shape,
   return PopulationMoments(jnp.zeros(shape, jnp.float32), zeros, zeros)
 
 
-def merge_moments(acc: PopulationMoments, batch: Moments) -> PopulationMoments:
+def merge_moments(acc: PopulationMoments, batch: Moments, *,
+                  skip_nonfinite: bool = True) -> PopulationMoments:
   r"""Adds one batch's moments to the accumulator, weighted by its true counts.
 
   Chan, Golub & LeVeque's pairwise update, exact in the weights and free of cancellation:
@@ -58,12 +60,18 @@ def merge_moments(acc: PopulationMoments, batch: Moments) -> PopulationMoments:
      M_2 = M_{2,a} + n_b \sigma_b^2 + \delta^2 \frac{n_a n_b}{n}
 
   Batches of different sizes, masked batches and fully masked features (``count == 0``,
-  which leave the accumulator unchanged) are all weighted exactly.
+  which leave the accumulator unchanged) are all weighted exactly. A batch of one value per
+  feature is merged too (population moments are exact sums, so its variance 0 is right).
+
+  Bad data: a feature whose batch mean or variance is not finite (a NaN or Inf in the data)
+  is not merged (its count, mean and M2 stay as they were), so one corrupt batch does not
+  make the recomputed statistics NaN; ``skip_nonfinite=False`` merges it (NaN propagates).
 
   Args:
     acc: the accumulator so far (:func:`init_population_moments`).
     batch: a batch's :class:`~jaxbn.Moments` (biased variance, per-feature counts), e.g. from
       :func:`jaxbn.moments`.
+    skip_nonfinite: leave features with non-finite batch moments out (default True).
 
   Returns:
     The updated :class:`PopulationMoments` (same shapes and dtypes).
@@ -84,8 +92,14 @@ def merge_moments(acc: PopulationMoments, batch: Moments) -> PopulationMoments:
         f"init_population_moments({jnp.shape(batch.mean)}).")
   dt = acc.mean.dtype
   nb = jnp.asarray(batch.count, jnp.float32)
-  n, mean, m2 = merge(acc.count, acc.mean, acc.m2, nb, jnp.asarray(batch.mean).astype(dt),
-                      (nb * jnp.asarray(batch.var, jnp.float32)).astype(dt))
+  mean_b = jnp.asarray(batch.mean).astype(dt)
+  m2_b = (nb * jnp.asarray(batch.var, jnp.float32)).astype(dt)
+  if skip_nonfinite:  # a select, not a weight: 0 * NaN is NaN
+    ok = jnp.isfinite(mean_b) & jnp.isfinite(m2_b)
+    nb = jnp.where(ok, nb, 0.0)
+    mean_b = select(ok, mean_b, acc.mean)
+    m2_b = jnp.where(ok, m2_b, jnp.zeros((), dt))
+  n, mean, m2 = merge(acc.count, acc.mean, acc.m2, nb, mean_b, m2_b)
   return PopulationMoments(count=n, mean=mean, m2=m2)
 
 

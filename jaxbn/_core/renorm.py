@@ -11,7 +11,7 @@ from jax.typing import ArrayLike, DTypeLike
 
 from jaxbn._core import checks
 from jaxbn._core.batch_norm import batch_norm
-from jaxbn._core.ema import update_stats
+from jaxbn._core.ema import select, update_stats, updated_features
 from jaxbn._core.moments import accumulation_dtype
 from jaxbn._core.engine import standardize
 from jaxbn._core.types import BatchStats, Moments
@@ -50,7 +50,8 @@ def _check_clipping(fn: str, r_max: Any, d_max: Any, r_min: Any) -> None:
 
 
 def _update_running_std(stats: BatchStats, batch: Moments, epsilon, *, momentum,
-                        unbiased_running_var: bool, debias: bool) -> BatchStats:
+                        unbiased_running_var: bool, debias: bool,
+                        skip_nonfinite: bool) -> BatchStats:
   r"""The paper's (and Keras's) rule: a moving average of ``σ_B = sqrt(var_B + ε)``.
 
   The average ``σ`` is stored as the variance ``max(σ² − ε, 0)``, so that inference with
@@ -64,9 +65,11 @@ def _update_running_std(stats: BatchStats, batch: Moments, epsilon, *, momentum,
     var_b = var_b * n / jnp.maximum(n - 1.0, 1.0)
   std_stats = BatchStats(stats.mean, jnp.sqrt(stats.var.astype(work) + eps), stats.count)
   upd = update_stats(std_stats, Moments(batch.mean, jnp.sqrt(var_b + eps), batch.count),
-                     momentum=momentum, debias=debias)
+                     momentum=momentum, debias=debias, skip_nonfinite=skip_nonfinite)
   new_var = jnp.maximum(jnp.square(upd.var) - eps, 0.0)
-  new_var = jnp.where(n > 0, new_var, stats.var.astype(work)).astype(stats.var.dtype)
+  # Features that did not update keep their variance bit for bit (not σ² − ε rounded).
+  keep = ~updated_features(batch, skip_nonfinite=skip_nonfinite)
+  new_var = select(keep, stats.var.astype(work), new_var).astype(stats.var.dtype)
   return BatchStats(upd.mean, new_var, upd.count)
 
 
@@ -91,6 +94,7 @@ def batch_renorm(
     running_std: bool = False,
     unbiased_running_var: bool = False,
     debias: bool = False,
+    skip_nonfinite: bool = True,
 ) -> tuple[jax.Array, BatchStats]:
   r"""Batch renormalization (Ioffe, 2017) as a pure function of explicit state.
 
@@ -118,7 +122,9 @@ def batch_renorm(
   need running statistics, :func:`jaxbn.group_norm` avoids the batch altogether.
 
   Running statistics: the mean and variance are updated as in :func:`jaxbn.batch_norm`
-  (same ``momentum``, ``debias``, ``unbiased_running_var``, masks and empty batches), and the
+  (same ``momentum``, ``debias``, ``unbiased_running_var``, masks and empty batches, and the
+  same bad-data contract: features with non-finite batch statistics keep their running
+  values unless ``skip_nonfinite=False``; one value per feature in training raises), and the
   *same* running statistics give ``r``, ``d`` and the inference output (the paper uses one
   set). ``running_std=True`` averages the standard deviation ``sqrt(var_B + ε)`` instead of
   the variance, as the paper's algorithm and Keras do, storing ``var = σ² − ε``.
@@ -155,6 +161,8 @@ def batch_renorm(
     running_std: average ``sqrt(var_B + ε)`` (paper, Keras) instead of ``var_B`` (BN).
     unbiased_running_var: fold in the unbiased batch variance (PyTorch's running variance).
     debias: zero-debiased running averages (see :func:`jaxbn.update_stats`).
+    skip_nonfinite: True (default): features whose batch statistics are not finite keep
+      their running statistics; False: flax's behaviour (they become NaN/Inf).
 
   Returns:
     ``(y, new_stats)``: the output (shape of ``x``, dtype ``dtype`` or ``x.dtype``) and the
@@ -197,6 +205,8 @@ def batch_renorm(
 
   checks.mask_broadcasts(fn, mask, x.shape)
   checks.axis_name_bound(fn, axis_name, axis_index_groups)
+  checks.more_than_one_value(fn, x.shape, checks.reduction_axes(x.ndim, feat), axis_name,
+                             axis_index_groups)
   acc = accumulation_dtype(x.dtype)
   sg = lax.stop_gradient
   r_hi = sg(jnp.asarray(r_max, acc))
@@ -213,10 +223,12 @@ def batch_renorm(
   batch = Moments(sg(mean), sg(var), count)
   if running_std:
     new_stats = _update_running_std(stats, batch, eps, momentum=momentum,
-                                    unbiased_running_var=unbiased_running_var, debias=debias)
+                                    unbiased_running_var=unbiased_running_var, debias=debias,
+                                    skip_nonfinite=skip_nonfinite)
   else:
     new_stats = update_stats(stats, batch, momentum=momentum,
-                             unbiased_running_var=unbiased_running_var, debias=debias)
+                             unbiased_running_var=unbiased_running_var, debias=debias,
+                             skip_nonfinite=skip_nonfinite)
   return y, new_stats
 
 
