@@ -31,7 +31,7 @@ RESULTS_DIR = HERE / "results"
 OUTPUT = HERE / "RESULTS.md"
 # Sections in this order first, then any other result file alphabetically.
 ORDER = ["bench_core", "bench_core_hugepages", "bench_variants", "bench_sync",
-         "bench_collectives", "bench_model", "bench_model_hugepages", "bench_fold",
+         "bench_collectives", "bench_latency", "bench_model", "bench_model_hugepages", "bench_fold",
          "bench_accel_cuda", "bench_accel_tpu"]
 # Scripts whose results are expected; a missing one is listed as missing, not silently absent.
 EXPECTED = {
@@ -39,6 +39,7 @@ EXPECTED = {
     "bench_variants": "python benchmarks/bench_variants.py",
     "bench_sync": "python benchmarks/bench_sync.py",
     "bench_collectives": "python benchmarks/bench_collectives.py",
+    "bench_latency": "python benchmarks/bench_latency.py",
     "bench_model": "python benchmarks/bench_model.py",
     "bench_fold": "python benchmarks/bench_fold.py",
     "bench_accel_cuda": "python benchmarks/bench_accel.py --part cuda",
