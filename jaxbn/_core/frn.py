@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.typing import ArrayLike, DTypeLike
 
+from jaxbn._core import collectives
 from jaxbn._core.engine import standardize
 
 
@@ -151,5 +152,9 @@ def filter_response_norm(
                   dtype=acc_dtype(x.dtype) if tau is not None else out, axis_name=None,
                   axis_index_groups=None, use_fast_variance=False, center=False)[0]
   if tau is not None:
-    y = jnp.maximum(y, lax.broadcast_in_dim(tau.astype(y.dtype), x.shape, feat))
+    # tau is made device-varying at its own shape before it meets the data (shard_map), so
+    # its gradient is a C-sized psum, not an activation-sized one.
+    tau = collectives.to_varying(tau.astype(y.dtype), tuple(collectives.varying_axes(x)))
+    y = jnp.maximum(y, lax.broadcast_in_dim(tau, x.shape, feat,
+                                            out_sharding=collectives.explicit_sharding(x)))
   return y.astype(out)
