@@ -6,8 +6,8 @@ shortcuts, no conv bias) is evaluated (``train=False``, under ``jax.jit``, warm)
 * ``flax``: ``flax.linen.BatchNorm`` with running statistics (the baseline);
 * ``jaxbn``: ``jaxbn.linen.BatchNorm`` with running statistics;
 * ``folded``: the flax model's variables folded with ``jaxbn.linen.find_conv_bn_pairs`` +
-  ``fold_batch_norm`` and run through ``jaxbn.linen.folded(model.apply)`` (every BN becomes a
-  bias add after its convolution).
+  ``fold_batch_norm_layers`` and run through ``jaxbn.linen.folded(model.apply)`` (every BN
+  becomes a bias add after its convolution).
 
 Interleaved rounds (one step of each per round); medians and paired median ratios vs flax
 (< 1 is faster), plus the largest difference between the folded and the flax outputs.
@@ -76,7 +76,7 @@ def bench_dtype(args, dtype_name):
   variables = trained(shapes)
   flax_model = models["flax"]
   pairs = jaxbn.linen.find_conv_bn_pairs(flax_model.apply, variables, x, train=False)
-  folded_vars = jaxbn.linen.fold_batch_norm(variables, pairs)
+  folded_vars = jaxbn.linen.fold_batch_norm_layers(variables, pairs)
   n_bn = len(jax.tree.leaves(variables["batch_stats"])) // 2
 
   def compiled(apply, v):
