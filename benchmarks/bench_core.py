@@ -544,8 +544,9 @@ def run(args):
   step = _results.table(
       f"BN training step, NHWC, jit ({'quick: ' if args.quick else ''}{reps} rounds)",
       columns, rows, formats=formats, platform=timing,
-      note=(f"Roofline: an in-place donated copy of {copy_bytes / 2**20:.1f} MiB ran at {bw / 1e9:.2f} GB/s (bytes read + written). Minimum bytes: fwd = read x "
-            "twice (statistics, output) + write y; fwd+bwd adds read x, dy (reductions) and "
+      note=(f"Roofline: an in-place donated copy of {copy_bytes / 2**20:.1f} MiB ran at "
+            f"{bw / 1e9:.2f} GB/s (bytes read + written). Minimum bytes: fwd = read x twice "
+            "(statistics, output) + write y; fwd+bwd adds read x, dy (reductions) and "
             "read x, dy + write dx: 8 array passes in all. `roofline ms` = minimum bytes ÷ the "
             "copy's bandwidth; `GB/s (min bytes)` = minimum bytes ÷ median time."
             + peak_note + " Times are host wall clock around a blocking call (dispatch "
@@ -558,7 +559,8 @@ def run(args):
       platform="(describes the code; no measurement)",
       note=("Same inputs, momentum and epsilon everywhere; each returns y in x's dtype and "
             "its updated running statistics, and is differentiated w.r.t. x, scale and bias."))
-  tables = [step, acceptance_table(rows, columns, torch_name, torch_ratios, timing, args.quick), legend]
+  tables = [step, acceptance_table(rows, columns, torch_name, torch_ratios, timing, args.quick),
+            legend]
   if not args.no_cnn:
     cnn_rows = []
     for dname in (dtypes if not args.quick else ["bfloat16"]):  # quick: one dtype suffices

@@ -61,7 +61,8 @@ smoke="${JAXBN_GPU_SMOKE:-0}"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv \
   >"$out/gpu.txt" 2>&1 || echo "nvidia-smi: not available" >"$out/gpu.txt"
 say "# $(tr '\n' ' ' <"$out/gpu.txt")"
-platform=$(python3 -c 'import jax; d = jax.devices()[0]; print(d.platform, "|", d.device_kind, "|", jax.__version__)' 2>>"$log")
+platform=$(python3 -c 'import jax; d = jax.devices()[0]
+print(d.platform, "|", d.device_kind, "|", jax.__version__)' 2>>"$log")
 say "# jax devices: $platform"
 if [ "$smoke" != "1" ] && [[ "$platform" != gpu* && "$platform" != cuda* ]]; then
   say "ERROR: JAX sees no GPU ($platform); set JAXBN_GPU_SMOKE=1 for a CPU smoke run."
@@ -127,7 +128,8 @@ for name in ("bench_core_gpu", "bench_model_gpu"):
   for r in t["rows"]:
     row = dict(zip(c, r))
     impl = str(row.get("impl"))
-    if name == "bench_core_gpu" and impl not in ("jaxbn", "flax.linen") and not impl.startswith("torch"):
+    if name == "bench_core_gpu" and impl not in ("jaxbn", "flax.linen") \
+        and not impl.startswith("torch"):
       continue
     print(" | ".join(f"{row[k]:.3g}" if isinstance(row[k], float) else str(row[k]) for k in keep))
 EOF
