@@ -16,7 +16,7 @@ from flax.typing import Dtype, Initializer
 from jax.nn import initializers
 
 import jaxbn
-from jaxbn.linen._common import treatment
+from jaxbn.linen._common import bn_variables, treatment
 
 
 class SplitBatchNorm(nn.Module):
@@ -138,18 +138,10 @@ class TestTimeBatchNorm(nn.Module):
                mask: Optional[jax.Array] = None) -> jax.Array:
     """Normalizes ``x`` with the mixed statistics (nothing is updated)."""
     del use_running_average
-    x = jnp.asarray(x)
-    c = x.shape[self.axis]
-    mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
-    var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
-    scale = (self.param("scale", self.scale_init, (c,), self.param_dtype)
-             if self.use_scale else None)
-    bias = self.param("bias", self.bias_init, (c,), self.param_dtype) if self.use_bias else None
+    x, axis, stats, scale, bias, dtype, _ = bn_variables(self, x, "jaxbn.linen.TestTimeBatchNorm")
     init = self.is_initializing()
-    dtype = self.dtype or jnp.result_type(x, *[p for p in (scale, bias) if p is not None])
-    stats = jaxbn.BatchStats(mean.value, var.value, jnp.zeros((), jnp.int32))
     y, _ = jaxbn.adapt_batch_norm(
-        x, stats, scale, bias, prior=self.prior, axis=self.axis, epsilon=self.epsilon,
+        x, stats, scale, bias, prior=self.prior, axis=axis, epsilon=self.epsilon,
         axis_name=None if init else self.axis_name,
         axis_index_groups=None if init else self.axis_index_groups, mask=mask, dtype=dtype)
     return y

@@ -17,7 +17,7 @@ from flax.nnx import initializers
 from flax.typing import Dtype, Initializer
 
 import jaxbn
-from jaxbn.nnx._common import Layer, mode, treatment
+from jaxbn.nnx._common import Layer, init_bn_layer, mode, treatment
 
 
 def _value(v):
@@ -127,15 +127,7 @@ class TestTimeBatchNorm(Layer):
                bias_init: Initializer = initializers.zeros_init(),
                scale_init: Initializer = initializers.ones_init(), axis_name: Any = None,
                axis_index_groups: Any = None, rngs: nnx.Rngs):
-    self.mean = nnx.BatchStat(jnp.zeros((num_features,), jnp.float32))
-    self.var = nnx.BatchStat(jnp.ones((num_features,), jnp.float32))
-    _affine(self, (num_features,), use_scale, use_bias, scale_init, bias_init, param_dtype,
-            rngs)
-    self.num_features, self.prior, self.use_running_average = (num_features, prior,
-                                                               use_running_average)
-    self.axis, self.momentum, self.epsilon, self.dtype = axis, momentum, epsilon, dtype
-    self.param_dtype, self.axis_name, self.axis_index_groups = (param_dtype, axis_name,
-                                                                axis_index_groups)
+    init_bn_layer(self, "jaxbn.nnx.TestTimeBatchNorm", locals())
 
   def __call__(self, x: jax.typing.ArrayLike, use_running_average: Optional[bool] = None, *,
                mask: Optional[jax.Array] = None) -> jax.Array:

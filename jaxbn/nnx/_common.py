@@ -212,7 +212,8 @@ def init_bn_layer(mdl: nnx.Module, fn: str, args: Mapping[str, Any]) -> None:
   init_affine(mdl, args["num_features"], use_scale=args["use_scale"],
               use_bias=args["use_bias"], scale_init=args["scale_init"],
               bias_init=args["bias_init"], param_dtype=args["param_dtype"], rngs=args["rngs"],
-              scale_metadata=args["scale_metadata"], bias_metadata=args["bias_metadata"])
+              scale_metadata=args.get("scale_metadata", {}),
+              bias_metadata=args.get("bias_metadata", {}))
   store(mdl, args, [n for n in args if n not in _NOT_SETTINGS])
 
 
