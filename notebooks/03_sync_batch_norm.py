@@ -61,7 +61,8 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 import flax.linen as nn
 import jaxbn, jaxbn.linen
-from jaxbn.parallel import collective_counts, data_mesh, shard_batch
+from jaxbn.parallel import data_mesh, shard_batch
+from jaxbn.testing import collective_counts
 
 mesh = data_mesh("data")       # one mesh axis over the 8 devices
 print(jax.devices())
@@ -170,7 +171,7 @@ for counts in ([8, 8, 8, 8, 8, 8, 4, 1], [8, 8, 8, 5, 0, 0, 0, 0]):
 #
 # A small model (dense layer, BN, ReLU, dense layer, squared loss) under `jax.shard_map`,
 # compiled for the 8 devices, with `jaxbn.linen.BatchNorm` and with `flax.linen.BatchNorm` (both
-# with `axis_name="data"`). `jaxbn.parallel.collective_counts` reads the compiled HLO. Three
+# with `axis_name="data"`). `jaxbn.testing.collective_counts` reads the compiled HLO. Three
 # programs: the forward pass; forward and backward to the input (the BN layer's own collectives);
 # the whole gradient step, where `shard_map` also sums the parameter gradients over devices.
 
