@@ -440,11 +440,17 @@ def recompute_stats(
                      progress=progress, mesh=mesh, batch_spec=batch_spec)
   new = list(leaves)
   for key, info in layers.items():
-    pos = position[key]
-    old = leaves[pos]
-    new[pos] = population_stats(jax.tree.map(jnp.asarray, jax.device_get(accs[info.index])),
-                                old, unbiased_running_var=info.unbiased)
+    new[position[key]] = result(accs, info, leaves[position[key]])
   return jax.tree.unflatten(treedef, new)
 
 
-__all__ = ["MODES", "LayerInfo", "Recorder", "current_recorder", "recompute_stats", "run"]
+def result(accs: list, info: LayerInfo, old: Any) -> BatchStats:
+  """Layer ``info``'s recomputed statistics: :func:`population_stats` of its accumulator
+  (fetched from the devices) over ``old`` (a :class:`BatchStats`, or ``(mean, var)``)."""
+  if not isinstance(old, BatchStats):
+    old = BatchStats(*old, jnp.zeros((), jnp.int32))
+  acc = jax.tree.map(jnp.asarray, jax.device_get(accs[info.index]))
+  return population_stats(acc, old, unbiased_running_var=info.unbiased)
+
+
+__all__ = ["MODES", "LayerInfo", "Recorder", "current_recorder", "recompute_stats", "result", "run"]

@@ -194,10 +194,7 @@ def recompute_batch_stats(
   new = unfreeze(variables)
   for key, info in layers.items():
     node = _get(new["batch_stats"], key)
-    old = jaxbn.BatchStats(node["mean"], node["var"], jnp.zeros((), jnp.int32))
-    acc = jax.tree.map(jnp.asarray, jax.device_get(accs[info.index]))
-    stats = jaxbn.population_stats(acc, old, unbiased_running_var=info.unbiased)
-    node["mean"], node["var"] = stats.mean, stats.var
+    node["mean"], node["var"], _ = recompute.result(accs, info, (node["mean"], node["var"]))
   return freeze(new) if isinstance(variables, FrozenDict) else new
 
 

@@ -211,11 +211,7 @@ def recompute_batch_stats(
   out = nnx.clone(model)
   for key, info in layers.items():
     bn = _get(out, key)
-    old = jaxbn.BatchStats(bn.mean[...], bn.var[...], jnp.zeros((), jnp.int32))
-    acc = jax.tree.map(jnp.asarray, jax.device_get(accs[info.index]))
-    stats = jaxbn.population_stats(acc, old, unbiased_running_var=info.unbiased)
-    bn.mean[...] = stats.mean
-    bn.var[...] = stats.var
+    bn.mean[...], bn.var[...], _ = recompute.result(accs, info, (bn.mean[...], bn.var[...]))
   return out
 
 
