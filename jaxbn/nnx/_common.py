@@ -319,23 +319,10 @@ def treatment(fn: str, node: Any, path: Any = ()) -> registry.Treatment:
 
 
 def register_batch_norm(cls: type, *, kind: str = "trains") -> type:
-  """Registers a class with the freeze, recompute, fold, surgery and TENT tools.
+  """Registers an NNX class with the tools: :func:`jaxbn.linen.register_batch_norm`'s twin.
 
-  ``kind`` (``jaxbn._layers.registry``) says what each tool does with it; a ``"trains"`` class
-  has flax ``BatchNorm``'s fields and variables, normalizes at inference with its running
-  statistics and takes the input first. Subclasses of a registered class or of a jaxbn layer
-  need no registration.
-
-  Args:
-    cls: a ``flax.nnx.Module`` subclass.
-    kind: ``"trains"`` (default), ``"frozen"``, ``"adaptive"`` or ``"running"``.
-
-  Returns:
-    ``cls`` (so this can decorate a class definition).
-
-  Raises:
-    TypeError: ``cls`` is not a module class of this framework.
-    ValueError: an unknown ``kind``.
+  Same ``kind`` (``"trains"``, ``"frozen"``, ``"adaptive"``, ``"running"``), return value and
+  errors, for a ``flax.nnx.Module`` subclass (``TypeError`` for anything else).
 
   Example:
     >>> import jaxbn.nnx
