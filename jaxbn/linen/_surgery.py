@@ -153,7 +153,9 @@ def replace_batch_norm(module: nn.Module, layer: Union[type, Callable[[nn.Module
     A Linen module with the variables of ``module``.
 
   Raises:
-    TypeError: ``module`` is not a Linen module, or an override is not a field of ``layer``.
+    TypeError: ``module`` is not a Linen module, an override is not a field of ``layer``, or
+      (default ``types``) a called module holds ``batch_stats/mean``/``var`` but is not
+      registered (:func:`register_batch_norm`).
 
   Example:
     >>> import jax, jax.numpy as jnp, flax.linen as nn, jaxbn.linen

@@ -76,7 +76,8 @@ def replace_batch_norm(model: Any, layer: Union[type, Callable[[nnx.Module], nnx
     The new model.
 
   Raises:
-    TypeError: an override that ``layer``'s constructor does not take.
+    TypeError: an override that ``layer``'s constructor does not take, or (default
+      ``types``) a module with ``mean``/``var`` ``nnx.BatchStat`` that is not registered.
 
   Example:
     >>> import jax.numpy as jnp, jaxbn.nnx
