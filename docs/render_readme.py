@@ -151,7 +151,8 @@ def accelerator_rows(results: Dict[str, Any]) -> List[str]:
                "[benchmarks](benchmarks/RESULTS.md) |")
   else:
     out.append("| ResNet-50 train step on GPU: run-time conditionals and optimization barriers "
-               "| not measured yet: `python benchmarks/bench_accel.py` | | CUDA lowering count "
+               "| not measured yet: `python benchmarks/bench_accel.py --part cuda` | | "
+               "CUDA lowering count "
                "| [benchmarks](benchmarks/RESULTS.md) |")
   t = _table(results, "bench_accel_tpu", "TPU compile estimate")
   own = "norm's own / flax fast's"
@@ -163,7 +164,9 @@ def accelerator_rows(results: Dict[str, Any]) -> List[str]:
       r = rows[0]
       cell = f"{r[own]:.2f}× of flax fast's ({r['topology']}, {r['mode']})"
   out.append("| ResNet-50 synced train step on TPU: BN's own estimated cycles (minus the "
-             "no-norm step) | " + (cell or "not measured yet: `python benchmarks/bench_accel.py`")
+             "no-norm step) | " + (cell or "not measured yet: `TPU_SKIP_MDS_QUERY=1 "
+                                   "JAX_PLATFORMS=cpu unshare --net python "
+                                   "benchmarks/bench_accel.py --part tpu`")
              + " | 1× | TPU compile estimate (libtpu cost model on a CPU machine; not a TPU "
              "timing) | [benchmarks](benchmarks/RESULTS.md) |")
   return out
