@@ -570,17 +570,27 @@ def cuda_tables(records) -> List[Dict[str, Any]]:
       br_n, br_b = coll_total(s["collectives"], in_branch=True)
       flax = LAYERS[r["layer"]].flax
       ref = ok.get((model, flax, r["mode"])) if flax else None
-      ref_b = coll_total(ref["stablehlo"]["collectives"], "all_reduce")[1] if ref else None
-      none = ok.get((model, "none", r["mode"]))
-      added = (ar_b - coll_total(none["stablehlo"]["collectives"], "all_reduce")[1]
-               if none and r["layer"] != "none" else None)
+      none = ok.get((model, "none", r["mode"])) if r["layer"] != "none" else None
+      ref_b = added = None
+      if r["mode"] != "jit":  # jit: the StableHLO has no collectives yet (see the CPU column)
+        ref_b = coll_total(ref["stablehlo"]["collectives"], "all_reduce")[1] if ref else None
+        added = (ar_b - coll_total(none["stablehlo"]["collectives"], "all_reduce")[1]
+                 if none else None)
       cpu = r.get("cpu_hlo")
-      cpu_n, cpu_b = coll_total(cpu["collectives"], "all-reduce") if cpu else (None, None)
+      cpu_cell = None
+      if cpu is not None:
+        cpu_n, cpu_b = coll_total(cpu["collectives"], "all-reduce")
+        cpu_cell = f"{cpu['conditional']} / {cpu_n} / {cpu_b:,} B"
+        if none and none.get("cpu_hlo"):
+          cpu_cell += (f" (minus none's: "
+                       f"{cpu_b - coll_total(none['cpu_hlo']['collectives'], 'all-reduce')[1]:,}"
+                       " B)")
+        if ref and ref.get("cpu_hlo"):
+          cpu_cell += (f"; {flax}: "
+                       f"{coll_total(ref['cpu_hlo']['collectives'], 'all-reduce')[1]:,} B")
       rows.append([r["layer"], r["mode"], s["case_if"], s["case_if_in_branch"], s["while"],
                    s["optimization_barrier"], ar_n, ar_b, added, ref_b, f"{br_n} ({br_b:,} B)",
-                   other_n, s["ops"],
-                   None if cpu is None else f"{cpu['conditional']} / {cpu_n} / {cpu_b:,} B",
-                   ""])
+                   other_n, s["ops"], cpu_cell, ""])
     if rows:
       tables.append(_labelled(CUDA_LABEL, _results.table(
           f"CUDA lowering count: {title}",
