@@ -519,3 +519,15 @@ def test_the_docs_table_of_layers_is_generated_from_the_registry():
     assert hasattr(jaxbn, row.core.__name__), row.core.__name__  # the function is public
   for kind in registry.KINDS:
     assert f"\n| {kind} |" in table
+
+
+def test_every_rows_fields_and_call_arguments_are_the_classes():
+  """A row's own fields are fields of the linen class and constructor arguments of the nnx
+  class; its call-time arguments are keyword arguments of both calls."""
+  from jaxbn._layers import registry
+  for row in registry.LAYERS:
+    lcls, ncls = getattr(jaxbn.linen, row.name), getattr(jaxbn.nnx, row.name)
+    fields = {f.name for f in dataclasses.fields(lcls)}
+    assert set(row.fields) <= fields & set(inspect.signature(ncls).parameters), row.name
+    for cls in (lcls, ncls):
+      assert set(row.overrides) <= set(inspect.signature(cls.__call__).parameters), row.name

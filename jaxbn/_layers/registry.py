@@ -137,9 +137,9 @@ LAYERS: list[Layer] = [
     Layer("InstanceNorm", instance_norm, "stateless", _AFFINE, ("feature_axes",),
           flax="InstanceNorm", summary="instance normalization (Ulyanov et al. 2016)"),
     Layer("WSConv", standardize_weight, "stateless", (Var("params", "kernel", "conv"),),
-          summary="weight-standardized convolution (Qiao et al. 2019)"),
+          overrides=(), summary="weight-standardized convolution (Qiao et al. 2019)"),
     Layer("ScaledWSConv", standardize_weight, "stateless",
-          (Var("params", "kernel", "conv"), Var("params", "gain", "out features")),
+          (Var("params", "kernel", "conv"), Var("params", "gain", "out features")), overrides=(),
           summary="scaled weight standardization (Brock et al. 2021)"),
 ]
 
@@ -214,13 +214,14 @@ def treatment(fn: str, module: Any, holds_stats: Callable[[], bool], where: str,
 def markdown_table() -> list[str]:
   """The docs' table of layers (a Markdown table, one line per row; the user guide includes
   it, generated at build time by ``docs/_ext/jaxbn_docs.py``)."""
-  lines = ["| layer (`jaxbn.linen`, `jaxbn.nnx`) | function (`jaxbn`) | kind | variables | |",
-           "|---|---|---|---|---|"]
+  lines = ["| layer (`jaxbn.linen`, `jaxbn.nnx`) | function (`jaxbn`) | kind | variables | "
+           "own fields; call-time arguments | |", "|---|---|---|---|---|---|"]
   for row in LAYERS:
     names = ", ".join(f"`{v.collection}/{v.name}` {v.shape}" + (f" ({v.when})" if v.when else "")
                       for v in row.variables)
     lines.append(f"| `{row.name}` | {{py:func}}`~jaxbn.{row.core.__name__}` | {row.kind} | "
-                 f"{names} | {row.summary} |")
+                 f"{names} | {', '.join(f'`{f}`' for f in row.fields) or '—'}; "
+                 f"{', '.join(f'`{o}`' for o in row.overrides) or '—'} | {row.summary} |")
   lines += ["", "| kind | freeze | recompute | fold | replace (default) | TENT filter |",
             "|---|---|---|---|---|---|"]
   for kind, t in KINDS.items():
