@@ -217,22 +217,28 @@ def _sample(v, red):
 def _sampled_shift(x, mask, red, grouping, fallback):
   """Per-statistic shift from the sample (block-shaped) and its valid weight.
 
-  ``K`` is the mean of the sample's valid, finite entries; where there is none it is
-  ``fallback``. The weight ``w`` is the number of such entries (the same positive number on
-  every device without a mask).
+  ``K`` is the mean of the sample's valid entries; where there is none, or the mean is not
+  finite (a NaN in the data), it is ``fallback``. The weight ``w`` is the number of valid
+  sampled entries (None without a mask: the same number on every device).
   """
   acc = accumulation_dtype(x.dtype)
   rdt = real_dtype(acc)
   xs, axes = _sample(lax.stop_gradient(x), red)
-  ok = jnp.isfinite(abs2(xs.astype(acc)))
-  if mask is not None:
+  xs = xs.astype(acc)
+  if mask is None:
+    w = None
+    total = jnp.sum(xs, axis=axes)
+    per_block = 1 if grouping is None else total.shape[grouping[0]] // grouping[1]
+    k = block_sum(total, grouping) / (math.prod(xs.shape[a] for a in axes) * per_block)
+    ok = jnp.isfinite(abs2(k))
+  else:
     ms, _ = _sample(jnp.broadcast_to(mask, x.shape), red)
-    ok = ok & ms
-  total = jnp.sum(jnp.where(ok, xs.astype(acc), jnp.zeros((), acc)), axis=axes)
-  w = jnp.sum(ok, axis=axes, dtype=rdt)
-  total, w = block_sum(total, grouping), block_sum(w, grouping)
-  k = jnp.where(w > 0, total / jnp.maximum(w, 1.0), like(fallback, total))
-  return k, w
+    total = block_sum(jnp.sum(jnp.where(ms, xs, jnp.zeros((), acc)), axis=axes), grouping)
+    w = block_sum(jnp.sum(ms, axis=axes, dtype=rdt), grouping)
+    k = total / jnp.maximum(w, 1.0)
+    ok = (w > 0) & jnp.isfinite(abs2(k))
+    w = jnp.where(ok, w, jnp.zeros((), rdt))
+  return jnp.where(ok, k, like(fallback, k)), w
 
 
 def like(v, ref):
