@@ -310,7 +310,7 @@ COUNT_CASES = {
 
 
 @pytest.mark.parametrize("case", list(COUNT_CASES))
-def test_one_collective_forward_and_one_backward_per_bn_call(case):
+def test_two_collectives_forward_and_one_backward_per_bn_call(case):
   build, common, branch = COUNT_CASES[case]
   lowered = build()
   compiled = lowered.compile()
