@@ -4,8 +4,8 @@ Part 1 (measured): one BN layer's train step (forward + backward, float32) under
 ``jax.shard_map`` is compiled — not run — on 8, 64 and 256 simulated CPU devices (a fresh
 process per count) for jaxbn (both variance modes) and ``flax.linen.BatchNorm(axis_name=)``;
 the all-reduced bytes per device are read from the compiled HLO with
-``jaxbn.testing.collective_bytes`` (the path every call takes, and jaxbn's rarely taken
-exact-correction branch separately).
+``jaxbn.testing.collective_bytes`` (the path every call takes, and, separately, anything
+inside a conditional branch: jaxbn has none since its statistics need no guard).
 
 Part 2 (model): ResNet-50's 53 BN layers (26,560 channels) — the per-layer bytes measured in
 part 1 for each channel count of the network — summed per train step, and turned into time
@@ -124,8 +124,9 @@ def main():
       + ["bytes in the correction branch", "independent of devices"], rows,
       platform=(f"{_results.platform_label('hlo')}: compiled, not run, for "
                 f"{', '.join(map(str, device_counts))} simulated CPU devices"),
-      note="float32; jaxbn's correction branch runs only when the shift is far from the "
-           "batch mean (first steps, jumps of the data).")
+      note="float32; 'bytes in the correction branch': all-reduces inside a conditional "
+           "branch (0: jaxbn's exact statistics take two forward rounds, the common shift and "
+           "the moments, and no conditional).")
 
   # ResNet-50: sum the measured per-layer bytes (they do not depend on the device count).
   tables = [t1]

@@ -250,9 +250,10 @@ def main():
        "compiled arrays, every call", "compiled ops in a lax.cond branch", "error"],
       count_rows, formats=[None, None, "d", "d", "d", "d", None],
       platform=f"{_results.platform_label('hlo')}, {jax.device_count()} simulated devices",
-      note="'Every call': outside any `lax.cond` branch. jaxbn's exact fallback for statistics "
-           "that lose their digits sits in a branch taken only when needed (decided "
-           "identically on every device). Counted by `jaxbn.testing.collective_counts`; "
+      note="'Every call': outside any `lax.cond` branch; 'in a lax.cond branch': inside one "
+           "(jaxbn has none: its exact statistics use two forward all-reduces, the common "
+           "shift and the moments, and no conditional). Counted by "
+           "`jaxbn.testing.collective_counts`; "
            "`tests/test_oracle_collectives.py` checks that counter against two independent "
            "parsers."))
 
