@@ -185,3 +185,14 @@ def test_nnx_model_conversion_and_back():
   assert jax.tree.structure(nnx.state(layer)) == jax.tree.structure(nnx.state(ref))
   unfrozen = jaxbn.nnx.unfreeze_batch_norm(layer)
   assert type(unfrozen) is jaxbn.nnx.BatchNorm and unfrozen.debias
+
+
+def test_frozen_batch_norm_freezes_the_affine_parameters_by_default():
+  """The default (freeze_affine=True, detectron2's FrozenBatchNorm2d): scale and bias get no
+  gradient; only x does."""
+  x = jnp.arange(12.0).reshape(4, 3)
+  st = jaxbn.BatchStats(jnp.ones(3), 2 * jnp.ones(3), jnp.zeros((), jnp.int32))
+  gx, gs, gb = jax.grad(lambda x, s, b: jnp.sum(jaxbn.frozen_batch_norm(x, st, s, b) ** 2),
+                        argnums=(0, 1, 2))(x, jnp.ones(3), jnp.zeros(3))
+  assert float(jnp.abs(gx).sum()) > 0
+  assert float(jnp.abs(gs).sum()) == 0.0 and float(jnp.abs(gb).sum()) == 0.0

@@ -1,0 +1,20 @@
+"""Running-statistics conventions (``jaxbn/_core/ema.py``) at their boundaries.
+
+Added for mutants that survived mutation testing (docs/mutation.md).
+"""
+
+import pytest
+
+import jaxbn
+
+
+def test_momentum_from_torch_accepts_both_ends_of_0_to_1_and_nothing_outside():
+  """PyTorch's momentum p in [0, 1] becomes 1 − p: both ends are valid (p = 1: the batch
+  only; p = 0: frozen), anything outside raises."""
+  assert jaxbn.momentum_from_torch(0.0) == 1.0
+  assert jaxbn.momentum_from_torch(1.0) == 0.0
+  assert jaxbn.momentum_from_torch(0.25) == 0.75
+  for bad in (-1e-9, 1.0 + 1e-9):
+    with pytest.raises(ValueError, match=r"momentum_from_torch: `torch_momentum` must be in "
+                                         r"\[0, 1\]"):
+      jaxbn.momentum_from_torch(bad)
