@@ -17,22 +17,8 @@ from flax.nnx import initializers
 from flax.typing import Dtype, Initializer
 
 import jaxbn
-from jaxbn.nnx._common import Layer, init_bn_layer, mode, treatment
-
-
-def _value(v):
-  return None if v is None else v[...]
-
-
-def _affine(mdl, shape, use_scale, use_bias, scale_init, bias_init, param_dtype, rngs):
-  mdl.scale = (nnx.Param(scale_init(rngs.params(), shape, param_dtype)) if use_scale
-               else nnx.data(None))
-  mdl.bias = (nnx.Param(bias_init(rngs.params(), shape, param_dtype)) if use_bias
-              else nnx.data(None))
-
-
-def _out(dtype, x, *params):
-  return dtype or jnp.result_type(x, *[p for p in params if p is not None])
+from jaxbn.nnx._common import (Layer, init_affine, init_bn_layer, mode, plain_dtype, treatment,
+                               value)
 
 
 class SplitBatchNorm(Layer):
@@ -73,7 +59,7 @@ class SplitBatchNorm(Layer):
     self.mean = nnx.BatchStat(jnp.zeros(rows, jnp.float32))
     self.var = nnx.BatchStat(jnp.ones(rows, jnp.float32))
     shape = (num_features,) if shared_affine else rows
-    _affine(self, shape, use_scale, use_bias, scale_init, bias_init, param_dtype, rngs)
+    init_affine(self, shape, use_scale, use_bias, scale_init, bias_init, param_dtype, rngs)
     self.num_features, self.num_domains, self.shared_affine = (num_features, num_domains,
                                                                shared_affine)
     self.use_running_average, self.axis, self.momentum = use_running_average, axis, momentum
@@ -86,15 +72,14 @@ class SplitBatchNorm(Layer):
     """Normalizes ``x`` with the statistics of ``domain``; updates them in training."""
     use_ra = mode(self, use_running_average)
     x = jnp.asarray(x)
-    scale, bias = _value(self.scale), _value(self.bias)
+    scale, bias = value(self.scale), value(self.bias)
     stats = jaxbn.BatchStats(self.mean[...], self.var[...],
                              jnp.zeros((self.num_domains,), jnp.int32))
     y, new = jaxbn.split_batch_norm(
         x, stats, scale, bias, domain=domain, training=not use_ra, axis=self.axis,
         momentum=self.momentum, epsilon=self.epsilon, axis_name=self.axis_name,
-        axis_index_groups=self.axis_index_groups, mask=mask, dtype=_out(self.dtype, x, scale,
-                                                                         bias),
-        use_fast_variance=self.use_fast_variance)
+        axis_index_groups=self.axis_index_groups, mask=mask,
+        dtype=plain_dtype(self.dtype, x, scale, bias), use_fast_variance=self.use_fast_variance)
     if not use_ra:
       self.mean[...] = jax.lax.stop_gradient(new.mean)
       self.var[...] = jax.lax.stop_gradient(new.var)
@@ -134,12 +119,12 @@ class TestTimeBatchNorm(Layer):
     """Normalizes ``x`` with the mixed statistics (nothing is updated)."""
     del use_running_average
     x = jnp.asarray(x)
-    scale, bias = _value(self.scale), _value(self.bias)
+    scale, bias = value(self.scale), value(self.bias)
     stats = jaxbn.BatchStats(self.mean[...], self.var[...], jnp.zeros((), jnp.int32))
     y, _ = jaxbn.adapt_batch_norm(
         x, stats, scale, bias, prior=self.prior, axis=self.axis, epsilon=self.epsilon,
         axis_name=self.axis_name, axis_index_groups=self.axis_index_groups, mask=mask,
-        dtype=_out(self.dtype, x, scale, bias))
+        dtype=plain_dtype(self.dtype, x, scale, bias))
     return y
 
 

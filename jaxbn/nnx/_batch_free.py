@@ -19,25 +19,7 @@ from flax.nnx import initializers
 from flax.typing import Dtype, Initializer
 
 import jaxbn
-from jaxbn.nnx._common import Layer, mode
-
-
-def _affine(mdl: nnx.Module, n: int, use_scale: bool, use_bias: bool, scale_init, bias_init,
-            param_dtype, rngs: nnx.Rngs) -> None:
-  mdl.scale = (nnx.Param(scale_init(rngs.params(), (n,), param_dtype)) if use_scale
-               else nnx.data(None))
-  mdl.bias = (nnx.Param(bias_init(rngs.params(), (n,), param_dtype)) if use_bias
-              else nnx.data(None))
-
-
-def _value(v: Any) -> Optional[jax.Array]:
-  return None if v is None else v[...]
-
-
-def _out_dtype(dtype: Any, x: jax.Array, *params) -> Any:
-  if dtype is not None:
-    return dtype
-  return jnp.result_type(x, *[p for p in params if p is not None])
+from jaxbn.nnx._common import Layer, init_affine, mode, plain_dtype, value
 
 
 class FilterResponseNorm(Layer):
@@ -72,7 +54,8 @@ class FilterResponseNorm(Layer):
                tau_init: Initializer = initializers.zeros_init(),
                eps_init: Initializer = initializers.constant(1e-4),
                feature_axes: int = -1, rngs: nnx.Rngs):
-    _affine(self, num_features, use_scale, use_bias, scale_init, bias_init, param_dtype, rngs)
+    init_affine(self, num_features, use_scale, use_bias, scale_init, bias_init, param_dtype,
+                rngs)
     self.tau = (nnx.Param(tau_init(rngs.params(), (num_features,), param_dtype)) if use_tlu
                 else nnx.data(None))
     self.eps = (nnx.Param(eps_init(rngs.params(), (), param_dtype)) if learn_epsilon
@@ -84,11 +67,11 @@ class FilterResponseNorm(Layer):
                ) -> jax.Array:
     """Normalizes ``x``; ``mask`` marks the valid positions."""
     x = jnp.asarray(x)
-    scale, bias, tau = _value(self.scale), _value(self.bias), _value(self.tau)
+    scale, bias, tau = value(self.scale), value(self.bias), value(self.tau)
     return jaxbn.filter_response_norm(
         x, scale, bias, tau, axis=self.feature_axes, epsilon=self.epsilon,
-        learned_epsilon=_value(self.eps), mask=mask,
-        dtype=_out_dtype(self.dtype, x, scale, bias, tau))
+        learned_epsilon=value(self.eps), mask=mask,
+        dtype=plain_dtype(self.dtype, x, scale, bias, tau))
 
 
 class EvoNormB0(Layer):
@@ -132,7 +115,8 @@ class EvoNormB0(Layer):
     self.var = nnx.BatchStat(jnp.ones((num_features,), jnp.float32))
     self.count = (nnx.BatchStat(jaxbn.init_stats(1).count) if momentum is None
                   else nnx.data(None))
-    _affine(self, num_features, use_scale, use_bias, scale_init, bias_init, param_dtype, rngs)
+    init_affine(self, num_features, use_scale, use_bias, scale_init, bias_init, param_dtype,
+                rngs)
     self.v = nnx.Param(v_init(rngs.params(), (num_features,), param_dtype))
     self.num_features, self.use_running_average = num_features, use_running_average
     self.axis, self.momentum, self.epsilon, self.dtype = axis, momentum, epsilon, dtype
@@ -144,7 +128,7 @@ class EvoNormB0(Layer):
     """Normalizes ``x``; in training updates ``var`` in place."""
     use_ra = mode(self, use_running_average)
     x = jnp.asarray(x)
-    scale, bias, v = _value(self.scale), _value(self.bias), self.v[...]
+    scale, bias, v = value(self.scale), value(self.bias), self.v[...]
     var = self.var[...]
     count = jaxbn.init_stats(1).count if self.count is None else self.count[...]
     stats = jaxbn.BatchStats(jnp.zeros_like(var), var, count)
@@ -152,7 +136,7 @@ class EvoNormB0(Layer):
         x, stats, scale, bias, v, training=not use_ra, axis=self.axis, momentum=self.momentum,
         epsilon=self.epsilon, axis_name=self.axis_name,
         axis_index_groups=self.axis_index_groups, mask=mask,
-        dtype=_out_dtype(self.dtype, x, scale, bias, v),
+        dtype=plain_dtype(self.dtype, x, scale, bias, v),
         unbiased_running_var=self.unbiased_running_var)
     if not use_ra:
       self.var[...] = jax.lax.stop_gradient(new.var)
@@ -196,7 +180,8 @@ class EvoNormS0(Layer):
                bias_init: Initializer = initializers.zeros_init(),
                scale_init: Initializer = initializers.ones_init(),
                v_init: Initializer = initializers.ones_init(), rngs: nnx.Rngs):
-    _affine(self, num_features, use_scale, use_bias, scale_init, bias_init, param_dtype, rngs)
+    init_affine(self, num_features, use_scale, use_bias, scale_init, bias_init, param_dtype,
+                rngs)
     self.v = nnx.Param(v_init(rngs.params(), (num_features,), param_dtype))
     self.num_features, self.num_groups, self.group_size = num_features, num_groups, group_size
     self.epsilon, self.dtype, self.param_dtype = epsilon, dtype, param_dtype
@@ -205,10 +190,10 @@ class EvoNormS0(Layer):
                ) -> jax.Array:
     """Normalizes ``x`` (channels last); ``mask`` marks the valid entries."""
     x = jnp.asarray(x)
-    scale, bias, v = _value(self.scale), _value(self.bias), self.v[...]
+    scale, bias, v = value(self.scale), value(self.bias), self.v[...]
     return jaxbn.evonorm_s0(x, scale, bias, v, num_groups=self.num_groups,
                             group_size=self.group_size, epsilon=self.epsilon, mask=mask,
-                            dtype=_out_dtype(self.dtype, x, scale, bias, v))
+                            dtype=plain_dtype(self.dtype, x, scale, bias, v))
 
 
 # nnx.Conv reads its kernel inside __call__ and hands it to `conv_general_dilated`; WSConv
@@ -297,4 +282,4 @@ class ScaledWSConv(WSConv):
                  else nnx.data(None))
 
   def _config(self):
-    return _value(self.gain), True
+    return value(self.gain), True

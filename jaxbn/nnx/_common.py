@@ -4,6 +4,7 @@ BN call. Only public flax names are used (no ``flax.nnx.nn``/``flax.nnx.module``
 from __future__ import annotations
 
 import inspect
+from types import MappingProxyType
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import jax
@@ -155,12 +156,13 @@ def rebuild(layer: type, old: nnx.Module, overrides: Mapping[str, Any], *,
   return new
 
 
-def init_affine(mdl: nnx.Module, num_features: int, *, use_scale: bool, use_bias: bool,
+def init_affine(mdl: nnx.Module, num_features: Any, use_scale: bool, use_bias: bool,
                 scale_init: Initializer, bias_init: Initializer, param_dtype: Dtype,
-                rngs: nnx.Rngs, scale_metadata: Mapping[str, Any],
-                bias_metadata: Mapping[str, Any]) -> None:
-  """Creates ``scale`` and ``bias`` (``nnx.Param``, or None), keys drawn in flax's order."""
-  shape = (num_features,)
+                rngs: nnx.Rngs, scale_metadata: Mapping[str, Any] = MappingProxyType({}),
+                bias_metadata: Mapping[str, Any] = MappingProxyType({})) -> None:
+  """Creates ``scale`` and ``bias`` (``nnx.Param``, or None), keys drawn in flax's order;
+  ``num_features`` is their size (or their shape, a tuple)."""
+  shape = tuple(num_features) if isinstance(num_features, tuple) else (num_features,)
   if use_scale:
     mdl.scale = nnx.Param(scale_init(rngs.params(), shape, param_dtype), **scale_metadata)
   else:
@@ -169,6 +171,18 @@ def init_affine(mdl: nnx.Module, num_features: int, *, use_scale: bool, use_bias
     mdl.bias = nnx.Param(bias_init(rngs.params(), shape, param_dtype), **bias_metadata)
   else:
     mdl.bias = nnx.data(None)
+
+
+def value(v: Any) -> Optional[jax.Array]:
+  """The array of an ``nnx.Variable``; None for None."""
+  return None if v is None else v[...]
+
+
+def plain_dtype(dtype: Any, x: jax.Array, *params: Any) -> Any:
+  """``dtype``, else the promoted dtype of ``x`` and the (non-None) parameters."""
+  if dtype is not None:
+    return dtype
+  return jnp.result_type(x, *[p for p in params if p is not None])
 
 
 def store(mdl: nnx.Module, args: Mapping[str, Any], names: Sequence[str]) -> None:
