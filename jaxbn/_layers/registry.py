@@ -149,16 +149,6 @@ _REGISTERED: dict = {}  # class -> kind, from register()
 _PACKAGES = ("jaxbn.linen", "jaxbn.nnx")
 
 
-def add(row: Layer) -> Layer:
-  """Adds a row to the table (a new jaxbn layer declares itself with this)."""
-  if row.kind not in KINDS:
-    raise ValueError(f"jaxbn layer table: `kind` must be one of {tuple(KINDS)}, got "
-                     f"{row.kind!r}.")
-  LAYERS.append(row)
-  _BY_NAME[row.name] = row
-  return row
-
-
 def register(fn: str, cls: Any, kind: str, base: type) -> type:
   """Registers a user class (of ``base``) with a kind; the body of ``register_batch_norm``."""
   if not (isinstance(cls, type) and issubclass(cls, base)):
