@@ -196,3 +196,12 @@ def test_frozen_batch_norm_freezes_the_affine_parameters_by_default():
                         argnums=(0, 1, 2))(x, jnp.ones(3), jnp.zeros(3))
   assert float(jnp.abs(gx).sum()) > 0
   assert float(jnp.abs(gs).sum()) == 0.0 and float(jnp.abs(gb).sum()) == 0.0
+
+
+@pytest.mark.parametrize("name", ["scale", "bias"])
+def test_frozen_batch_norm_names_a_wrong_sized_scale_or_bias(name):
+  """A scale or bias of the wrong size is jaxbn's error naming the argument and the fix, not
+  a broadcasting error (each argument is validated: neither is skipped)."""
+  with pytest.raises(ValueError, match=rf"frozen_batch_norm: `x` has features of shape \(3,\) "
+                                       rf"on the feature axis but `{name}` has shape \(4,\)"):
+    jaxbn.frozen_batch_norm(jnp.ones((2, 3)), jaxbn.init_stats(3), **{name: jnp.ones(4)})
