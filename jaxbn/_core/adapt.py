@@ -184,6 +184,7 @@ def split_batch_norm(
     mask: Optional[ArrayLike] = None,
     dtype: Optional[DTypeLike] = None,
     use_fast_variance: bool = False,
+    skip_nonfinite: bool = True,
 ) -> tuple[jax.Array, BatchStats]:
   r"""Split (per-domain) batch norm: one set of statistics per domain.
 
@@ -203,8 +204,10 @@ def split_batch_norm(
     bias: ``β``, same shapes, or None.
     domain: int scalar or int array of shape ``(N,)`` with values in ``[0, D)``.
     training: Python bool, as :func:`jaxbn.batch_norm`.
-    axis, momentum, epsilon, axis_name, axis_index_groups, mask, dtype, use_fast_variance:
-      as :func:`jaxbn.batch_norm`.
+    axis, momentum, epsilon, axis_name, axis_index_groups, mask, dtype, use_fast_variance,
+      skip_nonfinite: as :func:`jaxbn.batch_norm` (each domain's statistics follow its bad-data
+      contract: non-finite features keep their running values; one value per feature in
+      training raises).
 
   Returns:
     ``(y, new_stats)`` with ``new_stats`` stacked like ``stats``.
@@ -235,7 +238,7 @@ def split_batch_norm(
 
   kw = dict(training=training, axis=axis, momentum=momentum, epsilon=epsilon,
             axis_name=axis_name, axis_index_groups=axis_index_groups, dtype=dtype,
-            use_fast_variance=use_fast_variance)
+            use_fast_variance=use_fast_variance, skip_nonfinite=skip_nonfinite)
   if domain.ndim == 0:
     row = jax.tree.map(lambda a: a[domain], stats)
     y, new = batch_norm(x, row, pick(scale, domain), pick(bias, domain), mask=mask, **kw)

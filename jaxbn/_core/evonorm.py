@@ -56,6 +56,7 @@ def evonorm_b0(
     mask: Optional[ArrayLike] = None,
     dtype: Optional[DTypeLike] = None,
     unbiased_running_var: bool = False,
+    skip_nonfinite: bool = True,
 ) -> tuple[jax.Array, BatchStats]:
   r"""EvoNorm-B0: batch-variance normalization fused with its activation (Liu et al., 2020).
 
@@ -95,6 +96,8 @@ def evonorm_b0(
     dtype: output dtype (default ``x``'s).
     unbiased_running_var: fold ``var·n/(n−1)`` into the running variance (timm's and
       PyTorch's convention) instead of the biased one.
+    skip_nonfinite: True (default): a channel whose batch variance is not finite keeps its
+      running variance (:func:`jaxbn.update_stats`); False: the NaN enters it.
 
   Returns:
     ``(y, new_stats)``; in evaluation ``new_stats`` is ``stats``; in training
@@ -130,7 +133,8 @@ def evonorm_b0(
                     axis_index_groups=axis_index_groups)
     var_b = batch.var
     new = update_stats(stats, jax.tree.map(jax.lax.stop_gradient, batch),
-                             momentum=momentum, unbiased_running_var=unbiased_running_var)
+                             momentum=momentum, unbiased_running_var=unbiased_running_var,
+                             skip_nonfinite=skip_nonfinite)
     new = new._replace(mean=stats.mean)  # B0 keeps a running variance only
   else:
     var_b, new = stats.var, stats
