@@ -137,3 +137,21 @@ def test_chan_merge_of_small_and_empty_sides_equals_float64(na, nb):
     nan = jnp.float32(np.nan)
     out = mom.merge(*side(a), jnp.float32(0), nan, nan)
     assert [float(v) for v in out] == [float(v) for v in side(a)]
+
+
+def test_float32_statistics_stay_float32_with_jax_enable_x64():
+  """With jax_enable_x64 on, float32 data keeps float32 statistics: the merge and the synced
+  masked path (the sample's valid counts weight the common shift) promote nothing to the
+  default float64."""
+  from jaxbn._core import moments as mom
+  f = jnp.float32
+  with jax.enable_x64(True):
+    out = mom.merge(f(3), f(1.0), f(2.0), f(2), f(3.0), f(1.0))
+    assert [v.dtype for v in out] == [jnp.float32] * 3
+    x, mask = _padded_per_device()
+    mesh = parallel.data_mesh()
+    g = jax.jit(jax.shard_map(lambda x, m: tuple(jaxbn.moments(x, mask=m, axis_name="data")),
+                              mesh=mesh, in_specs=P("data"), out_specs=P()))
+    put = lambda a: jax.device_put(a, NamedSharding(mesh, P("data")))  # noqa: E731
+    mean, var, _ = g(put(jnp.asarray(x)), put(jnp.asarray(mask)))
+    assert mean.dtype == jnp.float32 and var.dtype == jnp.float32
