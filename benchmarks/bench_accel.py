@@ -119,6 +119,7 @@ LAYERS: Dict[str, _Layer] = {
     # virtual batch 4: two ghost batches per device at the per-device batch of 8
     "jaxbn.GhostBatchNorm(vbs=4)": _Layer(jbl.GhostBatchNorm, dict(virtual_batch_size=4), True),
     "jaxbn.EvoNormB0": _Layer(jbl.EvoNormB0, {}, True),
+    "jaxbn.BatchChannelNorm(32)": _Layer(jbl.BatchChannelNorm, dict(num_groups=32), True),
     "flax.GroupNorm(32)": _Layer(nn.GroupNorm, dict(num_groups=32)),
     "jaxbn.GroupNorm(32)": _Layer(jbl.GroupNorm, dict(num_groups=32), flax="flax.GroupNorm(32)"),
     "flax.LayerNorm": _Layer(nn.LayerNorm),
