@@ -86,4 +86,6 @@ html_theme_options = {"navigation_with_keys": True}
 # Broken references to jaxbn's own names fail the build (-W); references to other libraries'
 # types (jax.Array, flax's Module, typing) cannot resolve offline and are not checked.
 nitpicky = True
-nitpick_ignore_regex = [(r"py:.*", r"(?!jaxbn\b).*")]
+nitpick_ignore_regex = [(r"py:.*", r"(?!jaxbn\b).*"),
+                        # private bases (e.g. jaxbn.nnx._common.Layer) have no page by design
+                        (r"py:class", r"jaxbn(\.\w+)*\._\w+(\.\w+)*")]

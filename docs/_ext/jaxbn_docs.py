@@ -72,6 +72,7 @@ def _write(path: str, text: str) -> None:
 
 def _api_pages(out: str, modules: Sequence[Tuple[str, str]]) -> None:
   present = []
+  seen = {}  # id of a documented class -> the module whose page documents it
   for name, title in modules:
     try:
       mod = importlib.import_module(name)
@@ -87,7 +88,21 @@ def _api_pages(out: str, modules: Sequence[Tuple[str, str]]) -> None:
     lines = [title, "=" * len(title), "", f".. automodule:: {name}", "   :no-members:", "",
              f".. currentmodule:: {name}", "", ".. autosummary::", "   :toctree: generated",
              "   :nosignatures:", ""]
-    lines += [f"   {n}" for n in public]
+    # A class exported by two modules (e.g. linen's and nnx's FoldPair, one shared type) is
+    # documented once, on the first page; the second page names where (Sphinx would otherwise
+    # describe one object twice).
+    shared = []
+    for n in public:
+      obj = getattr(mod, n)
+      if isinstance(obj, type) and id(obj) in seen:
+        shared.append((n, seen[id(obj)]))
+        continue
+      if isinstance(obj, type):
+        seen[id(obj)] = name
+      lines.append(f"   {n}")
+    if shared:
+      lines += ["", "Also exported here, documented with the module that defines it first: "
+                + ", ".join(f":class:`{n} <{m}.{n}>`" for n, m in shared) + "."]
     _write(os.path.join(out, f"{name}.rst"), "\n".join(lines) + "\n")
   index = ["API reference", "=============", "",
            "Generated from the docstrings of each module's public names (its ``__all__``).", "",

@@ -204,8 +204,10 @@ def split_batch_norm(
     bias: ``β``, same shapes, or None.
     domain: int scalar or int array of shape ``(N,)`` with values in ``[0, D)``.
     training: Python bool, as :func:`jaxbn.batch_norm`.
-    axis, momentum, epsilon, axis_name, axis_index_groups, mask, dtype, use_fast_variance,
-      skip_nonfinite: as :func:`jaxbn.batch_norm` (each domain's statistics follow its bad-data
+    axis, momentum, epsilon, axis_name, axis_index_groups, mask, dtype: as
+      :func:`jaxbn.batch_norm`.
+    use_fast_variance: as :func:`jaxbn.batch_norm`.
+    skip_nonfinite: as :func:`jaxbn.batch_norm` (each domain's statistics follow its bad-data
       contract: non-finite features keep their running values; one value per feature in
       training raises).
 
