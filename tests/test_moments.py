@@ -155,3 +155,19 @@ def test_float32_statistics_stay_float32_with_jax_enable_x64():
     put = lambda a: jax.device_put(a, NamedSharding(mesh, P("data")))  # noqa: E731
     mean, var, _ = g(put(jnp.asarray(x)), put(jnp.asarray(mask)))
     assert mean.dtype == jnp.float32 and var.dtype == jnp.float32
+
+
+def test_masked_grouped_statistics_are_exact_at_offset_1e4():
+  """Grouped statistics with a mask (group_norm's blocks of channels, masked positions): the
+  sample's valid entries and counts are summed per block, so each group's variance over its
+  valid entries is exact: var(y) = 1 over the valid entries of each (example, group)."""
+  xg = _offset_data((2, 8, 8, 8), seed=7)
+  mask = np.random.default_rng(8).random((2, 8, 8, 1)) > 0.3
+  y = np.asarray(jaxbn.group_norm(jnp.asarray(xg), num_groups=2, epsilon=1e-12,
+                                  mask=jnp.asarray(mask)), np.float64)
+  m = np.broadcast_to(mask, xg.shape)
+  for i in range(2):
+    for g in range(2):
+      sl = (i, slice(None), slice(None), slice(4 * g, 4 * g + 4))
+      v = y[sl][m[sl]]
+      assert abs(v.var() - 1.0) <= _bound(v.size, 1) + 8 * 2 ** -23, (i, g, v.var())
