@@ -185,18 +185,19 @@ def block_values(v, grouping):
 def _sample(v, red):
   """Evenly spaced entries of ``v`` along each axis in ``red`` (at most SAMPLE_PER_AXIS each).
 
-  An axis sharded over mesh axes (plain ``jax.jit`` on an explicit mesh) is first cut into
-  ``(shards, local)``, and each shard is sampled, so every device contributes and no slice
-  crosses a shard boundary. A symbolic axis (``jax.export``) contributes its first entry.
-  Returns the sample and its reduced axes.
+  One strided ``slice`` over all axes at once (chained slices are materialized one by one
+  by XLA:TPU). An axis sharded over mesh axes (plain ``jax.jit`` on an explicit mesh) is
+  first cut into ``(shards, local)``, and each shard is sampled, so every device contributes
+  and no slice crosses a shard boundary. A symbolic axis (``jax.export``) contributes its
+  first entry. Returns the sample and its reduced axes.
   """
   sharding = collectives.explicit_sharding(v)
   spec = () if sharding is None else tuple(sharding.spec) + (None,) * v.ndim
+  sampled = []  # axes of the (split) array to stride
   axes = []
   offset = 0
   for a in sorted(red):
     pos = a + offset
-    d = v.shape[pos]
     parts = collectives.names(spec[a]) if sharding is not None else ()
     shards = math.prod(sharding.mesh.shape[p] for p in parts) if parts else 1
     if shards > 1:
@@ -204,14 +205,20 @@ def _sample(v, red):
       axes.append(pos)
       offset += 1
       pos += 1
-      d = d // shards
-    if isinstance(d, int):
-      step = max(1, -(-d // SAMPLE_PER_AXIS))
-      v = lax.slice_in_dim(v, 0, d, step, axis=pos)
-    else:
-      v = lax.slice_in_dim(v, 0, 1, axis=pos)
+    sampled.append(pos)
     axes.append(pos)
-  return v, tuple(axes)
+  limits, strides = [], []
+  for i, d in enumerate(v.shape):
+    if i not in sampled:
+      limits.append(d)
+      strides.append(1)
+    elif isinstance(d, int):
+      limits.append(d)
+      strides.append(max(1, -(-d // SAMPLE_PER_AXIS)))
+    else:  # symbolic: the first entry
+      limits.append(1)
+      strides.append(1)
+  return lax.slice(v, (0,) * v.ndim, tuple(limits), tuple(strides)), tuple(axes)
 
 
 def _sampled_shift(x, mask, red, grouping, fallback):
