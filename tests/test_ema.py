@@ -1,6 +1,6 @@
 """Running-statistics conventions (``jaxbn/_core/ema.py``) at their boundaries.
 
-Added for mutants that survived mutation testing (docs/mutation.md).
+Added for mutants that survived mutation testing (tests/MUTATION.md).
 """
 
 import pytest

@@ -1,6 +1,6 @@
 """The moment algebra (``jaxbn/_core/moments.py``) on inputs that its other tests do not reach.
 
-Added for mutants that survived mutation testing (``docs/mutation.md``): each test names the
+Added for mutants that survived mutation testing (``tests/MUTATION.md``): each test names the
 claim it checks. References are float64 NumPy over the valid entries only.
 """
 

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Mutation testing (mutmut 3), not in CI: plants small bugs in jaxbn's core one at a time and
 # runs the relevant fast tests against each; a mutant that no test kills is a survivor, listed
-# with its reason in docs/mutation.md.
+# with its reason in tests/MUTATION.md.
 #
-#   tools/mutation.sh            # the committed selection below (see docs/mutation.md for its runtime)
+#   tools/mutation.sh            # the committed selection below (see tests/MUTATION.md for its runtime)
 #   tools/mutation.sh 'jaxbn._core.ema.x_update_stats__mutmut_*'   # other mutants, by name
 #
 # Configuration: [tool.mutmut] in pyproject.toml (files that get mutants, the fast test files
