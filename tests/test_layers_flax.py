@@ -31,7 +31,7 @@ ATOL32 = 64 * float(jnp.finfo(jnp.float32).eps)
 
 TWINS = ["BatchNorm", "LayerNorm", "RMSNorm", "GroupNorm", "InstanceNorm"]
 # jaxbn's additions (no flax counterpart).
-EXTRAS = {"BatchNorm": {"unbiased_running_var", "debias"}}
+EXTRAS = {"BatchNorm": {"unbiased_running_var", "debias", "skip_nonfinite"}}
 
 
 @pytest.mark.parametrize("name", TWINS)

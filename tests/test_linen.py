@@ -67,7 +67,7 @@ def test_fields_are_flax_fields_with_flax_defaults():
   assert set(theirs) <= set(ours)
   for name, default in theirs.items():
     assert ours[name] == default, name
-  assert set(ours) - set(theirs) == {"unbiased_running_var", "debias"}
+  assert set(ours) - set(theirs) == {"unbiased_running_var", "debias", "skip_nonfinite"}
 
 
 VARIABLE_CONFIGS = [

@@ -51,7 +51,7 @@ def test_constructor_is_flax_constructor_plus_extras():
     assert ours[name].kind == p.kind, name
     if name != "promote_dtype":  # jaxbn's own copy (no private flax import), same behaviour:
       assert ours[name].default == p.default, name  # tests/test_layers_fields.py checks it
-  assert set(ours) - set(theirs) == {"unbiased_running_var", "debias"}
+  assert set(ours) - set(theirs) == {"unbiased_running_var", "debias", "skip_nonfinite"}
 
 
 @pytest.mark.parametrize("cfg", [dict(), dict(use_scale=False), dict(use_bias=False),

@@ -96,7 +96,8 @@ class Layer(NamedTuple):
 
 
 LAYERS: list[Layer] = [
-    Layer("BatchNorm", batch_norm, "trains", _BN, ("unbiased_running_var", "debias"),
+    Layer("BatchNorm", batch_norm, "trains", _BN,
+          ("unbiased_running_var", "debias", "skip_nonfinite"),
           flax="BatchNorm", summary="batch normalization (Ioffe & Szegedy 2015)"),
     Layer("BatchRenorm", batch_renorm, "trains", _BN,
           ("r_max", "d_max", "r_min", "running_std"), ("mask", "r_max", "d_max"),
@@ -114,11 +115,11 @@ LAYERS: list[Layer] = [
           (Var("batch_stats", "mean", "(D, C)"), Var("batch_stats", "var", "(D, C)"),
            Var("params", "scale", "C or (D, C)", "use_scale"),
            Var("params", "bias", "C or (D, C)", "use_bias")),
-          ("num_domains", "shared_affine"), ("domain", "mask"),
+          ("num_domains", "shared_affine", "skip_nonfinite"), ("domain", "mask"),
           summary="one set of statistics per domain (Chang et al. 2019; AdvProp)"),
     Layer("EvoNormB0", evonorm_b0, "running",
           (Var("batch_stats", "var", "C"), Var("batch_stats", "count", "()", "momentum=None"))
-          + _AFFINE + (Var("params", "v", "C"),), ("v_init",),
+          + _AFFINE + (Var("params", "v", "C"),), ("v_init", "skip_nonfinite"),
           summary="EvoNorm-B0: batch variance and instance std (Liu et al. 2020)"),
     Layer("EvoNormS0", evonorm_s0, "stateless", _AFFINE + (Var("params", "v", "C"),),
           ("num_groups", "group_size", "v_init"), summary="EvoNorm-S0 (Liu et al. 2020)"),

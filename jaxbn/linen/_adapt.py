@@ -16,6 +16,7 @@ from flax.typing import Dtype, Initializer
 from jax.nn import initializers
 
 import jaxbn
+from jaxbn._core.checks import one_value_per_feature_ok
 from jaxbn.linen._common import bn_variables, treatment
 
 
@@ -35,6 +36,8 @@ class SplitBatchNorm(nn.Module):
   Attributes:
     num_domains: number of domains (default 2).
     shared_affine: one ``scale``/``bias`` for all domains (default True).
+    skip_nonfinite: (jaxbn) True (default): a feature whose batch statistics are not finite
+      keeps its running statistics; False: the NaN enters them (flax's behaviour).
 
   Example:
     >>> import jax, jax.numpy as jnp, jaxbn.linen
@@ -62,6 +65,7 @@ class SplitBatchNorm(nn.Module):
   axis_name: Any = None
   axis_index_groups: Any = None
   use_fast_variance: bool = False
+  skip_nonfinite: bool = True
 
   @nn.compact
   def __call__(self, x: jax.typing.ArrayLike, use_running_average: Optional[bool] = None, *,
@@ -89,12 +93,13 @@ class SplitBatchNorm(nn.Module):
     stats = jaxbn.BatchStats(mean.value, var.value,
                              jnp.zeros((self.num_domains,), jnp.int32))
     dtype = self.dtype or jnp.result_type(x, *[p for p in (scale, bias) if p is not None])
-    y, new = jaxbn.split_batch_norm(
-        x, stats, scale, bias, domain=domain, training=not use_running_average,
-        axis=self.axis, momentum=self.momentum, epsilon=self.epsilon,
-        axis_name=None if init else self.axis_name,
-        axis_index_groups=None if init else self.axis_index_groups, mask=mask, dtype=dtype,
-        use_fast_variance=self.use_fast_variance)
+    with one_value_per_feature_ok(init):  # a one-row init batch creates the variables
+      y, new = jaxbn.split_batch_norm(
+          x, stats, scale, bias, domain=domain, training=not use_running_average,
+          axis=self.axis, momentum=self.momentum, epsilon=self.epsilon,
+          axis_name=None if init else self.axis_name,
+          axis_index_groups=None if init else self.axis_index_groups, mask=mask, dtype=dtype,
+          use_fast_variance=self.use_fast_variance, skip_nonfinite=self.skip_nonfinite)
     if not use_running_average and not init:
       mean.value, var.value = new.mean, new.var
     return y

@@ -116,6 +116,8 @@ class EvoNormB0(nn.Module):
     v_init: initializer of ``v`` (default ones).
     axis_name, axis_index_groups: synchronize the batch variance over mapped axes.
     unbiased_running_var: store ``var·n/(n−1)`` (timm's running variance).
+    skip_nonfinite: (jaxbn) True (default): a feature whose batch statistics are not finite
+      keeps its running statistics; False: the NaN enters them (flax's behaviour).
 
   Example:
     >>> import jax, jax.numpy as jnp, jaxbn.linen
@@ -142,6 +144,7 @@ class EvoNormB0(nn.Module):
   axis_name: Any = None
   axis_index_groups: Any = None
   unbiased_running_var: bool = False
+  skip_nonfinite: bool = True
 
   @nn.compact
   def __call__(self, x: jax.typing.ArrayLike, use_running_average: Optional[bool] = None, *,
@@ -165,7 +168,8 @@ class EvoNormB0(nn.Module):
         axis_name=None if init else self.axis_name,
         axis_index_groups=None if init else self.axis_index_groups, mask=mask,
         dtype=_out_dtype(self, x, scale, bias, v),
-        unbiased_running_var=self.unbiased_running_var)
+        unbiased_running_var=self.unbiased_running_var,
+        skip_nonfinite=self.skip_nonfinite)
     if not use_running_average and not init:
       ra_var.value = new.var
       if ra_count is not None:

@@ -36,6 +36,7 @@ class BatchNormFields(nn.Module):
   # jaxbn extras (flax has no such fields).
   unbiased_running_var: bool = False
   debias: bool = False
+  skip_nonfinite: bool = True
 
 
 class BatchNorm(BatchNormFields):
@@ -55,7 +56,11 @@ class BatchNorm(BatchNormFields):
   Differences from flax: the arithmetic is always in at least float32 (also with
   ``force_float32_reductions=False``, which only selects ``param_dtype`` for the stored
   statistics); updated real statistics keep their dtype (as in flax, complex input turns the
-  running mean complex); ``momentum`` outside ``[0, 1]`` is refused.
+  running mean complex); ``momentum`` outside ``[0, 1]`` is refused; bad data (see
+  :func:`jaxbn.batch_norm`): a feature whose batch statistics are not finite keeps its
+  running statistics (``skip_nonfinite``), and a training call with one value per feature
+  raises a ``ValueError`` (not during ``init``, where a one-row dummy batch creates flax's
+  variables, and never in eval).
 
   Attributes:
     use_running_average: True: normalize with the stored statistics (eval); False: with the
@@ -80,6 +85,9 @@ class BatchNorm(BatchNormFields):
       False, in ``param_dtype``.
     unbiased_running_var: (jaxbn) store PyTorch's unbiased running variance.
     debias: (jaxbn) zero-debiased running averages; adds ``batch_stats/count``.
+    skip_nonfinite: (jaxbn) True (default): a feature whose batch statistics are not finite
+      (a NaN/Inf in the batch) keeps its running statistics, the others update; False:
+      flax's behaviour (the NaN enters them).
 
   Example:
     >>> import jax, jax.numpy as jnp, jaxbn.linen

@@ -12,7 +12,7 @@ from flax import linen as nn
 import jaxbn
 # The core's argument checks, so that the layers (which validate before creating variables)
 # and the functions give the same messages.
-from jaxbn._core.checks import feature_axes, momentum_value
+from jaxbn._core.checks import feature_axes, momentum_value, one_value_per_feature_ok
 from jaxbn._layers import registry
 from jaxbn._layers.common import flax_axes, flax_error
 
@@ -130,21 +130,25 @@ def bn_call(mdl: nn.Module, core: Callable[..., Any], fn: str, x: jax.typing.Arr
     stats = stats._replace(mean=stats.mean.astype(jnp.promote_types(stats.mean.dtype,
                                                                     jnp.complex64)))
   initializing = mdl.is_initializing()
-  y, new = core(
-      x, stats, scale, bias,
-      training=not use_running_average,
-      axis=axis,
-      momentum=mdl.momentum,
-      epsilon=mdl.epsilon,
-      axis_name=None if initializing else mdl.axis_name,
-      axis_index_groups=None if initializing else mdl.axis_index_groups,
-      mask=mask,
-      dtype=out_dtype,
-      use_fast_variance=mdl.use_fast_variance,
-      unbiased_running_var=getattr(mdl, "unbiased_running_var", False),
-      debias=getattr(mdl, "debias", False),
-      **extra,
-  )
+  # During init a one-row dummy batch is the usual way to create the variables (nothing is
+  # updated): one value per feature raises in training calls only.
+  with one_value_per_feature_ok(initializing):
+    y, new = core(
+        x, stats, scale, bias,
+        training=not use_running_average,
+        axis=axis,
+        momentum=mdl.momentum,
+        epsilon=mdl.epsilon,
+        axis_name=None if initializing else mdl.axis_name,
+        axis_index_groups=None if initializing else mdl.axis_index_groups,
+        mask=mask,
+        dtype=out_dtype,
+        use_fast_variance=mdl.use_fast_variance,
+        unbiased_running_var=getattr(mdl, "unbiased_running_var", False),
+        debias=getattr(mdl, "debias", False),
+        skip_nonfinite=getattr(mdl, "skip_nonfinite", True),
+        **extra,
+    )
   if not use_running_average and not initializing:
     ra_mean.value = new.mean
     ra_var.value = new.var

@@ -27,7 +27,7 @@ class GhostBatchNorm(nn.Module):
 
   The other fields (use_running_average, axis, momentum, epsilon, dtype, param_dtype, use_bias,
   use_scale, bias_init, scale_init, axis_name, axis_index_groups, use_fast_variance,
-  force_float32_reductions, unbiased_running_var, debias) are as
+  force_float32_reductions, unbiased_running_var, debias, skip_nonfinite) are as
   :class:`jaxbn.linen.BatchNorm`, except ``use_fast_variance`` defaults to False (jaxbn's
   stable variance) and ``axis_name`` synchronizes only the running-statistics update.
 
@@ -65,6 +65,7 @@ class GhostBatchNorm(nn.Module):
   force_float32_reductions: bool = True
   unbiased_running_var: bool = False
   debias: bool = False
+  skip_nonfinite: bool = True
   batch_axis: int = 0
   stats_update: str = "average"
 

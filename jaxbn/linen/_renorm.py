@@ -32,7 +32,7 @@ class BatchRenorm(BatchNormFields):
 
   The other fields (use_running_average, axis, momentum, epsilon, dtype, param_dtype, use_bias,
   use_scale, bias_init, scale_init, axis_name, axis_index_groups, use_fast_variance,
-  force_float32_reductions, unbiased_running_var, debias) are as
+  force_float32_reductions, unbiased_running_var, debias, skip_nonfinite) are as
   :class:`jaxbn.linen.BatchNorm`, except ``use_fast_variance`` defaults to False (jaxbn's
   stable variance).
 

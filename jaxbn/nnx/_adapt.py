@@ -36,6 +36,8 @@ class SplitBatchNorm(Layer):
     num_features: number of features.
     num_domains: number of domains (default 2).
     shared_affine: one ``scale``/``bias`` for all domains (default True).
+    skip_nonfinite: (jaxbn) True (default): a feature whose batch statistics are not finite
+      keeps its running statistics; False: the NaN enters them (flax's behaviour).
     rngs: ``nnx.Rngs``.
 
   Example:
@@ -54,7 +56,7 @@ class SplitBatchNorm(Layer):
                bias_init: Initializer = initializers.zeros_init(),
                scale_init: Initializer = initializers.ones_init(), axis_name: Any = None,
                axis_index_groups: Any = None, use_fast_variance: bool = False,
-               rngs: nnx.Rngs):
+               skip_nonfinite: bool = True, rngs: nnx.Rngs):
     rows = (num_domains, num_features)
     self.mean = nnx.BatchStat(jnp.zeros(rows, jnp.float32))
     self.var = nnx.BatchStat(jnp.ones(rows, jnp.float32))
@@ -65,7 +67,7 @@ class SplitBatchNorm(Layer):
     self.use_running_average, self.axis, self.momentum = use_running_average, axis, momentum
     self.epsilon, self.dtype, self.param_dtype = epsilon, dtype, param_dtype
     self.axis_name, self.axis_index_groups = axis_name, axis_index_groups
-    self.use_fast_variance = use_fast_variance
+    self.use_fast_variance, self.skip_nonfinite = use_fast_variance, skip_nonfinite
 
   def __call__(self, x: jax.typing.ArrayLike, use_running_average: Optional[bool] = None, *,
                domain: Any = 0, mask: Optional[jax.Array] = None) -> jax.Array:
@@ -79,7 +81,8 @@ class SplitBatchNorm(Layer):
         x, stats, scale, bias, domain=domain, training=not use_ra, axis=self.axis,
         momentum=self.momentum, epsilon=self.epsilon, axis_name=self.axis_name,
         axis_index_groups=self.axis_index_groups, mask=mask,
-        dtype=plain_dtype(self.dtype, x, scale, bias), use_fast_variance=self.use_fast_variance)
+        dtype=plain_dtype(self.dtype, x, scale, bias), use_fast_variance=self.use_fast_variance,
+        skip_nonfinite=self.skip_nonfinite)
     if not use_ra:
       self.mean[...] = jax.lax.stop_gradient(new.mean)
       self.var[...] = jax.lax.stop_gradient(new.var)

@@ -92,6 +92,8 @@ class EvoNormB0(Layer):
     v_init: initializer of ``v`` (default ones).
     axis_name, axis_index_groups: synchronize the batch variance over mapped axes.
     unbiased_running_var: store ``var·n/(n−1)`` (timm's running variance).
+    skip_nonfinite: (jaxbn) True (default): a feature whose batch statistics are not finite
+      keeps its running statistics; False: the NaN enters them (flax's behaviour).
     rngs: ``nnx.Rngs``.
 
   Example:
@@ -111,7 +113,7 @@ class EvoNormB0(Layer):
                scale_init: Initializer = initializers.ones_init(),
                v_init: Initializer = initializers.ones_init(), axis_name: Any = None,
                axis_index_groups: Any = None, unbiased_running_var: bool = False,
-               rngs: nnx.Rngs):
+               skip_nonfinite: bool = True, rngs: nnx.Rngs):
     self.var = nnx.BatchStat(jnp.ones((num_features,), jnp.float32))
     self.count = (nnx.BatchStat(jaxbn.init_stats(1).count) if momentum is None
                   else nnx.data(None))
@@ -122,6 +124,7 @@ class EvoNormB0(Layer):
     self.axis, self.momentum, self.epsilon, self.dtype = axis, momentum, epsilon, dtype
     self.param_dtype, self.axis_name = param_dtype, axis_name
     self.axis_index_groups, self.unbiased_running_var = axis_index_groups, unbiased_running_var
+    self.skip_nonfinite = skip_nonfinite
 
   def __call__(self, x: jax.typing.ArrayLike, use_running_average: Optional[bool] = None, *,
                mask: Optional[jax.Array] = None) -> jax.Array:
@@ -137,7 +140,8 @@ class EvoNormB0(Layer):
         epsilon=self.epsilon, axis_name=self.axis_name,
         axis_index_groups=self.axis_index_groups, mask=mask,
         dtype=plain_dtype(self.dtype, x, scale, bias, v),
-        unbiased_running_var=self.unbiased_running_var)
+        unbiased_running_var=self.unbiased_running_var,
+        skip_nonfinite=self.skip_nonfinite)
     if not use_ra:
       self.var[...] = jax.lax.stop_gradient(new.var)
       if self.count is not None:

@@ -48,7 +48,10 @@ class BatchNorm(Layer):
   Differences from flax: the arithmetic is always in at least float32 with float32
   statistics (flax first casts them to the promoted dtype, e.g. bf16); complex input turns
   the running ``mean`` complex, as in ``flax.linen`` (``flax.nnx`` drops its imaginary part);
-  ``momentum`` outside ``[0, 1]`` is refused.
+  ``momentum`` outside ``[0, 1]`` is refused; bad data (see :func:`jaxbn.batch_norm`): a
+  feature whose batch statistics are not finite keeps its running statistics
+  (``skip_nonfinite``), and a training call with one value per feature raises a
+  ``ValueError`` like the function (NNX has no init pass; eval never raises).
 
   Args:
     num_features: number of features (size of ``x`` along ``axis``).
@@ -75,6 +78,9 @@ class BatchNorm(Layer):
     scale_metadata: metadata for the ``scale`` ``nnx.Param``.
     unbiased_running_var: (jaxbn) store PyTorch's unbiased running variance.
     debias: (jaxbn) zero-debiased running averages; adds an int32 ``count``.
+    skip_nonfinite: (jaxbn) True (default): a feature whose batch statistics are not finite
+      (a NaN/Inf in the batch) keeps its running statistics, the others update; False:
+      flax's behaviour (the NaN enters them).
 
   Example:
     >>> import jax, jax.numpy as jnp, jaxbn.nnx
@@ -113,6 +119,7 @@ class BatchNorm(Layer):
       scale_metadata: Mapping[str, Any] = MappingProxyType({}),
       unbiased_running_var: bool = False,
       debias: bool = False,
+      skip_nonfinite: bool = True,
   ):
     init_bn_layer(self, "jaxbn.nnx.BatchNorm", locals())
 
@@ -188,6 +195,7 @@ class BatchChannelNorm(Layer):
       scale_metadata: Mapping[str, Any] = MappingProxyType({}),
       unbiased_running_var: bool = False,
       debias: bool = False,
+      skip_nonfinite: bool = True,
       num_groups: Optional[int] = 32,
       group_size: Optional[int] = None,
   ):

@@ -305,6 +305,7 @@ def bn_call(mdl: nnx.Module, core: Callable[..., Any], fn: str, x: jax.typing.Ar
       use_fast_variance=mdl.use_fast_variance,
       unbiased_running_var=mdl.unbiased_running_var,
       debias=mdl.debias,
+      skip_nonfinite=getattr(mdl, "skip_nonfinite", True),
       **extra,
   )
   if training:

@@ -28,7 +28,8 @@ class GhostBatchNorm(Layer):
   The other constructor arguments (num_features, use_running_average, axis, momentum, epsilon,
   dtype, param_dtype, use_bias, use_scale, bias_init, scale_init, axis_name, axis_index_groups,
   use_fast_variance, promote_dtype, rngs, bias_metadata, scale_metadata, unbiased_running_var,
-  debias) are as :class:`jaxbn.nnx.BatchNorm`, except ``use_fast_variance`` defaults to False
+  debias, skip_nonfinite) are as :class:`jaxbn.nnx.BatchNorm`, except ``use_fast_variance``
+  defaults to False
   (jaxbn's stable variance) and ``axis_name`` synchronizes only the running-statistics update.
 
   Args:
@@ -71,6 +72,7 @@ class GhostBatchNorm(Layer):
       scale_metadata: Mapping[str, Any] = MappingProxyType({}),
       unbiased_running_var: bool = False,
       debias: bool = False,
+      skip_nonfinite: bool = True,
       batch_axis: int = 0,
       stats_update: str = "average",
   ):

@@ -32,7 +32,8 @@ class BatchRenorm(Layer):
   The other constructor arguments (num_features, use_running_average, axis, momentum, epsilon,
   dtype, param_dtype, use_bias, use_scale, bias_init, scale_init, axis_name, axis_index_groups,
   use_fast_variance, promote_dtype, rngs, bias_metadata, scale_metadata, unbiased_running_var,
-  debias) are as :class:`jaxbn.nnx.BatchNorm`, except ``use_fast_variance`` defaults to False
+  debias, skip_nonfinite) are as :class:`jaxbn.nnx.BatchNorm`, except ``use_fast_variance``
+  defaults to False
   (jaxbn's stable variance).
 
   Args:
@@ -75,6 +76,7 @@ class BatchRenorm(Layer):
       scale_metadata: Mapping[str, Any] = MappingProxyType({}),
       unbiased_running_var: bool = False,
       debias: bool = False,
+      skip_nonfinite: bool = True,
       r_max: float = 3.0,
       d_max: float = 5.0,
       r_min: Optional[float] = None,
