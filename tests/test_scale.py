@@ -32,7 +32,7 @@ _WORKER = textwrap.dedent("""
     import jax, jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec as P
     import jaxbn
-    from jaxbn import parallel
+    from jaxbn import testing
     C = int(sys.argv[1])
     mesh = jax.make_mesh((len(jax.devices()),), ("data",))
     b = P("data")
@@ -59,10 +59,10 @@ _WORKER = textwrap.dedent("""
                                     out_specs=outs))
           compiled = g.lower(*args, *extra).compile()
           out[f"{name}/fast={fast}/masked={masked}"] = {
-              "common": [parallel.collective_counts(compiled, conditional=False),
-                         parallel.collective_bytes(compiled, conditional=False)],
-              "branch": [parallel.collective_counts(compiled, conditional=True),
-                         parallel.collective_bytes(compiled, conditional=True)],
+              "common": [testing.collective_counts(compiled, conditional=False),
+                         testing.collective_bytes(compiled, conditional=False)],
+              "branch": [testing.collective_counts(compiled, conditional=True),
+                         testing.collective_bytes(compiled, conditional=True)],
           }
     print(json.dumps(out))
 """)
