@@ -69,7 +69,7 @@ __all__ = [
     "fold_batch_norm",
 ]
 
-_SUBMODULES = ("interop", "linen", "nnx", "parallel")
+_SUBMODULES = ("interop", "linen", "nnx", "parallel", "testing")
 # Names that moved in 0.2: still reachable here for one release, with a DeprecationWarning.
 _MOVED = {name: "interop" for name in (
     "BatchNormVariables", "from_torch_batch_norm", "kernel_from_torch", "kernel_to_torch",
