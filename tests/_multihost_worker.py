@@ -108,7 +108,7 @@ def main(process_id: int, num_processes: int, port: int, out_dir: str) -> None:
              x=gather(x), y=gather(y), gx=gather(gx),
              mean=np.asarray(mean.addressable_data(0)), var=np.asarray(var.addressable_data(0)),
              gs=np.asarray(gs.addressable_data(0)), gb=np.asarray(gb.addressable_data(0)),
-             # On the path every call takes (an exact fallback may sit in a cond branch).
+             # Outside any conditional branch (jaxbn's statistics have none).
              all_reduces=testing.collective_counts(compiled, operands=True,
                                                     conditional=False).get("all-reduce", 0),
              devices=jax.device_count(), local_devices=jax.local_device_count(),

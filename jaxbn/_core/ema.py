@@ -155,8 +155,10 @@ def update_stats(
     # A feature that does not update gets weight 0 for the new value (arithmetic, so that
     # operands sharded differently still combine); skipping a non-finite value also needs a
     # select, as 0 * NaN is NaN (skip_nonfinite=False lets it through, as flax does).
+    # (1 − w)·old + w·new, as flax: exact at both ends (momentum 0 stores the batch value;
+    # old + w·(new − old) rounds new − old, e.g. 2.4e-4 off for a variance of 1e-4 from 1).
     w = jnp.where(valid, w_new, 0.0).astype(work)
-    out = old.astype(work) + w * (new.astype(work) - old.astype(work))
+    out = (1.0 - w) * old.astype(work) + w * new.astype(work)
     if skip_nonfinite:
       out = select(valid, out, old.astype(work))
     return out.astype(old.dtype)

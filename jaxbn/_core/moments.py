@@ -300,9 +300,11 @@ def _local_sums(x, red, mask, shift, need_s1=True):
 
   def centered(xv, k):
     d = xv.astype(acc)
-    if k is not None:
-      d = d - bcast(k.astype(acc), x.shape, sfeat, collectives.explicit_sharding(x))
-    return d if mask is None else jnp.where(mask, d, jnp.zeros((), acc))
+    kb = None if k is None else bcast(k.astype(acc), x.shape, sfeat,
+                                      collectives.explicit_sharding(x))
+    if mask is not None:  # masked entries (even NaN/Inf ones) become the shift: d = 0 there
+      d = jnp.where(mask, d, jnp.zeros((), acc) if kb is None else kb)
+    return d if kb is None else d - kb
 
   s1 = jnp.sum(centered(xs[0], ks[0]), axis=red) if need_s1 else None
   s2 = jnp.sum(abs2(centered(xs[-1], ks[-1])), axis=red).astype(rdt)
