@@ -42,6 +42,10 @@ _HLO_BRANCH_ATTRS = ("true_computation", "false_computation", "branch_computatio
 _MLIR_FUNC = re.compile(r"func\.func\s+(public\s+|private\s+)?@([\w.\-$]+)")
 _MLIR_CALL = re.compile(r"\bcall\s+@([\w.\-$]+)")
 _MLIR_BRANCHING = re.compile(r"stablehlo\.(case|if)\b")
+# lax.platform_dependent lowers to cases indexed by a constant (or by such a case's result):
+# XLA folds them away, so they are not conditionals at run time.
+_MLIR_CONSTANT = re.compile(r"^\s*(%[\w#]+)(?::\d+)? = stablehlo\.constant\b")
+_MLIR_CASE = re.compile(r'^\s*(%[\w#]+)(?::\d+)? = "stablehlo\.case"\((%[\w#]+)')
 
 
 def _operand_count(text: str, start: int) -> int:
@@ -125,19 +129,24 @@ def _mlir_lines(text: str) -> Iterator[Tuple[str, bool]]:
   entries: Set[str] = set()
   every: Dict[str, Set[str]] = {}
   branch: Dict[str, Set[str]] = {}
-  current, depth, case_depths = "", 0, []
+  current, depth, case_depths, static = "", 0, [], set()
   for line in text.splitlines():
     m = _MLIR_FUNC.search(line)
     if m:
       current = m.group(2)
-      case_depths = []
+      case_depths, static = [], set()
       if (m.group(1) or "").strip() == "public":
         entries.add(current)
     in_region = bool(case_depths)
     funcs.setdefault(current, []).append((line, in_region))
     for c in _MLIR_CALL.findall(line):
       (branch if in_region else every).setdefault(current, set()).add(c)
-    if _MLIR_BRANCHING.search(line):
+    const, case = _MLIR_CONSTANT.match(line), _MLIR_CASE.match(line)
+    if const:
+      static.add(const.group(1))
+    if case and case.group(2) in static:
+      static.add(case.group(1))  # a case on a constant index: no run-time branch
+    elif _MLIR_BRANCHING.search(line):
       case_depths.append(depth)
     depth += line.count("{") - line.count("}")
     while case_depths and depth <= case_depths[-1]:

@@ -113,12 +113,14 @@ def stablehlo_counts(text: str) -> Dict[Tuple[str, bool], Tuple[int, int]]:
   per_func: Dict[str, List[Tuple[str, int, bool]]] = {}
   calls: Dict[str, List[Tuple[str, bool]]] = {}
   func, depth, branch_stack = None, 0, []
+  constants = set()  # SSA names known at lowering: a case on one is lax.platform_dependent's
   for line in text.splitlines():
     m = _MLIR_FUNC.search(line)
     if m:
       func = m.group(1)
       per_func[func], calls[func] = [], []
-      branch_stack = []
+      branch_stack, constants = [], set()
+    defined = re.match(r'\s*(%[\w#]+)(?::\d+)? = ("?[\w.]+"?)(?:\((%[\w#]+))?', line)
     in_branch = bool(branch_stack)
     if func is not None:
       for op in _MLIR_OP.finditer(line):
@@ -126,7 +128,13 @@ def stablehlo_counts(text: str) -> Dict[Tuple[str, bool], Tuple[int, int]]:
                                in_branch))
       for c in _MLIR_CALL.finditer(line):
         calls[func].append((c.group(1), in_branch))
-    if _MLIR_BRANCH.search(line):
+    static = False
+    if defined and defined.group(2) == "stablehlo.constant":
+      constants.add(defined.group(1))
+    elif defined and defined.group(2) == '"stablehlo.case"' and defined.group(3) in constants:
+      constants.add(defined.group(1))  # folded by XLA: not a run-time branch
+      static = True
+    if _MLIR_BRANCH.search(line) and not static:
       branch_stack.append(depth)
     depth += line.count("{") - line.count("}")
     while branch_stack and depth <= branch_stack[-1]:

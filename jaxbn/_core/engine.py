@@ -171,8 +171,6 @@ def _standardize_train_jvp(cfg, primals, tangents):
   fold = set(pfeat) <= set(sfeat)
   glen = None if grouping is None else x.shape[sfeat[grouping[0]]]
 
-  @functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.nothing_saveable,
-                     prevent_cse=False)
   def tangent(x, mean, inv, g, mask, count, xd, sd_eff, bd_eff, eps_dot):
     sharding = collectives.explicit_sharding(x)
     bs = functools.partial(bcast, shape=x.shape, feat=sfeat, sharding=sharding)
@@ -262,8 +260,15 @@ def _standardize_train_jvp(cfg, primals, tangents):
     y_dot = functools.reduce(lambda u, v: u + v, terms)
     return y_dot.astype(out_dtype), mean_dot.astype(mean.dtype), var_dot.astype(var.dtype)
 
-  y_dot, mean_dot, var_dot = tangent(x, mean, inv, g, mask, count, xd, sd_eff, bd_eff,
-                                     jnp.asarray(eps_dot, acc).real.astype(inv.dtype))
+  # Rematerialized: only x and per-statistic vectors are kept for the backward pass. On
+  # XLA:CPU with jax.checkpoint's barrier against CSE (without it XLA:CPU merges the
+  # recomputation with the forward pass and keeps a float32 copy of a bf16 x); elsewhere
+  # without (the CUDA and TPU programs hold no optimization barrier).
+  remat = functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.nothing_saveable)
+  args = (x, mean, inv, g, mask, count, xd, sd_eff, bd_eff,
+          jnp.asarray(eps_dot, acc).real.astype(inv.dtype))
+  y_dot, mean_dot, var_dot = lax.platform_dependent(
+      *args, cpu=remat(tangent, prevent_cse=True), default=remat(tangent, prevent_cse=False))
   return (y, mean, var, count), (y_dot, mean_dot, var_dot, jnp.zeros_like(count))
 
 
