@@ -21,20 +21,11 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-import jax
+from jaxbn._core.collectives import varying_axes
 
 
 class UnsyncedStatisticsWarning(UserWarning):
   """A BN-family call under ``jax.shard_map`` computed per-device statistics (no ``axis_name``)."""
-
-
-def varying_axes(x: Any) -> frozenset:
-  """The ``jax.shard_map`` mesh axes that ``x``'s traced type varies over (empty outside)."""
-  t = jax.typeof(x)
-  mat = getattr(t, "manual_axis_type", None)  # jax 0.10
-  if mat is not None:
-    return frozenset(mat.varying)
-  return frozenset(getattr(t, "vma", ()))  # older spelling of the same type field
 
 
 def warn_if_unsynced(fn: str, x: Any, stats: Any, axis_name: Any, training: bool,

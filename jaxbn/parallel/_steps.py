@@ -12,7 +12,7 @@ from typing import Any, Callable, Optional
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jaxbn._core.unsynced import varying_axes
+from jaxbn._core.collectives import varying_axes
 from jaxbn.parallel._mesh import AxisNames, batch_sharding
 
 
