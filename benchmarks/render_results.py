@@ -32,7 +32,7 @@ OUTPUT = HERE / "RESULTS.md"
 # Sections in this order first, then any other result file alphabetically.
 ORDER = ["bench_core", "bench_core_hugepages", "bench_variants", "bench_sync",
          "bench_collectives", "bench_latency", "bench_model", "bench_model_hugepages", "bench_fold",
-         "bench_accel_cuda", "bench_accel_tpu"]
+         "bench_accel_cuda", "bench_accel_tpu", "bench_tpu_stats"]
 # Scripts whose results are expected; a missing one is listed as missing, not silently absent.
 EXPECTED = {
     "bench_core": "python benchmarks/bench_core.py",
@@ -45,6 +45,8 @@ EXPECTED = {
     "bench_accel_cuda": "python benchmarks/bench_accel.py --part cuda",
     "bench_accel_tpu": ("TPU_SKIP_MDS_QUERY=1 JAX_PLATFORMS=cpu unshare --net "
                         "python benchmarks/bench_accel.py --part tpu"),
+    "bench_tpu_stats": ("TPU_SKIP_MDS_QUERY=1 JAX_PLATFORMS=cpu unshare --net "
+                        "python benchmarks/bench_tpu_stats.py"),
 }
 
 class DirtyResultError(ValueError):

@@ -204,3 +204,21 @@ def test_committed_results_md_is_rendered_from_committed_json():
   """RESULTS.md equals what benchmarks/results/*.json render (no hand-typed numbers)."""
   assert render_results.main(["--check"]) == 0, (
       "benchmarks/RESULTS.md is stale; run `python benchmarks/render_results.py`")
+
+
+def test_tpu_stats_instrument_without_libtpu():
+  """bench_tpu_stats' CPU half: its exactness column tells an exact algorithm from flax's
+  raw moments, and its fusion detector reads an XLA:TPU-style fusion (no libtpu needed)."""
+  import bench_tpu_stats as b  # noqa: PLC0415
+  assert b.cpu_error(b.jaxbn_stats, 1e4, 0.0) < 1e-4
+  assert b.cpu_error(b.two_pass, 1e4, 0.0) < 1e-4
+  assert b.cpu_error(b.raw, 1e4, 0.0) > 1.0            # E[x²] − E[x]² at |μ|/σ = 1e4
+  assert b.cpu_error(b.about_running_mean, 1e4, 0.0) > 1.0
+  assert b.cpu_error(b.about_running_mean, 1e4, 1e4) < 1e-4
+  hlo = ("%fused_computation.2 (p: bf16[8,4], q: bf16[4,4]) -> (f32[4], bf16[8,4]) {\n"
+         "  %c = bf16[8,4] convolution(%p, %q)\n}\n\n"
+         "ENTRY %main {\n"
+         "  %f = (f32[4]{0}, bf16[8,4]{1,0}) fusion(%a, %b), kind=kOutput, "
+         "calls=%fused_computation.2\n}\n")
+  assert b.fused_into_conv(hlo, 4)
+  assert not b.fused_into_conv(hlo.replace("convolution(", "add("), 4)
