@@ -12,13 +12,15 @@ forward and backward on 8 simulated devices and is checked against
   it is per device and sums to the global gradient.
 
 Collectives are counted in the compiled HLO (and in the lowered StableHLO, before XLA's
-all-reduce combiner could merge anything): on the path every call takes, one all-reduce
-forward and one backward per BN call; inside the exact-correction branch (a ``lax.cond``
-taken only when the shift is far from the mean) one more forward all-reduce.
+all-reduce combiner could merge anything): per BN call two all-reduces forward (the common
+shift from the sampled entries, then the moments about it) and one backward, and no
+conditional; the first forward one depends on the sample only (checked in the compiled
+program's data flow), so it can run while the pass over the local batch does.
 """
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import jax
@@ -715,3 +717,76 @@ def test_missing_axis_name_under_shard_map_gets_a_jaxbn_hint_not_only_jaxs_error
                                        r"outputs\[0\]\.mean varies over \('data',\).*"
                                        r"outputs\[1\] varies.*pass axis_name='data'"):
     jax.eval_shape(parallel.shard_map_step(step, mesh), stats, jnp.ones((N, F)))
+
+
+def _hlo_computations(text):
+  """{computation name: its instruction lines} and the entry's name, of an HLO module's text."""
+  comps, entry, current = {}, None, None
+  for line in text.splitlines():
+    head = re.match(r"^(ENTRY )?%?([\w.\-]+) ", line)
+    if head and not line.startswith(" ") and line.rstrip().endswith("{"):
+      current = head.group(2)
+      comps[current] = []
+      entry = current if head.group(1) else entry
+    elif line.startswith("}"):
+      current = None
+    elif current is not None and " = " in line:
+      comps[current].append(line.split(", metadata=")[0].strip())
+  return comps, entry
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_round_one_depends_on_the_sample_only_so_it_can_overlap_the_pass(masked):
+  """The synced design's claim: the first all-reduce (the common shift) needs only the
+  sampled entries, not the pass over the local batch, so XLA may run it while the pass runs;
+  the second (the moments) needs the pass. Checked in the compiled program's data flow: no
+  instruction that reduces the whole local batch is an ancestor of the first all-reduce."""
+  rows = 64 * PER
+  mesh = jax.make_mesh((D,), ("data",))
+  b = P("data")
+  args = [_sds((D * rows, 8, 8, F), jnp.float32, mesh, b),
+          _sds((D * rows, 1, 1, 1), jnp.bool_, mesh, b),
+          _sds((F,), jnp.float32, mesh, P()), _sds((F,), jnp.float32, mesh, P())]
+  fn = jax.jit(jax.shard_map(_bn_fwd("data", masked), mesh=mesh, in_specs=(b, b, P(), P()),
+                             out_specs=b))
+  comps, entry = _hlo_computations(fn.lower(*args).compile().as_text())
+  full = f"f32[{rows},8,8,{F}]"
+
+  def shapes(lines):  # instruction name -> its result type
+    return {ln.split(" = ")[0].replace("ROOT ", "").lstrip("%"): ln.split(" = ", 1)[1]
+            for ln in lines}
+
+  def reduces_batch(name, seen=()):  # does computation `name` (or what it calls) reduce x?
+    types = shapes(comps.get(name, ()))
+    for line in comps.get(name, ()):
+      op = re.search(r"\breduce\(%([\w.\-]+)", line)
+      if op and types.get(op.group(1), "").startswith(full):
+        return True
+      for callee in re.findall(r"(?:calls|to_apply)=%?([\w.\-]+)", line):
+        if callee not in seen and reduces_batch(callee, seen + (name,)):
+          return True
+    return False
+
+  defs = {}
+  for line in comps[entry]:
+    name = line.split(" = ")[0].replace("ROOT ", "").strip().lstrip("%")
+    defs[name] = line
+
+  def passes_before(name):  # the full-batch reductions among `name`'s ancestors
+    out, todo, seen = set(), [name], set()
+    while todo:
+      cur = todo.pop()
+      if cur in seen or cur not in defs:
+        continue
+      seen.add(cur)
+      line = defs[cur]
+      callees = re.findall(r"calls=%?([\w.\-]+)", line)
+      if any(reduces_batch(c) for c in callees):
+        out.add(cur)
+      todo.extend(re.findall(r"%([\w.\-]+)", line.split(" = ", 1)[1].split("calls=")[0]))
+    return out
+
+  reduces = [n for n, line in defs.items() if re.search(r"\ball-reduce(-start)?\(", line)]
+  assert len(reduces) == 2, reduces
+  assert not passes_before(reduces[0]), passes_before(reduces[0])
+  assert passes_before(reduces[1])  # the detector sees the pass where it is
