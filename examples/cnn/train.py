@@ -328,9 +328,11 @@ def train_step(state: TrainState, batch: data_lib.Batch, *, axis_name: Optional[
     The new state and the global sums ``loss``, ``correct`` and ``count`` (real examples).
   """
   count = _global_sum(jnp.sum(batch.mask.astype(jnp.float32)), axis_name)
+  batch_stats = _per_device(state.batch_stats, batch, axis_name) if average_stats else (
+      state.batch_stats)
 
   def loss_fn(params):
-    variables = {"params": params, "batch_stats": state.batch_stats}
+    variables = {"params": params, "batch_stats": batch_stats}
     logits, updates = state.apply_fn(
         variables, batch.image, train=True, mask=batch.mask,
         norm_args=None if norm_args is None else norm_args(state.step), mutable=["batch_stats"])
@@ -344,6 +346,16 @@ def train_step(state: TrainState, batch: data_lib.Batch, *, axis_name: Optional[
     stats = jaxbn.parallel.average_stats(stats, axis_name=axis_name)
   state = state.apply_gradients(grads=grads, batch_stats=stats)
   return state, _metric_sums(logits, batch.label, batch.mask, axis_name)
+
+
+def _per_device(stats: Any, batch: data_lib.Batch, axis_name: Optional[str]) -> Any:
+  """Local BN under ``shard_map``: the running statistics typed per device (``pcast`` to
+  varying), which says in the program that each device keeps its own until they are averaged
+  (without it jaxbn warns that ``axis_name`` may have been forgotten). Unchanged elsewhere."""
+  manual = getattr(jax.typeof(batch.image), "manual_axis_type", None)
+  if axis_name is None or axis_name not in getattr(manual, "varying", ()):
+    return stats
+  return jax.tree.map(lambda v: lax.pcast(v, axis_name, to="varying"), stats)
 
 
 def _loss(logits: jax.Array, batch: data_lib.Batch, count: jax.Array) -> jax.Array:
@@ -365,6 +377,8 @@ def nnx_train_step(state: NnxTrainState, batch: data_lib.Batch, *,
   """
   model, optimizer = state.merge()
   model.train()
+  if average_stats:
+    nnx.update(model, _per_device(nnx.state(model, nnx.BatchStat), batch, axis_name))
   count = _global_sum(jnp.sum(batch.mask.astype(jnp.float32)), axis_name)
   extra = None if norm_args is None else norm_args(optimizer.step[...])
 
