@@ -204,6 +204,22 @@ def bn_call(mdl: nn.Module, core: Callable[..., Any], fn: str, x: jax.typing.Arr
 # --------------------------------------------------------------------------------------------
 
 
+class View(nn.Module):
+  """``module`` with its layers' calls intercepted (``interceptor``); its variables (shared scope)."""
+
+  module: nn.Module
+
+  def setup(self):
+    nn.share_scope(self, self.module)
+
+  def interceptor(self) -> Callable[..., Any]:
+    raise NotImplementedError
+
+  def __call__(self, *args, **kwargs):
+    with nn.intercept_methods(self.interceptor()):
+      return self.module(*args, **kwargs)
+
+
 def treatment(fn: str, module: Any) -> registry.Treatment:
   """What the tool ``fn`` does with the bound ``module`` (see ``jaxbn._layers.registry``).
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flax import linen as nn
 
-from jaxbn.linen._common import treatment
+from jaxbn.linen._common import View, treatment
 from jaxbn.linen._frozen import frozen_apply
 
 
@@ -38,18 +38,13 @@ def _interceptor(freeze_affine: bool):
   return intercept
 
 
-class _FrozenBatchNormView(nn.Module):
-  """``module`` with every BatchNorm-family layer frozen; the same variables (shared scope)."""
+class _FrozenBatchNormView(View):
+  """``module`` with every BatchNorm-family layer frozen."""
 
-  module: nn.Module
   freeze_affine: bool = True
 
-  def setup(self):
-    nn.share_scope(self, self.module)
-
-  def __call__(self, *args, **kwargs):
-    with nn.intercept_methods(_interceptor(self.freeze_affine)):
-      return self.module(*args, **kwargs)
+  def interceptor(self):
+    return _interceptor(self.freeze_affine)
 
 
 def freeze_batch_norm(module: nn.Module, *, freeze_affine: bool = True) -> nn.Module:

@@ -17,7 +17,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 from flax import linen as nn
 
-from jaxbn.linen._common import treatment
+from jaxbn.linen._common import View, treatment
 
 # Fields that mean the same thing in every normalization layer (copied to any replacement);
 # batch-norm-family replacements (they have ``use_running_average``) get every shared field.
@@ -91,20 +91,15 @@ def _interceptor(types: Optional[tuple], layer: Any, overrides: dict) -> Callabl
   return intercept
 
 
-class _Replaced(nn.Module):
-  """``module`` with its batch-norm layers replaced; the same variables (shared scope)."""
+class _Replaced(View):
+  """``module`` with its batch-norm layers replaced."""
 
-  module: nn.Module
   layer: Any
   types: Optional[tuple]
   overrides: tuple
 
-  def setup(self):
-    nn.share_scope(self, self.module)
-
-  def __call__(self, *args, **kwargs):
-    with nn.intercept_methods(_interceptor(self.types, self.layer, dict(self.overrides))):
-      return self.module(*args, **kwargs)
+  def interceptor(self):
+    return _interceptor(self.types, self.layer, dict(self.overrides))
 
 
 def replace_batch_norm(module: nn.Module, layer: Union[type, Callable[[nn.Module], nn.Module],
