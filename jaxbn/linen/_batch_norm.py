@@ -91,13 +91,8 @@ class BatchNorm(BatchNormFields):
   """
 
   @nn.compact
-  def __call__(
-      self,
-      x: jax.typing.ArrayLike,
-      use_running_average: Optional[bool] = None,
-      *,
-      mask: Optional[jax.Array] = None,
-  ) -> jax.Array:
+  def __call__(self, x: jax.typing.ArrayLike, use_running_average: Optional[bool] = None, *,
+               mask: Optional[jax.Array] = None) -> jax.Array:
     """Normalizes ``x`` with batch statistics (training) or running statistics (eval).
 
     Args:

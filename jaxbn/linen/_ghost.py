@@ -58,13 +58,8 @@ class GhostBatchNorm(BatchNormFields, _VirtualBatchSize):
   stats_update: str = "average"
 
   @nn.compact
-  def __call__(
-      self,
-      x: jax.typing.ArrayLike,
-      use_running_average: Optional[bool] = None,
-      *,
-      mask: Optional[jax.Array] = None,
-  ) -> jax.Array:
+  def __call__(self, x: jax.typing.ArrayLike, use_running_average: Optional[bool] = None, *,
+               mask: Optional[jax.Array] = None) -> jax.Array:
     """Normalizes ``x`` per virtual batch (training) or with the running statistics (eval).
 
     During ``init`` nothing is updated, no collective is issued, and the batch need not be

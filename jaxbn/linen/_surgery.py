@@ -59,12 +59,9 @@ def _call_args(new: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
   params = inspect.signature(type(new).__call__).parameters
   if any(p.kind is p.VAR_KEYWORD for p in params.values()):
     return args, kwargs
-  names = [n for n, p in params.items() if n != "self"]
-  positional = [n for n in names if params[n].kind in (params[n].POSITIONAL_ONLY,
-                                                       params[n].POSITIONAL_OR_KEYWORD)]
-  args = args[:len(positional)]
-  kwargs = {k: v for k, v in kwargs.items() if k in params}
-  return args, kwargs
+  positional = [n for n, p in params.items()
+                if n != "self" and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+  return args[:len(positional)], {k: v for k, v in kwargs.items() if k in params}
 
 
 def _targeted(mdl: nn.Module, types: Optional[tuple]) -> bool:
