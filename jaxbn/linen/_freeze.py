@@ -21,30 +21,27 @@ def eval_call(next_fun, mdl: nn.Module, args: tuple, kwargs: dict):
   return mdl.clone(use_running_average=True, parent=mdl.scope)(*args, **kwargs)
 
 
-def _interceptor(freeze_affine: bool):
-
-  def intercept(next_fun, args, kwargs, context):
-    mdl = context.module
-    if context.method_name != "__call__":
-      return next_fun(*args, **kwargs)
-    how = treatment("jaxbn.linen.freeze_batch_norm", mdl).freeze
-    if how == "eval":
-      return eval_call(next_fun, mdl, args, kwargs)
-    if how != "frozen":
-      return next_fun(*args, **kwargs)
-    x = args[0] if args else kwargs["x"]
-    return frozen_apply(mdl, x, freeze_affine, f"frozen {type(mdl).__name__}")
-
-  return intercept
-
-
 class _FrozenBatchNormView(View):
   """``module`` with every BatchNorm-family layer frozen."""
 
   freeze_affine: bool = True
 
   def interceptor(self):
-    return _interceptor(self.freeze_affine)
+    freeze_affine = self.freeze_affine
+
+    def intercept(next_fun, args, kwargs, context):
+      mdl = context.module
+      if context.method_name != "__call__":
+        return next_fun(*args, **kwargs)
+      how = treatment("jaxbn.linen.freeze_batch_norm", mdl).freeze
+      if how == "eval":
+        return eval_call(next_fun, mdl, args, kwargs)
+      if how != "frozen":
+        return next_fun(*args, **kwargs)
+      x = args[0] if args else kwargs["x"]
+      return frozen_apply(mdl, x, freeze_affine, f"frozen {type(mdl).__name__}")
+
+    return intercept
 
 
 def freeze_batch_norm(module: nn.Module, *, freeze_affine: bool = True) -> nn.Module:

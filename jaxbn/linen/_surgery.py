@@ -64,30 +64,6 @@ def _call_args(new: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
   return args[:len(positional)], {k: v for k, v in kwargs.items() if k in params}
 
 
-def _targeted(mdl: nn.Module, types: Optional[tuple]) -> bool:
-  if types is None:
-    return treatment("jaxbn.linen.replace_batch_norm", mdl).replace
-  return isinstance(mdl, types)
-
-
-def _interceptor(types: Optional[tuple], layer: Any, overrides: dict) -> Callable:
-  def intercept(next_fun, args, kwargs, context):
-    mdl = context.module
-    active = getattr(_ACTIVE, "modules", ())
-    if (context.method_name != "__call__" or any(mdl is m for m in active)
-        or not _targeted(mdl, types)):
-      return next_fun(*args, **kwargs)
-    new = _construct(layer, mdl, overrides).clone(parent=mdl.scope)
-    a, kw = _call_args(new, args, kwargs)
-    _ACTIVE.modules = active + (new,)
-    try:
-      return new(*a, **kw)
-    finally:
-      _ACTIVE.modules = active
-
-  return intercept
-
-
 class _Replaced(View):
   """``module`` with its batch-norm layers replaced."""
 
@@ -96,7 +72,28 @@ class _Replaced(View):
   overrides: tuple
 
   def interceptor(self):
-    return _interceptor(self.types, self.layer, dict(self.overrides))
+    layer, types, overrides = self.layer, self.types, dict(self.overrides)
+
+    def targeted(mdl):
+      if types is None:
+        return treatment("jaxbn.linen.replace_batch_norm", mdl).replace
+      return isinstance(mdl, types)
+
+    def intercept(next_fun, args, kwargs, context):
+      mdl = context.module
+      active = getattr(_ACTIVE, "modules", ())
+      if (context.method_name != "__call__" or any(mdl is m for m in active)
+          or not targeted(mdl)):
+        return next_fun(*args, **kwargs)
+      new = _construct(layer, mdl, overrides).clone(parent=mdl.scope)
+      a, kw = _call_args(new, args, kwargs)
+      _ACTIVE.modules = active + (new,)
+      try:
+        return new(*a, **kw)
+      finally:
+        _ACTIVE.modules = active
+
+    return intercept
 
 
 def replace_batch_norm(module: nn.Module, layer: Union[type, Callable[[nn.Module], nn.Module],
