@@ -28,6 +28,8 @@ from jaxbn._core.moments import Plan, batch_moments
 from jaxbn._core.normalize import affine, to_keepdims
 from jaxbn._core.precise import init_population_moments, merge_moments, population_stats
 from jaxbn._core.types import BatchStats, Moments
+from jaxbn._layers.common import flax_axes
+from jaxbn._layers.docs import RUN_ARGS, fill_doc
 
 MODES = ("train", "sequential")
 
@@ -54,6 +56,16 @@ def current_recorder() -> Optional["Recorder"]:
   """The recorder of the recomputation being traced on this thread (None outside one)."""
   stack = getattr(_ACTIVE, "stack", None)
   return stack[-1] if stack else None
+
+
+def check_stats_shape(fn: str, layer: str, feature_shape: tuple, shape: tuple,
+                      scan: str) -> None:
+  """Refuses a BN layer whose stored statistics are not of its features' shape (stacked)."""
+  if shape != feature_shape:
+    raise ValueError(
+        f"{fn}: the BatchNorm layer {layer} normalizes features of shape {feature_shape} but "
+        f"stores statistics of shape {shape}: layers inside {scan}.scan/{scan}.vmap (stacked "
+        f"statistics) are not supported.")
 
 
 def _names(axis_name) -> tuple:
@@ -85,6 +97,14 @@ class Recorder:
     self.stage = stage
     self.sync_axes = tuple(sync_axes)
     self.recorded: list[tuple[int, Moments]] = []
+
+  def flax_call(self, key: Hashable, layer: Any, x: jax.Array, scale: Any, bias: Any,
+                mask: Any, out_dtype: Any) -> jax.Array:
+    """``self(key, x, ...)`` with the options of a flax-style BN ``layer``."""
+    return self(key, x, axis=flax_axes(layer.axis, x.ndim), epsilon=layer.epsilon, scale=scale,
+                bias=bias, mask=mask, axis_name=layer.axis_name,
+                axis_index_groups=layer.axis_index_groups, out_dtype=out_dtype,
+                unbiased=getattr(layer, "unbiased_running_var", False))
 
   @contextlib.contextmanager
   def active(self):
@@ -317,6 +337,7 @@ def run(fn: str, trace: Callable[[Any, Any, Recorder], Any], state: Any, batches
 # --------------------------------------------------------------------------------------------
 
 
+@fill_doc(run_args=RUN_ARGS)
 def recompute_stats(
     apply_fn: Callable[[Any, Any, Callable], Any],
     variables: Any,
@@ -362,15 +383,7 @@ def recompute_stats(
     batches: an iterable of batches (any pytrees ``apply_fn`` accepts), e.g. the training
       set without augmentation; re-iterable for ``mode="sequential"``.
     mode: ``"train"`` or ``"sequential"`` (see above).
-    num_batches: use at most this many batches (default: all).
-    progress: show a tqdm progress bar: None (default) when on a terminal, True always,
-      False never.
-    mesh: a ``jax.sharding.Mesh``: the step runs under ``jax.shard_map`` over it, the
-      batches are sharded with ``batch_spec`` and the statistics are those of the global
-      data. Needed when a layer uses ``axis_name``. Under plain ``jax.jit`` on sharded
-      arrays no mesh is needed.
-    batch_spec: ``PartitionSpec`` of every array of a batch (default: the leading axis over
-      all mesh axes).
+    {run_args}
 
   Returns:
     ``variables`` with each :class:`~jaxbn.BatchStats` that a layer used replaced by one
