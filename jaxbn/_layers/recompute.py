@@ -68,14 +68,6 @@ def check_stats_shape(fn: str, layer: str, feature_shape: tuple, shape: tuple,
         f"statistics) are not supported.")
 
 
-def _names(axis_name) -> tuple:
-  if axis_name is None:
-    return ()
-  if isinstance(axis_name, (tuple, list)):
-    return tuple(axis_name)
-  return (axis_name,)
-
-
 class Recorder:
   """Stands in for every BN layer of a model during one traced forward pass.
 
@@ -129,7 +121,7 @@ class Recorder:
     return info
 
   def _bound(self, key, axis_name) -> None:
-    for name in _names(axis_name):
+    for name in collectives.names(axis_name):
       try:
         lax.axis_size(name)
       except NameError:
@@ -156,7 +148,7 @@ class Recorder:
 
     groups = collectives.groups_tuple(axis_index_groups)
     n, mean, var = batch_moments(x, mask_a, Plan(red, axis_name, groups))
-    if set(_names(axis_name)) == set(self.sync_axes) and groups is None:
+    if set(collectives.names(axis_name)) == set(self.sync_axes) and groups is None:
       pn, pmean, pvar = n, mean, var
     else:
       pn, pmean, pvar = batch_moments(x, mask_a, Plan(red, self.sync_axes or None))
@@ -175,8 +167,7 @@ class Recorder:
                   to_keepdims(bias, x.shape, feat), out_dtype)
 
 
-class _Sentinel:
-  pass
+_NO_BATCH = object()
 
 
 def _take(batches: Iterable, num_batches: Optional[int]) -> Iterator:
@@ -205,12 +196,8 @@ def _length(batches, num_batches) -> Optional[int]:
 
 
 def _spec_axes(spec) -> tuple:
-  out = []
-  for entry in spec:
-    for name in _names(entry):
-      if name is not None and name not in out:
-        out.append(name)
-  return tuple(out)
+  """The mesh axes a ``PartitionSpec`` splits over, in order."""
+  return tuple(dict.fromkeys(a for e in spec for a in collectives.names(e) if a is not None))
 
 
 def run(fn: str, trace: Callable[[Any, Any, Recorder], Any], state: Any, batches: Iterable, *,
@@ -238,6 +225,7 @@ def run(fn: str, trace: Callable[[Any, Any, Recorder], Any], state: Any, batches
         f"over), not a one-shot iterator or generator.")
 
   sync_axes: tuple = ()
+  spec = replicated = None
   place = lambda tree, spec: tree
   wrap = lambda f, n_in: f
   if mesh is not None:
@@ -254,17 +242,15 @@ def run(fn: str, trace: Callable[[Any, Any, Recorder], Any], state: Any, batches
     def wrap(f, n_in, mesh=mesh, spec=spec):
       return jax.shard_map(f, mesh=mesh, in_specs=(P(),) * (n_in - 1) + (spec,),
                            out_specs=P())
-    state = place(state, P())
-    batch_place = lambda b: place(b, spec)
-  else:
-    batch_place = lambda b: b
+    replicated = P()
+  state = place(state, replicated)
 
   it = _take(batches, num_batches)
-  first = next(it, _Sentinel)
-  if first is _Sentinel:
+  first = next(it, _NO_BATCH)
+  if first is _NO_BATCH:
     raise ValueError(f"{fn}: `batches` yielded no batch; pass an iterable of at least one "
                      f"batch of training data (e.g. a few hundred batches of the training set).")
-  first = batch_place(first)
+  first = place(first, spec)
 
   # Trace once to find the BN layers, in the order the forward pass calls them.
   finder = Recorder(fn, "train", None, None, None, sync_axes)
@@ -302,13 +288,9 @@ def run(fn: str, trace: Callable[[Any, Any, Recorder], Any], state: Any, batches
   result = fresh()
   try:
     for p in range(passes):
-      accs = fresh()
-      if mesh is not None:
-        accs, pop_p = place(accs, P()), place(pop, P())
-      else:
-        pop_p = pop
+      accs, pop_p = place(fresh(), replicated), place(pop, replicated)
       rest = it if p == 0 else _take(batches, num_batches)
-      source = itertools.chain([first] if p == 0 else [], (batch_place(b) for b in rest))
+      source = itertools.chain([first] if p == 0 else [], (place(b, spec) for b in rest))
       seen = 0
       for batch in source:
         accs = step(state, pop_p, jnp.int32(p), accs, batch)
@@ -321,11 +303,8 @@ def run(fn: str, trace: Callable[[Any, Any, Recorder], Any], state: Any, batches
       if mode == "train":
         result = accs
       else:
-        acc = accs[p]
-        result[p] = acc
-        var = acc.m2 / jnp.maximum(acc.count - (1.0 if infos[p].unbiased else 0.0), 1.0)
-        seen_f = acc.count > 0
-        pop[p] = (jnp.where(seen_f, acc.mean, 0.0), jnp.where(seen_f, var, 1.0))
+        result[p] = accs[p]  # its population statistics, for the layers after it
+        pop[p] = population_stats(accs[p], unbiased_running_var=infos[p].unbiased)[:2]
   finally:
     if bar is not None:
       bar.close()
@@ -412,19 +391,18 @@ def recompute_stats(
   """
   fn = "recompute_stats"
   is_stats = lambda v: isinstance(v, BatchStats)
-  leaves, treedef = jax.tree.flatten(variables, is_leaf=is_stats)
-  stat_positions = [i for i, v in enumerate(leaves) if is_stats(v)]
+  with_paths, treedef = jax.tree_util.tree_flatten_with_path(variables, is_leaf=is_stats)
+  leaves = [v for _, v in with_paths]
   # Layers are named by the path of their stats in `variables`, e.g. "[1]['bn2']".
-  names = {i: jax.tree_util.keystr(path) for i, (path, _) in enumerate(
-      jax.tree_util.tree_flatten_with_path(variables, is_leaf=is_stats)[0])}
-  position = {names[i]: i for i in stat_positions}
-  if not stat_positions:
+  position = {jax.tree_util.keystr(path): i for i, (path, v) in enumerate(with_paths)
+              if is_stats(v)}
+  if not position:
     raise ValueError(f"{fn}: `variables` holds no jaxbn.BatchStats; pass the pytree that "
                      f"holds the parameters and the statistics of the BN layers.")
 
   def trace(variables, batch, rec):
     lv = jax.tree.flatten(variables, is_leaf=is_stats)[0]
-    ids = {id(lv[i].mean): names[i] for i in stat_positions}
+    ids = {id(lv[i].mean): key for key, i in position.items()}
 
     def batch_norm(x, stats, scale=None, bias=None, *, training=None, axis=-1, momentum=None,
                    epsilon=1e-5, axis_name=None, axis_index_groups=None, mask=None, dtype=None,
