@@ -20,6 +20,7 @@ program also reaches without passing through a branch runs on every call.
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Set, Tuple
 
@@ -275,13 +276,8 @@ def collective_bytes(program: Any, *, conditional: Optional[bool] = None) -> Dic
     if not m or "=" not in line[:m.start()]:
       continue
     result = line[line.index("=") + 1:m.start()]
-    size = 0
-    for dt, dims in _SHAPE.findall(result):
-      n = 1
-      for d in dims.split(","):
-        if d:
-          n *= int(d)
-      size += n * _DTYPE_BYTES.get(dt, 4)
+    size = sum(math.prod(int(d) for d in dims.split(",") if d) * _DTYPE_BYTES.get(dt, 4)
+               for dt, dims in _SHAPE.findall(result))
     if m.group(2):  # an async start returns (operands, results): count the results once
       size //= 2
     out[m.group(1)] = out.get(m.group(1), 0) + size

@@ -1,16 +1,23 @@
-"""The jaxpr tags that find Conv/Dense -> BN pairs in a traced model (``find_conv_bn_pairs`` of
-``jaxbn.linen`` and ``jaxbn.nnx``): the layer-level half of folding, whose arithmetic is
-:func:`jaxbn.fold_batch_norm`.
+"""Folding at the layer level, for ``jaxbn.linen`` and ``jaxbn.nnx``: the jaxpr tags that find
+Conv/Dense -> BN pairs in a traced model (``find_conv_bn_pairs``), and one pair's checks and
+folding (``fold_batch_norm_layers``, whose arithmetic is :func:`jaxbn.fold_batch_norm`).
 """
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional
+import collections
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Optional
 
 import jax
 import jax.extend.core
+import jax.numpy as jnp
 
 from jaxbn._core import checks
+from jaxbn._core.fold import eval_affine, fold_batch_norm
+from jaxbn._core.normalize import to_keepdims
+from jaxbn._core.types import BatchStats
+from jaxbn._layers.common import flax_axes
+
 
 class FoldPair(NamedTuple):
   """A Conv/Dense layer and the batch norm it feeds, as found by ``find_conv_bn_pairs``.
@@ -36,10 +43,7 @@ def found_pairs(closed_jaxpr: Any, srcs: list, dsts: list) -> list[FoldPair]:
   kind ``"trailing"`` or the kernel's axes) and BN inputs (``dsts``: ``(path, epsilon,
   trailing_axes)``) were tagged by :func:`mark` in call order: a layer's output feeding only
   a BN, each called once, the BN normalizing trailing axes."""
-  calls: dict = {}
-  for role, log in (("src", srcs), ("dst", dsts)):
-    for entry in log:
-      calls[(role, entry[0])] = calls.get((role, entry[0]), 0) + 1
+  calls = collections.Counter([("src", e[0]) for e in srcs] + [("dst", e[0]) for e in dsts])
   pairs = []
   for s, d in marked_pairs(closed_jaxpr):
     layer, kind = srcs[s]
@@ -65,6 +69,25 @@ def mark(x: jax.Array, role: str, index: int) -> jax.Array:
   """Tags ``x`` in the traced program (an identity ``name`` equation, free at run time)."""
   from jax.ad_checkpoint import checkpoint_name
   return checkpoint_name(x, f"{MARK}{role}:{index}")
+
+
+def mark_layer_output(srcs: list, path: tuple, kind: Any, y: jax.Array) -> jax.Array:
+  """Logs a Conv/Dense layer's call in ``srcs`` and tags its output ``y``."""
+  srcs.append((path, kind))
+  return mark(y, "src", len(srcs) - 1)
+
+
+def mark_bn_input(fn: str, dsts: list, path: tuple, bn: Any, x: jax.Array) -> jax.Array:
+  """Logs a flax-style batch norm's call in ``dsts`` and tags its input ``x``."""
+  dsts.append((path, float(bn.epsilon), trailing_axes(fn, x.ndim, flax_axes(bn.axis, x.ndim))))
+  return mark(x, "dst", len(dsts) - 1)
+
+
+def kernel_axes(layer: Any, transpose: type, plain: tuple) -> Any:
+  """'trailing' for layers whose kernel ends with the output features, (-2,) or None."""
+  if isinstance(layer, transpose):
+    return (-2,) if layer.transpose_kernel else "trailing"
+  return "trailing" if isinstance(layer, plain) else None
 
 
 def marked_pairs(closed_jaxpr: Any) -> list[tuple[int, int]]:
@@ -120,3 +143,51 @@ def trailing_axes(fn: str, ndim: int, axis: checks.Axes) -> Optional[tuple[int, 
   if feat != tuple(range(ndim - k, ndim)):
     return None
   return tuple(range(-k, 0))
+
+
+def unpack_pairs(fn: str, pairs: Iterable, as_path: Callable, form: str) -> Iterator[tuple]:
+  """``(layer, bn, epsilon or None, kernel_axes or None)`` of each FoldPair or ``form`` tuple."""
+  for pair in pairs:
+    if isinstance(pair, FoldPair):
+      layer, bn, eps = pair.layer, pair.bn, pair.epsilon
+      kaxes = None if pair.kernel_axes is None else tuple(pair.kernel_axes)
+    else:
+      try:
+        layer, bn = pair
+      except (TypeError, ValueError):
+        raise TypeError(f"{fn}: each pair must be a FoldPair or a {form} tuple, got "
+                        f"{pair!r}.") from None
+      eps = kaxes = None
+    yield as_path(layer), as_path(bn), eps, kaxes
+
+
+def check_once(fn: str, seen: set, layer: Any, bn: Any, names: tuple) -> None:
+  """Refuses a pair whose layer or batch norm an earlier pair folded; adds it to ``seen``."""
+  if ("l", layer) in seen or ("b", bn) in seen:
+    raise ValueError(f"{fn}: the pair ({names[0]}, {names[1]}) reuses a layer or batch norm of "
+                     f"an earlier pair; each layer and each batch norm folds once.")
+  seen.update({("l", layer), ("b", bn)})
+
+
+def fold_pair(fn: str, names: tuple, kernel: Any, layer_bias: Any, mean: Any, var: Any,
+              scale: Any, beta: Any, *, epsilon: float, kernel_axes: Any) -> tuple:
+  """``(kernel·k, layer_bias·k or None, β - μ·k)``: the batch norm folded into the layer."""
+  stats = BatchStats(jnp.asarray(mean), jnp.asarray(var), jnp.zeros((), jnp.int32))
+  if kernel_axes is None:
+    kernel_axes = tuple(range(-stats.mean.ndim, 0))
+  k, c = eval_affine(stats, scale, beta, epsilon=epsilon)
+  try:
+    kernel, _ = fold_batch_norm(jnp.asarray(kernel), None, stats, scale, None, epsilon=epsilon,
+                                axis=kernel_axes)
+  except ValueError as e:
+    raise ValueError(f"{fn}: cannot fold {names[1]} into {names[0]}: {e}") from None
+  if layer_bias is not None:
+    b = jnp.asarray(layer_bias)
+    layer_bias = (b.astype(k.dtype) * k).astype(b.dtype)
+  return kernel, layer_bias, c.astype(jnp.float32 if beta is None else jnp.result_type(beta))
+
+
+def add_folded_bias(fn: str, x: jax.Array, bias: jax.Array, axis: Any, out_dtype: Any):
+  """A folded batch norm: ``x + bias``, ``bias`` along the feature axes ``axis`` (flax's)."""
+  feat = checks.feature_axes(fn, x.ndim, flax_axes(axis, x.ndim))
+  return (x + to_keepdims(bias, x.shape, feat)).astype(out_dtype)

@@ -28,6 +28,8 @@ from jaxbn._core.moments import Plan, batch_moments
 from jaxbn._core.normalize import affine, to_keepdims
 from jaxbn._core.precise import init_population_moments, merge_moments, population_stats
 from jaxbn._core.types import BatchStats, Moments
+from jaxbn._layers.common import flax_axes
+from jaxbn._layers.docs import RUN_ARGS, fill_doc
 
 MODES = ("train", "sequential")
 
@@ -56,12 +58,14 @@ def current_recorder() -> Optional["Recorder"]:
   return stack[-1] if stack else None
 
 
-def _names(axis_name) -> tuple:
-  if axis_name is None:
-    return ()
-  if isinstance(axis_name, (tuple, list)):
-    return tuple(axis_name)
-  return (axis_name,)
+def check_stats_shape(fn: str, layer: str, feature_shape: tuple, shape: tuple,
+                      scan: str) -> None:
+  """Refuses a BN layer whose stored statistics are not of its features' shape (stacked)."""
+  if shape != feature_shape:
+    raise ValueError(
+        f"{fn}: the BatchNorm layer {layer} normalizes features of shape {feature_shape} but "
+        f"stores statistics of shape {shape}: layers inside {scan}.scan/{scan}.vmap (stacked "
+        f"statistics) are not supported.")
 
 
 class Recorder:
@@ -86,6 +90,14 @@ class Recorder:
     self.sync_axes = tuple(sync_axes)
     self.recorded: list[tuple[int, Moments]] = []
 
+  def flax_call(self, key: Hashable, layer: Any, x: jax.Array, scale: Any, bias: Any,
+                mask: Any, out_dtype: Any) -> jax.Array:
+    """``self(key, x, ...)`` with the options of a flax-style BN ``layer``."""
+    return self(key, x, axis=flax_axes(layer.axis, x.ndim), epsilon=layer.epsilon, scale=scale,
+                bias=bias, mask=mask, axis_name=layer.axis_name,
+                axis_index_groups=layer.axis_index_groups, out_dtype=out_dtype,
+                unbiased=getattr(layer, "unbiased_running_var", False))
+
   @contextlib.contextmanager
   def active(self):
     stack = getattr(_ACTIVE, "stack", None)
@@ -109,7 +121,7 @@ class Recorder:
     return info
 
   def _bound(self, key, axis_name) -> None:
-    for name in _names(axis_name):
+    for name in collectives.names(axis_name):
       try:
         lax.axis_size(name)
       except NameError:
@@ -136,7 +148,7 @@ class Recorder:
 
     groups = collectives.groups_tuple(axis_index_groups)
     n, mean, var = batch_moments(x, mask_a, Plan(red, axis_name, groups))
-    if set(_names(axis_name)) == set(self.sync_axes) and groups is None:
+    if set(collectives.names(axis_name)) == set(self.sync_axes) and groups is None:
       pn, pmean, pvar = n, mean, var
     else:
       pn, pmean, pvar = batch_moments(x, mask_a, Plan(red, self.sync_axes or None))
@@ -155,8 +167,7 @@ class Recorder:
                   to_keepdims(bias, x.shape, feat), out_dtype)
 
 
-class _Sentinel:
-  pass
+_NO_BATCH = object()
 
 
 def _take(batches: Iterable, num_batches: Optional[int]) -> Iterator:
@@ -185,12 +196,8 @@ def _length(batches, num_batches) -> Optional[int]:
 
 
 def _spec_axes(spec) -> tuple:
-  out = []
-  for entry in spec:
-    for name in _names(entry):
-      if name is not None and name not in out:
-        out.append(name)
-  return tuple(out)
+  """The mesh axes a ``PartitionSpec`` splits over, in order."""
+  return tuple(dict.fromkeys(a for e in spec for a in collectives.names(e) if a is not None))
 
 
 def run(fn: str, trace: Callable[[Any, Any, Recorder], Any], state: Any, batches: Iterable, *,
@@ -218,6 +225,7 @@ def run(fn: str, trace: Callable[[Any, Any, Recorder], Any], state: Any, batches
         f"over), not a one-shot iterator or generator.")
 
   sync_axes: tuple = ()
+  spec = replicated = None
   place = lambda tree, spec: tree
   wrap = lambda f, n_in: f
   if mesh is not None:
@@ -234,17 +242,15 @@ def run(fn: str, trace: Callable[[Any, Any, Recorder], Any], state: Any, batches
     def wrap(f, n_in, mesh=mesh, spec=spec):
       return jax.shard_map(f, mesh=mesh, in_specs=(P(),) * (n_in - 1) + (spec,),
                            out_specs=P())
-    state = place(state, P())
-    batch_place = lambda b: place(b, spec)
-  else:
-    batch_place = lambda b: b
+    replicated = P()
+  state = place(state, replicated)
 
   it = _take(batches, num_batches)
-  first = next(it, _Sentinel)
-  if first is _Sentinel:
+  first = next(it, _NO_BATCH)
+  if first is _NO_BATCH:
     raise ValueError(f"{fn}: `batches` yielded no batch; pass an iterable of at least one "
                      f"batch of training data (e.g. a few hundred batches of the training set).")
-  first = batch_place(first)
+  first = place(first, spec)
 
   # Trace once to find the BN layers, in the order the forward pass calls them.
   finder = Recorder(fn, "train", None, None, None, sync_axes)
@@ -282,13 +288,9 @@ def run(fn: str, trace: Callable[[Any, Any, Recorder], Any], state: Any, batches
   result = fresh()
   try:
     for p in range(passes):
-      accs = fresh()
-      if mesh is not None:
-        accs, pop_p = place(accs, P()), place(pop, P())
-      else:
-        pop_p = pop
+      accs, pop_p = place(fresh(), replicated), place(pop, replicated)
       rest = it if p == 0 else _take(batches, num_batches)
-      source = itertools.chain([first] if p == 0 else [], (batch_place(b) for b in rest))
+      source = itertools.chain([first] if p == 0 else [], (place(b, spec) for b in rest))
       seen = 0
       for batch in source:
         accs = step(state, pop_p, jnp.int32(p), accs, batch)
@@ -301,11 +303,8 @@ def run(fn: str, trace: Callable[[Any, Any, Recorder], Any], state: Any, batches
       if mode == "train":
         result = accs
       else:
-        acc = accs[p]
-        result[p] = acc
-        var = acc.m2 / jnp.maximum(acc.count - (1.0 if infos[p].unbiased else 0.0), 1.0)
-        seen_f = acc.count > 0
-        pop[p] = (jnp.where(seen_f, acc.mean, 0.0), jnp.where(seen_f, var, 1.0))
+        result[p] = accs[p]  # its population statistics, for the layers after it
+        pop[p] = population_stats(accs[p], unbiased_running_var=infos[p].unbiased)[:2]
   finally:
     if bar is not None:
       bar.close()
@@ -317,6 +316,7 @@ def run(fn: str, trace: Callable[[Any, Any, Recorder], Any], state: Any, batches
 # --------------------------------------------------------------------------------------------
 
 
+@fill_doc(run_args=RUN_ARGS)
 def recompute_stats(
     apply_fn: Callable[[Any, Any, Callable], Any],
     variables: Any,
@@ -362,15 +362,7 @@ def recompute_stats(
     batches: an iterable of batches (any pytrees ``apply_fn`` accepts), e.g. the training
       set without augmentation; re-iterable for ``mode="sequential"``.
     mode: ``"train"`` or ``"sequential"`` (see above).
-    num_batches: use at most this many batches (default: all).
-    progress: show a tqdm progress bar: None (default) when on a terminal, True always,
-      False never.
-    mesh: a ``jax.sharding.Mesh``: the step runs under ``jax.shard_map`` over it, the
-      batches are sharded with ``batch_spec`` and the statistics are those of the global
-      data. Needed when a layer uses ``axis_name``. Under plain ``jax.jit`` on sharded
-      arrays no mesh is needed.
-    batch_spec: ``PartitionSpec`` of every array of a batch (default: the leading axis over
-      all mesh axes).
+    {run_args}
 
   Returns:
     ``variables`` with each :class:`~jaxbn.BatchStats` that a layer used replaced by one
@@ -399,19 +391,18 @@ def recompute_stats(
   """
   fn = "recompute_stats"
   is_stats = lambda v: isinstance(v, BatchStats)
-  leaves, treedef = jax.tree.flatten(variables, is_leaf=is_stats)
-  stat_positions = [i for i, v in enumerate(leaves) if is_stats(v)]
+  with_paths, treedef = jax.tree_util.tree_flatten_with_path(variables, is_leaf=is_stats)
+  leaves = [v for _, v in with_paths]
   # Layers are named by the path of their stats in `variables`, e.g. "[1]['bn2']".
-  names = {i: jax.tree_util.keystr(path) for i, (path, _) in enumerate(
-      jax.tree_util.tree_flatten_with_path(variables, is_leaf=is_stats)[0])}
-  position = {names[i]: i for i in stat_positions}
-  if not stat_positions:
+  position = {jax.tree_util.keystr(path): i for i, (path, v) in enumerate(with_paths)
+              if is_stats(v)}
+  if not position:
     raise ValueError(f"{fn}: `variables` holds no jaxbn.BatchStats; pass the pytree that "
                      f"holds the parameters and the statistics of the BN layers.")
 
   def trace(variables, batch, rec):
     lv = jax.tree.flatten(variables, is_leaf=is_stats)[0]
-    ids = {id(lv[i].mean): names[i] for i in stat_positions}
+    ids = {id(lv[i].mean): key for key, i in position.items()}
 
     def batch_norm(x, stats, scale=None, bias=None, *, training=None, axis=-1, momentum=None,
                    epsilon=1e-5, axis_name=None, axis_index_groups=None, mask=None, dtype=None,

@@ -59,7 +59,6 @@ KINDS = {
     "running": Treatment("eval", "keep", False, False, True),
     "stateless": Treatment("keep", "keep", False, False, False),
 }
-NONE = KINDS["stateless"]
 
 
 class Var(NamedTuple):
@@ -199,7 +198,7 @@ def treatment(fn: str, module: Any, holds_stats: Callable[[], bool], where: str,
         f"registered, so this tool does not know how to treat it. Subclass "
         f"jaxbn.{framework}.BatchNorm, or register it: "
         f"jaxbn.{framework}.register_batch_norm({name}).")
-  return NONE
+  return KINDS["stateless"]
 
 
 def markdown_table() -> list[str]:

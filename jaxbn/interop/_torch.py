@@ -133,12 +133,10 @@ def from_torch_batch_norm(
     n = float(batch_count)
     var = var * (n - 1.0) / n
   count = _numpy(sd.get(p + "num_batches_tracked", np.array(0))).astype(np.int64)
-  scale = sd.get(p + "weight")
-  bias = sd.get(p + "bias")
   as_jax = lambda v: None if v is None else jnp.asarray(_numpy(v).astype(np.float64), dtype)
   stats = BatchStats(jnp.asarray(mean, dtype), jnp.asarray(var, dtype),
                      jnp.asarray(np.clip(count, 0, np.iinfo(np.int32).max), jnp.int32))
-  return BatchNormVariables(stats, as_jax(scale), as_jax(bias))
+  return BatchNormVariables(stats, as_jax(sd.get(p + "weight")), as_jax(sd.get(p + "bias")))
 
 
 def to_torch_batch_norm(
@@ -188,10 +186,9 @@ def to_torch_batch_norm(
       p + "running_var": var.astype(np.float32),
       p + "num_batches_tracked": np.array(stats.count, np.int64).reshape(()),
   }
-  if scale is not None:
-    out[p + "weight"] = np.array(scale, np.float32)
-  if bias is not None:
-    out[p + "bias"] = np.array(bias, np.float32)
+  for key, v in (("weight", scale), ("bias", bias)):
+    if v is not None:
+      out[p + key] = np.array(v, np.float32)
   return out
 
 
@@ -252,6 +249,13 @@ def torch_batch_norm_config(module: Any, *, functional: bool = False) -> dict[st
   return config
 
 
+def _rank2(fn: str, value: Any, what: str, layout: str) -> np.ndarray:
+  a = _numpy(value)
+  if a.ndim < 2:
+    raise ValueError(f"{fn}: expected a {what} of rank >= 2 ({layout}), got shape {a.shape}.")
+  return a
+
+
 def kernel_from_torch(weight: Any) -> np.ndarray:
   """A PyTorch conv/linear weight in flax's layout: ``(O, I, *k)`` -> ``(*k, I, O)``.
 
@@ -264,10 +268,7 @@ def kernel_from_torch(weight: Any) -> np.ndarray:
     >>> jaxbn.interop.kernel_from_torch(np.zeros((8, 3, 5, 7))).shape
     (5, 7, 3, 8)
   """
-  w = _numpy(weight)
-  if w.ndim < 2:
-    raise ValueError(f"kernel_from_torch: expected a weight of rank >= 2 ((out, in, *kernel)), "
-                     f"got shape {w.shape}.")
+  w = _rank2("kernel_from_torch", weight, "weight", "(out, in, *kernel)")
   return np.ascontiguousarray(np.transpose(w, tuple(range(2, w.ndim)) + (1, 0)))
 
 
@@ -279,10 +280,7 @@ def kernel_to_torch(kernel: Any) -> np.ndarray:
     >>> jaxbn.interop.kernel_to_torch(np.zeros((5, 7, 3, 8))).shape
     (8, 3, 5, 7)
   """
-  k = _numpy(kernel)
-  if k.ndim < 2:
-    raise ValueError(f"kernel_to_torch: expected a kernel of rank >= 2 ((*kernel, in, out)), "
-                     f"got shape {k.shape}.")
+  k = _rank2("kernel_to_torch", kernel, "kernel", "(*kernel, in, out)")
   nd = k.ndim
   return np.ascontiguousarray(np.transpose(k, (nd - 1, nd - 2) + tuple(range(nd - 2))))
 

@@ -7,20 +7,25 @@ Thin layers and helpers over ``jaxbn.split_batch_norm``, ``jaxbn.adapt_batch_nor
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
-from flax.typing import Dtype, Initializer
-from jax.nn import initializers
 
 import jaxbn
 from jaxbn._core.checks import one_value_per_feature_ok
-from jaxbn.linen._common import bn_variables, treatment
+from jaxbn.linen._common import BatchStatsFields, bn_variables, treatment
 
 
-class SplitBatchNorm(nn.Module):
+class _DomainFields(nn.Module):
+  """SplitBatchNorm's first fields."""
+
+  num_domains: int = 2
+  shared_affine: bool = True
+
+
+class SplitBatchNorm(BatchStatsFields, _DomainFields):
   r"""Split (per-domain) batch norm for Linen: one set of running statistics per domain.
 
   :func:`jaxbn.split_batch_norm` with ``num_domains`` rows of statistics
@@ -50,20 +55,6 @@ class SplitBatchNorm(nn.Module):
     (2, 2)
   """
 
-  num_domains: int = 2
-  shared_affine: bool = True
-  use_running_average: Optional[bool] = None
-  axis: int = -1
-  momentum: float = 0.99
-  epsilon: float = 1e-5
-  dtype: Optional[Dtype] = None
-  param_dtype: Dtype = jnp.float32
-  use_bias: bool = True
-  use_scale: bool = True
-  bias_init: Initializer = initializers.zeros
-  scale_init: Initializer = initializers.ones
-  axis_name: Any = None
-  axis_index_groups: Any = None
   use_fast_variance: bool = False
   skip_nonfinite: bool = True
 
@@ -105,7 +96,13 @@ class SplitBatchNorm(nn.Module):
     return y
 
 
-class TestTimeBatchNorm(nn.Module):
+class _PriorField(nn.Module):
+  """TestTimeBatchNorm's first field."""
+
+  prior: float = 16.0
+
+
+class TestTimeBatchNorm(BatchStatsFields, _PriorField):
   r"""Batch norm that normalizes with source statistics mixed with the batch's (Schneider et al.).
 
   :func:`jaxbn.adapt_batch_norm` on the variables of ``flax.linen.BatchNorm``
@@ -123,20 +120,6 @@ class TestTimeBatchNorm(nn.Module):
   """
 
   __test__ = False  # not a pytest test class
-
-  prior: float = 16.0
-  use_running_average: Optional[bool] = None
-  axis: int = -1
-  momentum: float = 0.99
-  epsilon: float = 1e-5
-  dtype: Optional[Dtype] = None
-  param_dtype: Dtype = jnp.float32
-  use_bias: bool = True
-  use_scale: bool = True
-  bias_init: Initializer = initializers.zeros
-  scale_init: Initializer = initializers.ones
-  axis_name: Any = None
-  axis_index_groups: Any = None
 
   @nn.compact
   def __call__(self, x: jax.typing.ArrayLike, use_running_average: Optional[bool] = None, *,

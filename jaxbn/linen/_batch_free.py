@@ -17,18 +17,12 @@ from flax.typing import Axes, Dtype, Initializer
 from jax.nn import initializers
 
 import jaxbn
+from jaxbn.linen._common import AffineFields, GroupFields, ModeFields, affine_params
 
 
 def _features(x: jax.Array, axes: Axes) -> tuple[int, ...]:
   axes = (axes,) if isinstance(axes, int) else tuple(axes)
   return tuple(x.shape[a] for a in axes)
-
-
-def _affine(mdl: nn.Module, shape: tuple[int, ...]):
-  scale = (mdl.param("scale", mdl.scale_init, shape, mdl.param_dtype)
-           if mdl.use_scale else None)
-  bias = mdl.param("bias", mdl.bias_init, shape, mdl.param_dtype) if mdl.use_bias else None
-  return scale, bias
 
 
 def _out_dtype(mdl: nn.Module, x: jax.Array, *params) -> Any:
@@ -86,7 +80,7 @@ class FilterResponseNorm(nn.Module):
     """Normalizes ``x`` (channels on ``feature_axes``); ``mask`` marks the valid positions."""
     x = jnp.asarray(x)
     shape = _features(x, self.feature_axes)
-    scale, bias = _affine(self, shape)
+    scale, bias, _ = affine_params(self, x, shape, self.use_scale, self.use_bias)
     tau = self.param("tau", self.tau_init, shape, self.param_dtype) if self.use_tlu else None
     eps = self.param("eps", self.eps_init, (), self.param_dtype) if self.learn_epsilon else None
     return jaxbn.filter_response_norm(
@@ -94,7 +88,7 @@ class FilterResponseNorm(nn.Module):
         learned_epsilon=eps, mask=mask, dtype=_out_dtype(self, x, scale, bias, tau))
 
 
-class EvoNormB0(nn.Module):
+class EvoNormB0(AffineFields, ModeFields):
   r"""EvoNorm-B0 (Liu et al., 2020) for Linen: batch variance with running statistics.
 
   ``y = x / max(sqrt(s²_b + ε), v·x + sqrt(s²_i + ε)) · γ + β`` (:func:`jaxbn.evonorm_b0`).
@@ -130,16 +124,6 @@ class EvoNormB0(nn.Module):
     (2,)
   """
 
-  use_running_average: Optional[bool] = None
-  axis: int = -1
-  momentum: float = 0.99
-  epsilon: float = 1e-5
-  dtype: Optional[Dtype] = None
-  param_dtype: Dtype = jnp.float32
-  use_bias: bool = True
-  use_scale: bool = True
-  bias_init: Initializer = initializers.zeros
-  scale_init: Initializer = initializers.ones
   v_init: Initializer = initializers.ones
   axis_name: Any = None
   axis_index_groups: Any = None
@@ -157,7 +141,7 @@ class EvoNormB0(nn.Module):
     ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, jnp.float32), shape)
     ra_count = (self.variable("batch_stats", "count", lambda: jaxbn.init_stats(1).count)
                 if self.momentum is None else None)
-    scale, bias = _affine(self, shape)
+    scale, bias, _ = affine_params(self, x, shape, self.use_scale, self.use_bias)
     v = self.param("v", self.v_init, shape, self.param_dtype)
     init = self.is_initializing()
     stats = jaxbn.BatchStats(jnp.zeros(shape, ra_var.value.dtype), ra_var.value,
@@ -177,7 +161,7 @@ class EvoNormB0(nn.Module):
     return y
 
 
-class EvoNormS0(nn.Module):
+class EvoNormS0(AffineFields, GroupFields):
   r"""EvoNorm-S0 (Liu et al., 2020) for Linen: ``x·σ(v·x)`` over the group std.
 
   Batch-independent (:func:`jaxbn.evonorm_s0`); channels last, groups as flax's
@@ -199,15 +183,6 @@ class EvoNormS0(nn.Module):
     {'params': {'bias': (4,), 'scale': (4,), 'v': (4,)}}
   """
 
-  num_groups: Optional[int] = 32
-  group_size: Optional[int] = None
-  epsilon: float = 1e-5
-  dtype: Optional[Dtype] = None
-  param_dtype: Dtype = jnp.float32
-  use_bias: bool = True
-  use_scale: bool = True
-  bias_init: Initializer = initializers.zeros
-  scale_init: Initializer = initializers.ones
   v_init: Initializer = initializers.ones
 
   @nn.compact
@@ -216,7 +191,7 @@ class EvoNormS0(nn.Module):
     """Normalizes ``x`` (channels last); ``mask`` marks the valid entries."""
     x = jnp.asarray(x)
     shape = (x.shape[-1],)
-    scale, bias = _affine(self, shape)
+    scale, bias, _ = affine_params(self, x, shape, self.use_scale, self.use_bias)
     v = self.param("v", self.v_init, shape, self.param_dtype)
     return jaxbn.evonorm_s0(x, scale, bias, v, num_groups=self.num_groups,
                             group_size=self.group_size, epsilon=self.epsilon, mask=mask,

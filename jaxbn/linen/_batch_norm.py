@@ -3,34 +3,22 @@ its fields as a base, and the BN-family layers built on them alone."""
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Optional
 
 import jax
-import jax.numpy as jnp
 from flax import linen as nn
-from flax.typing import Axes, Dtype, Initializer
-from jax.nn import initializers
+from flax.typing import Axes
 
 import jaxbn
-from jaxbn.linen._common import bn_call, resolve_mode
+from jaxbn.linen._common import BatchStatsFields, GroupFields, bn_call, resolve_mode
 
 
-class BatchNormFields(nn.Module):
+class BatchNormFields(BatchStatsFields):
   """``flax.linen.BatchNorm``'s fields, in its order and with its defaults, and jaxbn's extras
   (the shared base of the BN-family layers; see :class:`BatchNorm` for their meaning)."""
 
-  use_running_average: Optional[bool] = None
   axis: Axes = -1
   momentum: Optional[float] = 0.99
-  epsilon: float = 1e-5
-  dtype: Optional[Dtype] = None
-  param_dtype: Dtype = jnp.float32
-  use_bias: bool = True
-  use_scale: bool = True
-  bias_init: Initializer = initializers.zeros
-  scale_init: Initializer = initializers.ones
-  axis_name: Any = None
-  axis_index_groups: Any = None
   use_fast_variance: bool = True
   force_float32_reductions: bool = True
   # jaxbn extras (flax has no such fields).
@@ -103,13 +91,8 @@ class BatchNorm(BatchNormFields):
   """
 
   @nn.compact
-  def __call__(
-      self,
-      x: jax.typing.ArrayLike,
-      use_running_average: Optional[bool] = None,
-      *,
-      mask: Optional[jax.Array] = None,
-  ) -> jax.Array:
+  def __call__(self, x: jax.typing.ArrayLike, use_running_average: Optional[bool] = None, *,
+               mask: Optional[jax.Array] = None) -> jax.Array:
     """Normalizes ``x`` with batch statistics (training) or running statistics (eval).
 
     Args:
@@ -131,7 +114,7 @@ class BatchNorm(BatchNormFields):
     return bn_call(self, jaxbn.batch_norm, "jaxbn.linen.BatchNorm", x, mode, mask)
 
 
-class BatchChannelNorm(BatchNormFields):
+class BatchChannelNorm(GroupFields, BatchNormFields):
   r"""Batch-channel normalization (Qiao et al., 2019) for Linen: BN, then GroupNorm.
 
   .. math::
@@ -157,9 +140,6 @@ class BatchChannelNorm(BatchNormFields):
     >>> updates['batch_stats']['var'].shape
     (6,)
   """
-
-  num_groups: Optional[int] = 32
-  group_size: Optional[int] = None
 
   @nn.compact
   def __call__(self, x: jax.typing.ArrayLike, use_running_average: Optional[bool] = None, *,

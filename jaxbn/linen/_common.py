@@ -8,6 +8,8 @@ from typing import Any, Callable, Optional
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+from flax.typing import Dtype, Initializer
+from jax.nn import initializers
 
 import jaxbn
 # The core's argument checks, so that the layers (which validate before creating variables)
@@ -61,6 +63,46 @@ def resolve_mode(layer: str, field: Optional[bool], call: Optional[bool]) -> boo
     raise flax_error('Parameter "use_running_average" was passed to the constructor and at '
                      'call time. Should be passed just once.', MODE_HOWTO.format(layer=layer))
   return field if call is None else call
+
+
+# --------------------------------------------------------------------------------------------
+# Field groups, in flax's order. A layer's fields are its bases' (the last base's first), then
+# its own; a field declared again keeps its place and takes the new default.
+# --------------------------------------------------------------------------------------------
+
+
+class ModeFields(nn.Module):
+  """flax ``BatchNorm``'s first fields (``BatchNormFields`` widens ``axis``, ``momentum``)."""
+
+  use_running_average: Optional[bool] = None
+  axis: int = -1
+  momentum: float = 0.99
+
+
+class AffineFields(nn.Module):
+  """``epsilon`` and the learned affine map's fields, as every flax normalization has them."""
+
+  epsilon: float = 1e-5
+  dtype: Optional[Dtype] = None
+  param_dtype: Dtype = jnp.float32
+  use_bias: bool = True
+  use_scale: bool = True
+  bias_init: Initializer = initializers.zeros
+  scale_init: Initializer = initializers.ones
+
+
+class BatchStatsFields(AffineFields, ModeFields):
+  """flax ``BatchNorm``'s fields up to ``axis_index_groups``."""
+
+  axis_name: Any = None
+  axis_index_groups: Any = None
+
+
+class GroupFields(nn.Module):
+  """flax ``GroupNorm``'s channel groups."""
+
+  num_groups: Optional[int] = 32
+  group_size: Optional[int] = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -160,6 +202,22 @@ def bn_call(mdl: nn.Module, core: Callable[..., Any], fn: str, x: jax.typing.Arr
 # --------------------------------------------------------------------------------------------
 # The registry, for Linen modules.
 # --------------------------------------------------------------------------------------------
+
+
+class View(nn.Module):
+  """``module`` with its layers' calls intercepted (``interceptor``); its variables (shared scope)."""
+
+  module: nn.Module
+
+  def setup(self):
+    nn.share_scope(self, self.module)
+
+  def interceptor(self) -> Callable[..., Any]:
+    raise NotImplementedError
+
+  def __call__(self, *args, **kwargs):
+    with nn.intercept_methods(self.interceptor()):
+      return self.module(*args, **kwargs)
 
 
 def treatment(fn: str, module: Any) -> registry.Treatment:

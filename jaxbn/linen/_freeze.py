@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flax import linen as nn
 
-from jaxbn.linen._common import treatment
+from jaxbn.linen._common import View, treatment
 from jaxbn.linen._frozen import frozen_apply
 
 
@@ -21,35 +21,27 @@ def eval_call(next_fun, mdl: nn.Module, args: tuple, kwargs: dict):
   return mdl.clone(use_running_average=True, parent=mdl.scope)(*args, **kwargs)
 
 
-def _interceptor(freeze_affine: bool):
+class _FrozenBatchNormView(View):
+  """``module`` with every BatchNorm-family layer frozen."""
 
-  def intercept(next_fun, args, kwargs, context):
-    mdl = context.module
-    if context.method_name != "__call__":
-      return next_fun(*args, **kwargs)
-    how = treatment("jaxbn.linen.freeze_batch_norm", mdl).freeze
-    if how == "eval":
-      return eval_call(next_fun, mdl, args, kwargs)
-    if how != "frozen":
-      return next_fun(*args, **kwargs)
-    x = args[0] if args else kwargs["x"]
-    return frozen_apply(mdl, x, freeze_affine, f"frozen {type(mdl).__name__}")
-
-  return intercept
-
-
-class _FrozenBatchNormView(nn.Module):
-  """``module`` with every BatchNorm-family layer frozen; the same variables (shared scope)."""
-
-  module: nn.Module
   freeze_affine: bool = True
 
-  def setup(self):
-    nn.share_scope(self, self.module)
+  def interceptor(self):
+    freeze_affine = self.freeze_affine
 
-  def __call__(self, *args, **kwargs):
-    with nn.intercept_methods(_interceptor(self.freeze_affine)):
-      return self.module(*args, **kwargs)
+    def intercept(next_fun, args, kwargs, context):
+      mdl = context.module
+      if context.method_name != "__call__":
+        return next_fun(*args, **kwargs)
+      how = treatment("jaxbn.linen.freeze_batch_norm", mdl).freeze
+      if how == "eval":
+        return eval_call(next_fun, mdl, args, kwargs)
+      if how != "frozen":
+        return next_fun(*args, **kwargs)
+      x = args[0] if args else kwargs["x"]
+      return frozen_apply(mdl, x, freeze_affine, f"frozen {type(mdl).__name__}")
+
+    return intercept
 
 
 def freeze_batch_norm(module: nn.Module, *, freeze_affine: bool = True) -> nn.Module:

@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
-from flax.typing import Axes, Dtype, Initializer
-from jax.nn import initializers
 
 import jaxbn
+from jaxbn.linen._batch_norm import BatchNormFields
 from jaxbn.linen._common import bn_call, resolve_mode
 
 
-class GhostBatchNorm(nn.Module):
+class _VirtualBatchSize(nn.Module):
+  """GhostBatchNorm's first field (required, so it precedes BatchNorm's)."""
+
+  virtual_batch_size: int
+
+
+class GhostBatchNorm(BatchNormFields, _VirtualBatchSize):
   r"""Ghost batch normalization (Hoffer et al., 2017) for Linen, with BatchNorm's variables.
 
   Each consecutive slice of ``virtual_batch_size`` examples (along ``batch_axis`` of the
@@ -48,35 +53,13 @@ class GhostBatchNorm(nn.Module):
     True
   """
 
-  virtual_batch_size: int
-  use_running_average: Optional[bool] = None
-  axis: Axes = -1
-  momentum: Optional[float] = 0.99
-  epsilon: float = 1e-5
-  dtype: Optional[Dtype] = None
-  param_dtype: Dtype = jnp.float32
-  use_bias: bool = True
-  use_scale: bool = True
-  bias_init: Initializer = initializers.zeros
-  scale_init: Initializer = initializers.ones
-  axis_name: Any = None
-  axis_index_groups: Any = None
   use_fast_variance: bool = False
-  force_float32_reductions: bool = True
-  unbiased_running_var: bool = False
-  debias: bool = False
-  skip_nonfinite: bool = True
   batch_axis: int = 0
   stats_update: str = "average"
 
   @nn.compact
-  def __call__(
-      self,
-      x: jax.typing.ArrayLike,
-      use_running_average: Optional[bool] = None,
-      *,
-      mask: Optional[jax.Array] = None,
-  ) -> jax.Array:
+  def __call__(self, x: jax.typing.ArrayLike, use_running_average: Optional[bool] = None, *,
+               mask: Optional[jax.Array] = None) -> jax.Array:
     """Normalizes ``x`` per virtual batch (training) or with the running statistics (eval).
 
     During ``init`` nothing is updated, no collective is issued, and the batch need not be

@@ -15,16 +15,11 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax.core import FrozenDict, freeze, unfreeze
 
-import jaxbn
-# The layer level's tools: the recomputation driver (`run`), the
-# jaxpr tags that find Conv/Dense -> BN pairs (`mark`, `marked_pairs`, `trailing_axes`), and
-# the core's axis check and feature reshape.
 from jaxbn._layers import fold_tags as _fold
-from jaxbn._layers.fold_tags import FoldPair
 from jaxbn._layers import recompute
-from jaxbn._core.checks import feature_axes
-from jaxbn._core.normalize import to_keepdims
-from jaxbn.linen._common import flax_axes, result_dtype, treatment
+from jaxbn._layers.fold_tags import FoldPair
+from jaxbn._layers.docs import FOUND_PAIRS, RECOMPUTED, RUN_ARGS, fill_doc
+from jaxbn.linen._common import result_dtype, treatment
 
 Path = tuple[str, ...]
 PathLike = Union[str, Sequence[str]]
@@ -59,28 +54,13 @@ def _get(tree: Any, path: Path) -> Any:
 
 def _pop(tree: dict, path: Path) -> None:
   """Removes ``tree[path]`` and the dicts it leaves empty (not the root)."""
-  parents = [tree]
-  for p in path[:-1]:
-    parents.append(parents[-1][p])
-  del parents[-1][path[-1]]
-  for i in range(len(path) - 1, 0, -1):
-    if not parents[i]:
-      del parents[i - 1][path[i - 1]]
+  if len(path) > 1:
+    _pop(tree[path[0]], path[1:])
+  if len(path) == 1 or not tree[path[0]]:
+    del tree[path[0]]
 
 
-def _bn_inputs(module: Any, args: tuple, kwargs: dict):
-  x = jnp.asarray(args[0])
-  scale = module.get_variable("params", "scale") if module.use_scale else None
-  bias = module.get_variable("params", "bias") if module.use_bias else None
-  out_dtype = result_dtype(x, scale, bias, dtype=module.dtype)
-  return x, kwargs.get("mask"), scale, bias, out_dtype
-
-
-# --------------------------------------------------------------------------------------------
-# Recomputed statistics.
-# --------------------------------------------------------------------------------------------
-
-
+@fill_doc(recomputed=RECOMPUTED, run_args=RUN_ARGS, fw="linen")
 def recompute_batch_stats(
     apply_fn: Any,
     variables: Any,
@@ -94,20 +74,8 @@ def recompute_batch_stats(
 ) -> Any:
   """Recomputes the ``batch_stats`` of every BatchNorm layer as exact population statistics.
 
-  Runs the model with frozen weights over ``batches`` and sets each BatchNorm layer's
-  ``mean`` and ``var`` to the exact mean and biased variance of its input over all the
-  data — count-weighted across batches of different sizes and masks, and over all devices
-  of ``mesh`` — see :func:`jaxbn.recompute_stats` for the two modes (``"train"``: layer
-  inputs as in training, one pass; ``"sequential"``: layer inputs as at inference, one pass
-  per layer). Works in an unchanged model: the layers that train on batch statistics (kind
-  ``trains`` of ``jaxbn._layers.registry``: ``jaxbn.linen.BatchNorm``, ``BatchRenorm``,
-  ``GhostBatchNorm``, ``flax.linen.BatchNorm``...; see :func:`register_batch_norm`) and
-  ``TestTimeBatchNorm`` (its source statistics) are intercepted whatever their
-  ``use_running_average`` and normalize with the statistics of the whole batch (so also
-  renorm and ghost layers, without their corrections); ``mask=`` and
-  ``unbiased_running_var`` are honoured. A ``FrozenBatchNorm``, and the layers whose eval is
-  not batch norm's (kind ``running``: ``SplitBatchNorm``, ``EvoNormB0``,
-  ``BatchChannelNorm``), keep their statistics and run as the model calls them.
+  Runs the unchanged model (its layers intercepted) with frozen weights over ``batches`` and
+  {recomputed}
 
   Args:
     apply_fn: ``apply_fn(variables, batch)`` running the model in inference mode (dropout
@@ -117,12 +85,7 @@ def recompute_batch_stats(
     batches: an iterable of batches (re-iterable for ``mode="sequential"``), e.g. a few
       hundred training batches without augmentation, at the training batch size.
     mode: ``"train"`` (default) or ``"sequential"``.
-    num_batches: use at most this many batches.
-    progress: tqdm progress bar: None (default) on a terminal only, True, False.
-    mesh: a ``jax.sharding.Mesh`` to run under ``jax.shard_map`` (needed when the layers use
-      ``axis_name``); the statistics are those of the global data.
-    batch_spec: ``PartitionSpec`` of the batch arrays (default: leading axis over all mesh
-      axes).
+    {run_args}
 
   Returns:
     New variables (a dict, or a FrozenDict if given one) with the recomputed ``mean`` and
@@ -165,11 +128,11 @@ def recompute_batch_stats(
       if (context.method_name != "__call__"
           or treatment(fn, module).recompute != "population"):
         return next_fun(*args, **kwargs)
-      x, mask, scale, bias, out_dtype = _bn_inputs(module, args, kwargs)
-      return rec(module.path, x, axis=flax_axes(module.axis, x.ndim), epsilon=module.epsilon, scale=scale,
-                 bias=bias, mask=mask, axis_name=module.axis_name,
-                 axis_index_groups=module.axis_index_groups, out_dtype=out_dtype,
-                 unbiased=getattr(module, "unbiased_running_var", False))
+      x = jnp.asarray(args[0])
+      scale = module.get_variable("params", "scale") if module.use_scale else None
+      bias = module.get_variable("params", "bias") if module.use_bias else None
+      return rec.flax_call(module.path, module, x, scale, bias, kwargs.get("mask"),
+                           result_dtype(x, scale, bias, dtype=module.dtype))
 
     with nn.intercept_methods(interceptor):
       return apply(variables, batch)
@@ -181,12 +144,8 @@ def recompute_batch_stats(
         raise ValueError(f"{fn}: the BatchNorm layer {'/'.join(key)} has no 'mean'/'var' in "
                          f"variables['batch_stats']; pass the variables the model was "
                          f"initialized with.")
-      if tuple(jnp.shape(node["mean"])) != layers[key].feature_shape:
-        raise ValueError(
-            f"{fn}: the BatchNorm layer {'/'.join(key)} normalizes features of shape "
-            f"{layers[key].feature_shape} but stores statistics of shape "
-            f"{tuple(jnp.shape(node['mean']))}: layers inside nn.scan/nn.vmap (stacked "
-            f"statistics) are not supported.")
+      recompute.check_stats_shape(fn, "/".join(key), layers[key].feature_shape,
+                                  tuple(jnp.shape(node["mean"])), "nn")
 
   layers, accs = recompute.run(fn, trace, variables, batches, mode=mode, num_batches=num_batches,
                              progress=progress, mesh=mesh, batch_spec=batch_spec,
@@ -198,32 +157,16 @@ def recompute_batch_stats(
   return freeze(new) if isinstance(variables, FrozenDict) else new
 
 
-# --------------------------------------------------------------------------------------------
-# Folding.
-# --------------------------------------------------------------------------------------------
-
-
-def _kernel_axes(module: Any):
-  """'trailing' for layers whose kernel ends with the output features, (-2,) or None."""
-  if isinstance(module, nn.ConvTranspose):
-    return (-2,) if module.transpose_kernel else "trailing"
-  if isinstance(module, (nn.Conv, nn.ConvLocal, nn.Dense, nn.DenseGeneral)):
-    return "trailing"
-  return None
-
-
+@fill_doc(found_pairs=FOUND_PAIRS)
 def find_conv_bn_pairs(apply_fn: Any, variables: Any, *args: Any, **kwargs: Any) -> list[FoldPair]:
   """Finds the Conv/Dense -> batch norm pairs of a linen model that can be folded.
 
   Traces ``apply_fn(variables, *args, **kwargs)`` once (``jax.make_jaxpr``, nothing runs)
   with every ``nn.Conv``, ``nn.ConvLocal``, ``nn.ConvTranspose``, ``nn.Dense`` and
-  ``nn.DenseGeneral`` output and the input of every batch norm whose eval is a per-feature
-  affine map tagged (kinds ``trains`` and ``frozen`` of ``jaxbn._layers.registry``; not
-  ``TestTimeBatchNorm``, whose statistics depend on the batch, nor the ``running`` kind, e.g.
-  ``SplitBatchNorm``), and keeps the pairs where a layer's output goes straight into
-  a batch norm and nowhere else, each module is called once, and the batch norm normalizes
-  the trailing (channel) axes. Pairs inside ``nn.scan``, loops or branches are not reported;
-  ``nn.remat`` and ``jit`` bodies are searched.
+  ``nn.DenseGeneral`` output and
+  {found_pairs}
+  Pairs inside ``nn.scan``, loops or branches are not reported; ``nn.remat`` and ``jit`` bodies
+  are searched.
 
   Args:
     apply_fn: ``apply_fn(variables, *args, **kwargs)``, e.g. ``model.apply``, or the Module.
@@ -259,18 +202,14 @@ def find_conv_bn_pairs(apply_fn: Any, variables: Any, *args: Any, **kwargs: Any)
     if context.method_name != "__call__":
       return next_fun(*a, **kw)
     if treatment(fn, module).fold:
-      x = jnp.asarray(a[0])
-      dsts.append((module.path, float(module.epsilon),
-                   _fold.trailing_axes(fn, x.ndim, flax_axes(module.axis, x.ndim))))
-      return next_fun(_fold.mark(x, "dst", len(dsts) - 1), *a[1:], **kw)
-    kind = _kernel_axes(module)
+      x = _fold.mark_bn_input(fn, dsts, module.path, module, jnp.asarray(a[0]))
+      return next_fun(x, *a[1:], **kw)
+    kind = _fold.kernel_axes(module, nn.ConvTranspose,
+                             (nn.Conv, nn.ConvLocal, nn.Dense, nn.DenseGeneral))
     if kind is None:
       return next_fun(*a, **kw)
     y = next_fun(*a, **kw)
-    if not isinstance(y, jax.Array):
-      return y
-    srcs.append((module.path, kind))
-    return _fold.mark(y, "src", len(srcs) - 1)
+    return _fold.mark_layer_output(srcs, module.path, kind, y) if isinstance(y, jax.Array) else y
 
   with nn.intercept_methods(interceptor):
     jaxpr = jax.make_jaxpr(lambda v: apply(v, *args, **kwargs))(variables)
@@ -321,16 +260,11 @@ def fold_batch_norm_layers(variables: Any, pairs: Sequence[Union[FoldPair, tuple
   new = unfreeze(variables)
   params = new["params"]
   stats_tree = new.get("batch_stats", {})
-  seen_layers, seen_bns = set(), set()
-  for pair in pairs:
-    layer, bn, eps, kaxes = _unpack(fn, pair)
-    eps = epsilon if eps is None else eps
+  seen: set = set()
+  for layer, bn, eps, kaxes in _fold.unpack_pairs(fn, pairs, functools.partial(_as_path, fn),
+                                                  "(layer_path, bn_path)"):
     name_l, name_b = "/".join(layer), "/".join(bn)
-    if bn in seen_bns or layer in seen_layers:
-      raise ValueError(f"{fn}: the pair ({name_l}, {name_b}) reuses a layer or batch norm of "
-                       f"an earlier pair; each layer and each batch norm folds once.")
-    seen_layers.add(layer)
-    seen_bns.add(bn)
+    _fold.check_once(fn, seen, layer, bn, (name_l, name_b))
     lp = _get(params, layer)
     if lp is None or "kernel" not in lp:
       raise ValueError(f"{fn}: no params['{name_l}']['kernel'] in `variables`; pass the path "
@@ -340,21 +274,14 @@ def fold_batch_norm_layers(variables: Any, pairs: Sequence[Union[FoldPair, tuple
       raise ValueError(f"{fn}: no batch_stats['{name_b}'] in `variables`: not a batch norm "
                        f"path, or already folded.")
     bp = _get(params, bn) or {}
-    stats = jaxbn.BatchStats(jnp.asarray(bs["mean"]), jnp.asarray(bs["var"]),
-                             jnp.zeros((), jnp.int32))
-    if kaxes is None:
-      kaxes = tuple(range(-stats.mean.ndim, 0))
-    k, c = jaxbn.eval_affine(stats, bp.get("scale"), bp.get("bias"), epsilon=eps)
-    try:
-      lp["kernel"], _ = jaxbn.fold_batch_norm(jnp.asarray(lp["kernel"]), None, stats,
-                                              bp.get("scale"), None, epsilon=eps, axis=kaxes)
-    except ValueError as e:
-      raise ValueError(f"{fn}: cannot fold {name_b} into {name_l}: {e}") from None
-    if lp.get("bias") is not None:
-      b = jnp.asarray(lp["bias"])
-      lp["bias"] = (b.astype(k.dtype) * k).astype(b.dtype)
-    bias_dtype = jnp.result_type(bp["bias"]) if "bias" in bp else jnp.float32
-    _set_dict(params, bn, {"bias": c.astype(bias_dtype)})
+    kernel, layer_bias, c = _fold.fold_pair(
+        fn, (name_l, name_b), lp["kernel"], lp.get("bias"), bs["mean"], bs["var"],
+        bp.get("scale"), bp.get("bias"), epsilon=epsilon if eps is None else eps,
+        kernel_axes=kaxes)
+    lp["kernel"] = kernel
+    if layer_bias is not None:
+      lp["bias"] = layer_bias
+    _set_dict(params, bn, {"bias": c})
     _pop(stats_tree, bn)
   return freeze(new) if isinstance(variables, FrozenDict) else new
 
@@ -377,19 +304,6 @@ def fold_batch_norm(variables: Any, pairs: Sequence[Union[FoldPair, tuple]], *,
   return fold_batch_norm_layers(variables, pairs, epsilon=epsilon)
 
 
-def _unpack(fn: str, pair: Any):
-  """``(layer, bn, epsilon_or_None, kernel_axes_or_None)`` of a FoldPair or a 2-tuple."""
-  if isinstance(pair, FoldPair):
-    kaxes = None if pair.kernel_axes is None else tuple(pair.kernel_axes)
-    return _as_path(fn, pair.layer), _as_path(fn, pair.bn), pair.epsilon, kaxes
-  try:
-    layer, bn = pair
-  except (TypeError, ValueError):
-    raise TypeError(f"{fn}: each pair must be a FoldPair or a (layer_path, bn_path) tuple, "
-                    f"got {pair!r}.") from None
-  return _as_path(fn, layer), _as_path(fn, bn), None, None
-
-
 def _set_dict(tree: dict, path: Path, value: Any) -> None:
   for p in path[:-1]:
     tree = tree.setdefault(p, {})
@@ -409,9 +323,8 @@ def _folded_interceptor(next_fun, args, kwargs, context):
         f"folded bias in `variables`; pass the output of jaxbn.linen.fold_batch_norm_layers "
         f"(or the original variables).")
   x = jnp.asarray(args[0])
-  feat = feature_axes(fn, x.ndim, flax_axes(module.axis, x.ndim))
   out_dtype = result_dtype(x, bias, dtype=module.dtype)
-  return (x + to_keepdims(bias, x.shape, feat)).astype(out_dtype)
+  return _fold.add_folded_bias(fn, x, bias, module.axis, out_dtype)
 
 
 def folded(apply_fn: Any) -> Callable:

@@ -3,7 +3,7 @@ GroupNorm and InstanceNorm over :func:`jaxbn.layer_norm` and its relatives."""
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +14,7 @@ from jax.nn import initializers
 from jaxbn import group_norm, instance_norm, layer_norm, rms_norm
 from jaxbn._core.checks import named_axes
 from jaxbn._layers.common import check_groups, flax_error
-from jaxbn.linen._common import affine_params, as_float
+from jaxbn.linen._common import AffineFields, GroupFields, affine_params, as_float
 
 _COMPAT = """
   Same fields, defaults (``epsilon=1e-6``, ``use_fast_variance=True``), call signature and
@@ -33,8 +33,29 @@ _COMPAT = """
   E[x]²``, default True as flax; False: stable variance).
 """
 
+_CALL_DOC = """Applies {} normalization.
 
-class LayerNorm(nn.Module):
+    Args:
+      x: the input{}.
+      mask: optional bool array broadcastable to ``x``: which entries count in the statistics.
+
+    Returns:
+      The normalized input, shaped like ``x``.
+    """
+
+
+def _normalize(mdl: nn.Module, core: Callable[..., jax.Array], x: jax.Array, shape,
+               mask: Optional[jax.Array], **options: Any) -> jax.Array:
+  """``core`` on ``x`` with ``mdl``'s ``scale``/``bias`` (of ``shape``) and shared settings."""
+  has_bias = hasattr(mdl, "use_bias")  # RMSNorm: no bias, and no mean to subtract
+  scale, bias, out = affine_params(mdl, x, shape, mdl.use_scale, has_bias and mdl.use_bias)
+  if has_bias:
+    options.update(bias=bias, use_fast_variance=mdl.use_fast_variance)
+  return core(x, scale, epsilon=mdl.epsilon, mask=mask, dtype=out, axis_name=mdl.axis_name,
+              axis_index_groups=mdl.axis_index_groups, **options)
+
+
+class LayerNorm(AffineFields):
   __doc__ = r"""Layer normalization for Linen, a drop-in replacement for ``flax.linen.LayerNorm``.
 
   Statistics per example over ``reduction_axes`` (default the last axis); ``scale``/``bias``
@@ -56,12 +77,6 @@ class LayerNorm(nn.Module):
   """
 
   epsilon: float = 1e-6
-  dtype: Optional[Dtype] = None
-  param_dtype: Dtype = jnp.float32
-  use_bias: bool = True
-  use_scale: bool = True
-  bias_init: Initializer = initializers.zeros
-  scale_init: Initializer = initializers.ones
   reduction_axes: Axes = -1
   feature_axes: Axes = -1
   axis_name: Any = None
@@ -72,24 +87,12 @@ class LayerNorm(nn.Module):
   @nn.compact
   def __call__(self, x: jax.typing.ArrayLike, *, mask: Optional[jax.Array] = None
                ) -> jax.Array:
-    """Applies layer normalization.
-
-    Args:
-      x: the input.
-      mask: optional bool array broadcastable to ``x``: which entries count in the statistics.
-
-    Returns:
-      The normalized input, shaped like ``x``.
-    """
     x = as_float(x)
     feat = named_axes("jaxbn.linen.LayerNorm", "feature_axes", x.ndim, self.feature_axes)
-    scale, bias, out = affine_params(self, x, [x.shape[a] for a in feat], self.use_scale,
-                                     self.use_bias)
-    return layer_norm(x, scale, bias, reduction_axes=self.reduction_axes,
-                      feature_axes=self.feature_axes, epsilon=self.epsilon, mask=mask,
-                      dtype=out, axis_name=self.axis_name,
-                      axis_index_groups=self.axis_index_groups,
-                      use_fast_variance=self.use_fast_variance)
+    return _normalize(self, layer_norm, x, [x.shape[a] for a in feat], mask,
+                      reduction_axes=self.reduction_axes, feature_axes=self.feature_axes)
+
+  __call__.__doc__ = _CALL_DOC.format("layer", "")
 
 
 class RMSNorm(nn.Module):
@@ -126,26 +129,15 @@ class RMSNorm(nn.Module):
   @nn.compact
   def __call__(self, x: jax.typing.ArrayLike, *, mask: Optional[jax.Array] = None
                ) -> jax.Array:
-    """Applies RMS normalization.
-
-    Args:
-      x: the input.
-      mask: optional bool array broadcastable to ``x``: which entries count in the statistics.
-
-    Returns:
-      The normalized input, shaped like ``x``.
-    """
     x = as_float(x)
     feat = named_axes("jaxbn.linen.RMSNorm", "feature_axes", x.ndim, self.feature_axes)
-    scale, _, out = affine_params(self, x, [x.shape[a] for a in feat], self.use_scale,
-                                   False)
-    return rms_norm(x, scale, reduction_axes=self.reduction_axes,
-                    feature_axes=self.feature_axes, epsilon=self.epsilon, mask=mask,
-                    dtype=out, axis_name=self.axis_name,
-                    axis_index_groups=self.axis_index_groups)
+    return _normalize(self, rms_norm, x, [x.shape[a] for a in feat], mask,
+                      reduction_axes=self.reduction_axes, feature_axes=self.feature_axes)
+
+  __call__.__doc__ = _CALL_DOC.format("RMS", "")
 
 
-class GroupNorm(nn.Module):
+class GroupNorm(AffineFields, GroupFields):
   __doc__ = r"""Group normalization for Linen, a drop-in replacement for ``flax.linen.GroupNorm``.
 
   Statistics per example over groups of channels (last axis) and ``reduction_axes``. Give
@@ -166,15 +158,7 @@ class GroupNorm(nn.Module):
     (2, 4, 4, 8)
   """
 
-  num_groups: Optional[int] = 32
-  group_size: Optional[int] = None
   epsilon: float = 1e-6
-  dtype: Optional[Dtype] = None
-  param_dtype: Dtype = jnp.float32
-  use_bias: bool = True
-  use_scale: bool = True
-  bias_init: Initializer = initializers.zeros
-  scale_init: Initializer = initializers.ones
   reduction_axes: Optional[Axes] = None
   axis_name: Any = None
   axis_index_groups: Any = None
@@ -184,15 +168,6 @@ class GroupNorm(nn.Module):
   @nn.compact
   def __call__(self, x: jax.typing.ArrayLike, *, mask: Optional[jax.Array] = None
                ) -> jax.Array:
-    """Applies group normalization.
-
-    Args:
-      x: the input, channels last.
-      mask: optional bool array broadcastable to ``x``: which entries count in the statistics.
-
-    Returns:
-      The normalized input, shaped like ``x``.
-    """
     fn = "jaxbn.linen.GroupNorm"
     x = as_float(x)
     if x.ndim < 1:
@@ -206,15 +181,13 @@ class GroupNorm(nn.Module):
             f"last axis (the channels, within each group), e.g. {tuple(range(1, x.ndim))}.")
     check_groups(fn, x.shape[-1], self.num_groups, self.group_size, "channels",
                  f"the {x.shape[-1]} channels (last axis of `x`)")
-    scale, bias, out = affine_params(self, x, [x.shape[-1]], self.use_scale, self.use_bias)
-    return group_norm(x, scale, bias, num_groups=self.num_groups, group_size=self.group_size,
-                      reduction_axes=self.reduction_axes, epsilon=self.epsilon, mask=mask,
-                      dtype=out, axis_name=self.axis_name,
-                      axis_index_groups=self.axis_index_groups,
-                      use_fast_variance=self.use_fast_variance)
+    return _normalize(self, group_norm, x, [x.shape[-1]], mask, num_groups=self.num_groups,
+                      group_size=self.group_size, reduction_axes=self.reduction_axes)
+
+  __call__.__doc__ = _CALL_DOC.format("group", ", channels last")
 
 
-class InstanceNorm(nn.Module):
+class InstanceNorm(AffineFields):
   __doc__ = r"""Instance normalization for Linen, a drop-in for ``flax.linen.InstanceNorm``.
 
   Statistics per example and per feature over every axis but the leading (batch) axis and
@@ -233,12 +206,6 @@ class InstanceNorm(nn.Module):
   """
 
   epsilon: float = 1e-6
-  dtype: Optional[Dtype] = None
-  param_dtype: Dtype = jnp.float32
-  use_bias: bool = True
-  use_scale: bool = True
-  bias_init: Initializer = initializers.zeros
-  scale_init: Initializer = initializers.ones
   feature_axes: Axes = -1
   axis_name: Any = None
   axis_index_groups: Any = None
@@ -248,15 +215,6 @@ class InstanceNorm(nn.Module):
   @nn.compact
   def __call__(self, x: jax.typing.ArrayLike, *, mask: Optional[jax.Array] = None
                ) -> jax.Array:
-    """Applies instance normalization.
-
-    Args:
-      x: the input, batch axis first.
-      mask: optional bool array broadcastable to ``x``: which entries count in the statistics.
-
-    Returns:
-      The normalized input, shaped like ``x``.
-    """
     fn = "jaxbn.linen.InstanceNorm"
     x = as_float(x)
     feat = named_axes(fn, "feature_axes", x.ndim, self.feature_axes)
@@ -265,9 +223,7 @@ class InstanceNorm(nn.Module):
           "The channel axes cannot include the leading dimension as this is assumed to be the "
           "batch axis.", f"{fn}: `feature_axes`={self.feature_axes!r} includes axis 0; put the "
           f"batch first and pass the channel axis (e.g. -1 for NHWC, 1 for NCHW).")
-    scale, bias, out = affine_params(self, x, [x.shape[a] for a in feat], self.use_scale,
-                                     self.use_bias)
-    return instance_norm(x, scale, bias, feature_axes=self.feature_axes,
-                         epsilon=self.epsilon, mask=mask, dtype=out,
-                         axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
-                         use_fast_variance=self.use_fast_variance)
+    return _normalize(self, instance_norm, x, [x.shape[a] for a in feat], mask,
+                      feature_axes=self.feature_axes)
+
+  __call__.__doc__ = _CALL_DOC.format("instance", ", batch axis first")

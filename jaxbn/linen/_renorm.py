@@ -62,15 +62,9 @@ class BatchRenorm(BatchNormFields):
   running_std: bool = False
 
   @nn.compact
-  def __call__(
-      self,
-      x: jax.typing.ArrayLike,
-      use_running_average: Optional[bool] = None,
-      *,
-      mask: Optional[jax.Array] = None,
-      r_max: Optional[jax.typing.ArrayLike] = None,
-      d_max: Optional[jax.typing.ArrayLike] = None,
-  ) -> jax.Array:
+  def __call__(self, x: jax.typing.ArrayLike, use_running_average: Optional[bool] = None, *,
+               mask: Optional[jax.Array] = None, r_max: Optional[jax.typing.ArrayLike] = None,
+               d_max: Optional[jax.typing.ArrayLike] = None) -> jax.Array:
     """Renormalizes ``x`` (training) or normalizes it with the running statistics (eval).
 
     Args:

@@ -17,7 +17,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 from flax import linen as nn
 
-from jaxbn.linen._common import treatment
+from jaxbn.linen._common import View, treatment
 
 # Fields that mean the same thing in every normalization layer (copied to any replacement);
 # batch-norm-family replacements (they have ``use_running_average``) get every shared field.
@@ -59,52 +59,41 @@ def _call_args(new: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
   params = inspect.signature(type(new).__call__).parameters
   if any(p.kind is p.VAR_KEYWORD for p in params.values()):
     return args, kwargs
-  names = [n for n, p in params.items() if n != "self"]
-  positional = [n for n in names if params[n].kind in (params[n].POSITIONAL_ONLY,
-                                                       params[n].POSITIONAL_OR_KEYWORD)]
-  args = args[:len(positional)]
-  kwargs = {k: v for k, v in kwargs.items() if k in params}
-  return args, kwargs
+  positional = [n for n, p in params.items()
+                if n != "self" and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+  return args[:len(positional)], {k: v for k, v in kwargs.items() if k in params}
 
 
-def _targeted(mdl: nn.Module, types: Optional[tuple]) -> bool:
-  if types is None:
-    return treatment("jaxbn.linen.replace_batch_norm", mdl).replace
-  return isinstance(mdl, types)
+class _Replaced(View):
+  """``module`` with its batch-norm layers replaced."""
 
-
-def _interceptor(types: Optional[tuple], layer: Any, overrides: dict) -> Callable:
-  def intercept(next_fun, args, kwargs, context):
-    mdl = context.module
-    active = getattr(_ACTIVE, "modules", ())
-    if (context.method_name != "__call__" or any(mdl is m for m in active)
-        or not _targeted(mdl, types)):
-      return next_fun(*args, **kwargs)
-    new = _construct(layer, mdl, overrides).clone(parent=mdl.scope)
-    a, kw = _call_args(new, args, kwargs)
-    _ACTIVE.modules = active + (new,)
-    try:
-      return new(*a, **kw)
-    finally:
-      _ACTIVE.modules = active
-
-  return intercept
-
-
-class _Replaced(nn.Module):
-  """``module`` with its batch-norm layers replaced; the same variables (shared scope)."""
-
-  module: nn.Module
   layer: Any
   types: Optional[tuple]
   overrides: tuple
 
-  def setup(self):
-    nn.share_scope(self, self.module)
+  def interceptor(self):
+    layer, types, overrides = self.layer, self.types, dict(self.overrides)
 
-  def __call__(self, *args, **kwargs):
-    with nn.intercept_methods(_interceptor(self.types, self.layer, dict(self.overrides))):
-      return self.module(*args, **kwargs)
+    def targeted(mdl):
+      if types is None:
+        return treatment("jaxbn.linen.replace_batch_norm", mdl).replace
+      return isinstance(mdl, types)
+
+    def intercept(next_fun, args, kwargs, context):
+      mdl = context.module
+      active = getattr(_ACTIVE, "modules", ())
+      if (context.method_name != "__call__" or any(mdl is m for m in active)
+          or not targeted(mdl)):
+        return next_fun(*args, **kwargs)
+      new = _construct(layer, mdl, overrides).clone(parent=mdl.scope)
+      a, kw = _call_args(new, args, kwargs)
+      _ACTIVE.modules = active + (new,)
+      try:
+        return new(*a, **kw)
+      finally:
+        _ACTIVE.modules = active
+
+    return intercept
 
 
 def replace_batch_norm(module: nn.Module, layer: Union[type, Callable[[nn.Module], nn.Module],

@@ -7,6 +7,7 @@ Both return a new model and leave the given one untouched. The batch-norm layers
 
 from __future__ import annotations
 
+import functools
 import threading
 import warnings
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
@@ -15,28 +16,17 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-import jaxbn
-# The layer level's tools: the recomputation driver (`run`,
-# `current_recorder`), the jaxpr tags that find Conv/Dense -> BN pairs (`mark`,
-# `marked_pairs`, `trailing_axes`); the core's axis check and feature reshape.
 from jaxbn._layers import fold_tags as _fold
-from jaxbn._layers.fold_tags import FoldPair
 from jaxbn._layers import recompute
-from jaxbn._core.checks import feature_axes
-from jaxbn._core.normalize import to_keepdims
-from jaxbn.nnx._common import Layer, flax_axes, output_dtype, promote_dtype, treatment
+from jaxbn._layers.fold_tags import FoldPair
+from jaxbn._layers.docs import FOUND_PAIRS, RECOMPUTED, RUN_ARGS, fill_doc
+from jaxbn.nnx._common import Layer, output_dtype, promote_dtype, treatment
 
 Path = tuple
-PathLike = Union[str, Sequence[Any]]
 
 
-def _kernel_axes(node: Any):
-  """'trailing' for layers whose kernel ends with the output features, (-2,) or None."""
-  if isinstance(node, nnx.ConvTranspose):
-    return (-2,) if node.transpose_kernel else "trailing"
-  if isinstance(node, (nnx.Conv, nnx.Linear, nnx.LinearGeneral)):
-    return "trailing"
-  return None
+_kernel_axes = functools.partial(_fold.kernel_axes, transpose=nnx.ConvTranspose,
+                                 plain=(nnx.Conv, nnx.Linear, nnx.LinearGeneral))
 
 
 def _get(root: Any, path: Path) -> Any:
@@ -95,11 +85,6 @@ def _forward(fn: str, forward: Optional[Callable]) -> Callable:
   return forward
 
 
-# --------------------------------------------------------------------------------------------
-# Recomputed statistics.
-# --------------------------------------------------------------------------------------------
-
-
 def _recording_methods(path: Path, node: Any) -> Optional[dict]:
   if treatment("jaxbn.nnx.recompute_batch_stats", node, path).recompute != "population":
     return None
@@ -115,14 +100,12 @@ def _recording_methods(path: Path, node: Any) -> Optional[dict]:
     bias = None if self.bias is None else self.bias[...]
     out_dtype = output_dtype(getattr(self, "promote_dtype", promote_dtype),
                              (x, self.mean[...], self.var[...], scale, bias), self.dtype)
-    return rec(path, x, axis=flax_axes(self.axis, x.ndim), epsilon=self.epsilon, scale=scale,
-               bias=bias, mask=mask, axis_name=self.axis_name,
-               axis_index_groups=self.axis_index_groups,
-               out_dtype=out_dtype, unbiased=getattr(self, "unbiased_running_var", False))
+    return rec.flax_call(path, self, x, scale, bias, mask, out_dtype)
 
   return {"__call__": __call__}
 
 
+@fill_doc(recomputed=RECOMPUTED, run_args=RUN_ARGS, fw="nnx")
 def recompute_batch_stats(
     model: nnx.Module,
     batches: Iterable,
@@ -136,19 +119,8 @@ def recompute_batch_stats(
 ) -> nnx.Module:
   """A copy of ``model`` whose BatchNorm layers hold exact population statistics.
 
-  Runs the model with frozen weights (in eval mode: dropout off) over ``batches`` and sets
-  each BatchNorm layer's ``mean`` and ``var`` to the exact mean and biased variance of its
-  input over all the data — count-weighted across batches of different sizes and masks,
-  and over all devices of ``mesh``. See :func:`jaxbn.recompute_stats` for the two modes
-  (``"train"``: layer inputs as in training, one pass; ``"sequential"``: layer inputs as at
-  inference, one pass per layer). The layers that train on batch statistics (kind ``trains``
-  of ``jaxbn._layers.registry``: ``jaxbn.nnx.BatchNorm``, ``BatchRenorm``, ``GhostBatchNorm``,
-  ``flax.nnx.BatchNorm``...; see :func:`register_batch_norm`) and ``TestTimeBatchNorm`` (its
-  source statistics) normalize with the statistics of the whole batch (so also renorm and
-  ghost layers, without their corrections); ``mask=`` and ``unbiased_running_var`` are
-  honoured. A ``FrozenBatchNorm``, and the layers whose eval is not batch norm's (kind
-  ``running``: ``SplitBatchNorm``, ``EvoNormB0``, ``BatchChannelNorm``), keep their statistics
-  and run as themselves (in eval mode).
+  Runs the model in eval mode (dropout off), with frozen weights, over ``batches`` and
+  {recomputed}
 
   Args:
     model: the trained model. Not modified.
@@ -156,12 +128,7 @@ def recompute_batch_stats(
     forward: ``forward(model, batch)`` running the model, e.g.
       ``lambda m, b: m(b["image"])``; default ``model(batch)``.
     mode: ``"train"`` (default) or ``"sequential"``.
-    num_batches: use at most this many batches.
-    progress: tqdm progress bar: None (default) on a terminal only, True, False.
-    mesh: a ``jax.sharding.Mesh`` to run under ``jax.shard_map`` (needed when the layers use
-      ``axis_name``).
-    batch_spec: ``PartitionSpec`` of the batch arrays (default: leading axis over all mesh
-      axes).
+    {run_args}
 
   Returns:
     A new model (same class and structure, in the train/eval mode ``model`` was in) with the
@@ -198,12 +165,8 @@ def recompute_batch_stats(
 
   def check_layers(layers):
     for key, info in layers.items():
-      shape = tuple(_get(model, key).mean.shape)
-      if shape != info.feature_shape:
-        raise ValueError(
-            f"{fn}: the BatchNorm layer at {key} normalizes features of shape "
-            f"{info.feature_shape} but stores statistics of shape {shape}: layers inside "
-            f"nnx.scan/nnx.vmap (stacked statistics) are not supported.")
+      recompute.check_stats_shape(fn, f"at {key}", info.feature_shape,
+                                  tuple(_get(model, key).mean.shape), "nnx")
 
   layers, accs = recompute.run(fn, trace, state, batches, mode=mode, num_batches=num_batches,
                              progress=progress, mesh=mesh, batch_spec=batch_spec,
@@ -213,11 +176,6 @@ def recompute_batch_stats(
     bn = _get(out, key)
     bn.mean[...], bn.var[...], _ = recompute.result(accs, info, (bn.mean[...], bn.var[...]))
   return out
-
-
-# --------------------------------------------------------------------------------------------
-# Folding.
-# --------------------------------------------------------------------------------------------
 
 
 class FoldedBatchNorm(Layer):
@@ -251,10 +209,8 @@ class FoldedBatchNorm(Layer):
     del use_running_average, mask, ignored
     x = jnp.asarray(x)
     bias = self.bias[...]
-    feat = feature_axes("jaxbn.nnx.FoldedBatchNorm", x.ndim, flax_axes(self.axis, x.ndim))
-    out_dtype = self.dtype or jnp.result_type(x, bias)
-    return (x + to_keepdims(bias, x.shape, feat)).astype(out_dtype)
-
+    return _fold.add_folded_bias("jaxbn.nnx.FoldedBatchNorm", x, bias, self.axis,
+                                   self.dtype or jnp.result_type(x, bias))
 
 
 _FINDING = threading.local()
@@ -263,20 +219,15 @@ _FINDING = threading.local()
 def _marking_methods(path: Path, node: Any) -> Optional[dict]:
   cls = type(node)
   def bn_call(self, x, *args, **kwargs):  # tags the BatchNorm's input
-    log = _FINDING.log
-    x = jnp.asarray(x)
-    log["dst"].append((path, float(self.epsilon),
-                       _fold.trailing_axes("jaxbn.nnx.find_conv_bn_pairs", x.ndim,
-                                           flax_axes(self.axis, x.ndim))))
-    return cls.__call__(self, _fold.mark(x, "dst", len(log["dst"]) - 1), *args, **kwargs)
+    x = _fold.mark_bn_input("jaxbn.nnx.find_conv_bn_pairs", _FINDING.log["dst"], path, self,
+                            jnp.asarray(x))
+    return cls.__call__(self, x, *args, **kwargs)
 
   def layer_call(self, *args, **kwargs):  # tags the Conv/Linear output
-    log = _FINDING.log
     y = cls.__call__(self, *args, **kwargs)
     if not isinstance(y, jax.Array):
       return y
-    log["src"].append((path, kind))
-    return _fold.mark(y, "src", len(log["src"]) - 1)
+    return _fold.mark_layer_output(_FINDING.log["src"], path, kind, y)
 
   if treatment("jaxbn.nnx.find_conv_bn_pairs", node, path).fold:
     return {"__call__": bn_call}
@@ -284,18 +235,15 @@ def _marking_methods(path: Path, node: Any) -> Optional[dict]:
   return None if kind is None else {"__call__": layer_call}
 
 
+@fill_doc(found_pairs=FOUND_PAIRS)
 def find_conv_bn_pairs(model: nnx.Module, *args: Any,
                        forward: Optional[Callable[..., Any]] = None) -> list[FoldPair]:
   """Finds the Conv/Linear -> batch norm pairs of an NNX model that can be folded.
 
   Traces the model once (``jax.make_jaxpr``, nothing runs) with every ``nnx.Conv``,
-  ``nnx.ConvTranspose``, ``nnx.Linear`` and ``nnx.LinearGeneral`` output and the input of every
-  batch norm whose eval is a per-feature affine map tagged (kinds ``trains`` and ``frozen`` of
-  ``jaxbn._layers.registry``; not ``TestTimeBatchNorm``, whose statistics depend on the batch,
-  nor the ``running`` kind, e.g. ``SplitBatchNorm``), and keeps the pairs where a layer's output
-  goes straight into a BatchNorm and nowhere else, each module is called once, and the BatchNorm
-  normalizes the trailing (channel) axes. Pairs inside loops or branches (``nnx.scan``,
-  ``cond``) are not reported.
+  ``nnx.ConvTranspose``, ``nnx.Linear`` and ``nnx.LinearGeneral`` output and
+  {found_pairs}
+  Pairs inside loops or branches (``nnx.scan``, ``cond``) are not reported.
 
   Args:
     model: the model (not modified; it is traced in eval mode).
@@ -367,26 +315,12 @@ def fold_batch_norm_layers(model: nnx.Module,
   fn = "jaxbn.nnx.fold_batch_norm_layers"
   if not isinstance(model, nnx.Module):
     raise TypeError(f"{fn}: `model` must be an nnx.Module, got {type(model).__name__}.")
-  resolved = []
-  for pair in pairs:
-    if isinstance(pair, FoldPair):
-      layer, bn, eps = pair.layer, pair.bn, pair.epsilon
-      kaxes = None if pair.kernel_axes is None else tuple(pair.kernel_axes)
-    else:
-      try:
-        layer, bn = pair
-      except (TypeError, ValueError):
-        raise TypeError(f"{fn}: each pair must be a FoldPair or a (layer, bn) tuple, got "
-                        f"{pair!r}.") from None
-      eps = kaxes = None
-    resolved.append((_as_path(fn, model, layer), _as_path(fn, model, bn), eps, kaxes))
+  resolved = list(_fold.unpack_pairs(fn, pairs, functools.partial(_as_path, fn, model),
+                                     "(layer, bn)"))
   out = nnx.clone(model)
-  seen = set()
+  seen: set = set()
   for layer, bn, eps, kaxes in resolved:
-    if ("l", layer) in seen or ("b", bn) in seen:
-      raise ValueError(f"{fn}: the pair ({layer}, {bn}) reuses a layer or batch norm of an "
-                       f"earlier pair; each layer and each batch norm folds once.")
-    seen.update({("l", layer), ("b", bn)})
+    _fold.check_once(fn, seen, layer, bn, (layer, bn))
     try:
       lin, norm = _get(out, layer), _get(out, bn)
     except (AttributeError, KeyError, IndexError, TypeError):
@@ -396,24 +330,18 @@ def fold_batch_norm_layers(model: nnx.Module,
                        f"whose eval is an affine map (already folded?).")
     if getattr(lin, "kernel", None) is None:
       raise ValueError(f"{fn}: the module at {layer} ({type(lin).__name__}) has no `kernel`.")
-    eps = norm.epsilon if eps is None else eps
-    stats = jaxbn.BatchStats(norm.mean[...], norm.var[...], jnp.zeros((), jnp.int32))
     scale = None if norm.scale is None else norm.scale[...]
     beta = None if norm.bias is None else norm.bias[...]
-    if kaxes is None:
-      kind = _kernel_axes(lin)
-      kaxes = (-2,) if kind == (-2,) else tuple(range(-stats.mean.ndim, 0))
-    k, c = jaxbn.eval_affine(stats, scale, beta, epsilon=eps)
-    try:
-      lin.kernel[...], _ = jaxbn.fold_batch_norm(lin.kernel[...], None, stats, scale, None,
-                                                 epsilon=eps, axis=kaxes)
-    except ValueError as e:
-      raise ValueError(f"{fn}: cannot fold {bn} into {layer}: {e}") from None
-    if getattr(lin, "bias", None) is not None:
-      b = lin.bias[...]
-      lin.bias[...] = (b.astype(k.dtype) * k).astype(b.dtype)
-    bias_dtype = jnp.float32 if beta is None else beta.dtype
-    _set(out, bn, FoldedBatchNorm(c.astype(bias_dtype), axis=norm.axis, dtype=norm.dtype))
+    has_bias = getattr(lin, "bias", None) is not None
+    if kaxes is None and _kernel_axes(lin) == (-2,):
+      kaxes = (-2,)
+    lin.kernel[...], layer_bias, c = _fold.fold_pair(
+        fn, (layer, bn), lin.kernel[...], lin.bias[...] if has_bias else None, norm.mean[...],
+        norm.var[...], scale, beta, epsilon=norm.epsilon if eps is None else eps,
+        kernel_axes=kaxes)
+    if has_bias:
+      lin.bias[...] = layer_bias
+    _set(out, bn, FoldedBatchNorm(c, axis=norm.axis, dtype=norm.dtype))
   return out
 
 

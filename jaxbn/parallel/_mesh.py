@@ -92,9 +92,7 @@ def _check_divisible(fn: str, n: int, shards: int, what: str) -> None:
 
 
 def _num_shards(sharding: NamedSharding) -> int:
-  names = sharding.spec[0]
-  names = (names,) if isinstance(names, str) else tuple(names)
-  return math.prod(sharding.mesh.shape[n] for n in names)
+  return math.prod(sharding.mesh.shape[n] for n in _names(sharding.spec[0]))
 
 
 def shard_batch(batch: Any, mesh: Mesh, *, axis_names: Optional[AxisNames] = None) -> Any:

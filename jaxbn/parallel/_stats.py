@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -63,24 +64,11 @@ def average_stats(tree: Any, *, axis_name: Any = None, axis: int = 0) -> Any:
     >>> avg.mean.tolist(), avg.var.tolist(), int(avg.count)
     ([1.0], [2.0], 5)
   """
-  if axis_name is None:
-    def mean(v):
-      return jnp.mean(v, axis=axis)
-
-    def largest(v):
-      return jnp.max(v, axis=axis)
-
-    def spread(v, m):
-      return _abs2(v - jnp.expand_dims(m, axis))
+  if axis_name is None:  # over the stacked device axis
+    mean, largest = functools.partial(jnp.mean, axis=axis), functools.partial(jnp.max, axis=axis)
   else:
-    def mean(v):
-      return lax.pmean(v, axis_name)
-
-    def largest(v):
-      return lax.pmax(v, axis_name)
-
-    def spread(v, m):
-      return _abs2(v - m)
+    mean = functools.partial(lax.pmean, axis_name=axis_name)
+    largest = functools.partial(lax.pmax, axis_name=axis_name)
 
   def plain(v):
     v = jnp.asarray(v)
@@ -97,7 +85,7 @@ def average_stats(tree: Any, *, axis_name: Any = None, axis: int = 0) -> Any:
       v = (m2 / n).astype(v_in.dtype)
     else:  # the same two steps, across devices: the mean, then the pooled variance
       m = mean(m_in)
-      v = mean(v_in + spread(m_in, m).astype(v_in.dtype))
+      v = mean(v_in + _abs2(m_in - m).astype(v_in.dtype))
     if isinstance(node, BatchStats):
       return BatchStats(m, v, largest(jnp.asarray(node.count)))
     out = {k: m if k == "mean" else v if k == "var" else plain(val) for k, val in node.items()}

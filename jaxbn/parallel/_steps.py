@@ -12,17 +12,13 @@ from typing import Any, Callable, Optional
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jaxbn._core.collectives import varying_axes
+from jaxbn._core.collectives import names, varying_axes
 from jaxbn.parallel._mesh import AxisNames, batch_sharding
 
 
 def _spec_axes(spec: P) -> frozenset:
   """The mesh axes a ``PartitionSpec`` splits over (an output varies over exactly these)."""
-  out = set()
-  for entry in spec:
-    if entry is not None:
-      out.update((entry,) if isinstance(entry, str) else entry)
-  return frozenset(out)
+  return frozenset(a for entry in spec for a in names(entry))
 
 
 def _check_replicated_outputs(out: Any, out_specs: Any) -> None:
@@ -134,20 +130,16 @@ def shard_map_step(
     ...     params8['w'], params1['w'], atol=1e-5)), bool(jnp.allclose(stats8.var, stats1.var))
     (True, True, True)
   """
-  names = tuple(mesh.axis_names) if axis_names is None else (
-      (axis_names,) if isinstance(axis_names, str) else tuple(axis_names))
-  batch_spec = P(names[0] if len(names) == 1 else names)
-
   def checked_step(state, batch):
     out = step(state, batch)
     _check_replicated_outputs(out, out_specs)
     return out
 
-  mapped = jax.shard_map(checked_step, mesh=mesh, in_specs=(state_specs, batch_spec),
-                         out_specs=out_specs)
   state_shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), state_specs,
                                  is_leaf=lambda s: isinstance(s, P))
-  shardings = (state_shardings, batch_sharding(mesh, names))
+  shardings = (state_shardings, batch_sharding(mesh, axis_names))
+  mapped = jax.shard_map(checked_step, mesh=mesh, in_specs=(state_specs, shardings[1].spec),
+                         out_specs=out_specs)
 
   def run(state, batch):
     # A no-op for arguments already placed by `in_shardings`; it gives their traced types
