@@ -89,7 +89,6 @@ class SplitBatchNorm(Layer):
     return y
 
 
-
 class TestTimeBatchNorm(Layer):
   r"""Test-time adapted batch norm for NNX (:class:`jaxbn.linen.TestTimeBatchNorm`).
 
@@ -129,7 +128,6 @@ class TestTimeBatchNorm(Layer):
         axis_name=self.axis_name, axis_index_groups=self.axis_index_groups, mask=mask,
         dtype=plain_dtype(self.dtype, x, scale, bias))
     return y
-
 
 
 def test_time_adaptation(model: Any, prior: float = 16.0, **overrides: Any) -> Any:

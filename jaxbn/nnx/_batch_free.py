@@ -148,15 +148,6 @@ class EvoNormB0(Layer):
         self.count[...] = new.count
     return y
 
-  def set_view(self, use_running_average: Optional[bool] = None):
-    """Used by ``model.train()``/``model.eval()``/``nnx.view``.
-
-    Args:
-      use_running_average: True to use the running variance.
-    """
-    if use_running_average is not None:
-      self.use_running_average = use_running_average
-
 
 class EvoNormS0(Layer):
   r"""EvoNorm-S0 for NNX (:class:`jaxbn.linen.EvoNormS0`), batch-independent.
