@@ -26,12 +26,10 @@ class FrozenBatchNorm(BatchNormFields):
   :func:`freeze_batch_norm` to convert a whole model. ``scale``/``bias`` stay ``nnx.Param``
   (same state), so exclude them from weight decay if they must not move at all.
 
-  The other constructor arguments (num_features, use_running_average, axis, momentum, epsilon,
-  dtype, param_dtype, use_bias, use_scale, bias_init, scale_init, axis_name, axis_index_groups,
-  use_fast_variance, promote_dtype, rngs, bias_metadata, scale_metadata, unbiased_running_var,
-  debias) are as :class:`jaxbn.nnx.BatchNorm`; ``use_running_average``, ``momentum``,
-  ``axis_name``, ``axis_index_groups``, ``use_fast_variance`` and ``unbiased_running_var`` are
-  accepted and unused (no statistics are computed).
+  The other constructor arguments are :class:`jaxbn.nnx.BatchNorm`'s but ``skip_nonfinite``;
+  ``use_running_average``, ``momentum``, ``axis_name``, ``axis_index_groups``,
+  ``use_fast_variance`` and ``unbiased_running_var`` are accepted and unused (no statistics
+  are computed).
 
   Args:
     freeze_affine: also stop the gradient of ``scale`` and ``bias`` (default True).

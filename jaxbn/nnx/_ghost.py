@@ -23,12 +23,9 @@ class GhostBatchNorm(BatchNormFields):
   to use it. Same constructor and state as :class:`jaxbn.nnx.BatchNorm` plus
   ``virtual_batch_size``, ``batch_axis`` and ``stats_update``.
 
-  The other constructor arguments (num_features, use_running_average, axis, momentum, epsilon,
-  dtype, param_dtype, use_bias, use_scale, bias_init, scale_init, axis_name, axis_index_groups,
-  use_fast_variance, promote_dtype, rngs, bias_metadata, scale_metadata, unbiased_running_var,
-  debias, skip_nonfinite) are as :class:`jaxbn.nnx.BatchNorm`, except ``use_fast_variance``
-  defaults to False
-  (jaxbn's stable variance) and ``axis_name`` synchronizes only the running-statistics update.
+  The other constructor arguments are :class:`jaxbn.nnx.BatchNorm`'s, with their meaning,
+  except that ``use_fast_variance`` defaults to False (jaxbn's stable variance) and
+  ``axis_name`` synchronizes only the running-statistics update.
 
   Args:
     virtual_batch_size: examples per virtual batch (must divide the per-device batch).

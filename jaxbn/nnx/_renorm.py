@@ -27,12 +27,8 @@ class BatchRenorm(BatchNormFields):
   ``r_max``/``d_max`` given at call time (traced arrays) override the attributes without
   recompiling, e.g. from :func:`jaxbn.renorm_schedule`.
 
-  The other constructor arguments (num_features, use_running_average, axis, momentum, epsilon,
-  dtype, param_dtype, use_bias, use_scale, bias_init, scale_init, axis_name, axis_index_groups,
-  use_fast_variance, promote_dtype, rngs, bias_metadata, scale_metadata, unbiased_running_var,
-  debias, skip_nonfinite) are as :class:`jaxbn.nnx.BatchNorm`, except ``use_fast_variance``
-  defaults to False
-  (jaxbn's stable variance).
+  The other constructor arguments are :class:`jaxbn.nnx.BatchNorm`'s, with their meaning,
+  except that ``use_fast_variance`` defaults to False (jaxbn's stable variance).
 
   Args:
     r_max: upper clip of ``r`` (default 3).
