@@ -195,10 +195,14 @@ def init_affine(mdl: nnx.Module, num_features: Any, use_scale: bool, use_bias: b
   """Creates ``scale`` and ``bias`` (``nnx.Param``, or None), keys drawn in flax's order;
   ``num_features`` is their size (or their shape, a tuple)."""
   shape = tuple(num_features) if isinstance(num_features, tuple) else (num_features,)
-  for name, use, init, metadata in (("scale", use_scale, scale_init, scale_metadata),
-                                    ("bias", use_bias, bias_init, bias_metadata)):
-    setattr(mdl, name, nnx.Param(init(rngs.params(), shape, param_dtype), **metadata) if use
-            else nnx.data(None))
+  mdl.scale = param(use_scale, scale_init, rngs, shape, param_dtype, scale_metadata)
+  mdl.bias = param(use_bias, bias_init, rngs, shape, param_dtype, bias_metadata)
+
+
+def param(use: bool, init: Initializer, rngs: nnx.Rngs, shape: tuple, dtype: Dtype,
+          metadata: Mapping[str, Any] = MappingProxyType({})) -> Any:
+  """An ``nnx.Param`` drawn by ``init`` (a key from ``rngs.params()``), or None without ``use``."""
+  return nnx.Param(init(rngs.params(), shape, dtype), **metadata) if use else nnx.data(None)
 
 
 def value(v: Any) -> Optional[jax.Array]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import InitVar, field
 from types import MappingProxyType
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +16,7 @@ from jax.nn import initializers
 from jaxbn import group_norm, instance_norm, layer_norm, rms_norm
 from jaxbn._core.checks import named_axes
 from jaxbn._layers.common import check_groups, flax_error
-from jaxbn.nnx._common import (Layer, doc, init_affine, layer_fields, output_dtype,
+from jaxbn.nnx._common import (Layer, doc, init_affine, layer_fields, output_dtype, param,
                                promote_dtype, value)
 
 _COMPAT = """
@@ -49,6 +49,10 @@ _CALL = """Applies {}.
     """
 
 
+# The settings every layer here but RMSNorm gives its function, under the same names.
+_SHARED = ("epsilon", "axis_name", "axis_index_groups", "use_fast_variance")
+
+
 def _inputs(mdl, x):
   x = jnp.asarray(x)
   scale, bias = value(mdl.scale), value(getattr(mdl, "bias", None))
@@ -75,6 +79,14 @@ class _AffineNorm(Layer):
   def __post_init__(self, bias_init, scale_init, rngs, bias_metadata, scale_metadata):
     init_affine(self, self.num_features, self.use_scale, self.use_bias, scale_init, bias_init,
                 self.param_dtype, rngs, scale_metadata, bias_metadata)
+
+  def _apply(self, core: Callable[..., jax.Array], x: jax.typing.ArrayLike,
+             mask: Optional[jax.Array], *names: str, **own: Any) -> jax.Array:
+    """``core`` on ``x`` with the layer's parameters and its settings ``names`` (and those
+    every norm here passes: ``epsilon``, ``axis_name``, ``axis_index_groups``...)."""
+    x, scale, bias, out = _inputs(self, x)
+    settings = {name: getattr(self, name) for name in names + _SHARED}
+    return core(x, scale, bias, mask=mask, dtype=out, **settings, **own)
 
 
 @layer_fields
@@ -112,12 +124,7 @@ class LayerNorm(_AffineNorm):
   @doc(_CALL, "layer normalization", "")
   def __call__(self, x: jax.typing.ArrayLike, *, mask: Optional[jax.Array] = None
                ) -> jax.Array:
-    x, scale, bias, out = _inputs(self, x)
-    return layer_norm(x, scale, bias, reduction_axes=self.reduction_axes,
-                      feature_axes=self.feature_axes, epsilon=self.epsilon, mask=mask,
-                      dtype=out, axis_name=self.axis_name,
-                      axis_index_groups=self.axis_index_groups,
-                      use_fast_variance=self.use_fast_variance)
+    return self._apply(layer_norm, x, mask, "reduction_axes", "feature_axes")
 
 
 @layer_fields
@@ -157,8 +164,8 @@ class RMSNorm(Layer):
   scale_metadata: InitVar[Mapping[str, Any]] = MappingProxyType({})
 
   def __post_init__(self, scale_init, rngs, scale_metadata):
-    self.scale = (nnx.Param(scale_init(rngs.params(), (self.num_features,), self.param_dtype),
-                            **scale_metadata) if self.use_scale else nnx.data(None))
+    self.scale = param(self.use_scale, scale_init, rngs, (self.num_features,),
+                       self.param_dtype, scale_metadata)
 
   @doc(_CALL, "RMS normalization", "")
   def __call__(self, x: jax.typing.ArrayLike, mask: Optional[jax.Array] = None) -> jax.Array:
@@ -221,12 +228,7 @@ class GroupNorm(_AffineNorm):
   @doc(_CALL, "group normalization", ", channels last")
   def __call__(self, x: jax.typing.ArrayLike, *, mask: Optional[jax.Array] = None
                ) -> jax.Array:
-    x, scale, bias, out = _inputs(self, x)
-    return group_norm(x, scale, bias, num_groups=self.num_groups, group_size=None,
-                      reduction_axes=self.reduction_axes, epsilon=self.epsilon, mask=mask,
-                      dtype=out, axis_name=self.axis_name,
-                      axis_index_groups=self.axis_index_groups,
-                      use_fast_variance=self.use_fast_variance)
+    return self._apply(group_norm, x, mask, "num_groups", "reduction_axes", group_size=None)
 
 
 @layer_fields
@@ -261,14 +263,10 @@ class InstanceNorm(_AffineNorm):
   @doc(_CALL, "instance normalization", ", batch axis first")
   def __call__(self, x: jax.typing.ArrayLike, *, mask: Optional[jax.Array] = None
                ) -> jax.Array:
-    x, scale, bias, out = _inputs(self, x)
     fn = "jaxbn.nnx.InstanceNorm"
-    if 0 in named_axes(fn, "feature_axes", x.ndim, self.feature_axes):
+    if 0 in named_axes(fn, "feature_axes", jnp.ndim(x), self.feature_axes):
       raise flax_error(
           "The channel axes cannot include the leading dimension as this is assumed to be the "
           "batch axis.", f"{fn}: `feature_axes`={self.feature_axes!r} includes axis 0; put the "
           f"batch first and pass the channel axis (e.g. -1 for NHWC, 1 for NCHW).")
-    return instance_norm(x, scale, bias, feature_axes=self.feature_axes,
-                         epsilon=self.epsilon, mask=mask, dtype=out,
-                         axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
-                         use_fast_variance=self.use_fast_variance)
+    return self._apply(instance_norm, x, mask, "feature_axes")
