@@ -153,8 +153,13 @@ class BatchNorm(BatchNormFields):
 
   @doc(CALL_DOC, "Normalizes ``x`` with batch statistics (training) or running statistics "
        "(eval).", "")
-  def __call__(self, x: jax.typing.ArrayLike, use_running_average: Optional[bool] = None, *,
-               mask: Optional[jax.Array] = None) -> jax.Array:
+  def __call__(
+      self,
+      x: jax.typing.ArrayLike,
+      use_running_average: Optional[bool] = None,
+      *,
+      mask: Optional[jax.Array] = None,
+  ) -> jax.Array:
     use_running_average = resolve_mode(self._fn, use_running_average, self.use_running_average)
     return bn_call(self, jaxbn.batch_norm, self._fn, x, use_running_average, mask,
                    shared_error=_SHARED_UNDER_VMAP)
