@@ -19,6 +19,7 @@ from flax.typing import Dtype, Initializer
 import jaxbn
 from jaxbn.nnx._common import (Layer, init_affine, init_bn_layer, mode, plain_dtype, treatment,
                                value)
+from jaxbn.nnx._surgery import replace_batch_norm
 
 
 class SplitBatchNorm(Layer):
@@ -89,7 +90,6 @@ class SplitBatchNorm(Layer):
     return y
 
 
-
 class TestTimeBatchNorm(Layer):
   r"""Test-time adapted batch norm for NNX (:class:`jaxbn.linen.TestTimeBatchNorm`).
 
@@ -131,7 +131,6 @@ class TestTimeBatchNorm(Layer):
     return y
 
 
-
 def test_time_adaptation(model: Any, prior: float = 16.0, **overrides: Any) -> Any:
   """A copy of ``model`` whose batch norms adapt to each test batch (Schneider et al., 2020).
 
@@ -146,7 +145,6 @@ def test_time_adaptation(model: Any, prior: float = 16.0, **overrides: Any) -> A
   Returns:
     The adapted copy.
   """
-  from jaxbn.nnx._surgery import replace_batch_norm  # pylint: disable=import-outside-toplevel
   return replace_batch_norm(model, TestTimeBatchNorm, prior=prior, **overrides)
 
 

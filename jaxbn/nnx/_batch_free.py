@@ -19,7 +19,7 @@ from flax.nnx import initializers
 from flax.typing import Dtype, Initializer
 
 import jaxbn
-from jaxbn.nnx._common import Layer, init_affine, mode, plain_dtype, value
+from jaxbn.nnx._common import Layer, init_affine, mode, param, plain_dtype, value
 
 
 class FilterResponseNorm(Layer):
@@ -56,10 +56,8 @@ class FilterResponseNorm(Layer):
                feature_axes: int = -1, rngs: nnx.Rngs):
     init_affine(self, num_features, use_scale, use_bias, scale_init, bias_init, param_dtype,
                 rngs)
-    self.tau = (nnx.Param(tau_init(rngs.params(), (num_features,), param_dtype)) if use_tlu
-                else nnx.data(None))
-    self.eps = (nnx.Param(eps_init(rngs.params(), (), param_dtype)) if learn_epsilon
-                else nnx.data(None))
+    self.tau = param(use_tlu, tau_init, rngs, (num_features,), param_dtype)
+    self.eps = param(learn_epsilon, eps_init, rngs, (), param_dtype)
     self.num_features, self.epsilon, self.dtype = num_features, epsilon, dtype
     self.param_dtype, self.feature_axes = param_dtype, feature_axes
 
@@ -147,15 +145,6 @@ class EvoNormB0(Layer):
       if self.count is not None:
         self.count[...] = new.count
     return y
-
-  def set_view(self, use_running_average: Optional[bool] = None):
-    """Used by ``model.train()``/``model.eval()``/``nnx.view``.
-
-    Args:
-      use_running_average: True to use the running variance.
-    """
-    if use_running_average is not None:
-      self.use_running_average = use_running_average
 
 
 class EvoNormS0(Layer):
@@ -282,8 +271,7 @@ class ScaledWSConv(WSConv):
     super().__init__(in_features, out_features, kernel_size, epsilon=epsilon, **kwargs)
     rngs = kwargs["rngs"]
     param_dtype = kwargs.get("param_dtype", jnp.float32)
-    self.gain = (nnx.Param(gain_init(rngs.params(), (out_features,), param_dtype)) if use_gain
-                 else nnx.data(None))
+    self.gain = param(use_gain, gain_init, rngs, (out_features,), param_dtype)
 
   def _config(self):
     return value(self.gain), True

@@ -1,8 +1,9 @@
-"""``jaxbn.nnx.BatchNorm`` (flax.nnx's BatchNorm interface over :func:`jaxbn.batch_norm`) and
-the BN-family layers that share its constructor alone."""
+"""``jaxbn.nnx.BatchNorm`` (flax.nnx's BatchNorm interface over :func:`jaxbn.batch_norm`),
+its constructor arguments as a base, and the BN-family layers built on them alone."""
 
 from __future__ import annotations
 
+from dataclasses import InitVar, field
 from types import MappingProxyType
 from typing import Any, Mapping, Optional
 
@@ -13,8 +14,8 @@ from flax.typing import Axes, Dtype, Initializer, PromoteDtypeFn
 from jax.nn import initializers
 
 import jaxbn
-from jaxbn.nnx._common import (Layer, bn_call, init_bn_layer, mode, promote_dtype,
-                               resolve_mode)
+from jaxbn.nnx._common import (Layer, bn_call, doc, init_bn_state, layer_fields, mode,
+                               promote_dtype, resolve_mode)
 
 _SHARED_UNDER_VMAP = (
     "jaxbn.nnx.BatchNorm: cannot write the running statistics `mean`/`var` in training mode: "
@@ -29,8 +30,59 @@ _SHARED_UNDER_VMAP = (
     "function, or use the `nnx` version of the transformation (`nnx.grad`, `nnx.vmap`)."
 )
 
+# The docstring of the BN-family calls: a summary, then the layer's own arguments.
+CALL_DOC = """{}
 
-class BatchNorm(Layer):
+    Args:
+      x: the input, feature axis ``self.axis`` of size ``num_features``.
+      use_running_average: overrides the attribute of the same name for this call.
+      mask: optional bool array broadcastable to ``x``: which entries count in the batch
+        statistics.{}
+
+    Returns:
+      The normalized input, shaped like ``x``.
+
+    Raises:
+      ValueError: no mode is set (flax's message first), ``x`` has the wrong number of
+        features, or an invalid argument.
+    """
+
+
+@layer_fields
+class BatchNormFields(Layer):
+  """``flax.nnx.BatchNorm``'s constructor arguments, in its order and with its defaults, and
+  jaxbn's extras (the shared base of the BN-family layers; see :class:`BatchNorm` for their
+  meaning): the settings are stored, then flax BatchNorm's state is created."""
+
+  _fn = "jaxbn.nnx.BatchNormFields"  # the layer's name in error messages
+  num_features: int = field(kw_only=False)
+  use_running_average: Optional[bool] = False
+  axis: Axes = -1
+  momentum: Optional[float] = 0.99
+  epsilon: float = 1e-5
+  dtype: Optional[Dtype] = None
+  param_dtype: Dtype = jnp.float32
+  use_bias: bool = True
+  use_scale: bool = True
+  bias_init: InitVar[Initializer] = initializers.zeros
+  scale_init: InitVar[Initializer] = initializers.ones
+  axis_name: Any = None
+  axis_index_groups: Any = None
+  use_fast_variance: bool = True
+  promote_dtype: PromoteDtypeFn = promote_dtype
+  rngs: InitVar[nnx.Rngs]
+  bias_metadata: InitVar[Mapping[str, Any]] = MappingProxyType({})
+  scale_metadata: InitVar[Mapping[str, Any]] = MappingProxyType({})
+  # jaxbn extras (flax has no such arguments).
+  unbiased_running_var: bool = False
+  debias: bool = False
+
+  def __post_init__(self, bias_init, scale_init, rngs, bias_metadata, scale_metadata):
+    init_bn_state(self, self._fn, bias_init, scale_init, rngs, bias_metadata, scale_metadata)
+
+
+@layer_fields
+class BatchNorm(BatchNormFields):
   r"""Batch normalization for NNX, a drop-in replacement for ``flax.nnx.BatchNorm``.
 
   .. math::
@@ -96,33 +148,11 @@ class BatchNorm(Layer):
     ['bias', 'mean', 'scale', 'var']
   """
 
-  def __init__(
-      self,
-      num_features: int,
-      *,
-      use_running_average: Optional[bool] = False,
-      axis: Axes = -1,
-      momentum: Optional[float] = 0.99,
-      epsilon: float = 1e-5,
-      dtype: Optional[Dtype] = None,
-      param_dtype: Dtype = jnp.float32,
-      use_bias: bool = True,
-      use_scale: bool = True,
-      bias_init: Initializer = initializers.zeros,
-      scale_init: Initializer = initializers.ones,
-      axis_name: Any = None,
-      axis_index_groups: Any = None,
-      use_fast_variance: bool = True,
-      promote_dtype: PromoteDtypeFn = promote_dtype,
-      rngs: nnx.Rngs,
-      bias_metadata: Mapping[str, Any] = MappingProxyType({}),
-      scale_metadata: Mapping[str, Any] = MappingProxyType({}),
-      unbiased_running_var: bool = False,
-      debias: bool = False,
-      skip_nonfinite: bool = True,
-  ):
-    init_bn_layer(self, "jaxbn.nnx.BatchNorm", locals())
+  _fn = "jaxbn.nnx.BatchNorm"
+  skip_nonfinite: bool = True
 
+  @doc(CALL_DOC, "Normalizes ``x`` with batch statistics (training) or running statistics "
+       "(eval).", "")
   def __call__(
       self,
       x: jax.typing.ArrayLike,
@@ -130,28 +160,13 @@ class BatchNorm(Layer):
       *,
       mask: Optional[jax.Array] = None,
   ) -> jax.Array:
-    """Normalizes ``x`` with batch statistics (training) or running statistics (eval).
-
-    Args:
-      x: the input, feature axis ``self.axis`` of size ``num_features``.
-      use_running_average: overrides the attribute of the same name for this call.
-      mask: optional bool array broadcastable to ``x``: which entries count in the batch
-        statistics.
-
-    Returns:
-      The normalized input, shaped like ``x``.
-
-    Raises:
-      ValueError: no mode is set (flax's message first), ``x`` has the wrong number of
-        features, or an invalid argument.
-    """
-    use_running_average = resolve_mode("jaxbn.nnx.BatchNorm", use_running_average,
-                                       self.use_running_average)
-    return bn_call(self, jaxbn.batch_norm, "jaxbn.nnx.BatchNorm", x, use_running_average, mask,
+    use_running_average = resolve_mode(self._fn, use_running_average, self.use_running_average)
+    return bn_call(self, jaxbn.batch_norm, self._fn, x, use_running_average, mask,
                    shared_error=_SHARED_UNDER_VMAP)
 
 
-class BatchChannelNorm(Layer):
+@layer_fields
+class BatchChannelNorm(BatchNormFields):
   r"""Batch-channel normalization (Qiao et al., 2019) for NNX: BN, then GroupNorm.
 
   :func:`jaxbn.batch_channel_norm` (see :class:`jaxbn.linen.BatchChannelNorm`): the
@@ -172,41 +187,16 @@ class BatchChannelNorm(Layer):
     ['bias', 'mean', 'scale', 'var']
   """
 
-  def __init__(
-      self,
-      num_features: int,
-      *,
-      use_running_average: Optional[bool] = False,
-      axis: Axes = -1,
-      momentum: Optional[float] = 0.99,
-      epsilon: float = 1e-5,
-      dtype: Optional[Dtype] = None,
-      param_dtype: Dtype = jnp.float32,
-      use_bias: bool = True,
-      use_scale: bool = True,
-      bias_init: Initializer = initializers.zeros,
-      scale_init: Initializer = initializers.ones,
-      axis_name: Any = None,
-      axis_index_groups: Any = None,
-      use_fast_variance: bool = True,
-      promote_dtype: PromoteDtypeFn = promote_dtype,
-      rngs: nnx.Rngs,
-      bias_metadata: Mapping[str, Any] = MappingProxyType({}),
-      scale_metadata: Mapping[str, Any] = MappingProxyType({}),
-      unbiased_running_var: bool = False,
-      debias: bool = False,
-      skip_nonfinite: bool = True,
-      num_groups: Optional[int] = 32,
-      group_size: Optional[int] = None,
-  ):
-    init_bn_layer(self, "jaxbn.nnx.BatchChannelNorm", locals())
+  _fn = "jaxbn.nnx.BatchChannelNorm"
+  skip_nonfinite: bool = True
+  num_groups: Optional[int] = 32
+  group_size: Optional[int] = None
 
   def __call__(self, x: jax.typing.ArrayLike, use_running_average: Optional[bool] = None, *,
                mask: Optional[jax.Array] = None) -> jax.Array:
     """As :meth:`BatchNorm.__call__`, then the group norm (held in eval mode when frozen)."""
-    fn = "jaxbn.nnx.BatchChannelNorm"
-    use_running_average = resolve_mode(fn, mode(self, use_running_average), None)
-    return bn_call(self, jaxbn.batch_channel_norm, fn, x, use_running_average, mask,
+    use_running_average = resolve_mode(self._fn, mode(self, use_running_average), None)
+    return bn_call(self, jaxbn.batch_channel_norm, self._fn, x, use_running_average, mask,
                    shared_error=_SHARED_UNDER_VMAP, num_groups=self.num_groups,
                    group_size=self.group_size)
 

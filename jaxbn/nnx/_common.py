@@ -99,6 +99,11 @@ _NOT_SETTINGS = ("self", "__class__", "rngs", "bias_init", "scale_init", "bias_m
                  "scale_metadata")
 
 
+def _show_signature(cls: type) -> None:
+  sig = inspect.signature(cls.__init__)
+  cls.__signature__ = sig.replace(parameters=list(sig.parameters.values())[1:])
+
+
 class Layer(nnx.Module):
   """The base of jaxbn's NNX layers: ``inspect.signature(cls)`` is the constructor's.
 
@@ -110,8 +115,7 @@ class Layer(nnx.Module):
   def __init_subclass__(cls, **kwargs):
     super().__init_subclass__(**kwargs)
     if "__init__" in vars(cls):
-      sig = inspect.signature(cls.__init__)
-      cls.__signature__ = sig.replace(parameters=list(sig.parameters.values())[1:])
+      _show_signature(cls)
 
   def set_view(self, use_running_average: Optional[bool] = None):
     """Used by ``nnx.view``: sets ``use_running_average`` when given (layers with a mode).
@@ -122,6 +126,34 @@ class Layer(nnx.Module):
     """
     if use_running_average is not None and hasattr(self, "use_running_average"):
       self.use_running_average = use_running_average
+
+
+def layer_fields(cls: type) -> type:
+  """``cls`` as an ``nnx.dataclass``: its annotated fields are its constructor's arguments.
+
+  The NNX twin of the linen layers' fields. The constructor takes the fields in order (the
+  inherited ones first; a redefined one keeps its place), keyword-only but where
+  ``field(kw_only=False)``, and stores each as an attribute; an ``InitVar`` (initializers,
+  ``rngs``, metadata: not stored, as in flax) goes to ``__post_init__`` only. Equality stays
+  identity and the repr nnx's; ``inspect.signature(cls)`` shows the plain annotations.
+  """
+  cls = nnx.dataclass(cls, eq=False, kw_only=True)
+  hints = cls.__init__.__annotations__
+  hints.pop("return", None)
+  for name, hint in hints.items():
+    if isinstance(hint, str) and hint.startswith("InitVar["):
+      hints[name] = hint[len("InitVar["):-1]
+  _show_signature(cls)
+  return cls
+
+
+def doc(template: str, *args: str) -> Callable[[Callable], Callable]:
+  """A decorator giving a function the docstring ``template.format(*args)``: one text shared
+  by the calls of several layers."""
+  def document(fn: Callable) -> Callable:
+    fn.__doc__ = template.format(*args)
+    return fn
+  return document
 
 
 def mode(mdl: nnx.Module, call: Optional[bool]) -> bool:
@@ -163,14 +195,14 @@ def init_affine(mdl: nnx.Module, num_features: Any, use_scale: bool, use_bias: b
   """Creates ``scale`` and ``bias`` (``nnx.Param``, or None), keys drawn in flax's order;
   ``num_features`` is their size (or their shape, a tuple)."""
   shape = tuple(num_features) if isinstance(num_features, tuple) else (num_features,)
-  if use_scale:
-    mdl.scale = nnx.Param(scale_init(rngs.params(), shape, param_dtype), **scale_metadata)
-  else:
-    mdl.scale = nnx.data(None)
-  if use_bias:
-    mdl.bias = nnx.Param(bias_init(rngs.params(), shape, param_dtype), **bias_metadata)
-  else:
-    mdl.bias = nnx.data(None)
+  mdl.scale = param(use_scale, scale_init, rngs, shape, param_dtype, scale_metadata)
+  mdl.bias = param(use_bias, bias_init, rngs, shape, param_dtype, bias_metadata)
+
+
+def param(use: bool, init: Initializer, rngs: nnx.Rngs, shape: tuple, dtype: Dtype,
+          metadata: Mapping[str, Any] = MappingProxyType({})) -> Any:
+  """An ``nnx.Param`` drawn by ``init`` (a key from ``rngs.params()``), or None without ``use``."""
+  return nnx.Param(init(rngs.params(), shape, dtype), **metadata) if use else nnx.data(None)
 
 
 def value(v: Any) -> Optional[jax.Array]:
@@ -185,50 +217,35 @@ def plain_dtype(dtype: Any, x: jax.Array, *params: Any) -> Any:
   return jnp.result_type(x, *[p for p in params if p is not None])
 
 
-def store(mdl: nnx.Module, args: Mapping[str, Any], names: Sequence[str]) -> None:
-  """Stores the constructor arguments ``names`` (taken from ``args``) as attributes."""
-  for name in names:
-    setattr(mdl, name, args[name])
-
-
-def init_norm(mdl: nnx.Module, args: Mapping[str, Any], names: Sequence[str]) -> None:
-  """A per-example norm's constructor: ``scale`` and ``bias``, then the settings ``names``.
-
-  ``args`` are the constructor's arguments by name (its ``locals()``).
-  """
-  init_affine(mdl, args["num_features"], use_scale=args["use_scale"],
-              use_bias=args["use_bias"], scale_init=args["scale_init"],
-              bias_init=args["bias_init"], param_dtype=args["param_dtype"], rngs=args["rngs"],
-              scale_metadata=args["scale_metadata"], bias_metadata=args["bias_metadata"])
-  store(mdl, args, names)
-
-
-def init_bn_layer(mdl: nnx.Module, fn: str, args: Mapping[str, Any]) -> None:
-  """A BN-family constructor: flax BatchNorm's state, checks, then the settings.
+def init_bn_state(mdl: nnx.Module, fn: str, bias_init: Initializer, scale_init: Initializer,
+                  rngs: nnx.Rngs, bias_metadata: Mapping[str, Any] = MappingProxyType({}),
+                  scale_metadata: Mapping[str, Any] = MappingProxyType({})) -> None:
+  """flax BatchNorm's state for a BN-family layer whose settings are stored, after the checks.
 
   ``mean``, ``var`` (``nnx.BatchStat``, float32), ``count`` (int32 ``nnx.BatchStat`` when
   ``momentum`` is None or ``debias``, else None), ``scale``, ``bias`` (``nnx.Param``, keys
-  drawn from ``rngs.params()`` in flax's order).
-
-  Args:
-    mdl: the layer being constructed.
-    fn: the layer's name for error messages.
-    args: the constructor's arguments by name (its ``locals()``): flax BatchNorm's, and the
-      layer's own settings; every one is stored but ``rngs``, the initializers and metadata.
+  drawn from ``rngs.params()`` in flax's order); ``fn`` is the layer's name for errors.
   """
-  epsilon_value(fn, args["epsilon"])
-  momentum_value(fn, args["momentum"])
-  stats = jaxbn.init_stats((args["num_features"],))
+  epsilon_value(fn, mdl.epsilon)
+  momentum_value(fn, mdl.momentum)
+  stats = jaxbn.init_stats((mdl.num_features,))
   mdl.mean = nnx.BatchStat(stats.mean)
   mdl.var = nnx.BatchStat(stats.var)
-  with_count = args["momentum"] is None or args.get("debias", False)
+  with_count = mdl.momentum is None or getattr(mdl, "debias", False)
   mdl.count = nnx.BatchStat(stats.count) if with_count else nnx.data(None)
-  init_affine(mdl, args["num_features"], use_scale=args["use_scale"],
-              use_bias=args["use_bias"], scale_init=args["scale_init"],
-              bias_init=args["bias_init"], param_dtype=args["param_dtype"], rngs=args["rngs"],
-              scale_metadata=args.get("scale_metadata", {}),
-              bias_metadata=args.get("bias_metadata", {}))
-  store(mdl, args, [n for n in args if n not in _NOT_SETTINGS])
+  init_affine(mdl, mdl.num_features, mdl.use_scale, mdl.use_bias, scale_init, bias_init,
+              mdl.param_dtype, rngs, scale_metadata, bias_metadata)
+
+
+def init_bn_layer(mdl: nnx.Module, fn: str, args: Mapping[str, Any]) -> None:
+  """A BN-family constructor written out (not :func:`layer_fields`): stores every argument in
+  ``args`` (its ``locals()``) but ``rngs``, the initializers and metadata, then
+  :func:`init_bn_state`."""
+  for name in args:
+    if name not in _NOT_SETTINGS:
+      setattr(mdl, name, args[name])
+  init_bn_state(mdl, fn, args["bias_init"], args["scale_init"], args["rngs"],
+                args.get("bias_metadata", {}), args.get("scale_metadata", {}))
 
 
 def bn_inputs(mdl: nnx.Module, x: jax.typing.ArrayLike, fn: str):
@@ -241,8 +258,7 @@ def bn_inputs(mdl: nnx.Module, x: jax.typing.ArrayLike, fn: str):
         f"{fn}: `x` has features of shape {fshape} on axis {mdl.axis!r} but the layer was "
         f"built with num_features={mdl.num_features}; pass the number of features of `x` or "
         f"the right `axis`.")
-  scale = None if mdl.scale is None else mdl.scale[...]
-  bias = None if mdl.bias is None else mdl.bias[...]
+  scale, bias = value(mdl.scale), value(mdl.bias)
   mean, var = mdl.mean[...], mdl.var[...]
   count = getattr(mdl, "count", None)  # read with momentum=None or debias only
   count = jaxbn.init_stats(1).count if count is None else count[...]
@@ -278,6 +294,11 @@ def write_stats(mdl: nnx.Module, new: jaxbn.BatchStats,
     raise errors.TraceContextError(shared_error) from None
 
 
+# The settings a BN-family layer gives its functional op, under the same names.
+_CORE_SETTINGS = ("momentum", "epsilon", "axis_name", "axis_index_groups", "use_fast_variance",
+                  "unbiased_running_var", "debias")
+
+
 def bn_call(mdl: nnx.Module, core: Callable[..., Any], fn: str, x: jax.typing.ArrayLike,
             use_running_average: bool, mask: Optional[jax.Array], *,
             shared_error: Optional[str] = None, **extra: Any) -> jax.Array:
@@ -292,22 +313,9 @@ def bn_call(mdl: nnx.Module, core: Callable[..., Any], fn: str, x: jax.typing.Ar
     stats = stats._replace(mean=stats.mean.astype(jnp.promote_types(stats.mean.dtype,
                                                                     jnp.complex64)))
   training = not use_running_average
-  y, new = core(
-      x, stats, scale, bias,
-      training=training,
-      axis=axis,
-      momentum=mdl.momentum,
-      epsilon=mdl.epsilon,
-      axis_name=mdl.axis_name,
-      axis_index_groups=mdl.axis_index_groups,
-      mask=mask,
-      dtype=out,
-      use_fast_variance=mdl.use_fast_variance,
-      unbiased_running_var=mdl.unbiased_running_var,
-      debias=mdl.debias,
-      skip_nonfinite=getattr(mdl, "skip_nonfinite", True),
-      **extra,
-  )
+  y, new = core(x, stats, scale, bias, training=training, axis=axis, mask=mask, dtype=out,
+                skip_nonfinite=getattr(mdl, "skip_nonfinite", True),
+                **{name: getattr(mdl, name) for name in _CORE_SETTINGS}, **extra)
   if training:
     write_stats(mdl, new, shared_error)
   return y

@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-from types import MappingProxyType
-from typing import Any, Mapping, Optional
+from typing import Any, Optional
 
 import jax
-import jax.numpy as jnp
-from flax import nnx
-from flax.typing import Axes, Dtype, Initializer, PromoteDtypeFn
-from jax.nn import initializers
 
 import jaxbn
-from jaxbn.nnx._common import Layer, bn_inputs, init_bn_layer, promote_dtype
+from jaxbn.nnx._batch_norm import BatchNormFields
+from jaxbn.nnx._common import bn_inputs, layer_fields
 
 
-class FrozenBatchNorm(Layer):
+@layer_fields
+class FrozenBatchNorm(BatchNormFields):
   r"""Batch norm with frozen statistics for NNX (detectron2's ``FrozenBatchNorm2d``).
 
   .. math::
@@ -29,12 +26,10 @@ class FrozenBatchNorm(Layer):
   :func:`freeze_batch_norm` to convert a whole model. ``scale``/``bias`` stay ``nnx.Param``
   (same state), so exclude them from weight decay if they must not move at all.
 
-  The other constructor arguments (num_features, use_running_average, axis, momentum, epsilon,
-  dtype, param_dtype, use_bias, use_scale, bias_init, scale_init, axis_name, axis_index_groups,
-  use_fast_variance, promote_dtype, rngs, bias_metadata, scale_metadata, unbiased_running_var,
-  debias) are as :class:`jaxbn.nnx.BatchNorm`; ``use_running_average``, ``momentum``,
-  ``axis_name``, ``axis_index_groups``, ``use_fast_variance`` and ``unbiased_running_var`` are
-  accepted and unused (no statistics are computed).
+  The other constructor arguments are :class:`jaxbn.nnx.BatchNorm`'s but ``skip_nonfinite``;
+  ``use_running_average``, ``momentum``, ``axis_name``, ``axis_index_groups``,
+  ``use_fast_variance`` and ``unbiased_running_var`` are accepted and unused (no statistics
+  are computed).
 
   Args:
     freeze_affine: also stop the gradient of ``scale`` and ``bias`` (default True).
@@ -50,32 +45,11 @@ class FrozenBatchNorm(Layer):
     ['bias', 'mean', 'scale', 'var']
   """
 
-  def __init__(
-      self,
-      num_features: int,
-      *,
-      use_running_average: Optional[bool] = False,
-      axis: Axes = -1,
-      momentum: Optional[float] = 0.99,
-      epsilon: float = 1e-5,
-      dtype: Optional[Dtype] = None,
-      param_dtype: Dtype = jnp.float32,
-      use_bias: bool = True,
-      use_scale: bool = True,
-      bias_init: Initializer = initializers.zeros,
-      scale_init: Initializer = initializers.ones,
-      axis_name: Any = None,
-      axis_index_groups: Any = None,
-      use_fast_variance: bool = True,
-      promote_dtype: PromoteDtypeFn = promote_dtype,
-      rngs: nnx.Rngs,
-      bias_metadata: Mapping[str, Any] = MappingProxyType({}),
-      scale_metadata: Mapping[str, Any] = MappingProxyType({}),
-      unbiased_running_var: bool = False,
-      debias: bool = False,
-      freeze_affine: bool = True,
-  ):
-    init_bn_layer(self, "jaxbn.nnx.FrozenBatchNorm", locals())
+  _fn = "jaxbn.nnx.FrozenBatchNorm"
+  freeze_affine: bool = True
+
+  def __post_init__(self, *init_vars: Any):
+    super().__post_init__(*init_vars)
     self.unfrozen = None  # graphdef of the layer this one was converted from, if any
 
   def __call__(self, x: jax.typing.ArrayLike, use_running_average: Optional[bool] = None, *,
@@ -93,6 +67,6 @@ class FrozenBatchNorm(Layer):
       The normalized input, shaped like ``x``.
     """
     del use_running_average, mask, ignored
-    x, axis, stats, scale, bias, out = bn_inputs(self, x, "jaxbn.nnx.FrozenBatchNorm")
+    x, axis, stats, scale, bias, out = bn_inputs(self, x, self._fn)
     return jaxbn.frozen_batch_norm(x, stats, scale, bias, axis=axis, epsilon=self.epsilon,
                              dtype=out, freeze_affine=self.freeze_affine)

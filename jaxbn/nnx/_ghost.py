@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-from types import MappingProxyType
-from typing import Any, Mapping, Optional
+from dataclasses import field
+from typing import Optional
 
 import jax
-import jax.numpy as jnp
-from flax import nnx
-from flax.typing import Axes, Dtype, Initializer, PromoteDtypeFn
-from jax.nn import initializers
 
 import jaxbn
-from jaxbn.nnx._common import Layer, bn_call, init_bn_layer, promote_dtype, resolve_mode
+from jaxbn.nnx._batch_norm import CALL_DOC, BatchNormFields
+from jaxbn.nnx._common import bn_call, doc, layer_fields, resolve_mode
 
 
-class GhostBatchNorm(Layer):
+@layer_fields
+class GhostBatchNorm(BatchNormFields):
   r"""Ghost batch normalization (Hoffer et al., 2017) for NNX, with BatchNorm's state.
 
   In training each consecutive slice of ``virtual_batch_size`` examples (along
@@ -25,12 +23,9 @@ class GhostBatchNorm(Layer):
   to use it. Same constructor and state as :class:`jaxbn.nnx.BatchNorm` plus
   ``virtual_batch_size``, ``batch_axis`` and ``stats_update``.
 
-  The other constructor arguments (num_features, use_running_average, axis, momentum, epsilon,
-  dtype, param_dtype, use_bias, use_scale, bias_init, scale_init, axis_name, axis_index_groups,
-  use_fast_variance, promote_dtype, rngs, bias_metadata, scale_metadata, unbiased_running_var,
-  debias, skip_nonfinite) are as :class:`jaxbn.nnx.BatchNorm`, except ``use_fast_variance``
-  defaults to False
-  (jaxbn's stable variance) and ``axis_name`` synchronizes only the running-statistics update.
+  The other constructor arguments are :class:`jaxbn.nnx.BatchNorm`'s, with their meaning,
+  except that ``use_fast_variance`` defaults to False (jaxbn's stable variance) and
+  ``axis_name`` synchronizes only the running-statistics update.
 
   Args:
     virtual_batch_size: examples per virtual batch (must divide the per-device batch).
@@ -48,55 +43,18 @@ class GhostBatchNorm(Layer):
     True
   """
 
-  def __init__(
-      self,
-      num_features: int,
-      virtual_batch_size: int,
-      *,
-      use_running_average: Optional[bool] = False,
-      axis: Axes = -1,
-      momentum: Optional[float] = 0.99,
-      epsilon: float = 1e-5,
-      dtype: Optional[Dtype] = None,
-      param_dtype: Dtype = jnp.float32,
-      use_bias: bool = True,
-      use_scale: bool = True,
-      bias_init: Initializer = initializers.zeros,
-      scale_init: Initializer = initializers.ones,
-      axis_name: Any = None,
-      axis_index_groups: Any = None,
-      use_fast_variance: bool = False,
-      promote_dtype: PromoteDtypeFn = promote_dtype,
-      rngs: nnx.Rngs,
-      bias_metadata: Mapping[str, Any] = MappingProxyType({}),
-      scale_metadata: Mapping[str, Any] = MappingProxyType({}),
-      unbiased_running_var: bool = False,
-      debias: bool = False,
-      skip_nonfinite: bool = True,
-      batch_axis: int = 0,
-      stats_update: str = "average",
-  ):
-    init_bn_layer(self, "jaxbn.nnx.GhostBatchNorm", locals())
+  _fn = "jaxbn.nnx.GhostBatchNorm"
+  virtual_batch_size: int = field(kw_only=False)
+  use_fast_variance: bool = False  # (jaxbn's stable variance by default)
+  skip_nonfinite: bool = True
+  batch_axis: int = 0
+  stats_update: str = "average"
 
-  def __call__(
-      self,
-      x: jax.typing.ArrayLike,
-      use_running_average: Optional[bool] = None,
-      *,
-      mask: Optional[jax.Array] = None,
-  ) -> jax.Array:
-    """Normalizes ``x`` per virtual batch (training) or with the running statistics (eval).
-
-    Args:
-      x: the input, feature axis ``self.axis``.
-      use_running_average: overrides the attribute of the same name for this call.
-      mask: optional bool array broadcastable to ``x``: which entries count.
-
-    Returns:
-      The normalized input, shaped like ``x``.
-    """
-    use_running_average = resolve_mode("jaxbn.nnx.GhostBatchNorm", use_running_average,
-                                       self.use_running_average)
-    return bn_call(self, jaxbn.ghost_batch_norm, "jaxbn.nnx.GhostBatchNorm", x, use_running_average,
-                   mask, virtual_batch_size=self.virtual_batch_size,
+  @doc(CALL_DOC, "Normalizes ``x`` per virtual batch (training) or with the running "
+       "statistics (eval).", "")
+  def __call__(self, x: jax.typing.ArrayLike, use_running_average: Optional[bool] = None, *,
+               mask: Optional[jax.Array] = None) -> jax.Array:
+    use_running_average = resolve_mode(self._fn, use_running_average, self.use_running_average)
+    return bn_call(self, jaxbn.ghost_batch_norm, self._fn, x, use_running_average, mask,
+                   virtual_batch_size=self.virtual_batch_size,
                    batch_axis=self.batch_axis, stats_update=self.stats_update)

@@ -3,8 +3,9 @@ GroupNorm and InstanceNorm over :func:`jaxbn.layer_norm` and its relatives."""
 
 from __future__ import annotations
 
+from dataclasses import InitVar, field
 from types import MappingProxyType
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +16,8 @@ from jax.nn import initializers
 from jaxbn import group_norm, instance_norm, layer_norm, rms_norm
 from jaxbn._core.checks import named_axes
 from jaxbn._layers.common import check_groups, flax_error
-from jaxbn.nnx._common import Layer, init_norm, output_dtype, promote_dtype, store
+from jaxbn.nnx._common import (Layer, doc, init_affine, layer_fields, output_dtype, param,
+                               promote_dtype, value)
 
 _COMPAT = """
   Same constructor, defaults (``epsilon=1e-6``, ``use_fast_variance=True``), attributes and
@@ -35,22 +37,60 @@ _COMPAT = """
   ``bias_metadata``/``scale_metadata`` (of the ``nnx.Param``).
 """
 
-# The settings every layer here stores (each adds its own).
-_SETTINGS = ("num_features", "epsilon", "dtype", "param_dtype", "use_scale", "axis_name",
-             "axis_index_groups", "use_fast_variance", "promote_dtype")
+# The docstring of the calls: what they apply, a note on `x`.
+_CALL = """Applies {}.
+
+    Args:
+      x: the input{}.
+      mask: optional bool array broadcastable to ``x``: which entries count in the statistics.
+
+    Returns:
+      The normalized input, shaped like ``x``.
+    """
+
+
+# The settings every layer here but RMSNorm gives its function, under the same names.
+_SHARED = ("epsilon", "axis_name", "axis_index_groups", "use_fast_variance")
 
 
 def _inputs(mdl, x):
   x = jnp.asarray(x)
-  scale = None if mdl.scale is None else mdl.scale[...]
-  bias = None if getattr(mdl, "bias", None) is None else mdl.bias[...]
+  scale, bias = value(mdl.scale), value(getattr(mdl, "bias", None))
   out = output_dtype(mdl.promote_dtype, (x, scale, bias), mdl.dtype)
   if not jnp.issubdtype(x.dtype, jnp.inexact):
     x = x.astype(out)
   return x, scale, bias, out
 
 
-class LayerNorm(Layer):
+@layer_fields
+class _AffineNorm(Layer):
+  """The arguments LayerNorm, GroupNorm and InstanceNorm begin with (flax's order and
+  defaults; each adds its own, then ``axis_name``...), and their ``scale`` and ``bias``."""
+
+  num_features: int = field(kw_only=False)
+  epsilon: float = 1e-6
+  dtype: Optional[Dtype] = None
+  param_dtype: Dtype = jnp.float32
+  use_bias: bool = True
+  use_scale: bool = True
+  bias_init: InitVar[Initializer] = initializers.zeros
+  scale_init: InitVar[Initializer] = initializers.ones
+
+  def __post_init__(self, bias_init, scale_init, rngs, bias_metadata, scale_metadata):
+    init_affine(self, self.num_features, self.use_scale, self.use_bias, scale_init, bias_init,
+                self.param_dtype, rngs, scale_metadata, bias_metadata)
+
+  def _apply(self, core: Callable[..., jax.Array], x: jax.typing.ArrayLike,
+             mask: Optional[jax.Array], *names: str, **own: Any) -> jax.Array:
+    """``core`` on ``x`` with the layer's parameters and its settings ``names`` (and those
+    every norm here passes: ``epsilon``, ``axis_name``, ``axis_index_groups``...)."""
+    x, scale, bias, out = _inputs(self, x)
+    settings = {name: getattr(self, name) for name in names + _SHARED}
+    return core(x, scale, bias, mask=mask, dtype=out, **settings, **own)
+
+
+@layer_fields
+class LayerNorm(_AffineNorm):
   __doc__ = r"""Layer normalization for NNX, a drop-in replacement for ``flax.nnx.LayerNorm``.
 
   Statistics per example over ``reduction_axes`` (default the last axis); ``scale``/``bias``
@@ -71,48 +111,23 @@ class LayerNorm(Layer):
     True
   """
 
-  def __init__(
-      self,
-      num_features: int,
-      *,
-      epsilon: float = 1e-6,
-      dtype: Optional[Dtype] = None,
-      param_dtype: Dtype = jnp.float32,
-      use_bias: bool = True,
-      use_scale: bool = True,
-      bias_init: Initializer = initializers.zeros,
-      scale_init: Initializer = initializers.ones,
-      reduction_axes: Axes = -1,
-      feature_axes: Axes = -1,
-      axis_name: Any = None,
-      axis_index_groups: Any = None,
-      use_fast_variance: bool = True,
-      promote_dtype: PromoteDtypeFn = promote_dtype,
-      rngs: nnx.Rngs,
-      bias_metadata: Mapping[str, Any] = MappingProxyType({}),
-      scale_metadata: Mapping[str, Any] = MappingProxyType({}),
-  ):
-    init_norm(self, locals(), _SETTINGS + ("use_bias", "reduction_axes", "feature_axes"))
+  reduction_axes: Axes = -1
+  feature_axes: Axes = -1
+  axis_name: Any = None
+  axis_index_groups: Any = None
+  use_fast_variance: bool = True
+  promote_dtype: PromoteDtypeFn = promote_dtype
+  rngs: InitVar[nnx.Rngs]
+  bias_metadata: InitVar[Mapping[str, Any]] = MappingProxyType({})
+  scale_metadata: InitVar[Mapping[str, Any]] = MappingProxyType({})
 
+  @doc(_CALL, "layer normalization", "")
   def __call__(self, x: jax.typing.ArrayLike, *, mask: Optional[jax.Array] = None
                ) -> jax.Array:
-    """Applies layer normalization.
-
-    Args:
-      x: the input.
-      mask: optional bool array broadcastable to ``x``: which entries count in the statistics.
-
-    Returns:
-      The normalized input, shaped like ``x``.
-    """
-    x, scale, bias, out = _inputs(self, x)
-    return layer_norm(x, scale, bias, reduction_axes=self.reduction_axes,
-                      feature_axes=self.feature_axes, epsilon=self.epsilon, mask=mask,
-                      dtype=out, axis_name=self.axis_name,
-                      axis_index_groups=self.axis_index_groups,
-                      use_fast_variance=self.use_fast_variance)
+    return self._apply(layer_norm, x, mask, "reduction_axes", "feature_axes")
 
 
+@layer_fields
 class RMSNorm(Layer):
   __doc__ = r"""RMS normalization for NNX, a drop-in replacement for ``flax.nnx.RMSNorm``.
 
@@ -133,41 +148,27 @@ class RMSNorm(Layer):
     [[0.8485, 1.1314]]
   """
 
-  def __init__(
-      self,
-      num_features: int,
-      *,
-      epsilon: float = 1e-6,
-      dtype: Optional[Dtype] = None,
-      param_dtype: Dtype = jnp.float32,
-      use_scale: bool = True,
-      scale_init: Initializer = initializers.ones,
-      reduction_axes: Axes = -1,
-      feature_axes: Axes = -1,
-      axis_name: Any = None,
-      axis_index_groups: Any = None,
-      use_fast_variance: bool = True,
-      promote_dtype: PromoteDtypeFn = promote_dtype,
-      rngs: nnx.Rngs,
-      scale_metadata: Mapping[str, Any] = MappingProxyType({}),
-  ):
-    if use_scale:
-      self.scale = nnx.Param(scale_init(rngs.params(), (num_features,), param_dtype),
-                             **scale_metadata)
-    else:
-      self.scale = nnx.data(None)
-    store(self, locals(), _SETTINGS + ("reduction_axes", "feature_axes"))
+  num_features: int = field(kw_only=False)
+  epsilon: float = 1e-6
+  dtype: Optional[Dtype] = None
+  param_dtype: Dtype = jnp.float32
+  use_scale: bool = True
+  scale_init: InitVar[Initializer] = initializers.ones
+  reduction_axes: Axes = -1
+  feature_axes: Axes = -1
+  axis_name: Any = None
+  axis_index_groups: Any = None
+  use_fast_variance: bool = True
+  promote_dtype: PromoteDtypeFn = promote_dtype
+  rngs: InitVar[nnx.Rngs]
+  scale_metadata: InitVar[Mapping[str, Any]] = MappingProxyType({})
 
+  def __post_init__(self, scale_init, rngs, scale_metadata):
+    self.scale = param(self.use_scale, scale_init, rngs, (self.num_features,),
+                       self.param_dtype, scale_metadata)
+
+  @doc(_CALL, "RMS normalization", "")
   def __call__(self, x: jax.typing.ArrayLike, mask: Optional[jax.Array] = None) -> jax.Array:
-    """Applies RMS normalization.
-
-    Args:
-      x: the input.
-      mask: optional bool array broadcastable to ``x``: which entries count in the statistics.
-
-    Returns:
-      The normalized input, shaped like ``x``.
-    """
     x, scale, _, out = _inputs(self, x)
     return rms_norm(x, scale, reduction_axes=self.reduction_axes,
                     feature_axes=self.feature_axes, epsilon=self.epsilon, mask=mask,
@@ -175,7 +176,8 @@ class RMSNorm(Layer):
                     axis_index_groups=self.axis_index_groups)
 
 
-class GroupNorm(Layer):
+@layer_fields
+class GroupNorm(_AffineNorm):
   __doc__ = r"""Group normalization for NNX, a drop-in replacement for ``flax.nnx.GroupNorm``.
 
   Statistics per example over groups of channels (last axis) and ``reduction_axes``. Give
@@ -202,57 +204,35 @@ class GroupNorm(Layer):
     (2, 4, 4, 8)
   """
 
-  def __init__(
-      self,
-      num_features: int,
-      num_groups: Optional[int] = 32,
-      group_size: Optional[int] = None,
-      *,
-      epsilon: float = 1e-6,
-      dtype: Optional[Dtype] = None,
-      param_dtype: Dtype = jnp.float32,
-      use_bias: bool = True,
-      use_scale: bool = True,
-      bias_init: Initializer = initializers.zeros,
-      scale_init: Initializer = initializers.ones,
-      reduction_axes: Optional[Axes] = None,
-      axis_name: Any = None,
-      axis_index_groups: Any = None,
-      use_fast_variance: bool = True,
-      promote_dtype: PromoteDtypeFn = promote_dtype,
-      rngs: nnx.Rngs,
-      bias_metadata: Mapping[str, Any] = MappingProxyType({}),
-      scale_metadata: Mapping[str, Any] = MappingProxyType({}),
-  ):
-    fn = "jaxbn.nnx.GroupNorm"
-    check_groups(fn, num_features, num_groups, group_size, "features",
-                 f"num_features={num_features}")
-    if group_size is not None:
-      num_groups = num_features // group_size
-    init_norm(self, locals(), _SETTINGS + ("num_groups", "use_bias", "reduction_axes"))
-    self.feature_axis = -1
-    self.group_size = num_features // num_groups
+  num_groups: Optional[int] = field(default=32, kw_only=False)
+  group_size: Optional[int] = field(default=None, kw_only=False)
+  reduction_axes: Optional[Axes] = None
+  axis_name: Any = None
+  axis_index_groups: Any = None
+  use_fast_variance: bool = True
+  promote_dtype: PromoteDtypeFn = promote_dtype
+  rngs: InitVar[nnx.Rngs]
+  bias_metadata: InitVar[Mapping[str, Any]] = MappingProxyType({})
+  scale_metadata: InitVar[Mapping[str, Any]] = MappingProxyType({})
 
+  def __post_init__(self, *init_vars: Any):
+    n = self.num_features
+    check_groups("jaxbn.nnx.GroupNorm", n, self.num_groups, self.group_size, "features",
+                 f"num_features={n}")
+    if self.group_size is not None:
+      self.num_groups = n // self.group_size
+    super().__post_init__(*init_vars)
+    self.feature_axis = -1
+    self.group_size = n // self.num_groups
+
+  @doc(_CALL, "group normalization", ", channels last")
   def __call__(self, x: jax.typing.ArrayLike, *, mask: Optional[jax.Array] = None
                ) -> jax.Array:
-    """Applies group normalization.
-
-    Args:
-      x: the input, channels last.
-      mask: optional bool array broadcastable to ``x``: which entries count in the statistics.
-
-    Returns:
-      The normalized input, shaped like ``x``.
-    """
-    x, scale, bias, out = _inputs(self, x)
-    return group_norm(x, scale, bias, num_groups=self.num_groups, group_size=None,
-                      reduction_axes=self.reduction_axes, epsilon=self.epsilon, mask=mask,
-                      dtype=out, axis_name=self.axis_name,
-                      axis_index_groups=self.axis_index_groups,
-                      use_fast_variance=self.use_fast_variance)
+    return self._apply(group_norm, x, mask, "num_groups", "reduction_axes", group_size=None)
 
 
-class InstanceNorm(Layer):
+@layer_fields
+class InstanceNorm(_AffineNorm):
   __doc__ = r"""Instance normalization for NNX, a drop-in for ``flax.nnx.InstanceNorm``.
 
   Statistics per example and per feature over every axis but the leading (batch) axis and
@@ -271,47 +251,22 @@ class InstanceNorm(Layer):
     True
   """
 
-  def __init__(
-      self,
-      num_features: int,
-      *,
-      epsilon: float = 1e-6,
-      dtype: Optional[Dtype] = None,
-      param_dtype: Dtype = jnp.float32,
-      use_bias: bool = True,
-      use_scale: bool = True,
-      bias_init: Initializer = initializers.zeros,
-      scale_init: Initializer = initializers.ones,
-      feature_axes: Axes = -1,
-      axis_name: Any = None,
-      axis_index_groups: Any = None,
-      use_fast_variance: bool = True,
-      promote_dtype: PromoteDtypeFn = promote_dtype,
-      rngs: nnx.Rngs,
-      bias_metadata: Mapping[str, Any] = MappingProxyType({}),
-      scale_metadata: Mapping[str, Any] = MappingProxyType({}),
-  ):
-    init_norm(self, locals(), _SETTINGS + ("use_bias", "feature_axes"))
+  feature_axes: Axes = -1
+  axis_name: Any = None
+  axis_index_groups: Any = None
+  use_fast_variance: bool = True
+  promote_dtype: PromoteDtypeFn = promote_dtype
+  rngs: InitVar[nnx.Rngs]
+  bias_metadata: InitVar[Mapping[str, Any]] = MappingProxyType({})
+  scale_metadata: InitVar[Mapping[str, Any]] = MappingProxyType({})
 
+  @doc(_CALL, "instance normalization", ", batch axis first")
   def __call__(self, x: jax.typing.ArrayLike, *, mask: Optional[jax.Array] = None
                ) -> jax.Array:
-    """Applies instance normalization.
-
-    Args:
-      x: the input, batch axis first.
-      mask: optional bool array broadcastable to ``x``: which entries count in the statistics.
-
-    Returns:
-      The normalized input, shaped like ``x``.
-    """
-    x, scale, bias, out = _inputs(self, x)
     fn = "jaxbn.nnx.InstanceNorm"
-    if 0 in named_axes(fn, "feature_axes", x.ndim, self.feature_axes):
+    if 0 in named_axes(fn, "feature_axes", jnp.ndim(x), self.feature_axes):
       raise flax_error(
           "The channel axes cannot include the leading dimension as this is assumed to be the "
           "batch axis.", f"{fn}: `feature_axes`={self.feature_axes!r} includes axis 0; put the "
           f"batch first and pass the channel axis (e.g. -1 for NHWC, 1 for NCHW).")
-    return instance_norm(x, scale, bias, feature_axes=self.feature_axes,
-                         epsilon=self.epsilon, mask=mask, dtype=out,
-                         axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
-                         use_fast_variance=self.use_fast_variance)
+    return self._apply(instance_norm, x, mask, "feature_axes")

@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-from types import MappingProxyType
-from typing import Any, Mapping, Optional
+from typing import Optional
 
 import jax
-import jax.numpy as jnp
-from flax import nnx
-from flax.typing import Axes, Dtype, Initializer, PromoteDtypeFn
-from jax.nn import initializers
 
 import jaxbn
-from jaxbn.nnx._common import Layer, bn_call, init_bn_layer, promote_dtype, resolve_mode
+from jaxbn.nnx._batch_norm import CALL_DOC, BatchNormFields
+from jaxbn.nnx._common import bn_call, doc, layer_fields, resolve_mode
 
-class BatchRenorm(Layer):
+
+@layer_fields
+class BatchRenorm(BatchNormFields):
   r"""Batch renormalization (Ioffe, 2017) for NNX, with BatchNorm's constructor and state.
 
   .. math::
@@ -29,12 +27,8 @@ class BatchRenorm(Layer):
   ``r_max``/``d_max`` given at call time (traced arrays) override the attributes without
   recompiling, e.g. from :func:`jaxbn.renorm_schedule`.
 
-  The other constructor arguments (num_features, use_running_average, axis, momentum, epsilon,
-  dtype, param_dtype, use_bias, use_scale, bias_init, scale_init, axis_name, axis_index_groups,
-  use_fast_variance, promote_dtype, rngs, bias_metadata, scale_metadata, unbiased_running_var,
-  debias, skip_nonfinite) are as :class:`jaxbn.nnx.BatchNorm`, except ``use_fast_variance``
-  defaults to False
-  (jaxbn's stable variance).
+  The other constructor arguments are :class:`jaxbn.nnx.BatchNorm`'s, with their meaning,
+  except that ``use_fast_variance`` defaults to False (jaxbn's stable variance).
 
   Args:
     r_max: upper clip of ``r`` (default 3).
@@ -53,61 +47,22 @@ class BatchRenorm(Layer):
     >>> y_eval = layer(x)
   """
 
-  def __init__(
-      self,
-      num_features: int,
-      *,
-      use_running_average: Optional[bool] = False,
-      axis: Axes = -1,
-      momentum: Optional[float] = 0.99,
-      epsilon: float = 1e-5,
-      dtype: Optional[Dtype] = None,
-      param_dtype: Dtype = jnp.float32,
-      use_bias: bool = True,
-      use_scale: bool = True,
-      bias_init: Initializer = initializers.zeros,
-      scale_init: Initializer = initializers.ones,
-      axis_name: Any = None,
-      axis_index_groups: Any = None,
-      use_fast_variance: bool = False,
-      promote_dtype: PromoteDtypeFn = promote_dtype,
-      rngs: nnx.Rngs,
-      bias_metadata: Mapping[str, Any] = MappingProxyType({}),
-      scale_metadata: Mapping[str, Any] = MappingProxyType({}),
-      unbiased_running_var: bool = False,
-      debias: bool = False,
-      skip_nonfinite: bool = True,
-      r_max: float = 3.0,
-      d_max: float = 5.0,
-      r_min: Optional[float] = None,
-      running_std: bool = False,
-  ):
-    init_bn_layer(self, "jaxbn.nnx.BatchRenorm", locals())
+  _fn = "jaxbn.nnx.BatchRenorm"
+  use_fast_variance: bool = False  # (jaxbn's stable variance by default)
+  skip_nonfinite: bool = True
+  r_max: float = 3.0
+  d_max: float = 5.0
+  r_min: Optional[float] = None
+  running_std: bool = False
 
-  def __call__(
-      self,
-      x: jax.typing.ArrayLike,
-      use_running_average: Optional[bool] = None,
-      *,
-      mask: Optional[jax.Array] = None,
-      r_max: Optional[jax.typing.ArrayLike] = None,
-      d_max: Optional[jax.typing.ArrayLike] = None,
-  ) -> jax.Array:
-    """Renormalizes ``x`` (training) or normalizes it with the running statistics (eval).
-
-    Args:
-      x: the input, feature axis ``self.axis``.
-      use_running_average: overrides the attribute of the same name for this call.
-      mask: optional bool array broadcastable to ``x``: which entries count.
-      r_max: optional (traced) override of ``self.r_max``.
-      d_max: optional (traced) override of ``self.d_max``.
-
-    Returns:
-      The normalized input, shaped like ``x``.
-    """
-    use_running_average = resolve_mode("jaxbn.nnx.BatchRenorm", use_running_average,
-                                       self.use_running_average)
-    return bn_call(self, jaxbn.batch_renorm, "jaxbn.nnx.BatchRenorm", x, use_running_average, mask,
+  @doc(CALL_DOC, "Renormalizes ``x`` (training) or normalizes it with the running statistics "
+       "(eval).", "\n      r_max: optional (traced) override of ``self.r_max``."
+       "\n      d_max: optional (traced) override of ``self.d_max``.")
+  def __call__(self, x: jax.typing.ArrayLike, use_running_average: Optional[bool] = None, *,
+               mask: Optional[jax.Array] = None, r_max: Optional[jax.typing.ArrayLike] = None,
+               d_max: Optional[jax.typing.ArrayLike] = None) -> jax.Array:
+    use_running_average = resolve_mode(self._fn, use_running_average, self.use_running_average)
+    return bn_call(self, jaxbn.batch_renorm, self._fn, x, use_running_average, mask,
                    r_max=self.r_max if r_max is None else r_max,
                    d_max=self.d_max if d_max is None else d_max, r_min=self.r_min,
                    running_std=self.running_std)

@@ -14,16 +14,12 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 from flax import nnx
 
+from jaxbn.nnx._batch_norm import BatchNorm
 from jaxbn.nnx._common import rebuild, treatment
 
 # Settings with the same meaning in every normalization layer (given to any replacement);
 # batch-norm-family replacements (with ``use_running_average``) get every setting they share.
 _COMMON = ("epsilon", "dtype", "param_dtype", "use_bias", "use_scale")
-
-
-def _default_layer():
-  import jaxbn.nnx  # pylint: disable=import-outside-toplevel
-  return jaxbn.nnx.BatchNorm
 
 
 def _construct(layer: Any, old: nnx.Module, overrides: dict) -> nnx.Module:
@@ -91,7 +87,7 @@ def replace_batch_norm(model: Any, layer: Union[type, Callable[[nnx.Module], nnx
     >>> type(back.layers[1]) is nnx.BatchNorm
     True
   """
-  layer = _default_layer() if layer is None else layer
+  layer = BatchNorm if layer is None else layer
   types = None if types is None else tuple(types)
 
   def convert(path, node):
