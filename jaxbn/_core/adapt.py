@@ -245,7 +245,7 @@ def split_batch_norm(
     row = jax.tree.map(lambda a: a[domain], stats)
     y, new = batch_norm(x, row, pick(scale, domain), pick(bias, domain), mask=mask, **kw)
     return y, jax.tree.map(lambda a, r: a.at[domain].set(r), stats, new)
-  ys, rows = [], []
+  y, rows = None, []
   select = domain.reshape((-1,) + (1,) * (x.ndim - 1))
   for i in range(d):
     m = jnp.broadcast_to(select == i, x.shape)
@@ -253,10 +253,6 @@ def split_batch_norm(
       m = m & jnp.broadcast_to(jnp.asarray(mask, bool), x.shape)
     row = jax.tree.map(lambda a: a[i], stats)
     y_i, new_i = batch_norm(x, row, pick(scale, i), pick(bias, i), mask=m, **kw)
-    ys.append(y_i)
+    y = y_i if y is None else jnp.where(select == i, y_i, y)
     rows.append(new_i)
-  y = ys[0]
-  for i in range(1, d):
-    y = jnp.where(select == i, ys[i], y)
-  new = jax.tree.map(lambda *r: jnp.stack(r), *rows)
-  return y, new
+  return y, jax.tree.map(lambda *r: jnp.stack(r), *rows)

@@ -76,9 +76,7 @@ def frozen_batch_norm(
     Wu, Kirillov, Massa, Lo & Girshick, detectron2 (2019), ``FrozenBatchNorm2d``.
   """
   fn = "frozen_batch_norm"
-  x = jnp.asarray(x)
-  checks.validate_bn_args(fn, x, stats, scale, bias, axis)
-  checks.epsilon_value(fn, epsilon)
+  x, _, _ = checks.validate_bn_args(fn, x, stats, scale, bias, axis, epsilon)
   sg = lax.stop_gradient
   if freeze_affine:
     scale = None if scale is None else sg(jnp.asarray(scale))

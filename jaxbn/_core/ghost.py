@@ -175,10 +175,7 @@ def ghost_batch_norm(
   """
   fn = "ghost_batch_norm"
   training = checks.static_bool(fn, "training", training)
-  x = jnp.asarray(x)
-  feat, fshape = checks.validate_bn_args(fn, x, stats, scale, bias, axis)
-  checks.epsilon_value(fn, epsilon)
-  checks.momentum_value(fn, momentum)
+  x, feat, fshape = checks.validate_bn_args(fn, x, stats, scale, bias, axis, epsilon, momentum)
   if stats_update not in _RULES:
     raise ValueError(f"{fn}: `stats_update` must be one of {_RULES}, got {stats_update!r}.")
   if (isinstance(virtual_batch_size, bool) or not isinstance(virtual_batch_size, int)
@@ -205,7 +202,6 @@ def ghost_batch_norm(
         f"the per-device batch (e.g. {fits}), drop the last incomplete batch, or pad it and "
         f"pass a `mask` that excludes the padding.")
   checks.mask_broadcasts(fn, mask, x.shape)
-  checks.axis_name_bound(fn, axis_name, axis_index_groups)
   vshape = tuple(virtual_batch_size if a == ba else d for a, d in enumerate(x.shape))
   checks.more_than_one_value(fn, vshape, checks.reduction_axes(x.ndim, feat), axis_name,
                              axis_index_groups, virtual_batch=True)
@@ -219,8 +215,7 @@ def ghost_batch_norm(
   # Shift: the running mean, for every virtual batch (block-shaped: `ghosts` on the batch axis).
   bshape = tuple(ghosts if a == ba else x.shape[a] for a in sfeat)
   shift = None if use_fast_variance else lax.broadcast_in_dim(
-      jnp.asarray(stats.mean).reshape(tuple(x.shape[a] for a in feat)), bshape,
-      tuple(sfeat.index(a) for a in feat))
+      jnp.asarray(stats.mean).reshape(fshape), bshape, tuple(sfeat.index(a) for a in feat))
   y, mean, var, count = standardize(
       fn, x, scale, bias, red=checks.reduction_axes(x.ndim, sfeat), param_axes=feat,
       mask=mask, epsilon=epsilon, dtype=dtype, axis_name=None, axis_index_groups=None,

@@ -18,12 +18,6 @@ from jaxbn._core.engine import standardize
 Axes = checks.Axes
 
 
-def _normalized(fn, x, scale, bias, **kw):
-  """The engine's ``y`` for a norm without running state (exact one-pass statistics about a
-  shift sampled from ``x``)."""
-  return standardize(fn, x, scale, bias, **kw)[0]
-
-
 def layer_norm(
     x: ArrayLike,
     scale: Optional[ArrayLike] = None,
@@ -88,10 +82,10 @@ def layer_norm(
   """
   fn = "layer_norm"
   x, red, feat = checks.per_example_args(fn, x, reduction_axes, feature_axes, scale, bias)
-  return _normalized(fn, x, scale, bias, red=red, param_axes=feat, mask=mask,
-                      epsilon=epsilon, dtype=dtype, axis_name=axis_name,
-                      axis_index_groups=axis_index_groups,
-                      use_fast_variance=use_fast_variance)
+  return standardize(fn, x, scale, bias, red=red, param_axes=feat, mask=mask,
+                     epsilon=epsilon, dtype=dtype, axis_name=axis_name,
+                     axis_index_groups=axis_index_groups,
+                     use_fast_variance=use_fast_variance)[0]
 
 
 def rms_norm(
@@ -145,7 +139,7 @@ def rms_norm(
   """
   fn = "rms_norm"
   x, red, feat = checks.per_example_args(fn, x, reduction_axes, feature_axes, scale, None)
-  return _normalized(fn, x, scale, None, red=red, param_axes=feat, mask=mask,
-                      epsilon=epsilon, dtype=dtype, axis_name=axis_name,
-                      axis_index_groups=axis_index_groups, use_fast_variance=False,
-                      center=False)
+  return standardize(fn, x, scale, None, red=red, param_axes=feat, mask=mask,
+                     epsilon=epsilon, dtype=dtype, axis_name=axis_name,
+                     axis_index_groups=axis_index_groups, use_fast_variance=False,
+                     center=False)[0]
