@@ -13,6 +13,7 @@ from jax.typing import ArrayLike, DTypeLike
 from jaxbn._core import checks
 from jaxbn._core import collectives
 from jaxbn._core.batch_norm import batch_norm
+from jaxbn._core.docstrings import fill_args
 from jaxbn._core.ema import update_stats
 from jaxbn._core.engine import standardize
 from jaxbn._core.moments import block_values, on_cpu
@@ -128,27 +129,14 @@ def ghost_batch_norm(
 
   Args:
     x: input, float dtype, rank >= 2.
-    stats: :class:`BatchStats` of the feature shape.
-    scale: optional per-feature scale ``γ``.
-    bias: optional per-feature offset ``β``.
-    training: Python bool, static.
     virtual_batch_size: examples per virtual batch (static int > 0 dividing the batch).
     batch_axis: the axis cut into virtual batches (default 0); not a feature axis.
-    axis: feature axis or axes (default -1).
-    momentum: running-average momentum in [0, 1] (weight of the old value), or None.
-    epsilon: added to the variance, > 0 (default 1e-5).
     axis_name: mapped axis name(s) over which the running-statistics update is averaged.
     axis_index_groups: average within these groups of device indices only.
-    mask: optional bool array broadcastable to ``x``: which entries count in the statistics.
-    dtype: output dtype (default ``x.dtype``).
-    use_fast_variance: flax's ``E[x²] − E[x]²`` variance.
     stats_update: ``"average"`` (one update per call) or ``"sequential"`` (one per virtual
       batch, the paper's rule).
     unbiased_running_var: fold in unbiased variances (pooled ``Σ n_l v_l / Σ (n_l − 1)`` for
       ``"average"``; ``v_l n_l/(n_l − 1)`` per virtual batch for ``"sequential"``).
-    debias: zero-debiased running averages (see :func:`jaxbn.update_stats`).
-    skip_nonfinite: True (default): features whose batch statistics are not finite keep
-      their running statistics; False: flax's behaviour (they become NaN/Inf).
 
   Returns:
     ``(y, new_stats)`` as :func:`jaxbn.batch_norm`.
@@ -246,3 +234,6 @@ def ghost_batch_norm(
 
   new_stats, _ = lax.scan(step, stats, (mean, var, count))
   return y, new_stats
+
+
+fill_args(batch_norm, ghost_batch_norm)

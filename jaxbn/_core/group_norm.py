@@ -15,7 +15,9 @@ import numpy as np
 from jax.typing import ArrayLike, DTypeLike
 
 from jaxbn._core import checks
+from jaxbn._core.docstrings import fill_args
 from jaxbn._core.engine import standardize
+from jaxbn._core.layer_norm import layer_norm
 
 Axes = checks.Axes
 
@@ -44,15 +46,8 @@ def instance_norm(
 
   Args:
     x: input, float dtype, rank >= 2 (axis 0 is the batch).
-    scale: optional ``γ``, shaped like ``x`` along ``feature_axes``.
-    bias: optional ``β``, same shape.
     feature_axes: channel axis or axes (default -1); must not include axis 0.
-    epsilon: added to the variance, > 0 (default 1e-6).
-    mask: optional bool array broadcastable to ``x``: which entries count.
-    dtype: output dtype (default ``x.dtype``).
     axis_name: mapped axis name(s) across which the reduced (spatial) axes are sharded.
-    axis_index_groups: synchronize within these groups of device indices only.
-    use_fast_variance: ``E[x²] − E[x]²`` instead of the stable variance.
 
   Returns:
     The normalized array, shaped like ``x``.
@@ -130,12 +125,6 @@ def group_norm(
     group_size: channels per group (instead of ``num_groups``; pass ``num_groups=None``).
     reduction_axes: axes the statistics are computed over; must include the last (channel)
       axis. Default: all but axis 0.
-    epsilon: added to the variance, > 0 (default 1e-6).
-    mask: optional bool array broadcastable to ``x``: which entries count.
-    dtype: output dtype (default ``x.dtype``).
-    axis_name: mapped axis name(s) across which the reduced axes are sharded.
-    axis_index_groups: synchronize within these groups of device indices only.
-    use_fast_variance: ``E[x²] − E[x]²`` instead of the stable variance.
 
   Returns:
     The normalized array, shaped like ``x``.
@@ -193,3 +182,6 @@ def group_norm(
                      epsilon=epsilon, dtype=dtype, axis_name=axis_name,
                      axis_index_groups=axis_index_groups, use_fast_variance=use_fast_variance,
                      grouping=(nstat - 1, num_groups))[0]
+
+
+fill_args(layer_norm, instance_norm, group_norm)

@@ -12,6 +12,7 @@ from jax.typing import ArrayLike, DTypeLike
 
 from jaxbn._core import checks
 from jaxbn._core.batch_norm import batch_norm
+from jaxbn._core.docstrings import fill_args
 from jaxbn._core.ema import select, update_stats, updated_features
 from jaxbn._core.moments import accumulation_dtype
 from jaxbn._core.engine import standardize
@@ -140,28 +141,13 @@ def batch_renorm(
 
   Args:
     x: input, float dtype (not complex), any rank >= 1.
-    stats: :class:`BatchStats` of the feature shape (:func:`jaxbn.init_stats`).
-    scale: optional per-feature scale ``γ``.
-    bias: optional per-feature offset ``β``.
     training: Python bool, static. True: renormalized batch statistics and updated running
       statistics; False: running statistics, ``stats`` returned unchanged.
     r_max: upper clip of ``r``, >= 1 (default 3, the paper's final value). May be traced.
     d_max: clip of ``|d|``, >= 0 (default 5, the paper's final value). May be traced.
     r_min: lower clip of ``r`` (default ``1 / r_max``). May be traced.
-    axis: feature axis or axes (default -1).
-    momentum: running-average momentum in [0, 1] (weight of the old value), or None.
-    epsilon: added to the variances, > 0 (default 1e-5).
-    axis_name: mapped axis name(s) to synchronize the batch statistics over, as in
-      :func:`jaxbn.batch_norm` (one collective forward, one backward).
-    axis_index_groups: synchronize within these groups of device indices only.
-    mask: optional bool array broadcastable to ``x``: which entries count in the statistics.
     dtype: output dtype (default ``x.dtype``); arithmetic runs in at least float32.
-    use_fast_variance: flax's ``E[x²] − E[x]²`` batch variance.
     running_std: average ``sqrt(var_B + ε)`` (paper, Keras) instead of ``var_B`` (BN).
-    unbiased_running_var: fold in the unbiased batch variance (PyTorch's running variance).
-    debias: zero-debiased running averages (see :func:`jaxbn.update_stats`).
-    skip_nonfinite: True (default): features whose batch statistics are not finite keep
-      their running statistics; False: flax's behaviour (they become NaN/Inf).
 
   Returns:
     ``(y, new_stats)``: the output (shape of ``x``, dtype ``dtype`` or ``x.dtype``) and the
@@ -280,3 +266,6 @@ def renorm_schedule(
 
   return (1.0 + (float(r_max) - 1.0) * ramp(r_max_steps),
           float(d_max) * ramp(d_max_steps))
+
+
+fill_args(batch_norm, batch_renorm)
