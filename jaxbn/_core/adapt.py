@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike, DTypeLike
 
 from jaxbn._core.batch_norm import batch_norm
+from jaxbn._core.docstrings import fill_args
 from jaxbn._core.moments import moments
 from jaxbn._core.normalize import normalize
 from jaxbn._core.types import BatchStats, Moments
@@ -113,15 +114,8 @@ def adapt_batch_norm(
   Args:
     x: input, float, batch axis 0.
     stats: the source (running) statistics.
-    scale: optional ``γ`` per feature.
-    bias: optional ``β`` per feature.
     prior: ``N >= 0`` (Schneider et al. found ``N`` of 8–32 good for batch sizes up to ~64).
-    axis: feature axis or axes (default -1).
-    epsilon: added to the variance (default 1e-5).
     axis_name: mapped axis name(s) over which the batch is sharded.
-    axis_index_groups: synchronize within these groups of devices only.
-    mask: optional bool array broadcastable to ``x``: which entries count.
-    dtype: output dtype (default ``x``'s).
 
   Returns:
     ``(y, mixed)``: the normalized input and the mixed statistics that normalized it.
@@ -203,10 +197,6 @@ def split_batch_norm(
     scale: ``γ``, ``(C,)`` or ``(D, C)``, or None.
     bias: ``β``, same shapes, or None.
     domain: int scalar or int array of shape ``(N,)`` with values in ``[0, D)``.
-    training: Python bool, as :func:`jaxbn.batch_norm`.
-    axis, momentum, epsilon, axis_name, axis_index_groups, mask, dtype: as
-      :func:`jaxbn.batch_norm`.
-    use_fast_variance: as :func:`jaxbn.batch_norm`.
     skip_nonfinite: as :func:`jaxbn.batch_norm` (each domain's statistics follow its bad-data
       contract: non-finite features keep their running values; one value per feature in
       training raises).
@@ -245,7 +235,7 @@ def split_batch_norm(
     row = jax.tree.map(lambda a: a[domain], stats)
     y, new = batch_norm(x, row, pick(scale, domain), pick(bias, domain), mask=mask, **kw)
     return y, jax.tree.map(lambda a, r: a.at[domain].set(r), stats, new)
-  ys, rows = [], []
+  y, rows = None, []
   select = domain.reshape((-1,) + (1,) * (x.ndim - 1))
   for i in range(d):
     m = jnp.broadcast_to(select == i, x.shape)
@@ -253,10 +243,9 @@ def split_batch_norm(
       m = m & jnp.broadcast_to(jnp.asarray(mask, bool), x.shape)
     row = jax.tree.map(lambda a: a[i], stats)
     y_i, new_i = batch_norm(x, row, pick(scale, i), pick(bias, i), mask=m, **kw)
-    ys.append(y_i)
+    y = y_i if y is None else jnp.where(select == i, y_i, y)
     rows.append(new_i)
-  y = ys[0]
-  for i in range(1, d):
-    y = jnp.where(select == i, ys[i], y)
-  new = jax.tree.map(lambda *r: jnp.stack(r), *rows)
-  return y, new
+  return y, jax.tree.map(lambda *r: jnp.stack(r), *rows)
+
+
+fill_args(batch_norm, adapt_batch_norm, split_batch_norm)

@@ -10,6 +10,7 @@ from jax.typing import ArrayLike, DTypeLike
 
 from jaxbn._core import checks
 from jaxbn._core.batch_norm import batch_norm
+from jaxbn._core.docstrings import fill_args
 from jaxbn._core.group_norm import group_norm
 from jaxbn._core.types import BatchStats
 
@@ -53,13 +54,11 @@ def batch_channel_norm(
     stats: running statistics of the channels (:func:`jaxbn.init_stats`).
     scale: ``γ`` per channel, or None.
     bias: ``β`` per channel, or None.
-    training: Python bool, as :func:`jaxbn.batch_norm`.
     num_groups: channel groups of the group norm (default 32); None with ``group_size``.
     group_size: channels per group instead of ``num_groups``.
     axis: the channel axis; must be the last axis (default -1).
-    momentum, epsilon, axis_name, axis_index_groups, mask, dtype, use_fast_variance: as
-      :func:`jaxbn.batch_norm` (``epsilon`` is also the group norm's; ``mask`` also weighs
-      the group statistics).
+    epsilon: added to the variances of both norms, > 0 (default 1e-5).
+    mask: optional bool array broadcastable to ``x``: which entries count in both statistics.
     **batch_norm_options: further keyword arguments of :func:`jaxbn.batch_norm` (e.g.
       ``unbiased_running_var``, ``debias``).
 
@@ -95,3 +94,6 @@ def batch_channel_norm(
   y = group_norm(z, scale, bias, num_groups=num_groups, group_size=group_size,
                  epsilon=epsilon, mask=mask, dtype=x.dtype if dtype is None else dtype)
   return y, new
+
+
+fill_args(batch_norm, batch_channel_norm)

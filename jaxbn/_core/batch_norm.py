@@ -138,10 +138,7 @@ def batch_norm(
   """
   fn = "batch_norm"
   training = checks.static_bool(fn, "training", training)
-  x = jnp.asarray(x)
-  feat, fshape = checks.validate_bn_args(fn, x, stats, scale, bias, axis)
-  checks.epsilon_value(fn, epsilon)
-  checks.momentum_value(fn, momentum)
+  x, feat, fshape = checks.validate_bn_args(fn, x, stats, scale, bias, axis, epsilon, momentum)
   out_dtype = output_dtype(x, scale, bias, dtype)
   acc = accumulation_dtype(x.dtype)
   rdt = jnp.finfo(acc).dtype
@@ -153,13 +150,12 @@ def batch_norm(
     inv = lax.rsqrt(jnp.asarray(stats.var).astype(rdt) + jnp.asarray(epsilon, rdt))
     return affine(x, feat, mean, inv, scale_v, bias_v, out_dtype), stats
 
-  checks.axis_name_bound(fn, axis_name, axis_index_groups)
-  checks.more_than_one_value(fn, x.shape, checks.reduction_axes(x.ndim, feat), axis_name,
-                             axis_index_groups)
+  red = checks.reduction_axes(x.ndim, feat)
+  checks.more_than_one_value(fn, x.shape, red, axis_name, axis_index_groups)
   # The running mean is the statistics' fallback shift (for a fully masked sample).
   shift = jnp.asarray(stats.mean).reshape(fshape)
   y, mean, var, count = standardize(
-      fn, x, scale_v, bias_v, red=checks.reduction_axes(x.ndim, feat), param_axes=feat,
+      fn, x, scale_v, bias_v, red=red, param_axes=feat,
       mask=mask, epsilon=epsilon, dtype=dtype, axis_name=axis_name,
       axis_index_groups=axis_index_groups, use_fast_variance=use_fast_variance, shift=shift)
   new_stats = update_stats(stats, Moments(mean, var, count), momentum=momentum,

@@ -9,8 +9,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
-import numbers
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -156,17 +155,11 @@ def _groups_partition(fn: str, axis_name: AxisName, groups: Any, size: int) -> N
         f"`axis_name`={axis_name!r}, e.g. [[0, 1], [2, 3]], got {groups!r}."
     )
   seen = [int(i) for g in flat for i in g]
-  outside = sorted({i for i in seen if not 0 <= i < size})
-  repeated = sorted({i for i in seen if seen.count(i) > 1})
-  missing = sorted(set(range(size)) - set(seen))
-  if outside or repeated or missing:
-    problems = []
-    if outside:
-      problems.append(f"indices {outside} are outside [0, {size - 1}]")
-    if repeated:
-      problems.append(f"indices {repeated} appear more than once")
-    if missing:
-      problems.append(f"indices {missing} are in no group")
+  problems = [f"indices {bad} {what}" for bad, what in (
+      (sorted({i for i in seen if not 0 <= i < size}), f"are outside [0, {size - 1}]"),
+      (sorted({i for i in seen if seen.count(i) > 1}), "appear more than once"),
+      (sorted(set(range(size)) - set(seen)), "are in no group")) if bad]
+  if problems:
     raise ValueError(
         f"{fn}: `axis_index_groups`={groups!r} does not partition the {size} indices of "
         f"`axis_name`={axis_name!r}: {'; '.join(problems)}. Every index 0..{size - 1} must "
@@ -243,13 +236,23 @@ def static_bool(fn: str, name: str, value: Any) -> bool:
   )
 
 
-def is_number(v: Any) -> bool:
-  return isinstance(v, numbers.Number)
+def feature_vectors(fn: str, fshape: tuple[int, ...], **vectors: Any) -> None:
+  """Checks optional float vectors with one entry per feature (None is skipped)."""
+  for name, v in vectors.items():
+    if v is not None:
+      float_input(fn, v, name)
+    feature_shape_matches(fn, name, v, fshape,
+                          "pass a vector with one entry per feature, or the right `axis`.")
 
 
-def validate_bn_args(fn: str, x: jax.Array, stats: Any, scale: Any, bias: Any,
-                     axis: Axes) -> tuple[tuple[int, ...], tuple[int, ...]]:
-  """Checks the arguments every BN-family function shares; returns (feature axes, shape)."""
+def validate_bn_args(fn: str, x: Any, stats: Any, scale: Any, bias: Any, axis: Axes,
+                     epsilon: Any, momentum: Any = None
+                     ) -> tuple[jax.Array, tuple[int, ...], tuple[int, ...]]:
+  """Checks the arguments every BN-family function shares.
+
+  Returns ``(x as an array, feature axes, feature shape)``.
+  """
+  x = jnp.asarray(x)
   float_input(fn, x)
   feat = feature_axes(fn, x.ndim, axis)
   fshape = tuple(x.shape[a] for a in feat)
@@ -263,12 +266,10 @@ def validate_bn_args(fn: str, x: jax.Array, stats: Any, scale: Any, bias: Any,
         f"{fn}: `x` has {shown} features on axis {axis!r} but `stats.mean` has shape "
         f"{tuple(jnp.shape(stats.mean))}; create the stats with jaxbn.init_stats({shown}) or "
         f"pass the right `axis`.")
-  hint = "pass a vector with one entry per feature, or the right `axis`."
-  for name, v in (("scale", scale), ("bias", bias)):
-    if v is not None:
-      float_input(fn, v, name)
-    feature_shape_matches(fn, name, v, fshape, hint)
-  return feat, fshape
+  feature_vectors(fn, fshape, scale=scale, bias=bias)
+  epsilon_value(fn, epsilon)
+  momentum_value(fn, momentum)
+  return x, feat, fshape
 
 
 def named_axes(fn: str, name: str, ndim: int, axes: Axes) -> tuple[int, ...]:
@@ -276,33 +277,29 @@ def named_axes(fn: str, name: str, ndim: int, axes: Axes) -> tuple[int, ...]:
   return feature_axes(fn, ndim, axes, name=name)
 
 
-def param_shape(fn: str, name: str, v: Any, shape: tuple[int, ...], where: str) -> None:
-  if v is None:
-    return
-  float_input(fn, v, name)
-  got = tuple(jnp.shape(v))
-  if got != shape and got != (int(np.prod(shape)),):
-    raise ValueError(
-        f"{fn}: `{name}` has shape {got} but `x` has shape {shape} along {where}; pass one "
-        f"entry per feature (shape {shape}), or set `feature_axes` to the axes it follows.")
+def affine_params(fn: str, scale: Any, bias: Any, shape: tuple[int, ...], where: str) -> None:
+  """Checks ``scale`` and ``bias`` (either may be None) against ``x``'s ``shape`` along
+  ``where`` (the layers' ``feature_axes``)."""
+  for name, v in (("scale", scale), ("bias", bias)):
+    if v is None:
+      continue
+    float_input(fn, v, name)
+    got = tuple(jnp.shape(v))
+    if got != shape and got != (int(np.prod(shape)),):
+      raise ValueError(
+          f"{fn}: `{name}` has shape {got} but `x` has shape {shape} along {where}; pass one "
+          f"entry per feature (shape {shape}), or set `feature_axes` to the axes it follows.")
 
 
-def affine_params(fn: str, x: jax.Array, feat: tuple[int, ...], feature_axes: Axes,
-                  scale: Any, bias: Any) -> None:
-  """Checks ``scale`` and ``bias`` (either may be None) against ``x`` along ``feat``."""
-  fshape = tuple(x.shape[a] for a in feat)
-  param_shape(fn, "scale", scale, fshape, f"`feature_axes`={feature_axes!r}")
-  param_shape(fn, "bias", bias, fshape, f"`feature_axes`={feature_axes!r}")
-
-
-def per_example_args(fn: str, x: ArrayLike, reduction_axes: Axes, feature_axes: Axes,
+def per_example_args(fn: str, x: Any, reduction_axes: Axes, feature_axes: Axes,
                       scale: Any, bias: Any):
   """Validates layer/RMS norm's arguments; returns ``(x, reduction axes, feature axes)``."""
   x = jnp.asarray(x)
   float_input(fn, x)
   red = named_axes(fn, "reduction_axes", x.ndim, reduction_axes)
   feat = named_axes(fn, "feature_axes", x.ndim, feature_axes)
-  affine_params(fn, x, feat, feature_axes, scale, bias)
+  affine_params(fn, scale, bias, tuple(x.shape[a] for a in feat),
+                f"`feature_axes`={feature_axes!r}")
   return x, red, feat
 
 
@@ -327,14 +324,15 @@ def one_value_per_feature_ok(ok: bool = True):
 
 def more_than_one_value(fn: str, x_shape: Sequence[Any], red: Sequence[int], axis_name: Any,
                         axis_index_groups: Any = None, *, virtual_batch: bool = False) -> None:
-  """Raises when the batch statistics would see exactly one value per feature.
+  """Checks ``axis_name`` (:func:`axis_name_bound`), then raises when the batch statistics
+  would see exactly one value per feature.
 
   The static count is the number of entries of ``x`` along the reduced axes ``red``, times
   the number of devices ``axis_name`` synchronizes over (the group size with
-  ``axis_index_groups``). Call after :func:`axis_name_bound`. A symbolic shape
-  (``jax.export``) is not checked; an empty batch (0 values) is allowed (it leaves the
-  running statistics unchanged).
+  ``axis_index_groups``). A symbolic shape (``jax.export``) is not checked; an empty batch
+  (0 values) is allowed (it leaves the running statistics unchanged).
   """
+  axis_name_bound(fn, axis_name, axis_index_groups)
   if _ONE_VALUE_OK.get():
     return
   try:
@@ -362,11 +360,3 @@ def more_than_one_value(fn: str, x_shape: Sequence[Any], red: Sequence[int], axi
       f"variance would be pulled toward 0. Fixes: evaluate with the running statistics "
       f"(training=False; layers: use_running_average=True or model.eval()), {fixes}, or "
       f"use a norm without batch statistics (jaxbn.group_norm, jaxbn.layer_norm).")
-
-
-__all__ = [
-    "one_value_per_feature_ok", "more_than_one_value",
-    "feature_axes", "reduction_axes", "float_input", "momentum_value", "epsilon_value",
-    "axis_name_bound", "feature_shape_matches", "mask_broadcasts", "static_bool",
-    "validate_bn_args", "named_axes", "param_shape", "affine_params", "per_example_args",
-]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from typing import Optional
 
 import jax
@@ -139,7 +140,7 @@ def update_stats(
     t = stats.count.astype(wdt) + 1.0
     debiased = w_old * (1.0 - w_old ** (t - 1.0)) / jnp.maximum(1.0 - w_old ** t, 1e-30)
     w_new = 1.0 - jnp.where(w_old >= 1.0, 1.0, debiased)  # momentum 1: frozen
-  elif checks.is_number(momentum):
+  elif isinstance(momentum, numbers.Number):
     # 1 − m in double precision on the host, as flax does: float32(1 − 0.99) is 0.01 to
     # 6e-8, where 1 − float32(0.99) is 0.00999999 (1e-6 off).
     w_new = jnp.asarray(1.0 - float(momentum), wdt)

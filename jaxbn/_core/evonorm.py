@@ -17,17 +17,11 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike, DTypeLike
 
 from jaxbn._core.ema import update_stats
-from jaxbn._core.moments import moments
+from jaxbn._core.moments import accumulation_dtype, moments
+from jaxbn._core.normalize import keepdims_shape
 from jaxbn._core.types import BatchStats
-from jaxbn._core.frn import _axes, _float, _per_channel, acc_dtype
+from jaxbn._core.frn import _axes, _float, _per_channel
 from jaxbn._core.unsynced import warn_if_unsynced
-
-
-def _keep(v: jax.Array, x: jax.Array, feat: tuple[int, ...]) -> jax.Array:
-  shape = [1] * x.ndim
-  for a in feat:
-    shape[a] = x.shape[a]
-  return v.reshape(shape)
 
 
 def _affine(fn, y, x, feat, scale, bias, acc, out):
@@ -127,7 +121,7 @@ def evonorm_b0(
     raise TypeError(f"{fn}: `training` must be a Python bool, got {type(training).__name__}.")
   warn_if_unsynced(fn, x, stats, axis_name, training)
   out = jnp.dtype(dtype) if dtype is not None else x.dtype
-  acc = acc_dtype(x.dtype)
+  acc = accumulation_dtype(x.dtype)
   if training:
     batch = moments(x, axis=feat, mask=mask, axis_name=axis_name,
                     axis_index_groups=axis_index_groups)
@@ -141,7 +135,7 @@ def evonorm_b0(
   inst = moments(x, axis=(0,) + feat, mask=mask).var  # per example and channel
   xf = x.astype(acc)
   eps = jnp.asarray(epsilon, acc)
-  left = jnp.sqrt(_keep(var_b.astype(acc), x, feat) + eps)
+  left = jnp.sqrt(var_b.astype(acc).reshape(keepdims_shape(x.shape, feat)) + eps)
   right = xf * _per_channel(fn, "v", v, x, feat).astype(acc) + jnp.sqrt(
       jnp.expand_dims(inst.astype(acc), [a for a in range(1, x.ndim) if a not in feat]) + eps)
   y = xf / jnp.maximum(left, right)
@@ -223,7 +217,7 @@ def evonorm_s0(
                      f"a divisor of {c} (or group_size=...).")
   feat = (ch,)
   out = jnp.dtype(dtype) if dtype is not None else x.dtype
-  acc = acc_dtype(x.dtype)
+  acc = accumulation_dtype(x.dtype)
   # The channel axis is split into (groups, channels per group) in place.
   blocked = x.shape[:ch] + (num_groups, c // num_groups) + x.shape[ch + 1:]
   xg = x.reshape(blocked)
@@ -231,9 +225,8 @@ def evonorm_s0(
       blocked)
   var = moments(xg, axis=(0, ch), mask=mg).var  # (N, G)
   inv = jax.lax.rsqrt(var.astype(acc) + jnp.asarray(epsilon, acc))
-  inv_shape = [1] * len(blocked)
-  inv_shape[0], inv_shape[ch] = x.shape[0], num_groups
-  inv = jnp.broadcast_to(inv.reshape(inv_shape), blocked).reshape(x.shape)
+  inv = jnp.broadcast_to(inv.reshape(keepdims_shape(blocked, (0, ch))), blocked)
+  inv = inv.reshape(x.shape)
   xf = x.astype(acc)
   vv = _per_channel(fn, "v", v, x, feat).astype(acc)
   y = xf * jax.nn.sigmoid(vv * xf) * inv

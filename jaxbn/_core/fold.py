@@ -150,6 +150,3 @@ def fold_batch_norm(
     bias = jnp.asarray(bias)
     new_bias = (bias.astype(k.dtype) * k + c).astype(bias.dtype)
   return new_kernel, new_bias
-
-
-__all__ = ["eval_affine", "fold_batch_norm"]

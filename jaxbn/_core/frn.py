@@ -16,6 +16,8 @@ from jax.typing import ArrayLike, DTypeLike
 
 from jaxbn._core import collectives
 from jaxbn._core.engine import standardize
+from jaxbn._core.moments import accumulation_dtype
+from jaxbn._core.normalize import keepdims_shape
 
 
 def _axes(fn: str, ndim: int, axis) -> tuple[int, ...]:
@@ -61,15 +63,7 @@ def _per_channel(fn: str, name: str, v, x: jax.Array, feat: tuple[int, ...]):
   if v.shape != fshape:
     raise ValueError(f"{fn}: `{name}` has shape {v.shape} but `x` has {fshape} channels on "
                      f"`axis`; pass one value per channel.")
-  shape = [1] * x.ndim
-  for a in feat:
-    shape[a] = x.shape[a]
-  return v.reshape(shape)
-
-
-def acc_dtype(dtype) -> jnp.dtype:
-  """float32 for half-precision inputs, the input's dtype otherwise."""
-  return jnp.promote_types(dtype, jnp.float32)
+  return v.reshape(keepdims_shape(x.shape, feat))
 
 
 def filter_response_norm(
@@ -142,14 +136,15 @@ def filter_response_norm(
   fshape = tuple(x.shape[a] for a in feat)
   scale, bias, tau = (None if v is None else _per_channel(fn, name, v, x, feat).reshape(fshape)
                       for name, v in (("scale", scale), ("bias", bias), ("tau", tau)))
-  eps = jnp.asarray(epsilon, acc_dtype(x.dtype))
+  acc = accumulation_dtype(x.dtype)
+  eps = jnp.asarray(epsilon, acc)
   if learned_epsilon is not None:
     eps = eps + jnp.abs(_float(fn, "learned_epsilon", learned_epsilon).astype(eps.dtype))
   # The engine's uncentered statistics (the mean square over S, per example and channel) and
   # its closed-form derivative; the TLU follows in the accumulation dtype.
   out = jnp.dtype(dtype) if dtype is not None else x.dtype
   y = standardize(fn, x, scale, bias, red=red, param_axes=feat, mask=mask, epsilon=eps,
-                  dtype=acc_dtype(x.dtype) if tau is not None else out, axis_name=None,
+                  dtype=acc if tau is not None else out, axis_name=None,
                   axis_index_groups=None, use_fast_variance=False, center=False)[0]
   if tau is not None:
     # tau is made device-varying at its own shape before it meets the data (shard_map), so

@@ -10,6 +10,8 @@ from jax import lax
 from jax.typing import ArrayLike, DTypeLike
 
 from jaxbn._core import checks
+from jaxbn._core.batch_norm import batch_norm
+from jaxbn._core.docstrings import fill_args
 from jaxbn._core.normalize import normalize
 from jaxbn._core.types import BatchStats
 
@@ -48,10 +50,6 @@ def frozen_batch_norm(
   Args:
     x: input, float dtype.
     stats: the frozen :class:`BatchStats` (``count`` is ignored).
-    scale: optional per-feature ``γ``.
-    bias: optional per-feature ``β``.
-    axis: feature axis or axes (default -1).
-    epsilon: added to the variance, > 0 (default 1e-5).
     dtype: output dtype (default ``x.dtype``); arithmetic runs in at least float32.
     freeze_affine: also stop the gradient of ``scale`` and ``bias`` (default True).
 
@@ -76,12 +74,13 @@ def frozen_batch_norm(
     Wu, Kirillov, Massa, Lo & Girshick, detectron2 (2019), ``FrozenBatchNorm2d``.
   """
   fn = "frozen_batch_norm"
-  x = jnp.asarray(x)
-  checks.validate_bn_args(fn, x, stats, scale, bias, axis)
-  checks.epsilon_value(fn, epsilon)
+  x, _, _ = checks.validate_bn_args(fn, x, stats, scale, bias, axis, epsilon)
   sg = lax.stop_gradient
   if freeze_affine:
     scale = None if scale is None else sg(jnp.asarray(scale))
     bias = None if bias is None else sg(jnp.asarray(bias))
   return normalize(x, sg(stats.mean), sg(stats.var), scale, bias, axis=axis,
                    epsilon=epsilon, dtype=dtype)
+
+
+fill_args(batch_norm, frozen_batch_norm)

@@ -13,6 +13,7 @@ from jax.typing import ArrayLike, DTypeLike
 from jaxbn._core import checks
 from jaxbn._core import collectives
 from jaxbn._core.batch_norm import batch_norm
+from jaxbn._core.docstrings import fill_args
 from jaxbn._core.ema import update_stats
 from jaxbn._core.engine import standardize
 from jaxbn._core.moments import block_values, on_cpu
@@ -128,27 +129,14 @@ def ghost_batch_norm(
 
   Args:
     x: input, float dtype, rank >= 2.
-    stats: :class:`BatchStats` of the feature shape.
-    scale: optional per-feature scale ``γ``.
-    bias: optional per-feature offset ``β``.
-    training: Python bool, static.
     virtual_batch_size: examples per virtual batch (static int > 0 dividing the batch).
     batch_axis: the axis cut into virtual batches (default 0); not a feature axis.
-    axis: feature axis or axes (default -1).
-    momentum: running-average momentum in [0, 1] (weight of the old value), or None.
-    epsilon: added to the variance, > 0 (default 1e-5).
     axis_name: mapped axis name(s) over which the running-statistics update is averaged.
     axis_index_groups: average within these groups of device indices only.
-    mask: optional bool array broadcastable to ``x``: which entries count in the statistics.
-    dtype: output dtype (default ``x.dtype``).
-    use_fast_variance: flax's ``E[x²] − E[x]²`` variance.
     stats_update: ``"average"`` (one update per call) or ``"sequential"`` (one per virtual
       batch, the paper's rule).
     unbiased_running_var: fold in unbiased variances (pooled ``Σ n_l v_l / Σ (n_l − 1)`` for
       ``"average"``; ``v_l n_l/(n_l − 1)`` per virtual batch for ``"sequential"``).
-    debias: zero-debiased running averages (see :func:`jaxbn.update_stats`).
-    skip_nonfinite: True (default): features whose batch statistics are not finite keep
-      their running statistics; False: flax's behaviour (they become NaN/Inf).
 
   Returns:
     ``(y, new_stats)`` as :func:`jaxbn.batch_norm`.
@@ -175,10 +163,7 @@ def ghost_batch_norm(
   """
   fn = "ghost_batch_norm"
   training = checks.static_bool(fn, "training", training)
-  x = jnp.asarray(x)
-  feat, fshape = checks.validate_bn_args(fn, x, stats, scale, bias, axis)
-  checks.epsilon_value(fn, epsilon)
-  checks.momentum_value(fn, momentum)
+  x, feat, fshape = checks.validate_bn_args(fn, x, stats, scale, bias, axis, epsilon, momentum)
   if stats_update not in _RULES:
     raise ValueError(f"{fn}: `stats_update` must be one of {_RULES}, got {stats_update!r}.")
   if (isinstance(virtual_batch_size, bool) or not isinstance(virtual_batch_size, int)
@@ -205,7 +190,6 @@ def ghost_batch_norm(
         f"the per-device batch (e.g. {fits}), drop the last incomplete batch, or pad it and "
         f"pass a `mask` that excludes the padding.")
   checks.mask_broadcasts(fn, mask, x.shape)
-  checks.axis_name_bound(fn, axis_name, axis_index_groups)
   vshape = tuple(virtual_batch_size if a == ba else d for a, d in enumerate(x.shape))
   checks.more_than_one_value(fn, vshape, checks.reduction_axes(x.ndim, feat), axis_name,
                              axis_index_groups, virtual_batch=True)
@@ -219,8 +203,7 @@ def ghost_batch_norm(
   # Shift: the running mean, for every virtual batch (block-shaped: `ghosts` on the batch axis).
   bshape = tuple(ghosts if a == ba else x.shape[a] for a in sfeat)
   shift = None if use_fast_variance else lax.broadcast_in_dim(
-      jnp.asarray(stats.mean).reshape(tuple(x.shape[a] for a in feat)), bshape,
-      tuple(sfeat.index(a) for a in feat))
+      jnp.asarray(stats.mean).reshape(fshape), bshape, tuple(sfeat.index(a) for a in feat))
   y, mean, var, count = standardize(
       fn, x, scale, bias, red=checks.reduction_axes(x.ndim, sfeat), param_axes=feat,
       mask=mask, epsilon=epsilon, dtype=dtype, axis_name=None, axis_index_groups=None,
@@ -251,3 +234,6 @@ def ghost_batch_norm(
 
   new_stats, _ = lax.scan(step, stats, (mean, var, count))
   return y, new_stats
+
+
+fill_args(batch_norm, ghost_batch_norm)

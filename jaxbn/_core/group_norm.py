@@ -15,7 +15,9 @@ import numpy as np
 from jax.typing import ArrayLike, DTypeLike
 
 from jaxbn._core import checks
-from jaxbn._core.layer_norm import _normalized
+from jaxbn._core.docstrings import fill_args
+from jaxbn._core.engine import standardize
+from jaxbn._core.layer_norm import layer_norm
 
 Axes = checks.Axes
 
@@ -44,15 +46,8 @@ def instance_norm(
 
   Args:
     x: input, float dtype, rank >= 2 (axis 0 is the batch).
-    scale: optional ``γ``, shaped like ``x`` along ``feature_axes``.
-    bias: optional ``β``, same shape.
     feature_axes: channel axis or axes (default -1); must not include axis 0.
-    epsilon: added to the variance, > 0 (default 1e-6).
-    mask: optional bool array broadcastable to ``x``: which entries count.
-    dtype: output dtype (default ``x.dtype``).
     axis_name: mapped axis name(s) across which the reduced (spatial) axes are sharded.
-    axis_index_groups: synchronize within these groups of device indices only.
-    use_fast_variance: ``E[x²] − E[x]²`` instead of the stable variance.
 
   Returns:
     The normalized array, shaped like ``x``.
@@ -81,12 +76,13 @@ def instance_norm(
         f"{fn}: `feature_axes`={feature_axes!r} includes axis 0, which instance norm treats "
         f"as the batch axis; put the batch first and pass the channel axis (e.g. -1 for "
         f"NHWC, 1 for NCHW).")
-  checks.affine_params(fn, x, feat, feature_axes, scale, bias)
+  checks.affine_params(fn, scale, bias, tuple(x.shape[a] for a in feat),
+                       f"`feature_axes`={feature_axes!r}")
   red = tuple(a for a in range(1, x.ndim) if a not in feat)
-  return _normalized(fn, x, scale, bias, red=red, param_axes=feat, mask=mask,
-                      epsilon=epsilon, dtype=dtype, axis_name=axis_name,
-                      axis_index_groups=axis_index_groups,
-                      use_fast_variance=use_fast_variance)
+  return standardize(fn, x, scale, bias, red=red, param_axes=feat, mask=mask,
+                     epsilon=epsilon, dtype=dtype, axis_name=axis_name,
+                     axis_index_groups=axis_index_groups,
+                     use_fast_variance=use_fast_variance)[0]
 
 
 def group_norm(
@@ -129,12 +125,6 @@ def group_norm(
     group_size: channels per group (instead of ``num_groups``; pass ``num_groups=None``).
     reduction_axes: axes the statistics are computed over; must include the last (channel)
       axis. Default: all but axis 0.
-    epsilon: added to the variance, > 0 (default 1e-6).
-    mask: optional bool array broadcastable to ``x``: which entries count.
-    dtype: output dtype (default ``x.dtype``).
-    axis_name: mapped axis name(s) across which the reduced axes are sharded.
-    axis_index_groups: synchronize within these groups of device indices only.
-    use_fast_variance: ``E[x²] − E[x]²`` instead of the stable variance.
 
   Returns:
     The normalized array, shaped like ``x``.
@@ -170,17 +160,11 @@ def group_norm(
         f"{fn}: give exactly one of `num_groups` and `group_size`, got num_groups="
         f"{num_groups!r} and group_size={group_size!r}; to set group_size, also pass "
         f"num_groups=None (its default is 32).")
-  if group_size is not None:
-    if not isinstance(group_size, (int, np.integer)) or group_size <= 0 or (
-        channels % group_size):
-      raise ValueError(f"{fn}: `group_size`={group_size!r} must be a positive divisor of the "
-                       f"{channels} channels (last axis of `x`).")
-    num_groups = channels // int(group_size)
-  if not isinstance(num_groups, (int, np.integer)) or num_groups <= 0 or (
-      channels % num_groups):
-    raise ValueError(f"{fn}: `num_groups`={num_groups!r} must be a positive divisor of the "
-                     f"{channels} channels (last axis of `x`).")
-  num_groups = int(num_groups)
+  name, given = ("num_groups", num_groups) if group_size is None else ("group_size", group_size)
+  if not isinstance(given, (int, np.integer)) or given <= 0 or channels % given:
+    raise ValueError(f"{fn}: `{name}`={given!r} must be a positive divisor of the {channels} "
+                     f"channels (last axis of `x`).")
+  num_groups = int(num_groups) if group_size is None else channels // int(group_size)
   if reduction_axes is None:
     red = tuple(range(1, x.ndim))
   else:
@@ -189,13 +173,15 @@ def group_norm(
       raise ValueError(
           f"{fn}: `reduction_axes`={reduction_axes!r} must include the last axis (the "
           f"channels, within each group), e.g. {tuple(sorted(set(red) | {x.ndim - 1}))}.")
-  checks.param_shape(fn, "scale", scale, (channels,), "its last (channel) axis")
-  checks.param_shape(fn, "bias", bias, (channels,), "its last (channel) axis")
+  checks.affine_params(fn, scale, bias, (channels,), "its last (channel) axis")
   # Statistics per group: reduce over `red` without the channels on x's own layout, then
   # over each group's channels (no reshape of x: the channels stay the inner axis).
   red = tuple(a for a in red if a != x.ndim - 1)
   nstat = x.ndim - len(red)  # the channels are the last of the statistics' axes
-  return _normalized(fn, x, scale, bias, red=red, param_axes=(x.ndim - 1,), mask=mask,
-                      epsilon=epsilon, dtype=dtype, axis_name=axis_name,
-                      axis_index_groups=axis_index_groups, use_fast_variance=use_fast_variance,
-                      grouping=(nstat - 1, num_groups))
+  return standardize(fn, x, scale, bias, red=red, param_axes=(x.ndim - 1,), mask=mask,
+                     epsilon=epsilon, dtype=dtype, axis_name=axis_name,
+                     axis_index_groups=axis_index_groups, use_fast_variance=use_fast_variance,
+                     grouping=(nstat - 1, num_groups))[0]
+
+
+fill_args(layer_norm, instance_norm, group_norm)

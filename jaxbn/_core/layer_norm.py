@@ -13,15 +13,10 @@ import jax
 from jax.typing import ArrayLike, DTypeLike
 
 from jaxbn._core import checks
+from jaxbn._core.docstrings import fill_args
 from jaxbn._core.engine import standardize
 
 Axes = checks.Axes
-
-
-def _normalized(fn, x, scale, bias, **kw):
-  """The engine's ``y`` for a norm without running state (exact one-pass statistics about a
-  shift sampled from ``x``)."""
-  return standardize(fn, x, scale, bias, **kw)[0]
 
 
 def layer_norm(
@@ -51,8 +46,9 @@ def layer_norm(
   inference identical to training; no cross-example communication.
 
   Numerics (all the per-example norms): statistics accumulated in float32 for bf16/fp16 input
-  without an up-cast copy of ``x``; stable variance by default (``use_fast_variance=True``:
-  ``E[x²] − E[x]²``, clamped at 0); output dtype ``dtype`` or ``x.dtype``. Masked statistics
+  without an up-cast copy of ``x``, in one pass about a shift sampled from ``x`` (exact for
+  any offset of the data, with or without ``use_fast_variance``); output dtype ``dtype`` or
+  ``x.dtype``. Masked statistics
   use only the valid entries (a group with none gives finite output); ``axis_name`` averages
   the statistics over devices, weighted by their counts — for model parallelism, when the
   reduced axes are sharded across devices. Gradients are the engine's closed-form derivative.
@@ -68,7 +64,8 @@ def layer_norm(
     dtype: output dtype (default ``x.dtype``).
     axis_name: mapped axis name(s) across which the reduced axes are sharded.
     axis_index_groups: synchronize within these groups of device indices only.
-    use_fast_variance: ``E[x²] − E[x]²`` instead of the stable variance.
+    use_fast_variance: accepted for flax compatibility: both modes compute the same exact
+      one-pass statistics (flax's fast ``E[x²] − E[x]²`` loses the variance far from zero).
 
   Returns:
     The normalized array, shaped like ``x``.
@@ -88,10 +85,10 @@ def layer_norm(
   """
   fn = "layer_norm"
   x, red, feat = checks.per_example_args(fn, x, reduction_axes, feature_axes, scale, bias)
-  return _normalized(fn, x, scale, bias, red=red, param_axes=feat, mask=mask,
-                      epsilon=epsilon, dtype=dtype, axis_name=axis_name,
-                      axis_index_groups=axis_index_groups,
-                      use_fast_variance=use_fast_variance)
+  return standardize(fn, x, scale, bias, red=red, param_axes=feat, mask=mask,
+                     epsilon=epsilon, dtype=dtype, axis_name=axis_name,
+                     axis_index_groups=axis_index_groups,
+                     use_fast_variance=use_fast_variance)[0]
 
 
 def rms_norm(
@@ -119,15 +116,9 @@ def rms_norm(
   :func:`jaxbn.layer_norm`.
 
   Args:
-    x: input, float dtype.
-    scale: optional ``γ``, shaped like ``x`` along ``feature_axes`` (or flattened).
     reduction_axes: axes the mean square is computed over (default -1).
     feature_axes: axes ``scale`` follows (default -1).
     epsilon: added to the mean square, > 0 (default 1e-6).
-    mask: optional bool array broadcastable to ``x``: which entries count.
-    dtype: output dtype (default ``x.dtype``).
-    axis_name: mapped axis name(s) across which the reduced axes are sharded.
-    axis_index_groups: synchronize within these groups of device indices only.
 
   Returns:
     The normalized array, shaped like ``x``.
@@ -145,7 +136,10 @@ def rms_norm(
   """
   fn = "rms_norm"
   x, red, feat = checks.per_example_args(fn, x, reduction_axes, feature_axes, scale, None)
-  return _normalized(fn, x, scale, None, red=red, param_axes=feat, mask=mask,
-                      epsilon=epsilon, dtype=dtype, axis_name=axis_name,
-                      axis_index_groups=axis_index_groups, use_fast_variance=False,
-                      center=False)
+  return standardize(fn, x, scale, None, red=red, param_axes=feat, mask=mask,
+                     epsilon=epsilon, dtype=dtype, axis_name=axis_name,
+                     axis_index_groups=axis_index_groups, use_fast_variance=False,
+                     center=False)[0]
+
+
+fill_args(layer_norm, rms_norm)

@@ -48,14 +48,6 @@ def output_dtype(x, scale, bias, dtype):
   return jnp.result_type(x)
 
 
-def check_affine_args(fn, x, feat, fshape, scale, bias, mean=None, var=None):
-  hint = ("pass a vector with one entry per feature, or the right `axis`.")
-  for name, v in (("scale", scale), ("bias", bias), ("mean", mean), ("var", var)):
-    if v is not None:
-      checks.float_input(fn, v, name)
-    checks.feature_shape_matches(fn, name, v, fshape, hint)
-
-
 def normalize(
     x: ArrayLike,
     mean: ArrayLike,
@@ -101,7 +93,7 @@ def normalize(
   checks.epsilon_value(fn, epsilon)
   feat = checks.feature_axes(fn, x.ndim, axis)
   fshape = tuple(x.shape[a] for a in feat)
-  check_affine_args(fn, x, feat, fshape, scale, bias, mean, var)
+  checks.feature_vectors(fn, fshape, scale=scale, bias=bias, mean=mean, var=var)
   acc = accumulation_dtype(x.dtype)
   rdt = jnp.finfo(acc).dtype
   m = to_keepdims(mean, x.shape, feat, acc)

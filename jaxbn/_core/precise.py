@@ -142,6 +142,3 @@ def population_stats(acc: PopulationMoments, stats: Optional[BatchStats] = None,
       var=jnp.where(seen, var, stats.var).astype(stats.var.dtype),
       count=stats.count,
   )
-
-
-__all__ = ["PopulationMoments", "init_population_moments", "merge_moments", "population_stats"]

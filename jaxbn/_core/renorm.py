@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Optional, Sequence
 
 import jax
@@ -11,6 +12,7 @@ from jax.typing import ArrayLike, DTypeLike
 
 from jaxbn._core import checks
 from jaxbn._core.batch_norm import batch_norm
+from jaxbn._core.docstrings import fill_args
 from jaxbn._core.ema import select, update_stats, updated_features
 from jaxbn._core.moments import accumulation_dtype
 from jaxbn._core.engine import standardize
@@ -29,9 +31,7 @@ def _concrete(v: Any) -> Optional[float]:
 def _check_clipping(fn: str, r_max: Any, d_max: Any, r_min: Any) -> None:
   """Validates concrete clipping bounds (traced values are accepted unchecked)."""
   for name, v in (("r_max", r_max), ("d_max", d_max), ("r_min", r_min)):
-    if v is None and name == "r_min":
-      continue
-    if not isinstance(v, jax.core.Tracer) and jnp.ndim(v) != 0:
+    if v is not None and not isinstance(v, jax.core.Tracer) and jnp.ndim(v) != 0:
       raise ValueError(f"{fn}: `{name}` must be a scalar (a float or a 0-d array), got shape "
                        f"{jnp.shape(v)}.")
   rmax, dmax, rmin = _concrete(r_max), _concrete(d_max), _concrete(r_min)
@@ -49,7 +49,7 @@ def _check_clipping(fn: str, r_max: Any, d_max: Any, r_min: Any) -> None:
         f"for the paper's 1/r_max.")
 
 
-def _update_running_std(stats: BatchStats, batch: Moments, epsilon, *, momentum,
+def _update_running_std(stats: BatchStats, batch: Moments, *, epsilon, momentum,
                         unbiased_running_var: bool, debias: bool,
                         skip_nonfinite: bool) -> BatchStats:
   r"""The paper's (and Keras's) rule: a moving average of ``σ_B = sqrt(var_B + ε)``.
@@ -141,28 +141,13 @@ def batch_renorm(
 
   Args:
     x: input, float dtype (not complex), any rank >= 1.
-    stats: :class:`BatchStats` of the feature shape (:func:`jaxbn.init_stats`).
-    scale: optional per-feature scale ``γ``.
-    bias: optional per-feature offset ``β``.
     training: Python bool, static. True: renormalized batch statistics and updated running
       statistics; False: running statistics, ``stats`` returned unchanged.
     r_max: upper clip of ``r``, >= 1 (default 3, the paper's final value). May be traced.
     d_max: clip of ``|d|``, >= 0 (default 5, the paper's final value). May be traced.
     r_min: lower clip of ``r`` (default ``1 / r_max``). May be traced.
-    axis: feature axis or axes (default -1).
-    momentum: running-average momentum in [0, 1] (weight of the old value), or None.
-    epsilon: added to the variances, > 0 (default 1e-5).
-    axis_name: mapped axis name(s) to synchronize the batch statistics over, as in
-      :func:`jaxbn.batch_norm` (one collective forward, one backward).
-    axis_index_groups: synchronize within these groups of device indices only.
-    mask: optional bool array broadcastable to ``x``: which entries count in the statistics.
     dtype: output dtype (default ``x.dtype``); arithmetic runs in at least float32.
-    use_fast_variance: flax's ``E[x²] − E[x]²`` batch variance.
     running_std: average ``sqrt(var_B + ε)`` (paper, Keras) instead of ``var_B`` (BN).
-    unbiased_running_var: fold in the unbiased batch variance (PyTorch's running variance).
-    debias: zero-debiased running averages (see :func:`jaxbn.update_stats`).
-    skip_nonfinite: True (default): features whose batch statistics are not finite keep
-      their running statistics; False: flax's behaviour (they become NaN/Inf).
 
   Returns:
     ``(y, new_stats)``: the output (shape of ``x``, dtype ``dtype`` or ``x.dtype``) and the
@@ -191,22 +176,18 @@ def batch_renorm(
   """
   fn = "batch_renorm"
   training = checks.static_bool(fn, "training", training)
-  x = jnp.asarray(x)
-  feat, fshape = checks.validate_bn_args(fn, x, stats, scale, bias, axis)
+  x, feat, fshape = checks.validate_bn_args(fn, x, stats, scale, bias, axis, epsilon, momentum)
   if jnp.iscomplexobj(x):
     raise TypeError(f"{fn}: complex input is not supported (r and d are real ratios); use "
                     f"jaxbn.batch_norm for complex data.")
-  checks.epsilon_value(fn, epsilon)
-  checks.momentum_value(fn, momentum)
   _check_clipping(fn, r_max, d_max, r_min)
   if not training:
     return batch_norm(x, stats, scale, bias, training=False, axis=axis, epsilon=epsilon,
                       dtype=dtype)
 
   checks.mask_broadcasts(fn, mask, x.shape)
-  checks.axis_name_bound(fn, axis_name, axis_index_groups)
-  checks.more_than_one_value(fn, x.shape, checks.reduction_axes(x.ndim, feat), axis_name,
-                             axis_index_groups)
+  red = checks.reduction_axes(x.ndim, feat)
+  checks.more_than_one_value(fn, x.shape, red, axis_name, axis_index_groups)
   acc = accumulation_dtype(x.dtype)
   sg = lax.stop_gradient
   r_hi = sg(jnp.asarray(r_max, acc))
@@ -215,21 +196,15 @@ def batch_renorm(
                 sg(1.0 / r_hi if r_min is None else jnp.asarray(r_min, acc)), r_hi,
                 sg(jnp.asarray(d_max, acc)))
   y, mean, var, count = standardize(
-      fn, x, scale, bias, red=checks.reduction_axes(x.ndim, feat), param_axes=feat,
+      fn, x, scale, bias, red=red, param_axes=feat,
       mask=mask, epsilon=epsilon, dtype=dtype, axis_name=axis_name,
       axis_index_groups=axis_index_groups, use_fast_variance=use_fast_variance,
       correction=correction, shift=None if use_fast_variance else correction[0])
-  eps = jnp.asarray(epsilon, jnp.float32)
-  batch = Moments(sg(mean), sg(var), count)
-  if running_std:
-    new_stats = _update_running_std(stats, batch, eps, momentum=momentum,
-                                    unbiased_running_var=unbiased_running_var, debias=debias,
-                                    skip_nonfinite=skip_nonfinite)
-  else:
-    new_stats = update_stats(stats, batch, momentum=momentum,
-                             unbiased_running_var=unbiased_running_var, debias=debias,
-                             skip_nonfinite=skip_nonfinite)
-  return y, new_stats
+  update = (functools.partial(_update_running_std, epsilon=jnp.asarray(epsilon, jnp.float32))
+            if running_std else update_stats)
+  return y, update(stats, Moments(sg(mean), sg(var), count), momentum=momentum,
+                   unbiased_running_var=unbiased_running_var, debias=debias,
+                   skip_nonfinite=skip_nonfinite)
 
 
 def renorm_schedule(
@@ -291,3 +266,6 @@ def renorm_schedule(
 
   return (1.0 + (float(r_max) - 1.0) * ramp(r_max_steps),
           float(d_max) * ramp(d_max_steps))
+
+
+fill_args(batch_norm, batch_renorm)

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from jaxbn._core.moments import moments
+from jaxbn._core.normalize import keepdims_shape
 from jaxbn._core.frn import _float
 
 
@@ -77,8 +78,7 @@ def standardize_weight(
                      f"got shape {w.shape}.")
   m = moments(w, axis=axis)
   acc = m.var.dtype
-  shape = [1] * w.ndim
-  shape[axis] = w.shape[axis]
+  shape = keepdims_shape(w.shape, (axis,))
   inv = jax.lax.rsqrt(m.var + jnp.asarray(epsilon, acc))
   if fan_in_scaling:
     inv = inv / math.sqrt(w.size // w.shape[axis])
