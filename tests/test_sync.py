@@ -710,13 +710,45 @@ def test_missing_axis_name_under_shard_map_gets_a_jaxbn_hint_not_only_jaxs_error
     jax.eval_shape(mapped(training=True, per_device=True), x, stats)   # on purpose
     jaxbn.evonorm_b0(jnp.ones((4, 2, 2, F)), stats, None, None, ones, training=True)
 
+  # The same hint from the BN family's functions and the layers built on them.
+  def bn_mapped(call):
+    return jax.shard_map(call, mesh=mesh, in_specs=(P("data"), P()), out_specs=(P("data"), P()))
+  calls = {
+      "batch_norm": lambda x, st: jaxbn.batch_norm(x, st, training=True),
+      "batch_renorm": lambda x, st: jaxbn.batch_renorm(x, st, training=True),
+      "ghost_batch_norm": lambda x, st: jaxbn.ghost_batch_norm(
+          x, st, training=True, virtual_batch_size=2)}
+  for fn, call in calls.items():
+    with pytest.warns(UnsyncedStatisticsWarning, match=rf"{fn}: `x` is split.*'data'"):
+      with pytest.raises(ValueError, match="out_specs which require replication"):
+        jax.eval_shape(bn_mapped(call), x, stats)
+  layer = jaxbn.linen.BatchNorm(use_running_average=False)
+  variables = layer.init(jax.random.key(0), jnp.ones((2, 2, 2, F)))
+
+  def linen_step(x, v):
+    return layer.apply(v, x, mutable=["batch_stats"])
+  with pytest.warns(UnsyncedStatisticsWarning, match=r"batch_norm: `x` is split"):
+    with pytest.raises(ValueError, match="out_specs which require replication"):
+      jax.eval_shape(jax.shard_map(linen_step, mesh=mesh, in_specs=(P("data"), P()),
+                                   out_specs=(P("data"), P())), x, variables)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # synced, or statistics per device on purpose: no warning
+    jax.eval_shape(bn_mapped(lambda x, st: jaxbn.batch_norm(x, st, training=True,
+                                                            axis_name="data")), x, stats)
+
+    def per_device(x, st):
+      y, new = jaxbn.batch_norm(x, lax.pcast(st, "data", to="varying"), training=True)
+      return y, parallel.average_stats(new, axis_name="data")
+    jax.eval_shape(bn_mapped(per_device), x, stats)
+
   def step(state, batch):
     y, new = jaxbn.batch_norm(batch, state, training=True)
     return new, jnp.sum(y)
-  with pytest.raises(ValueError, match=r"shard_map_step: `out_specs` says these outputs.*"
-                                       r"outputs\[0\]\.mean varies over \('data',\).*"
-                                       r"outputs\[1\] varies.*pass axis_name='data'"):
-    jax.eval_shape(parallel.shard_map_step(step, mesh), stats, jnp.ones((N, F)))
+  with pytest.warns(UnsyncedStatisticsWarning, match="batch_norm: `x` is split"):
+    with pytest.raises(ValueError, match=r"shard_map_step: `out_specs` says these outputs.*"
+                                         r"outputs\[0\]\.mean varies over \('data',\).*"
+                                         r"outputs\[1\] varies.*pass axis_name='data'"):
+      jax.eval_shape(parallel.shard_map_step(step, mesh), stats, jnp.ones((N, F)))
 
 
 def _hlo_computations(text):

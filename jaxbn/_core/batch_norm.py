@@ -15,6 +15,7 @@ from jaxbn._core.engine import affine, standardize
 from jaxbn._core.moments import accumulation_dtype
 from jaxbn._core.normalize import output_dtype
 from jaxbn._core.types import BatchStats, Moments
+from jaxbn._core.unsynced import warn_if_unsynced
 
 
 def batch_norm(
@@ -139,6 +140,7 @@ def batch_norm(
   fn = "batch_norm"
   training = checks.static_bool(fn, "training", training)
   x, feat, fshape = checks.validate_bn_args(fn, x, stats, scale, bias, axis, epsilon, momentum)
+  warn_if_unsynced(fn, x, stats, axis_name, training)
   out_dtype = output_dtype(x, scale, bias, dtype)
   acc = accumulation_dtype(x.dtype)
   rdt = jnp.finfo(acc).dtype

@@ -18,6 +18,7 @@ from jaxbn._core.ema import update_stats
 from jaxbn._core.engine import standardize
 from jaxbn._core.moments import block_values, on_cpu
 from jaxbn._core.types import BatchStats, Moments
+from jaxbn._core.unsynced import warn_if_unsynced
 
 _RULES = ("average", "sequential")
 
@@ -164,6 +165,7 @@ def ghost_batch_norm(
   fn = "ghost_batch_norm"
   training = checks.static_bool(fn, "training", training)
   x, feat, fshape = checks.validate_bn_args(fn, x, stats, scale, bias, axis, epsilon, momentum)
+  warn_if_unsynced(fn, x, stats, axis_name, training)
   if stats_update not in _RULES:
     raise ValueError(f"{fn}: `stats_update` must be one of {_RULES}, got {stats_update!r}.")
   if (isinstance(virtual_batch_size, bool) or not isinstance(virtual_batch_size, int)

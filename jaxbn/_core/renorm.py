@@ -17,6 +17,7 @@ from jaxbn._core.ema import select, update_stats, updated_features
 from jaxbn._core.moments import accumulation_dtype
 from jaxbn._core.engine import standardize
 from jaxbn._core.types import BatchStats, Moments
+from jaxbn._core.unsynced import warn_if_unsynced
 
 
 def _concrete(v: Any) -> Optional[float]:
@@ -177,6 +178,7 @@ def batch_renorm(
   fn = "batch_renorm"
   training = checks.static_bool(fn, "training", training)
   x, feat, fshape = checks.validate_bn_args(fn, x, stats, scale, bias, axis, epsilon, momentum)
+  warn_if_unsynced(fn, x, stats, axis_name, training)
   if jnp.iscomplexobj(x):
     raise TypeError(f"{fn}: complex input is not supported (r and d are real ratios); use "
                     f"jaxbn.batch_norm for complex data.")
