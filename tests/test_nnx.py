@@ -374,3 +374,16 @@ def test_linen_nnx_and_core_agree_bit_for_bit_and_with_float64(case):
     np.testing.assert_array_equal(f64(out[True][0][1][key]), f64(state[key][...]))
   if "count" in got:
     assert int(got["count"]) == count + 1
+
+
+@pytest.mark.parametrize("cls,kw", [(jaxbn.nnx.BatchNorm, {}), (jaxbn.nnx.BatchRenorm, {}),
+                                    (jaxbn.nnx.GhostBatchNorm, {"virtual_batch_size": 5}),
+                                    (jaxbn.nnx.BatchChannelNorm, {"num_groups": 1})])
+def test_every_bn_family_layer_shared_under_vmap_says_how_and_names_itself(cls, kw):
+  """The BN family's layers give the same hint (flax #4760), each under its own name."""
+  x = jax.random.normal(jax.random.key(0), (4, 5, 3))
+  layer = cls(3, rngs=nnx.Rngs(0), **kw)
+  with pytest.raises(errors.TraceContextError,
+                     match=rf"(?s)^jaxbn\.nnx\.{cls.__name__}: cannot write the running "
+                           r"statistics.*axis_name='batch'\)"):
+    nnx.vmap(lambda x: layer(x), in_axes=0)(x)

@@ -17,19 +17,6 @@ import jaxbn
 from jaxbn.nnx._common import (Layer, bn_call, doc, init_bn_state, layer_fields, mode,
                                promote_dtype, resolve_mode)
 
-_SHARED_UNDER_VMAP = (
-    "jaxbn.nnx.BatchNorm: cannot write the running statistics `mean`/`var` in training mode: "
-    "the layer belongs to an outer trace of a transformation that calls it. Usually the "
-    "layer is shared by a map over the batch (e.g. `nnx.vmap(model, in_axes=1)`), so each "
-    "mapped slice has its own batch statistics and they cannot be stored in the one layer. "
-    "Either synchronize the statistics over the mapped axis, `nnx.vmap(..., "
-    "axis_name='batch')` with `BatchNorm(..., axis_name='batch')` (statistics of the whole "
-    "batch, as without vmap); or give every slice its own layer (an ensemble: create it "
-    "under `nnx.vmap` and map it with in_axes=0); or call `model.eval()` to use the running "
-    "statistics. With plain `jax` transformations, call `nnx.merge` inside the transformed "
-    "function, or use the `nnx` version of the transformation (`nnx.grad`, `nnx.vmap`)."
-)
-
 # The docstring of the BN-family calls: a summary, then the layer's own arguments.
 CALL_DOC = """{}
 
@@ -161,8 +148,7 @@ class BatchNorm(BatchNormFields):
       mask: Optional[jax.Array] = None,
   ) -> jax.Array:
     use_running_average = resolve_mode(self._fn, use_running_average, self.use_running_average)
-    return bn_call(self, jaxbn.batch_norm, self._fn, x, use_running_average, mask,
-                   shared_error=_SHARED_UNDER_VMAP)
+    return bn_call(self, jaxbn.batch_norm, self._fn, x, use_running_average, mask)
 
 
 @layer_fields
@@ -197,7 +183,7 @@ class BatchChannelNorm(BatchNormFields):
     """As :meth:`BatchNorm.__call__`, then the group norm (held in eval mode when frozen)."""
     use_running_average = resolve_mode(self._fn, mode(self, use_running_average), None)
     return bn_call(self, jaxbn.batch_channel_norm, self._fn, x, use_running_average, mask,
-                   shared_error=_SHARED_UNDER_VMAP, num_groups=self.num_groups,
+                   num_groups=self.num_groups,
                    group_size=self.group_size)
 
 

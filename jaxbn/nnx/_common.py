@@ -299,9 +299,22 @@ _CORE_SETTINGS = ("momentum", "epsilon", "axis_name", "axis_index_groups", "use_
                   "unbiased_running_var", "debias")
 
 
+SHARED_UNDER_VMAP = (
+    "{fn}: cannot write the running statistics `mean`/`var` in training mode: "
+    "the layer belongs to an outer trace of a transformation that calls it. Usually the "
+    "layer is shared by a map over the batch (e.g. `nnx.vmap(model, in_axes=1)`), so each "
+    "mapped slice has its own batch statistics and they cannot be stored in the one layer. "
+    "Either synchronize the statistics over the mapped axis, `nnx.vmap(..., "
+    "axis_name='batch')` with the layer's `axis_name='batch'` (statistics of the whole "
+    "batch, as without vmap); or give every slice its own layer (an ensemble: create it "
+    "under `nnx.vmap` and map it with in_axes=0); or call `model.eval()` to use the running "
+    "statistics. With plain `jax` transformations, call `nnx.merge` inside the transformed "
+    "function, or use the `nnx` version of the transformation (`nnx.grad`, `nnx.vmap`)."
+)
+
+
 def bn_call(mdl: nnx.Module, core: Callable[..., Any], fn: str, x: jax.typing.ArrayLike,
-            use_running_average: bool, mask: Optional[jax.Array], *,
-            shared_error: Optional[str] = None, **extra: Any) -> jax.Array:
+            use_running_average: bool, mask: Optional[jax.Array], **extra: Any) -> jax.Array:
   """A BN-family layer's call: its state, ``core``, and the in-place update in training.
 
   ``core`` is a functional op with :func:`jaxbn.batch_norm`'s signature (plus ``extra``
@@ -317,7 +330,7 @@ def bn_call(mdl: nnx.Module, core: Callable[..., Any], fn: str, x: jax.typing.Ar
                 skip_nonfinite=getattr(mdl, "skip_nonfinite", True),
                 **{name: getattr(mdl, name) for name in _CORE_SETTINGS}, **extra)
   if training:
-    write_stats(mdl, new, shared_error)
+    write_stats(mdl, new, SHARED_UNDER_VMAP.format(fn=fn))
   return y
 
 
