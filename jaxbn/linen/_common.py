@@ -205,15 +205,16 @@ def bn_call(mdl: nn.Module, core: Callable[..., Any], fn: str, x: jax.typing.Arr
 
 
 class View(nn.Module):
-  """``module`` with its layers' calls intercepted (``interceptor``); its variables (shared scope)."""
+  """``module`` with its layers' calls intercepted; its variables (shared scope).
+
+  A subclass (frozen BN, surgery) defines ``interceptor(self)``, which returns the function
+  given to ``nn.intercept_methods`` around every call.
+  """
 
   module: nn.Module
 
   def setup(self):
     nn.share_scope(self, self.module)
-
-  def interceptor(self) -> Callable[..., Any]:
-    raise NotImplementedError
 
   def __call__(self, *args, **kwargs):
     with nn.intercept_methods(self.interceptor()):
