@@ -164,6 +164,19 @@ def _text(program: Any) -> str:
   return program if isinstance(program, str) else program.as_text()
 
 
+def _is_mlir(text: str) -> bool:
+  return "stablehlo." in text or "mhlo." in text
+
+
+def _ops(text: str, conditional: Optional[bool]) -> Iterator[Tuple[str, str, re.Match]]:
+  """Yields ``(kind, line, match)`` for each collective op that ``conditional`` selects."""
+  mlir = _is_mlir(text)
+  for line, in_branch in (_mlir_lines(text) if mlir else _hlo_lines(text)):
+    if conditional is None or in_branch == conditional:
+      for m in (_MLIR_OP if mlir else _HLO_OP).finditer(line):
+        yield m.group(1).replace("_", "-"), line, m
+
+
 def collective_counts(program: Any, *, operands: bool = False,
                       conditional: Optional[bool] = None) -> Dict[str, int]:
   """Counts the cross-device collectives in a compiled or lowered JAX program.
@@ -209,24 +222,11 @@ def collective_counts(program: Any, *, operands: bool = False,
     >>> collective_counts(compiled, conditional=False), collective_counts(compiled)
     ({'all-reduce': 1}, {'all-reduce': 2})
   """
-  text = _text(program)
   counts: Dict[str, int] = {}
-  mlir = "stablehlo." in text or "mhlo." in text
-  for line, in_branch in (_mlir_lines(text) if mlir else _hlo_lines(text)):
-    if conditional is not None and in_branch != conditional:
-      continue
-    if mlir:
-      for m in _MLIR_OP.finditer(line):
-        kind = m.group(1).replace("_", "-")
-        n = 1
-        if operands:
-          paren = line.find("(", m.end())
-          n = _operand_count(line, paren) if paren >= 0 else 1
-        counts[kind] = counts.get(kind, 0) + n
-    else:
-      for m in _HLO_OP.finditer(line):
-        n = _operand_count(line, m.end() - 1) if operands else 1
-        counts[m.group(1)] = counts.get(m.group(1), 0) + n
+  for kind, line, m in _ops(_text(program), conditional):
+    paren = line.find("(", m.end() - 1)  # HLO's match ends with it; StableHLO's just before
+    n = _operand_count(line, paren) if operands and paren >= 0 else 1
+    counts[kind] = counts.get(kind, 0) + n
   return counts
 
 
@@ -265,20 +265,17 @@ def collective_bytes(program: Any, *, conditional: Optional[bool] = None) -> Dic
     {'all-reduce': 1024}
   """
   text = _text(program)
-  if "stablehlo." in text or "mhlo." in text:
+  if _is_mlir(text):
     raise ValueError("collective_bytes: give it the compiled program (`.compile()`), whose "
                      "HLO has the shapes XLA really communicates, not the lowered StableHLO.")
   out: Dict[str, int] = {}
-  for line, in_branch in _hlo_lines(text):
-    if conditional is not None and in_branch != conditional:
-      continue
-    m = _HLO_OP.search(line)
-    if not m or "=" not in line[:m.start()]:
+  for kind, line, m in _ops(text, conditional):
+    if "=" not in line[:m.start()]:
       continue
     result = line[line.index("=") + 1:m.start()]
     size = sum(math.prod(int(d) for d in dims.split(",") if d) * _DTYPE_BYTES.get(dt, 4)
                for dt, dims in _SHAPE.findall(result))
     if m.group(2):  # an async start returns (operands, results): count the results once
       size //= 2
-    out[m.group(1)] = out.get(m.group(1), 0) + size
+    out[kind] = out.get(kind, 0) + size
   return out
