@@ -66,13 +66,6 @@ ADAPT = dict(
   ``flax.{fw}.BatchNorm``'s.""",
     test_time_args="""prior: ``N >= 0`` (default 16): 0 uses the batch statistics only.
     use_running_average, momentum: accepted (drop-in), unused; so is the call's mode argument.""",
-    adaptation=""":func:`jaxbn.{fw}.replace_batch_norm` with :class:`TestTimeBatchNorm`: each
-  layer it replaces by default (BatchNorm's variables: ``flax.{fw}.BatchNorm``, jaxbn's
-  BatchNorm, BatchRenorm, GhostBatchNorm, FrozenBatchNorm; not SplitBatchNorm) normalizes with
-  its running statistics mixed with the statistics of the current batch, weight
-  ``N / (N + n)``. ``prior=0`` is "BN adapt" with the target statistics only; the
-  entropy-minimization step of TENT trains the BN affine parameters
-  (:func:`batch_norm_affine_{tent}`) of the adapted model.""",
     with_stats="""layers holding statistics (every kind of ``jaxbn._layers.registry`` but
   ``stateless``: ``flax.{fw}.BatchNorm``, jaxbn's BatchNorm, BatchRenorm, GhostBatchNorm,
   FrozenBatchNorm, SplitBatchNorm, TestTimeBatchNorm, EvoNormB0, BatchChannelNorm, registered

@@ -68,8 +68,7 @@ class SplitBatchNorm(BatchStatsFields, _DomainFields):
     bias = (self.param("bias", init_rows(self.bias_init), pshape, self.param_dtype)
             if self.use_bias else None)
     init = self.is_initializing()
-    stats = jaxbn.BatchStats(mean.value, var.value,
-                             jnp.zeros((self.num_domains,), jnp.int32))
+    stats = jaxbn.BatchStats(mean.value, var.value, jnp.zeros((self.num_domains,), jnp.int32))
     dtype = self.dtype or jnp.result_type(x, *[p for p in (scale, bias) if p is not None])
     with one_value_per_feature_ok(init):  # a one-row init batch creates the variables
       y, new = jaxbn.split_batch_norm(
@@ -117,12 +116,16 @@ class TestTimeBatchNorm(BatchStatsFields, _PriorField):
     return y
 
 
-@fill_doc(**ADAPT, tent="mask", fw="linen")
 def test_time_adaptation(module: nn.Module, prior: float = 16.0, **overrides: Any) -> nn.Module:
   """``module`` with every batch norm adapted to each test batch (Schneider et al., 2020).
 
-  {adaptation}
-  The variables are unchanged.
+  :func:`jaxbn.linen.replace_batch_norm` with :class:`TestTimeBatchNorm`: each layer with
+  BatchNorm's variables (its default targets: ``flax.linen.BatchNorm``, jaxbn's BatchNorm,
+  BatchRenorm, GhostBatchNorm, FrozenBatchNorm; not SplitBatchNorm) normalizes with its running
+  statistics mixed with the statistics of the current batch, weight ``N / (N + n)``;
+  variables unchanged. ``prior=0`` is "BN adapt" with the target statistics only; the
+  entropy-minimization step of TENT trains the BN affine parameters
+  (:func:`batch_norm_affine_mask`) of this adapted model.
 
   Args:
     module: the trained model (unbound), e.g. someone else's.

@@ -115,12 +115,11 @@ class TestTimeBatchNorm(Layer):
     return y
 
 
-@fill_doc(**ADAPT, tent="filter", fw="nnx")
 def test_time_adaptation(model: Any, prior: float = 16.0, **overrides: Any) -> Any:
   """A copy of ``model`` whose batch norms adapt to each test batch (Schneider et al., 2020).
 
-  {adaptation}
-  The state is moved over; ``model`` is unchanged.
+  :func:`jaxbn.nnx.replace_batch_norm` with :class:`TestTimeBatchNorm` (state moved over,
+  ``model`` unchanged), as :func:`jaxbn.linen.test_time_adaptation`.
 
   Args:
     model: the trained NNX model.
