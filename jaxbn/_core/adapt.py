@@ -1,14 +1,7 @@
-"""Batch-norm statistics for several domains: split (per-domain) BN and test-time adaptation.
-
-Pure arithmetic on :class:`jaxbn.BatchStats` and :class:`jaxbn.Moments`, on top of
-:func:`jaxbn.moments`, :func:`jaxbn.batch_norm` and :func:`jaxbn.normalize`.
-
-* **Test-time BN adaptation** (Schneider et al., 2020): at test time under a distribution
-  shift, normalize with the source (running) statistics mixed with the statistics of the
-  target batch, weighted by a prior strength ``N`` against the ``n`` target examples.
-* **Split BN** (per-domain BN, Chang et al. 2019; AdvProp's auxiliary BN, Xie et al. 2020):
-  one set of running statistics per domain (a stacked :class:`jaxbn.BatchStats`), selected
-  per batch or per example.
+"""Batch-norm statistics for several domains: test-time adaptation (:func:`adapt_batch_norm`:
+source statistics mixed with the target batch's, Schneider et al. 2020) and split (per-domain)
+BN (:func:`split_batch_norm`: one set of statistics per domain, selected per batch or per
+example). Pure arithmetic on :class:`jaxbn.BatchStats` and :class:`jaxbn.Moments`.
 """
 
 from __future__ import annotations
@@ -51,8 +44,7 @@ def source_weight(prior: ArrayLike, n: ArrayLike) -> jax.Array:
   return jnp.where(finite, prior / jnp.where(finite, total, 1.0), 1.0)
 
 
-def mix_stats(source: BatchStats, target: Moments,
-              weight: ArrayLike) -> BatchStats:
+def mix_stats(source: BatchStats, target: Moments, weight: ArrayLike) -> BatchStats:
   r"""Mixes running (source) statistics with a target batch's moments.
 
   .. math::
@@ -82,8 +74,7 @@ def mix_stats(source: BatchStats, target: Moments,
     w = jnp.where(jnp.asarray(target.count) > 0, jnp.asarray(weight, work), 1.0).astype(work)
     return (w * s.astype(work) + (1.0 - w) * t.astype(work)).astype(s.dtype)
 
-  return BatchStats(mix(source.mean, target.mean), mix(source.var, target.var),
-                          source.count)
+  return BatchStats(mix(source.mean, target.mean), mix(source.var, target.var), source.count)
 
 
 def adapt_batch_norm(
@@ -115,7 +106,6 @@ def adapt_batch_norm(
     x: input, float, batch axis 0.
     stats: the source (running) statistics.
     prior: ``N >= 0`` (Schneider et al. found ``N`` of 8–32 good for batch sizes up to ~64).
-    axis_name: mapped axis name(s) over which the batch is sharded.
 
   Returns:
     ``(y, mixed)``: the normalized input and the mixed statistics that normalized it.
@@ -136,30 +126,11 @@ def adapt_batch_norm(
   if isinstance(prior, (int, float)) and not prior >= 0:
     raise ValueError(f"{fn}: `prior` (N) must be >= 0, got {prior!r}.")
   batch = moments(x, axis=axis, mask=mask, axis_name=axis_name,
-                        axis_index_groups=axis_index_groups)
-  feat_size = batch.mean.size
-  per_example = max(x.size // max(x.shape[0], 1) // max(feat_size, 1), 1)
-  n = batch.count / per_example
-  mixed = mix_stats(stats, batch, source_weight(prior, n))
-  y = normalize(x, mixed.mean, mixed.var, scale, bias, axis=axis, epsilon=epsilon,
-                      dtype=dtype)
+                  axis_index_groups=axis_index_groups)
+  per_example = max(x.size // max(x.shape[0], 1) // max(batch.mean.size, 1), 1)
+  mixed = mix_stats(stats, batch, source_weight(prior, batch.count / per_example))
+  y = normalize(x, mixed.mean, mixed.var, scale, bias, axis=axis, epsilon=epsilon, dtype=dtype)
   return y, mixed
-
-
-def _domain_arrays(fn: str, stats, domain, x):
-  d = stats.mean.shape[0] if stats.mean.ndim else 0
-  if not isinstance(stats, BatchStats) or stats.mean.ndim < 1 or stats.count.shape != (d,):
-    raise ValueError(
-        f"{fn}: `stats` must be a jaxbn.BatchStats stacked over a leading domain axis (mean "
-        f"(D, C), count (D,)), e.g. jax.tree.map(lambda a: jnp.stack([a] * D), "
-        f"jaxbn.init_stats(C)).")
-  domain = jnp.asarray(domain)
-  if not jnp.issubdtype(domain.dtype, jnp.integer) or domain.ndim not in (0, 1) or (
-      domain.ndim == 1 and domain.shape[0] != x.shape[0]):
-    raise ValueError(f"{fn}: `domain` must be an int scalar (the whole batch) or an int array "
-                     f"of shape ({x.shape[0]},) (one domain per example on axis 0), got "
-                     f"{domain.dtype} of shape {domain.shape}.")
-  return d, domain
 
 
 def split_batch_norm(
@@ -220,7 +191,18 @@ def split_batch_norm(
   """
   fn = "split_batch_norm"
   x = jnp.asarray(x)
-  d, domain = _domain_arrays(fn, stats, domain, x)
+  d = stats.mean.shape[0] if stats.mean.ndim else 0
+  if not isinstance(stats, BatchStats) or stats.mean.ndim < 1 or stats.count.shape != (d,):
+    raise ValueError(
+        f"{fn}: `stats` must be a jaxbn.BatchStats stacked over a leading domain axis (mean "
+        f"(D, C), count (D,)), e.g. jax.tree.map(lambda a: jnp.stack([a] * D), "
+        f"jaxbn.init_stats(C)).")
+  domain = jnp.asarray(domain)
+  if not jnp.issubdtype(domain.dtype, jnp.integer) or domain.ndim not in (0, 1) or (
+      domain.ndim == 1 and domain.shape[0] != x.shape[0]):
+    raise ValueError(f"{fn}: `domain` must be an int scalar (the whole batch) or an int array "
+                     f"of shape ({x.shape[0]},) (one domain per example on axis 0), got "
+                     f"{domain.dtype} of shape {domain.shape}.")
 
   def pick(v, i):
     if v is None:

@@ -48,7 +48,6 @@ def frozen_batch_norm(
   decay would still shrink them: exclude them from the optimizer (e.g. ``optax.masked``).
 
   Args:
-    x: input, float dtype.
     stats: the frozen :class:`BatchStats` (``count`` is ignored).
     dtype: output dtype (default ``x.dtype``); arithmetic runs in at least float32.
     freeze_affine: also stop the gradient of ``scale`` and ``bias`` (default True).

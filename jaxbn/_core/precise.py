@@ -1,17 +1,7 @@
-"""Population statistics: exact moments of all the data seen, merged batch by batch.
-
-During training the running statistics are an exponential average of batch statistics taken
-while the weights were still moving, so at the end of training they describe none of the
-networks that produced them. Recomputing them with the final, frozen weights over many batches
-gives the population statistics of the trained network (Wu & Johnson 2021, "precise BN").
-
-* :class:`~jaxbn.PopulationMoments` (in ``types.py``) and :func:`merge_moments`: an exact,
-  count-weighted running (count, mean, M2) per feature, merged batch by batch with the one
-  merge of ``moments.py`` (Chan et al.'s pairwise formula);
-* :func:`population_stats`: the accumulated moments as :class:`~jaxbn.BatchStats`.
-
-The driver that runs a model over batches and records every BN layer's input is
-``recompute.py`` (:func:`jaxbn.recompute_stats`, and the linen/nnx ``recompute_batch_stats``).
+"""Population statistics ("precise BN", Wu & Johnson 2021) for :func:`jaxbn.recompute_stats`:
+:func:`merge_moments` adds each batch to an exact, count-weighted (count, mean, M2) per feature
+(:class:`~jaxbn.PopulationMoments`) with the one merge of ``moments.py`` (Chan et al.'s pairwise
+formula); :func:`population_stats` gives the accumulated moments as :class:`~jaxbn.BatchStats`.
 """
 
 from __future__ import annotations
@@ -99,8 +89,7 @@ def merge_moments(acc: PopulationMoments, batch: Moments, *,
     nb = jnp.where(ok, nb, 0.0)
     mean_b = select(ok, mean_b, acc.mean)
     m2_b = jnp.where(ok, m2_b, jnp.zeros((), dt))
-  n, mean, m2 = merge(acc.count, acc.mean, acc.m2, nb, mean_b, m2_b)
-  return PopulationMoments(count=n, mean=mean, m2=m2)
+  return PopulationMoments(*merge(acc.count, acc.mean, acc.m2, nb, mean_b, m2_b))
 
 
 def population_stats(acc: PopulationMoments, stats: Optional[BatchStats] = None, *,

@@ -46,3 +46,28 @@ FOUND_PAIRS = """the input of every batch norm whose eval is a per-feature affin
   statistics depend on the batch, nor the ``running`` kind, e.g. ``SplitBatchNorm``), and keeps
   the pairs where a layer's output goes straight into a batch norm and nowhere else, each
   module is called once, and the batch norm normalizes the trailing (channel) axes."""
+
+# What the linen/nnx adaptation layers and tools say alike (``{fw}``: the framework).
+ADAPT = dict(
+    split=""":func:`jaxbn.split_batch_norm` with ``num_domains`` rows of
+  statistics{stats}: ``mean`` and ``var`` of shape ``(num_domains, C)``;
+  ``scale``/``bias`` shared (``(C,)``, default) or per domain (``shared_affine=False``:
+  ``(num_domains, C)``, AdvProp's auxiliary BN / domain-specific BN). The call takes
+  ``domain``: an int (the whole batch) or an int array with one domain per example; otherwise
+  the call and the other arguments are ``flax.{fw}.BatchNorm``'s (``use_fast_variance``
+  defaults to False: jaxbn's stable variance).""",
+    split_args="""num_domains: number of domains (default 2).
+    shared_affine: one ``scale``/``bias`` for all domains (default True).
+    skip_nonfinite: (jaxbn) True (default): a feature whose batch statistics are not finite
+      keeps its running statistics; False: the NaN enters them (flax's behaviour).""",
+    test_time="""it reads and never updates: ``prior`` (``N``) weighs the stored statistics
+  against the ``n`` examples of the batch, ``N / (N + n)``. Usually not written in a model but
+  swapped in: :func:`test_time_adaptation`. The other arguments are
+  ``flax.{fw}.BatchNorm``'s.""",
+    test_time_args="""prior: ``N >= 0`` (default 16): 0 uses the batch statistics only.
+    use_running_average, momentum: accepted (drop-in), unused; so is the call's mode argument.""",
+    with_stats="""layers holding statistics (every kind of ``jaxbn._layers.registry`` but
+  ``stateless``: ``flax.{fw}.BatchNorm``, jaxbn's BatchNorm, BatchRenorm, GhostBatchNorm,
+  FrozenBatchNorm, SplitBatchNorm, TestTimeBatchNorm, EvoNormB0, BatchChannelNorm, registered
+  classes)""",
+)

@@ -1,9 +1,5 @@
 """Adaptation tools for Linen: split (per-domain) BN, test-time BN adaptation, TENT's parameter
-mask, and batch statistics for weight-averaged (EMA/SWA) parameters.
-
-Thin layers and helpers over ``jaxbn.split_batch_norm``, ``jaxbn.adapt_batch_norm``,
-:func:`jaxbn.linen.replace_batch_norm` and :func:`jaxbn.linen.recompute_batch_stats`.
-"""
+mask, and batch statistics for weight-averaged (EMA/SWA) parameters."""
 
 from __future__ import annotations
 
@@ -15,6 +11,7 @@ from flax import linen as nn
 
 import jaxbn
 from jaxbn._core.checks import one_value_per_feature_ok
+from jaxbn._layers.docs import ADAPT, fill_doc
 from jaxbn.linen._common import BatchStatsFields, bn_variables, treatment
 
 
@@ -25,24 +22,14 @@ class _DomainFields(nn.Module):
   shared_affine: bool = True
 
 
+@fill_doc(**ADAPT, stats=" (``batch_stats``)", fw="linen")
 class SplitBatchNorm(BatchStatsFields, _DomainFields):
   r"""Split (per-domain) batch norm for Linen: one set of running statistics per domain.
 
-  :func:`jaxbn.split_batch_norm` with ``num_domains`` rows of statistics
-  (``batch_stats/mean`` and ``var`` of shape ``(num_domains, C)``) and ``scale``/``bias``
-  shared (``(C,)``, default) or per domain (``shared_affine=False``: ``(num_domains, C)``,
-  AdvProp's auxiliary BN / domain-specific BN). The call takes ``domain``: an int (the whole
-  batch) or an int array with one domain per example; otherwise as ``flax.linen.BatchNorm``.
-
-  The other fields (use_running_average, axis, momentum, epsilon, dtype, param_dtype, use_bias,
-  use_scale, bias_init, scale_init, axis_name, axis_index_groups, use_fast_variance) are as
-  ``flax.linen.BatchNorm`` (``use_fast_variance`` defaults to False: jaxbn's stable variance).
+  {split}
 
   Attributes:
-    num_domains: number of domains (default 2).
-    shared_affine: one ``scale``/``bias`` for all domains (default True).
-    skip_nonfinite: (jaxbn) True (default): a feature whose batch statistics are not finite
-      keeps its running statistics; False: the NaN enters them (flax's behaviour).
+    {split_args}
 
   Example:
     >>> import jax, jax.numpy as jnp, jaxbn.linen
@@ -81,8 +68,7 @@ class SplitBatchNorm(BatchStatsFields, _DomainFields):
     bias = (self.param("bias", init_rows(self.bias_init), pshape, self.param_dtype)
             if self.use_bias else None)
     init = self.is_initializing()
-    stats = jaxbn.BatchStats(mean.value, var.value,
-                             jnp.zeros((self.num_domains,), jnp.int32))
+    stats = jaxbn.BatchStats(mean.value, var.value, jnp.zeros((self.num_domains,), jnp.int32))
     dtype = self.dtype or jnp.result_type(x, *[p for p in (scale, bias) if p is not None])
     with one_value_per_feature_ok(init):  # a one-row init batch creates the variables
       y, new = jaxbn.split_batch_norm(
@@ -102,21 +88,16 @@ class _PriorField(nn.Module):
   prior: float = 16.0
 
 
+@fill_doc(**ADAPT, fw="linen")
 class TestTimeBatchNorm(BatchStatsFields, _PriorField):
   r"""Batch norm that normalizes with source statistics mixed with the batch's (Schneider et al.).
 
   :func:`jaxbn.adapt_batch_norm` on the variables of ``flax.linen.BatchNorm``
-  (``params/scale``, ``params/bias``, ``batch_stats/mean``, ``var``, which it reads and never
-  updates): ``prior`` (``N``) weighs the stored statistics against the ``n`` examples of the
-  batch, ``N / (N + n)``. The mode argument is accepted and ignored. Usually not written in a
-  model but swapped in: :func:`test_time_adaptation`.
-
-  The other fields (axis, epsilon, dtype, param_dtype, use_bias, use_scale, bias_init,
-  scale_init, axis_name, axis_index_groups) are as ``flax.linen.BatchNorm``.
+  (``params/scale``, ``params/bias``, ``batch_stats/mean``, ``var``), which
+  {test_time}
 
   Attributes:
-    prior: ``N >= 0`` (default 16): 0 uses the batch statistics only.
-    use_running_average, momentum: accepted (drop-in), unused.
+    {test_time_args}
   """
 
   __test__ = False  # not a pytest test class
@@ -161,17 +142,16 @@ def test_time_adaptation(module: nn.Module, prior: float = 16.0, **overrides: An
 test_time_adaptation.__test__ = False  # not a pytest test function
 
 
+@fill_doc(**ADAPT, fw="linen")
 def batch_norm_affine_mask(apply_fn: Callable[..., Any], variables: Any, *args: Any,
                            **kwargs: Any) -> Any:
   """TENT's parameter filter: True for the ``scale``/``bias`` of batch-norm layers only.
 
   Traces ``apply_fn(variables, *args, **kwargs)`` abstractly (``jax.eval_shape``, nothing
-  computed) and records which layers holding statistics (every kind of
-  ``jaxbn._layers.registry`` but ``stateless``: ``flax.linen.BatchNorm``, jaxbn's BatchNorm,
-  BatchRenorm, GhostBatchNorm, FrozenBatchNorm, SplitBatchNorm, TestTimeBatchNorm, EvoNormB0,
-  BatchChannelNorm, registered classes) the call runs, so it works on models you do not own. Use
-  it with ``optax.masked`` or ``optax.multi_transform`` so that only these parameters train
-  (Wang et al., 2021: "fully test-time adaptation by entropy minimization").
+  computed) and records which of the
+  {with_stats} the call runs, so it works on models you do not own. Use it with ``optax.masked``
+  or ``optax.multi_transform`` so that only these parameters train (Wang et al., 2021: "fully
+  test-time adaptation by entropy minimization").
 
   Args:
     apply_fn: e.g. ``model.apply`` (called as ``apply_fn(variables, *args, **kwargs)``).

@@ -1,10 +1,5 @@
-"""Adaptation tools for NNX: split (per-domain) BN, test-time BN adaptation, TENT's parameter
-filter, and batch statistics for weight-averaged (EMA/SWA) parameters.
-
-NNX twins of ``jaxbn.linen``'s tools, over ``jaxbn.split_batch_norm``,
-``jaxbn.adapt_batch_norm``, :func:`jaxbn.nnx.replace_batch_norm` and
-:func:`jaxbn.nnx.recompute_batch_stats`.
-"""
+"""Adaptation tools for NNX (the twins of ``jaxbn.linen``'s): split (per-domain) BN, test-time
+BN adaptation, TENT's parameter filter, and batch statistics for weight-averaged parameters."""
 
 from __future__ import annotations
 
@@ -17,28 +12,21 @@ from flax.nnx import initializers
 from flax.typing import Dtype, Initializer
 
 import jaxbn
+from jaxbn._layers.docs import ADAPT, fill_doc
 from jaxbn.nnx._common import (Layer, init_affine, init_bn_layer, mode, plain_dtype, treatment,
                                value)
 from jaxbn.nnx._surgery import replace_batch_norm
 
 
+@fill_doc(**ADAPT, stats=" (``nnx.BatchStat``)", fw="nnx")
 class SplitBatchNorm(Layer):
-  r"""Split (per-domain) batch norm for NNX (:class:`jaxbn.linen.SplitBatchNorm`).
+  r"""Split (per-domain) batch norm for NNX: one set of running statistics per domain.
 
-  ``mean``/``var`` are ``nnx.BatchStat`` of shape ``(num_domains, num_features)``;
-  ``scale``/``bias`` are shared (``(num_features,)``) or per domain (``shared_affine=False``).
-  The call takes ``domain`` (an int, or one int per example).
-
-  The other constructor arguments (use_running_average, axis, momentum, epsilon, dtype,
-  param_dtype, use_bias, use_scale, bias_init, scale_init, axis_name, axis_index_groups,
-  use_fast_variance) are as ``flax.nnx.BatchNorm`` (``use_fast_variance`` default False).
+  {split}
 
   Args:
-    num_features: number of features.
-    num_domains: number of domains (default 2).
-    shared_affine: one ``scale``/``bias`` for all domains (default True).
-    skip_nonfinite: (jaxbn) True (default): a feature whose batch statistics are not finite
-      keeps its running statistics; False: the NaN enters them (flax's behaviour).
+    num_features: number of features (``C``).
+    {split_args}
     rngs: ``nnx.Rngs``.
 
   Example:
@@ -58,17 +46,15 @@ class SplitBatchNorm(Layer):
                scale_init: Initializer = initializers.ones_init(), axis_name: Any = None,
                axis_index_groups: Any = None, use_fast_variance: bool = False,
                skip_nonfinite: bool = True, rngs: nnx.Rngs):
+    args = dict(locals())
     rows = (num_domains, num_features)
     self.mean = nnx.BatchStat(jnp.zeros(rows, jnp.float32))
     self.var = nnx.BatchStat(jnp.ones(rows, jnp.float32))
     shape = (num_features,) if shared_affine else rows
     init_affine(self, shape, use_scale, use_bias, scale_init, bias_init, param_dtype, rngs)
-    self.num_features, self.num_domains, self.shared_affine = (num_features, num_domains,
-                                                               shared_affine)
-    self.use_running_average, self.axis, self.momentum = use_running_average, axis, momentum
-    self.epsilon, self.dtype, self.param_dtype = epsilon, dtype, param_dtype
-    self.axis_name, self.axis_index_groups = axis_name, axis_index_groups
-    self.use_fast_variance, self.skip_nonfinite = use_fast_variance, skip_nonfinite
+    for name, arg in args.items():  # the settings, after the state (not use_bias/use_scale)
+      if name not in ("self", "use_bias", "use_scale", "bias_init", "scale_init", "rngs"):
+        setattr(self, name, arg)
 
   def __call__(self, x: jax.typing.ArrayLike, use_running_average: Optional[bool] = None, *,
                domain: Any = 0, mask: Optional[jax.Array] = None) -> jax.Array:
@@ -90,19 +76,17 @@ class SplitBatchNorm(Layer):
     return y
 
 
+@fill_doc(**ADAPT, fw="nnx")
 class TestTimeBatchNorm(Layer):
-  r"""Test-time adapted batch norm for NNX (:class:`jaxbn.linen.TestTimeBatchNorm`).
+  r"""Test-time adapted batch norm for NNX: source statistics mixed with the batch's.
 
-  State as ``flax.nnx.BatchNorm`` (``scale``, ``bias``, ``mean``, ``var``), never updated;
-  normalizes with ``mean``/``var`` mixed with the batch's statistics by ``N / (N + n)``.
-
-  The other constructor arguments (axis, epsilon, dtype, param_dtype, use_bias, use_scale,
-  bias_init, scale_init, axis_name, axis_index_groups) are as ``flax.nnx.BatchNorm``.
+  :func:`jaxbn.adapt_batch_norm` on the state of ``flax.nnx.BatchNorm`` (``scale``, ``bias``:
+  ``nnx.Param``; ``mean``, ``var``: ``nnx.BatchStat``), which
+  {test_time}
 
   Args:
     num_features: number of features.
-    prior: ``N >= 0`` (default 16).
-    use_running_average, momentum: accepted (drop-in), unused.
+    {test_time_args}
     rngs: ``nnx.Rngs``.
   """
 
@@ -135,7 +119,7 @@ def test_time_adaptation(model: Any, prior: float = 16.0, **overrides: Any) -> A
   """A copy of ``model`` whose batch norms adapt to each test batch (Schneider et al., 2020).
 
   :func:`jaxbn.nnx.replace_batch_norm` with :class:`TestTimeBatchNorm` (state moved over,
-  ``model`` unchanged).
+  ``model`` unchanged), as :func:`jaxbn.linen.test_time_adaptation`.
 
   Args:
     model: the trained NNX model.
@@ -151,14 +135,13 @@ def test_time_adaptation(model: Any, prior: float = 16.0, **overrides: Any) -> A
 test_time_adaptation.__test__ = False  # not a pytest test function
 
 
+@fill_doc(**ADAPT, fw="nnx")
 def batch_norm_affine_filter(model: Any) -> Any:
   """TENT's parameter filter: an NNX filter matching the BN layers' ``scale``/``bias`` only.
 
-  Matches the ``nnx.Param`` named ``scale`` or ``bias`` of every layer holding statistics in
-  ``model``'s graph (every kind of ``jaxbn._layers.registry`` but ``stateless``:
-  ``flax.nnx.BatchNorm``, jaxbn's BatchNorm, BatchRenorm, GhostBatchNorm, FrozenBatchNorm,
-  SplitBatchNorm, TestTimeBatchNorm, EvoNormB0, BatchChannelNorm, registered classes), e.g. for
-  ``nnx.Optimizer(model, tx, wrt=filter)`` or ``nnx.state(model, filter)``.
+  Matches the ``nnx.Param`` named ``scale`` or ``bias`` of the
+  {with_stats} in ``model``'s graph, e.g. for ``nnx.Optimizer(model, tx, wrt=filter)`` or
+  ``nnx.state(model, filter)``.
 
   Args:
     model: the NNX model.
@@ -175,9 +158,8 @@ def batch_norm_affine_filter(model: Any) -> Any:
     >>> sorted('.'.join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(model, only_bn)))
     ['layers.1.bias', 'layers.1.scale']
   """
-  fn = "jaxbn.nnx.batch_norm_affine_filter"
   paths = {tuple(p) for p, node in nnx.iter_graph(model)
-           if treatment(fn, node, p).affine}
+           if treatment("jaxbn.nnx.batch_norm_affine_filter", node, p).affine}
 
   def match(path, value):
     return (isinstance(value, nnx.Param) and len(path) > 0 and path[-1] in ("scale", "bias")
