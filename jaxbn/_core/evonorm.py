@@ -16,7 +16,10 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike, DTypeLike
 
+from jaxbn._core.batch_norm import batch_norm
+from jaxbn._core.docstrings import fill_args
 from jaxbn._core.ema import update_stats
+from jaxbn._core.group_norm import channel_groups, group_norm
 from jaxbn._core.moments import accumulation_dtype, moments
 from jaxbn._core.normalize import keepdims_shape
 from jaxbn._core.types import BatchStats
@@ -84,14 +87,8 @@ def evonorm_b0(
     axis: channel axis or axes (default -1), not 0.
     momentum: weight of the old running value (flax convention; PyTorch's ``p`` is ``1-p``).
     epsilon: added to both variances (default 1e-5).
-    axis_name: mapped axis name(s) to synchronize the batch variance over.
-    axis_index_groups: synchronize within these groups of devices only.
-    mask: optional bool array broadcastable to ``x``: which entries count in the statistics.
-    dtype: output dtype (default ``x``'s).
     unbiased_running_var: fold ``var·n/(n−1)`` into the running variance (timm's and
       PyTorch's convention) instead of the biased one.
-    skip_nonfinite: True (default): a channel whose batch variance is not finite keeps its
-      running variance (:func:`jaxbn.update_stats`); False: the NaN enters it.
 
   Returns:
     ``(y, new_stats)``; in evaluation ``new_stats`` is ``stats``; in training
@@ -173,10 +170,7 @@ def evonorm_s0(
     v: ``v`` of shape ``(C,)`` (init 1).
     axis: the channel axis, one int, not 0 (default -1, channels last; 1 for NCHW).
     num_groups: number of channel groups (default 32); None with ``group_size``.
-    group_size: channels per group (pass ``num_groups=None``).
     epsilon: added to the variance (default 1e-5).
-    mask: optional bool array broadcastable to ``x``: which entries count in ``s²_g``.
-    dtype: output dtype (default ``x``'s).
 
   Returns:
     ``y``, shaped like ``x``.
@@ -204,17 +198,7 @@ def evonorm_s0(
                     f"{axis!r}.")
   (ch,) = _axes(fn, x.ndim, axis)
   c = x.shape[ch]
-  if (num_groups is None) == (group_size is None):
-    raise ValueError(f"{fn}: give exactly one of `num_groups` and `group_size`, got "
-                     f"num_groups={num_groups!r}, group_size={group_size!r} (to set "
-                     f"group_size pass num_groups=None).")
-  if group_size is not None:
-    if not isinstance(group_size, int) or group_size <= 0 or c % group_size:
-      raise ValueError(f"{fn}: `group_size`={group_size!r} must divide the {c} channels.")
-    num_groups = c // group_size
-  if not isinstance(num_groups, int) or num_groups <= 0 or c % num_groups:
-    raise ValueError(f"{fn}: `num_groups`={num_groups!r} must divide the {c} channels; pass "
-                     f"a divisor of {c} (or group_size=...).")
+  num_groups = channel_groups(fn, c, num_groups, group_size, f"axis {axis}")
   feat = (ch,)
   out = jnp.dtype(dtype) if dtype is not None else x.dtype
   acc = accumulation_dtype(x.dtype)
@@ -231,3 +215,7 @@ def evonorm_s0(
   vv = _per_channel(fn, "v", v, x, feat).astype(acc)
   y = xf * jax.nn.sigmoid(vv * xf) * inv
   return _affine(fn, y, x, feat, scale, bias, acc, out)
+
+
+fill_args(batch_norm, evonorm_b0)
+fill_args(group_norm, evonorm_s0)
