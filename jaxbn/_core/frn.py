@@ -35,17 +35,6 @@ def _axes(fn: str, ndim: int, axis) -> tuple[int, ...]:
   return tuple(sorted(set(out)))
 
 
-def _channel_axis(fn: str, axis, feature_axes):
-  """``axis``, or its flax-layer spelling ``feature_axes`` (give one of the two)."""
-  if feature_axes is None:
-    return axis
-  if axis != -1:
-    raise TypeError(f"{fn}: give the channel axis once, as `axis` (the functional name) or "
-                    f"`feature_axes` (the layers' name), got axis={axis!r} and "
-                    f"feature_axes={feature_axes!r}.")
-  return feature_axes
-
-
 def _float(fn: str, name: str, v) -> jax.Array:
   v = jnp.asarray(v)
   if not jnp.issubdtype(v.dtype, jnp.floating):
@@ -131,7 +120,13 @@ def filter_response_norm(
   x = _float(fn, "x", x)
   if isinstance(epsilon, (int, float)) and not epsilon > 0:
     raise ValueError(f"{fn}: `epsilon` must be > 0, got {epsilon!r}.")
-  feat = _axes(fn, x.ndim, _channel_axis(fn, axis, feature_axes))
+  if feature_axes is not None:  # the layers' spelling of `axis`
+    if axis != -1:
+      raise TypeError(f"{fn}: give the channel axis once, as `axis` (the functional name) or "
+                      f"`feature_axes` (the layers' name), got axis={axis!r} and "
+                      f"feature_axes={feature_axes!r}.")
+    axis = feature_axes
+  feat = _axes(fn, x.ndim, axis)
   red = tuple(a for a in range(1, x.ndim) if a not in feat)
   fshape = tuple(x.shape[a] for a in feat)
   scale, bias, tau = (None if v is None else _per_channel(fn, name, v, x, feat).reshape(fshape)
