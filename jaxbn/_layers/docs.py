@@ -40,6 +40,26 @@ RECOMPUTED = """sets each BatchNorm layer's ``mean`` and ``var`` to the exact me
   ``SplitBatchNorm``, ``EvoNormB0``, ``BatchChannelNorm``), keep their statistics and run as
   the model calls them."""
 
+# The per-example norm layers of linen and nnx (LayerNorm, RMSNorm, GroupNorm, InstanceNorm):
+# what flax's settings mean (each framework adds its own after it), and the call's docstring.
+FLAX_SETTINGS = """The settings shared with flax's layer mean what they mean there: ``epsilon``
+  (added to the variance, default 1e-6), ``dtype`` (of the result; default inferred as flax
+  does), ``param_dtype`` (default float32), ``use_bias``/``use_scale`` (learn
+  ``bias``/``scale``), ``bias_init``/``scale_init`` (zeros/ones), ``axis_name``/
+  ``axis_index_groups`` (mapped axes across which the reduced axes are sharded, groups of
+  them), ``use_fast_variance`` (default True, as flax; jaxbn computes the same exact one-pass
+  statistics either way)"""
+
+NORM_CALL = """Applies {} normalization.
+
+    Args:
+      x: the input{}.
+      mask: optional bool array broadcastable to ``x``: which entries count in the statistics.
+
+    Returns:
+      The normalized input, shaped like ``x``.
+    """
+
 # What linen/nnx find_conv_bn_pairs keep.
 FOUND_PAIRS = """the input of every batch norm whose eval is a per-feature affine map tagged (kinds
   ``trains`` and ``frozen`` of ``jaxbn._layers.registry``; not ``TestTimeBatchNorm``, whose
