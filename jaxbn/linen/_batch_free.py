@@ -17,18 +17,13 @@ from flax.typing import Axes, Dtype, Initializer
 from jax.nn import initializers
 
 import jaxbn
-from jaxbn.linen._common import AffineFields, GroupFields, ModeFields, affine_params
+from jaxbn.linen._common import (AffineFields, GroupFields, ModeFields, affine_params,
+                                 result_dtype)
 
 
 def _features(x: jax.Array, axes: Axes) -> tuple[int, ...]:
   axes = (axes,) if isinstance(axes, int) else tuple(axes)
   return tuple(x.shape[a] for a in axes)
-
-
-def _out_dtype(mdl: nn.Module, x: jax.Array, *params) -> Any:
-  if mdl.dtype is not None:
-    return mdl.dtype
-  return jnp.result_type(x, *[p for p in params if p is not None])
 
 
 class FilterResponseNorm(nn.Module):
@@ -85,7 +80,7 @@ class FilterResponseNorm(nn.Module):
     eps = self.param("eps", self.eps_init, (), self.param_dtype) if self.learn_epsilon else None
     return jaxbn.filter_response_norm(
         x, scale, bias, tau, axis=self.feature_axes, epsilon=self.epsilon,
-        learned_epsilon=eps, mask=mask, dtype=_out_dtype(self, x, scale, bias, tau))
+        learned_epsilon=eps, mask=mask, dtype=result_dtype(x, scale, bias, tau, dtype=self.dtype))
 
 
 class EvoNormB0(AffineFields, ModeFields):
@@ -151,7 +146,7 @@ class EvoNormB0(AffineFields, ModeFields):
         momentum=self.momentum, epsilon=self.epsilon,
         axis_name=None if init else self.axis_name,
         axis_index_groups=None if init else self.axis_index_groups, mask=mask,
-        dtype=_out_dtype(self, x, scale, bias, v),
+        dtype=result_dtype(x, scale, bias, v, dtype=self.dtype),
         unbiased_running_var=self.unbiased_running_var,
         skip_nonfinite=self.skip_nonfinite)
     if not use_running_average and not init:
@@ -195,7 +190,7 @@ class EvoNormS0(AffineFields, GroupFields):
     v = self.param("v", self.v_init, shape, self.param_dtype)
     return jaxbn.evonorm_s0(x, scale, bias, v, num_groups=self.num_groups,
                             group_size=self.group_size, epsilon=self.epsilon, mask=mask,
-                            dtype=_out_dtype(self, x, scale, bias, v))
+                            dtype=result_dtype(x, scale, bias, v, dtype=self.dtype))
 
 
 class WSConv(nn.Conv):
@@ -222,20 +217,18 @@ class WSConv(nn.Conv):
 
   epsilon: float = 1e-6
 
-  def _gain(self, features: int) -> Optional[jax.Array]:
-    return None
-
-  def _fan_in_scaling(self) -> bool:
-    return False
+  def _scaling(self, features: int) -> tuple[Optional[jax.Array], bool]:
+    """``standardize_weight``'s ``gain`` and ``fan_in_scaling``: none here."""
+    return None, False
 
   def param(self, name: str, init_fn, *init_args, **init_kwargs):
     """``nn.Module.param``, returning the standardized kernel for ``kernel``."""
     value = super().param(name, init_fn, *init_args, **init_kwargs)
     if name != "kernel":
       return value
-    return jaxbn.standardize_weight(value, self._gain(value.shape[-1]), axis=-1,
-                                    epsilon=self.epsilon,
-                                    fan_in_scaling=self._fan_in_scaling())
+    gain, fan_in_scaling = self._scaling(value.shape[-1])
+    return jaxbn.standardize_weight(value, gain, axis=-1, epsilon=self.epsilon,
+                                    fan_in_scaling=fan_in_scaling)
 
 
 class ScaledWSConv(WSConv):
@@ -261,10 +254,7 @@ class ScaledWSConv(WSConv):
   gain_init: Initializer = initializers.ones
   use_gain: bool = True
 
-  def _gain(self, features: int) -> Optional[jax.Array]:
-    if not self.use_gain:
-      return None
-    return super().param("gain", self.gain_init, (features,), self.param_dtype)
-
-  def _fan_in_scaling(self) -> bool:
-    return True
+  def _scaling(self, features: int) -> tuple[Optional[jax.Array], bool]:
+    gain = (super().param("gain", self.gain_init, (features,), self.param_dtype)
+            if self.use_gain else None)
+    return gain, True

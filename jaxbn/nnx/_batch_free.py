@@ -8,7 +8,6 @@ and the layer's own parameters are ``nnx.Param``; EvoNorm-B0's running variance 
 
 from __future__ import annotations
 
-import contextlib
 import threading
 from typing import Any, Optional
 
@@ -195,22 +194,12 @@ class EvoNormS0(Layer):
 _ACTIVE = threading.local()
 
 
-@contextlib.contextmanager
-def _standardizing(gain, epsilon, fan_in_scaling):
-  prev = getattr(_ACTIVE, "cfg", None)
-  _ACTIVE.cfg = (gain, epsilon, fan_in_scaling)
-  try:
-    yield
-  finally:
-    _ACTIVE.cfg = prev
-
-
 def _ws_conv_general_dilated(lhs, rhs, *args, **kwargs):
   cfg = getattr(_ACTIVE, "cfg", None)
   if cfg is None:
     raise RuntimeError("jaxbn.nnx.WSConv: the standardizing convolution was called outside "
                        "WSConv.__call__; call the layer itself.")
-  gain, epsilon, fan_in_scaling = cfg
+  gain, fan_in_scaling, epsilon = cfg
   rhs = jaxbn.standardize_weight(rhs, gain, axis=-1, epsilon=epsilon,
                                  fan_in_scaling=fan_in_scaling)
   return jax.lax.conv_general_dilated(lhs, rhs, *args, **kwargs)
@@ -242,13 +231,17 @@ class WSConv(nnx.Conv, Layer):
     self.epsilon = epsilon
 
   def _config(self):
+    """``standardize_weight``'s ``gain`` and ``fan_in_scaling``: none here."""
     return None, False
 
   def __call__(self, inputs: jax.Array, *args, **kwargs) -> jax.Array:
     """``nnx.Conv.__call__`` with the kernel standardized."""
-    gain, fan_in_scaling = self._config()
-    with _standardizing(gain, self.epsilon, fan_in_scaling):
+    prev = getattr(_ACTIVE, "cfg", None)
+    _ACTIVE.cfg = (*self._config(), self.epsilon)
+    try:
       return super().__call__(inputs, *args, **kwargs)
+    finally:
+      _ACTIVE.cfg = prev
 
 
 class ScaledWSConv(WSConv):
@@ -269,9 +262,8 @@ class ScaledWSConv(WSConv):
                epsilon: float = 1e-6, gain_init: Initializer = initializers.ones_init(),
                use_gain: bool = True, **kwargs):
     super().__init__(in_features, out_features, kernel_size, epsilon=epsilon, **kwargs)
-    rngs = kwargs["rngs"]
-    param_dtype = kwargs.get("param_dtype", jnp.float32)
-    self.gain = param(use_gain, gain_init, rngs, (out_features,), param_dtype)
+    self.gain = param(use_gain, gain_init, kwargs["rngs"], (out_features,),
+                      kwargs.get("param_dtype", jnp.float32))
 
   def _config(self):
     return value(self.gain), True
