@@ -17,6 +17,7 @@ from flax.typing import Axes, Dtype, Initializer
 from jax.nn import initializers
 
 import jaxbn
+from jaxbn._layers.docs import B0_SETTINGS, FRN_SETTINGS, fill_doc
 from jaxbn.linen._common import (AffineFields, GroupFields, ModeFields, affine_params,
                                  result_dtype)
 
@@ -26,6 +27,7 @@ def _features(x: jax.Array, axes: Axes) -> tuple[int, ...]:
   return tuple(x.shape[a] for a in axes)
 
 
+@fill_doc(frn_settings=FRN_SETTINGS)
 class FilterResponseNorm(nn.Module):
   r"""Filter Response Normalization with TLU (Singh & Krishnan, 2019) for Linen.
 
@@ -36,15 +38,7 @@ class FilterResponseNorm(nn.Module):
   (``learn_epsilon``: ``ε = epsilon + |eps|``).
 
   Attributes:
-    epsilon: constant ``ε`` (default 1e-6, the paper's); the floor with ``learn_epsilon``.
-    dtype: result dtype (default: inferred from input and parameters, as flax).
-    param_dtype: parameter dtype (default float32).
-    use_bias: learn ``β``.
-    use_scale: learn ``γ``.
-    use_tlu: apply the thresholded linear unit ``max(y, τ)`` (default True).
-    learn_epsilon: learn an extra ``|eps|`` added to ``ε`` (the paper's learned-ε variant).
-    bias_init, scale_init, tau_init: initializers (zeros, ones, zeros).
-    eps_init: initializer of the learned ``eps`` (default constant 1e-4).
+    {frn_settings}
     feature_axes: the channel axis or axes (default -1), flax's name for the functional
       form's ``axis`` (:func:`jaxbn.filter_response_norm` accepts both spellings).
 
@@ -83,6 +77,7 @@ class FilterResponseNorm(nn.Module):
         learned_epsilon=eps, mask=mask, dtype=result_dtype(x, scale, bias, tau, dtype=self.dtype))
 
 
+@fill_doc(b0_settings=B0_SETTINGS)
 class EvoNormB0(AffineFields, ModeFields):
   r"""EvoNorm-B0 (Liu et al., 2020) for Linen: batch variance with running statistics.
 
@@ -97,16 +92,7 @@ class EvoNormB0(AffineFields, ModeFields):
 
   Attributes:
     use_running_average: True: running variance (eval); False: batch variance (training).
-    axis: the channel axis (default -1).
-    momentum: weight of the old running value (default 0.99, flax's convention); None: the
-      cumulative average over all updates (adds ``batch_stats/count``).
-    epsilon: added to both variances (default 1e-5).
-    dtype, param_dtype, use_bias, use_scale, bias_init, scale_init: as flax's BatchNorm.
-    v_init: initializer of ``v`` (default ones).
-    axis_name, axis_index_groups: synchronize the batch variance over mapped axes.
-    unbiased_running_var: store ``var·n/(n−1)`` (timm's running variance).
-    skip_nonfinite: (jaxbn) True (default): a feature whose batch statistics are not finite
-      keeps its running statistics; False: the NaN enters them (flax's behaviour).
+    {b0_settings}
 
   Example:
     >>> import jax, jax.numpy as jnp, jaxbn.linen
