@@ -1,11 +1,7 @@
 """EvoNorm-B0 and EvoNorm-S0 (Liu, Brock, Simonyan & Le, 2020): normalization and activation in one.
 
-B0 divides by the larger of the batch standard deviation (a running variance at inference,
-as batch norm) and ``v·x +`` the instance standard deviation; S0 is batch-independent,
-``x·σ(v·x)`` divided by the group standard deviation. Both are built on
-:func:`jaxbn.moments` (batch, instance and group variances alike) and
-:func:`jaxbn.update_stats` (the running variance of B0; B0 never centers, so it keeps no
-running mean: ``stats.mean`` is carried through unchanged).
+Both are built on :func:`jaxbn.moments` (batch, instance and group variances alike), B0's
+running variance on :func:`jaxbn.update_stats`.
 """
 
 from __future__ import annotations
