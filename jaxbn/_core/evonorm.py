@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike, DTypeLike
 
+from jaxbn._core import checks
 from jaxbn._core.batch_norm import batch_norm
 from jaxbn._core.docstrings import fill_args
 from jaxbn._core.ema import update_stats
@@ -110,8 +111,7 @@ def evonorm_b0(
   if got != fshape:
     raise ValueError(f"{fn}: `stats` must be a jaxbn.BatchStats of the channel shape {fshape}, "
                      f"got {got}; create it with jaxbn.init_stats({fshape}).")
-  if not isinstance(training, bool):
-    raise TypeError(f"{fn}: `training` must be a Python bool, got {type(training).__name__}.")
+  training = checks.static_bool(fn, "training", training)
   warn_if_unsynced(fn, x, stats, axis_name, training)
   out = jnp.dtype(dtype) if dtype is not None else x.dtype
   acc = accumulation_dtype(x.dtype)

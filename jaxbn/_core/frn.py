@@ -23,16 +23,14 @@ from jaxbn._core.normalize import keepdims_shape
 def _axes(fn: str, ndim: int, axis) -> tuple[int, ...]:
   """Normalizes the channel ``axis`` (int or tuple) of a rank-``ndim`` input; not axis 0."""
   axes = (axis,) if isinstance(axis, int) else tuple(axis)
-  out = []
-  for a in axes:
-    if not isinstance(a, int) or not -ndim <= a < ndim:
-      raise ValueError(f"{fn}: `axis`={axis!r} is out of range for an input of rank {ndim}; "
-                       f"pass the channel axis (e.g. -1 for NHWC).")
-    out.append(a % ndim)
+  if not all(isinstance(a, int) and -ndim <= a < ndim for a in axes):
+    raise ValueError(f"{fn}: `axis`={axis!r} is out of range for an input of rank {ndim}; "
+                     f"pass the channel axis (e.g. -1 for NHWC).")
+  out = tuple(sorted({a % ndim for a in axes}))
   if 0 in out:
     raise ValueError(f"{fn}: `axis`={axis!r} includes axis 0, the batch axis; the statistics "
                      f"are per example, so put the batch first and pass the channel axis.")
-  return tuple(sorted(set(out)))
+  return out
 
 
 def _float(fn: str, name: str, v) -> jax.Array:
