@@ -47,8 +47,8 @@ FLAX_SETTINGS = """The settings shared with flax's layer mean what they mean the
   does), ``param_dtype`` (default float32), ``use_bias``/``use_scale`` (learn
   ``bias``/``scale``), ``bias_init``/``scale_init`` (zeros/ones), ``axis_name``/
   ``axis_index_groups`` (mapped axes across which the reduced axes are sharded, groups of
-  them), ``use_fast_variance`` (default True, as flax; jaxbn computes the same exact one-pass
-  statistics either way)"""
+  them), ``use_fast_variance`` (default True, as flax, where it selects the fast ``E[x²] −
+  E[x]²``; jaxbn computes the same exact one-pass statistics either way)"""
 
 NORM_CALL = """Applies {} normalization.
 

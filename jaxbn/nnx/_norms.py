@@ -28,9 +28,9 @@ _COMPAT = """
   promoted dtype), ``mask`` and ``axis_name`` are weighted by the true counts, and masked
   entries holding NaN/Inf do not leak into the output.
 
-  """ + FLAX_SETTINGS + """, ``promote_dtype`` (flax's dtype promotion; decides the
-  output dtype), ``rngs`` (for the initializers), ``bias_metadata``/``scale_metadata`` (of the
-  ``nnx.Param``).
+  """ + FLAX_SETTINGS + """,
+  ``promote_dtype`` (flax's dtype promotion; decides the output dtype), ``rngs`` (for the
+  initializers), ``bias_metadata``/``scale_metadata`` (of the ``nnx.Param``).
 """
 
 
