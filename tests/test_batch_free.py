@@ -355,7 +355,8 @@ def test_errors_name_the_argument():
     jaxbn.filter_response_norm(x, jnp.ones(3))
   with pytest.raises(TypeError, match=r"filter_response_norm: give the channel axis once"):
     jaxbn.filter_response_norm(x, axis=1, feature_axes=3)
-  with pytest.raises(ValueError, match=r"evonorm_s0: `num_groups`=3 must divide the 4"):
+  with pytest.raises(ValueError, match=r"evonorm_s0: `num_groups`=3 must be a positive divisor "
+                                       r"of the 4"):
     jaxbn.evonorm_s0(x, None, None, jnp.ones(4), num_groups=3)
   with pytest.raises(TypeError, match=r"evonorm_s0: `axis` must be one int"):
     jaxbn.evonorm_s0(x, None, None, jnp.ones(4), axis=(1, 3), num_groups=2)

@@ -1,11 +1,7 @@
 """EvoNorm-B0 and EvoNorm-S0 (Liu, Brock, Simonyan & Le, 2020): normalization and activation in one.
 
-B0 divides by the larger of the batch standard deviation (a running variance at inference,
-as batch norm) and ``v·x +`` the instance standard deviation; S0 is batch-independent,
-``x·σ(v·x)`` divided by the group standard deviation. Both are built on
-:func:`jaxbn.moments` (batch, instance and group variances alike) and
-:func:`jaxbn.update_stats` (the running variance of B0; B0 never centers, so it keeps no
-running mean: ``stats.mean`` is carried through unchanged).
+Both are built on :func:`jaxbn.moments` (batch, instance and group variances alike), B0's
+running variance on :func:`jaxbn.update_stats`.
 """
 
 from __future__ import annotations
@@ -16,7 +12,11 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike, DTypeLike
 
+from jaxbn._core import checks
+from jaxbn._core.batch_norm import batch_norm
+from jaxbn._core.docstrings import fill_args
 from jaxbn._core.ema import update_stats
+from jaxbn._core.group_norm import channel_groups, group_norm
 from jaxbn._core.moments import accumulation_dtype, moments
 from jaxbn._core.normalize import keepdims_shape
 from jaxbn._core.types import BatchStats
@@ -84,14 +84,8 @@ def evonorm_b0(
     axis: channel axis or axes (default -1), not 0.
     momentum: weight of the old running value (flax convention; PyTorch's ``p`` is ``1-p``).
     epsilon: added to both variances (default 1e-5).
-    axis_name: mapped axis name(s) to synchronize the batch variance over.
-    axis_index_groups: synchronize within these groups of devices only.
-    mask: optional bool array broadcastable to ``x``: which entries count in the statistics.
-    dtype: output dtype (default ``x``'s).
     unbiased_running_var: fold ``var·n/(n−1)`` into the running variance (timm's and
       PyTorch's convention) instead of the biased one.
-    skip_nonfinite: True (default): a channel whose batch variance is not finite keeps its
-      running variance (:func:`jaxbn.update_stats`); False: the NaN enters it.
 
   Returns:
     ``(y, new_stats)``; in evaluation ``new_stats`` is ``stats``; in training
@@ -117,8 +111,7 @@ def evonorm_b0(
   if got != fshape:
     raise ValueError(f"{fn}: `stats` must be a jaxbn.BatchStats of the channel shape {fshape}, "
                      f"got {got}; create it with jaxbn.init_stats({fshape}).")
-  if not isinstance(training, bool):
-    raise TypeError(f"{fn}: `training` must be a Python bool, got {type(training).__name__}.")
+  training = checks.static_bool(fn, "training", training)
   warn_if_unsynced(fn, x, stats, axis_name, training)
   out = jnp.dtype(dtype) if dtype is not None else x.dtype
   acc = accumulation_dtype(x.dtype)
@@ -173,10 +166,7 @@ def evonorm_s0(
     v: ``v`` of shape ``(C,)`` (init 1).
     axis: the channel axis, one int, not 0 (default -1, channels last; 1 for NCHW).
     num_groups: number of channel groups (default 32); None with ``group_size``.
-    group_size: channels per group (pass ``num_groups=None``).
     epsilon: added to the variance (default 1e-5).
-    mask: optional bool array broadcastable to ``x``: which entries count in ``s²_g``.
-    dtype: output dtype (default ``x``'s).
 
   Returns:
     ``y``, shaped like ``x``.
@@ -204,17 +194,7 @@ def evonorm_s0(
                     f"{axis!r}.")
   (ch,) = _axes(fn, x.ndim, axis)
   c = x.shape[ch]
-  if (num_groups is None) == (group_size is None):
-    raise ValueError(f"{fn}: give exactly one of `num_groups` and `group_size`, got "
-                     f"num_groups={num_groups!r}, group_size={group_size!r} (to set "
-                     f"group_size pass num_groups=None).")
-  if group_size is not None:
-    if not isinstance(group_size, int) or group_size <= 0 or c % group_size:
-      raise ValueError(f"{fn}: `group_size`={group_size!r} must divide the {c} channels.")
-    num_groups = c // group_size
-  if not isinstance(num_groups, int) or num_groups <= 0 or c % num_groups:
-    raise ValueError(f"{fn}: `num_groups`={num_groups!r} must divide the {c} channels; pass "
-                     f"a divisor of {c} (or group_size=...).")
+  num_groups = channel_groups(fn, c, num_groups, group_size, f"axis {axis}")
   feat = (ch,)
   out = jnp.dtype(dtype) if dtype is not None else x.dtype
   acc = accumulation_dtype(x.dtype)
@@ -231,3 +211,7 @@ def evonorm_s0(
   vv = _per_channel(fn, "v", v, x, feat).astype(acc)
   y = xf * jax.nn.sigmoid(vv * xf) * inv
   return _affine(fn, y, x, feat, scale, bias, acc, out)
+
+
+fill_args(batch_norm, evonorm_b0)
+fill_args(group_norm, evonorm_s0)

@@ -23,27 +23,14 @@ from jaxbn._core.normalize import keepdims_shape
 def _axes(fn: str, ndim: int, axis) -> tuple[int, ...]:
   """Normalizes the channel ``axis`` (int or tuple) of a rank-``ndim`` input; not axis 0."""
   axes = (axis,) if isinstance(axis, int) else tuple(axis)
-  out = []
-  for a in axes:
-    if not isinstance(a, int) or not -ndim <= a < ndim:
-      raise ValueError(f"{fn}: `axis`={axis!r} is out of range for an input of rank {ndim}; "
-                       f"pass the channel axis (e.g. -1 for NHWC).")
-    out.append(a % ndim)
+  if not all(isinstance(a, int) and -ndim <= a < ndim for a in axes):
+    raise ValueError(f"{fn}: `axis`={axis!r} is out of range for an input of rank {ndim}; "
+                     f"pass the channel axis (e.g. -1 for NHWC).")
+  out = tuple(sorted({a % ndim for a in axes}))
   if 0 in out:
     raise ValueError(f"{fn}: `axis`={axis!r} includes axis 0, the batch axis; the statistics "
                      f"are per example, so put the batch first and pass the channel axis.")
-  return tuple(sorted(set(out)))
-
-
-def _channel_axis(fn: str, axis, feature_axes):
-  """``axis``, or its flax-layer spelling ``feature_axes`` (give one of the two)."""
-  if feature_axes is None:
-    return axis
-  if axis != -1:
-    raise TypeError(f"{fn}: give the channel axis once, as `axis` (the functional name) or "
-                    f"`feature_axes` (the layers' name), got axis={axis!r} and "
-                    f"feature_axes={feature_axes!r}.")
-  return feature_axes
+  return out
 
 
 def _float(fn: str, name: str, v) -> jax.Array:
@@ -131,7 +118,13 @@ def filter_response_norm(
   x = _float(fn, "x", x)
   if isinstance(epsilon, (int, float)) and not epsilon > 0:
     raise ValueError(f"{fn}: `epsilon` must be > 0, got {epsilon!r}.")
-  feat = _axes(fn, x.ndim, _channel_axis(fn, axis, feature_axes))
+  if feature_axes is not None:  # the layers' spelling of `axis`
+    if axis != -1:
+      raise TypeError(f"{fn}: give the channel axis once, as `axis` (the functional name) or "
+                      f"`feature_axes` (the layers' name), got axis={axis!r} and "
+                      f"feature_axes={feature_axes!r}.")
+    axis = feature_axes
+  feat = _axes(fn, x.ndim, axis)
   red = tuple(a for a in range(1, x.ndim) if a not in feat)
   fshape = tuple(x.shape[a] for a in feat)
   scale, bias, tau = (None if v is None else _per_channel(fn, name, v, x, feat).reshape(fshape)

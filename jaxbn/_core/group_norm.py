@@ -22,6 +22,22 @@ from jaxbn._core.layer_norm import layer_norm
 Axes = checks.Axes
 
 
+def channel_groups(fn: str, channels: int, num_groups: Optional[int],
+                   group_size: Optional[int], where: str) -> int:
+  """The number of groups from exactly one of ``num_groups``/``group_size`` (flax's rule), a
+  positive divisor of the ``channels`` (on the axis ``where`` of ``x``)."""
+  if (num_groups is None) == (group_size is None):
+    raise ValueError(
+        f"{fn}: give exactly one of `num_groups` and `group_size`, got num_groups="
+        f"{num_groups!r} and group_size={group_size!r}; to set group_size, also pass "
+        f"num_groups=None (its default is 32).")
+  name, given = ("num_groups", num_groups) if group_size is None else ("group_size", group_size)
+  if not isinstance(given, (int, np.integer)) or given <= 0 or channels % given:
+    raise ValueError(f"{fn}: `{name}`={given!r} must be a positive divisor of the {channels} "
+                     f"channels ({where} of `x`).")
+  return int(num_groups) if group_size is None else channels // int(group_size)
+
+
 def instance_norm(
     x: ArrayLike,
     scale: Optional[ArrayLike] = None,
@@ -155,16 +171,7 @@ def group_norm(
     raise ValueError(f"{fn}: `x` must have a batch axis and a channel axis (rank >= 2), got "
                      f"shape {x.shape}.")
   channels = x.shape[-1]
-  if (num_groups is None) == (group_size is None):
-    raise ValueError(
-        f"{fn}: give exactly one of `num_groups` and `group_size`, got num_groups="
-        f"{num_groups!r} and group_size={group_size!r}; to set group_size, also pass "
-        f"num_groups=None (its default is 32).")
-  name, given = ("num_groups", num_groups) if group_size is None else ("group_size", group_size)
-  if not isinstance(given, (int, np.integer)) or given <= 0 or channels % given:
-    raise ValueError(f"{fn}: `{name}`={given!r} must be a positive divisor of the {channels} "
-                     f"channels (last axis of `x`).")
-  num_groups = int(num_groups) if group_size is None else channels // int(group_size)
+  num_groups = channel_groups(fn, channels, num_groups, group_size, "last axis")
   if reduction_axes is None:
     red = tuple(range(1, x.ndim))
   else:

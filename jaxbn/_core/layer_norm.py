@@ -48,10 +48,10 @@ def layer_norm(
   Numerics (all the per-example norms): statistics accumulated in float32 for bf16/fp16 input
   without an up-cast copy of ``x``, in one pass about a shift sampled from ``x`` (exact for
   any offset of the data, with or without ``use_fast_variance``); output dtype ``dtype`` or
-  ``x.dtype``. Masked statistics
-  use only the valid entries (a group with none gives finite output); ``axis_name`` averages
-  the statistics over devices, weighted by their counts — for model parallelism, when the
-  reduced axes are sharded across devices. Gradients are the engine's closed-form derivative.
+  ``x.dtype``. Masked statistics use only the valid entries (a group with none gives finite
+  output); ``axis_name`` averages the statistics over devices, weighted by their counts — for
+  model parallelism, when the reduced axes are sharded across devices. Gradients are the
+  engine's closed-form derivative.
 
   Args:
     x: input, float dtype.

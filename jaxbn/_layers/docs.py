@@ -40,6 +40,47 @@ RECOMPUTED = """sets each BatchNorm layer's ``mean`` and ``var`` to the exact me
   ``SplitBatchNorm``, ``EvoNormB0``, ``BatchChannelNorm``), keep their statistics and run as
   the model calls them."""
 
+# The per-example norm layers of linen and nnx (LayerNorm, RMSNorm, GroupNorm, InstanceNorm):
+# what flax's settings mean (each framework adds its own after it), and the call's docstring.
+FLAX_SETTINGS = """The settings shared with flax's layer mean what they mean there: ``epsilon``
+  (added to the variance, default 1e-6), ``dtype`` (of the result; default inferred as flax
+  does), ``param_dtype`` (default float32), ``use_bias``/``use_scale`` (learn
+  ``bias``/``scale``), ``bias_init``/``scale_init`` (zeros/ones), ``axis_name``/
+  ``axis_index_groups`` (mapped axes across which the reduced axes are sharded, groups of
+  them), ``use_fast_variance`` (default True, as flax, where it selects the fast ``E[x²] −
+  E[x]²``; jaxbn computes the same exact one-pass statistics either way)"""
+
+NORM_CALL = """Applies {} normalization.
+
+    Args:
+      x: the input{}.
+      mask: optional bool array broadcastable to ``x``: which entries count in the statistics.
+
+    Returns:
+      The normalized input, shaped like ``x``.
+    """
+
+# The settings of linen/nnx FilterResponseNorm and EvoNormB0 (Attributes / Args entries).
+FRN_SETTINGS = """epsilon: constant ``ε`` (default 1e-6, the paper's); the floor with ``learn_epsilon``.
+    dtype: result dtype (default: inferred from input and parameters, as flax).
+    param_dtype: parameter dtype (default float32).
+    use_bias, use_scale: learn ``β`` / ``γ``.
+    use_tlu: apply the thresholded linear unit ``max(y, τ)`` (default True).
+    learn_epsilon: learn an extra ``|eps|`` added to ``ε`` (the paper's learned-ε variant).
+    bias_init, scale_init, tau_init: initializers (zeros, ones, zeros).
+    eps_init: initializer of the learned ``eps`` (default constant 1e-4)."""
+
+B0_SETTINGS = """axis: the channel axis (default -1).
+    momentum: weight of the old running value (default 0.99, flax's convention); None: the
+      cumulative average over all updates (adds ``count``).
+    epsilon: added to both variances (default 1e-5).
+    dtype, param_dtype, use_bias, use_scale, bias_init, scale_init: as flax's BatchNorm.
+    v_init: initializer of ``v`` (default ones).
+    axis_name, axis_index_groups: synchronize the batch variance over mapped axes.
+    unbiased_running_var: store ``var·n/(n−1)`` (timm's running variance).
+    skip_nonfinite: (jaxbn) True (default): a feature whose batch statistics are not finite
+      keeps its running statistics; False: the NaN enters them (flax's behaviour)."""
+
 # What linen/nnx find_conv_bn_pairs keep.
 FOUND_PAIRS = """the input of every batch norm whose eval is a per-feature affine map tagged (kinds
   ``trains`` and ``frozen`` of ``jaxbn._layers.registry``; not ``TestTimeBatchNorm``, whose

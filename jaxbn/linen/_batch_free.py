@@ -17,7 +17,9 @@ from flax.typing import Axes, Dtype, Initializer
 from jax.nn import initializers
 
 import jaxbn
-from jaxbn.linen._common import AffineFields, GroupFields, ModeFields, affine_params
+from jaxbn._layers.docs import B0_SETTINGS, FRN_SETTINGS, fill_doc
+from jaxbn.linen._common import (AffineFields, GroupFields, ModeFields, affine_params,
+                                 result_dtype)
 
 
 def _features(x: jax.Array, axes: Axes) -> tuple[int, ...]:
@@ -25,12 +27,7 @@ def _features(x: jax.Array, axes: Axes) -> tuple[int, ...]:
   return tuple(x.shape[a] for a in axes)
 
 
-def _out_dtype(mdl: nn.Module, x: jax.Array, *params) -> Any:
-  if mdl.dtype is not None:
-    return mdl.dtype
-  return jnp.result_type(x, *[p for p in params if p is not None])
-
-
+@fill_doc(frn_settings=FRN_SETTINGS)
 class FilterResponseNorm(nn.Module):
   r"""Filter Response Normalization with TLU (Singh & Krishnan, 2019) for Linen.
 
@@ -41,15 +38,7 @@ class FilterResponseNorm(nn.Module):
   (``learn_epsilon``: ``ε = epsilon + |eps|``).
 
   Attributes:
-    epsilon: constant ``ε`` (default 1e-6, the paper's); the floor with ``learn_epsilon``.
-    dtype: result dtype (default: inferred from input and parameters, as flax).
-    param_dtype: parameter dtype (default float32).
-    use_bias: learn ``β``.
-    use_scale: learn ``γ``.
-    use_tlu: apply the thresholded linear unit ``max(y, τ)`` (default True).
-    learn_epsilon: learn an extra ``|eps|`` added to ``ε`` (the paper's learned-ε variant).
-    bias_init, scale_init, tau_init: initializers (zeros, ones, zeros).
-    eps_init: initializer of the learned ``eps`` (default constant 1e-4).
+    {frn_settings}
     feature_axes: the channel axis or axes (default -1), flax's name for the functional
       form's ``axis`` (:func:`jaxbn.filter_response_norm` accepts both spellings).
 
@@ -85,9 +74,10 @@ class FilterResponseNorm(nn.Module):
     eps = self.param("eps", self.eps_init, (), self.param_dtype) if self.learn_epsilon else None
     return jaxbn.filter_response_norm(
         x, scale, bias, tau, axis=self.feature_axes, epsilon=self.epsilon,
-        learned_epsilon=eps, mask=mask, dtype=_out_dtype(self, x, scale, bias, tau))
+        learned_epsilon=eps, mask=mask, dtype=result_dtype(x, scale, bias, tau, dtype=self.dtype))
 
 
+@fill_doc(b0_settings=B0_SETTINGS)
 class EvoNormB0(AffineFields, ModeFields):
   r"""EvoNorm-B0 (Liu et al., 2020) for Linen: batch variance with running statistics.
 
@@ -102,16 +92,7 @@ class EvoNormB0(AffineFields, ModeFields):
 
   Attributes:
     use_running_average: True: running variance (eval); False: batch variance (training).
-    axis: the channel axis (default -1).
-    momentum: weight of the old running value (default 0.99, flax's convention); None: the
-      cumulative average over all updates (adds ``batch_stats/count``).
-    epsilon: added to both variances (default 1e-5).
-    dtype, param_dtype, use_bias, use_scale, bias_init, scale_init: as flax's BatchNorm.
-    v_init: initializer of ``v`` (default ones).
-    axis_name, axis_index_groups: synchronize the batch variance over mapped axes.
-    unbiased_running_var: store ``var·n/(n−1)`` (timm's running variance).
-    skip_nonfinite: (jaxbn) True (default): a feature whose batch statistics are not finite
-      keeps its running statistics; False: the NaN enters them (flax's behaviour).
+    {b0_settings}
 
   Example:
     >>> import jax, jax.numpy as jnp, jaxbn.linen
@@ -151,7 +132,7 @@ class EvoNormB0(AffineFields, ModeFields):
         momentum=self.momentum, epsilon=self.epsilon,
         axis_name=None if init else self.axis_name,
         axis_index_groups=None if init else self.axis_index_groups, mask=mask,
-        dtype=_out_dtype(self, x, scale, bias, v),
+        dtype=result_dtype(x, scale, bias, v, dtype=self.dtype),
         unbiased_running_var=self.unbiased_running_var,
         skip_nonfinite=self.skip_nonfinite)
     if not use_running_average and not init:
@@ -195,7 +176,7 @@ class EvoNormS0(AffineFields, GroupFields):
     v = self.param("v", self.v_init, shape, self.param_dtype)
     return jaxbn.evonorm_s0(x, scale, bias, v, num_groups=self.num_groups,
                             group_size=self.group_size, epsilon=self.epsilon, mask=mask,
-                            dtype=_out_dtype(self, x, scale, bias, v))
+                            dtype=result_dtype(x, scale, bias, v, dtype=self.dtype))
 
 
 class WSConv(nn.Conv):
@@ -222,20 +203,18 @@ class WSConv(nn.Conv):
 
   epsilon: float = 1e-6
 
-  def _gain(self, features: int) -> Optional[jax.Array]:
-    return None
-
-  def _fan_in_scaling(self) -> bool:
-    return False
+  def _scaling(self, features: int) -> tuple[Optional[jax.Array], bool]:
+    """``standardize_weight``'s ``gain`` and ``fan_in_scaling``: none here."""
+    return None, False
 
   def param(self, name: str, init_fn, *init_args, **init_kwargs):
     """``nn.Module.param``, returning the standardized kernel for ``kernel``."""
     value = super().param(name, init_fn, *init_args, **init_kwargs)
     if name != "kernel":
       return value
-    return jaxbn.standardize_weight(value, self._gain(value.shape[-1]), axis=-1,
-                                    epsilon=self.epsilon,
-                                    fan_in_scaling=self._fan_in_scaling())
+    gain, fan_in_scaling = self._scaling(value.shape[-1])
+    return jaxbn.standardize_weight(value, gain, axis=-1, epsilon=self.epsilon,
+                                    fan_in_scaling=fan_in_scaling)
 
 
 class ScaledWSConv(WSConv):
@@ -261,10 +240,7 @@ class ScaledWSConv(WSConv):
   gain_init: Initializer = initializers.ones
   use_gain: bool = True
 
-  def _gain(self, features: int) -> Optional[jax.Array]:
-    if not self.use_gain:
-      return None
-    return super().param("gain", self.gain_init, (features,), self.param_dtype)
-
-  def _fan_in_scaling(self) -> bool:
-    return True
+  def _scaling(self, features: int) -> tuple[Optional[jax.Array], bool]:
+    gain = (super().param("gain", self.gain_init, (features,), self.param_dtype)
+            if self.use_gain else None)
+    return gain, True

@@ -14,6 +14,7 @@ from jax.nn import initializers
 from jaxbn import group_norm, instance_norm, layer_norm, rms_norm
 from jaxbn._core.checks import named_axes
 from jaxbn._layers.common import check_groups, flax_error
+from jaxbn._layers.docs import FLAX_SETTINGS, NORM_CALL
 from jaxbn.linen._common import AffineFields, GroupFields, affine_params, as_float
 
 _COMPAT = """
@@ -25,23 +26,7 @@ _COMPAT = """
   ``axis_name`` weighted by the true counts, and masked entries holding NaN/Inf do not leak
   into the output.
 
-  The settings shared with flax's layer mean what they mean there: ``epsilon`` (added to the
-  variance, default 1e-6), ``dtype`` (of the result; default inferred as flax does),
-  ``param_dtype`` (default float32), ``use_bias``/``use_scale`` (learn ``bias``/``scale``),
-  ``bias_init``/``scale_init`` (zeros/ones), ``axis_name``/``axis_index_groups`` (mapped axes
-  across which the reduced axes are sharded, groups of them), ``use_fast_variance`` (``E[x²] −
-  E[x]²``, default True as flax; False: stable variance).
-"""
-
-_CALL_DOC = """Applies {} normalization.
-
-    Args:
-      x: the input{}.
-      mask: optional bool array broadcastable to ``x``: which entries count in the statistics.
-
-    Returns:
-      The normalized input, shaped like ``x``.
-    """
+  """ + FLAX_SETTINGS + ".\n"
 
 
 def _normalize(mdl: nn.Module, core: Callable[..., jax.Array], x: jax.Array, shape,
@@ -92,7 +77,7 @@ class LayerNorm(AffineFields):
     return _normalize(self, layer_norm, x, [x.shape[a] for a in feat], mask,
                       reduction_axes=self.reduction_axes, feature_axes=self.feature_axes)
 
-  __call__.__doc__ = _CALL_DOC.format("layer", "")
+  __call__.__doc__ = NORM_CALL.format("layer", "")
 
 
 class RMSNorm(nn.Module):
@@ -134,7 +119,7 @@ class RMSNorm(nn.Module):
     return _normalize(self, rms_norm, x, [x.shape[a] for a in feat], mask,
                       reduction_axes=self.reduction_axes, feature_axes=self.feature_axes)
 
-  __call__.__doc__ = _CALL_DOC.format("RMS", "")
+  __call__.__doc__ = NORM_CALL.format("RMS", "")
 
 
 class GroupNorm(AffineFields, GroupFields):
@@ -184,7 +169,7 @@ class GroupNorm(AffineFields, GroupFields):
     return _normalize(self, group_norm, x, [x.shape[-1]], mask, num_groups=self.num_groups,
                       group_size=self.group_size, reduction_axes=self.reduction_axes)
 
-  __call__.__doc__ = _CALL_DOC.format("group", ", channels last")
+  __call__.__doc__ = NORM_CALL.format("group", ", channels last")
 
 
 class InstanceNorm(AffineFields):
@@ -226,4 +211,4 @@ class InstanceNorm(AffineFields):
     return _normalize(self, instance_norm, x, [x.shape[a] for a in feat], mask,
                       feature_axes=self.feature_axes)
 
-  __call__.__doc__ = _CALL_DOC.format("instance", ", batch axis first")
+  __call__.__doc__ = NORM_CALL.format("instance", ", batch axis first")

@@ -8,7 +8,6 @@ and the layer's own parameters are ``nnx.Param``; EvoNorm-B0's running variance 
 
 from __future__ import annotations
 
-import contextlib
 import threading
 from typing import Any, Optional
 
@@ -19,21 +18,17 @@ from flax.nnx import initializers
 from flax.typing import Dtype, Initializer
 
 import jaxbn
+from jaxbn._layers.docs import B0_SETTINGS, FRN_SETTINGS, fill_doc
 from jaxbn.nnx._common import Layer, init_affine, mode, param, plain_dtype, value
 
 
+@fill_doc(frn_settings=FRN_SETTINGS)
 class FilterResponseNorm(Layer):
   r"""Filter Response Normalization with TLU for NNX (:class:`jaxbn.linen.FilterResponseNorm`).
 
   Args:
     num_features: number of channels.
-    epsilon: constant ``ε`` (default 1e-6); the floor with ``learn_epsilon``.
-    dtype: result dtype (default: inferred from input and parameters).
-    param_dtype: parameter dtype (default float32).
-    use_bias, use_scale: learn ``β`` / ``γ``.
-    use_tlu: apply ``max(y, τ)`` with a learned ``tau`` (default True).
-    learn_epsilon: learn a scalar ``eps``; ``ε = epsilon + |eps|``.
-    bias_init, scale_init, tau_init, eps_init: initializers (zeros, ones, zeros, 1e-4).
+    {frn_settings}
     feature_axes: the channel axis (default -1), flax's name for the functional form's
       ``axis`` (:func:`jaxbn.filter_response_norm` accepts both spellings).
     rngs: ``nnx.Rngs`` for the initializers.
@@ -72,6 +67,7 @@ class FilterResponseNorm(Layer):
         dtype=plain_dtype(self.dtype, x, scale, bias, tau))
 
 
+@fill_doc(b0_settings=B0_SETTINGS)
 class EvoNormB0(Layer):
   r"""EvoNorm-B0 for NNX (:class:`jaxbn.linen.EvoNormB0`): ``model.train()``/``eval()`` modes.
 
@@ -82,16 +78,7 @@ class EvoNormB0(Layer):
   Args:
     num_features: number of channels.
     use_running_average: True: running variance; False (default): batch variance + update.
-    axis: channel axis (default -1).
-    momentum: weight of the old running value (default 0.99); None: the cumulative average
-      (adds ``count``).
-    epsilon: added to both variances (default 1e-5).
-    dtype, param_dtype, use_bias, use_scale, bias_init, scale_init: as ``nnx.BatchNorm``.
-    v_init: initializer of ``v`` (default ones).
-    axis_name, axis_index_groups: synchronize the batch variance over mapped axes.
-    unbiased_running_var: store ``var·n/(n−1)`` (timm's running variance).
-    skip_nonfinite: (jaxbn) True (default): a feature whose batch statistics are not finite
-      keeps its running statistics; False: the NaN enters them (flax's behaviour).
+    {b0_settings}
     rngs: ``nnx.Rngs``.
 
   Example:
@@ -195,22 +182,12 @@ class EvoNormS0(Layer):
 _ACTIVE = threading.local()
 
 
-@contextlib.contextmanager
-def _standardizing(gain, epsilon, fan_in_scaling):
-  prev = getattr(_ACTIVE, "cfg", None)
-  _ACTIVE.cfg = (gain, epsilon, fan_in_scaling)
-  try:
-    yield
-  finally:
-    _ACTIVE.cfg = prev
-
-
 def _ws_conv_general_dilated(lhs, rhs, *args, **kwargs):
   cfg = getattr(_ACTIVE, "cfg", None)
   if cfg is None:
     raise RuntimeError("jaxbn.nnx.WSConv: the standardizing convolution was called outside "
                        "WSConv.__call__; call the layer itself.")
-  gain, epsilon, fan_in_scaling = cfg
+  gain, fan_in_scaling, epsilon = cfg
   rhs = jaxbn.standardize_weight(rhs, gain, axis=-1, epsilon=epsilon,
                                  fan_in_scaling=fan_in_scaling)
   return jax.lax.conv_general_dilated(lhs, rhs, *args, **kwargs)
@@ -242,13 +219,17 @@ class WSConv(nnx.Conv, Layer):
     self.epsilon = epsilon
 
   def _config(self):
+    """``standardize_weight``'s ``gain`` and ``fan_in_scaling``: none here."""
     return None, False
 
   def __call__(self, inputs: jax.Array, *args, **kwargs) -> jax.Array:
     """``nnx.Conv.__call__`` with the kernel standardized."""
-    gain, fan_in_scaling = self._config()
-    with _standardizing(gain, self.epsilon, fan_in_scaling):
+    prev = getattr(_ACTIVE, "cfg", None)
+    _ACTIVE.cfg = (*self._config(), self.epsilon)
+    try:
       return super().__call__(inputs, *args, **kwargs)
+    finally:
+      _ACTIVE.cfg = prev
 
 
 class ScaledWSConv(WSConv):
@@ -269,9 +250,8 @@ class ScaledWSConv(WSConv):
                epsilon: float = 1e-6, gain_init: Initializer = initializers.ones_init(),
                use_gain: bool = True, **kwargs):
     super().__init__(in_features, out_features, kernel_size, epsilon=epsilon, **kwargs)
-    rngs = kwargs["rngs"]
-    param_dtype = kwargs.get("param_dtype", jnp.float32)
-    self.gain = param(use_gain, gain_init, rngs, (out_features,), param_dtype)
+    self.gain = param(use_gain, gain_init, kwargs["rngs"], (out_features,),
+                      kwargs.get("param_dtype", jnp.float32))
 
   def _config(self):
     return value(self.gain), True

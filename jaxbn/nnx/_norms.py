@@ -16,6 +16,7 @@ from jax.nn import initializers
 from jaxbn import group_norm, instance_norm, layer_norm, rms_norm
 from jaxbn._core.checks import named_axes
 from jaxbn._layers.common import check_groups, flax_error
+from jaxbn._layers.docs import FLAX_SETTINGS, NORM_CALL
 from jaxbn.nnx._common import (Layer, doc, init_affine, layer_fields, output_dtype, param,
                                promote_dtype, value)
 
@@ -27,39 +28,26 @@ _COMPAT = """
   promoted dtype), ``mask`` and ``axis_name`` are weighted by the true counts, and masked
   entries holding NaN/Inf do not leak into the output.
 
-  The settings shared with flax's layer mean what they mean there: ``epsilon`` (added to the
-  variance, default 1e-6), ``dtype`` (of the result; default inferred as flax does),
-  ``param_dtype`` (default float32), ``use_bias``/``use_scale`` (learn ``bias``/``scale``),
-  ``bias_init``/``scale_init`` (zeros/ones), ``axis_name``/``axis_index_groups`` (mapped axes
-  across which the reduced axes are sharded, groups of them), ``use_fast_variance`` (``E[x²] −
-  E[x]²``, default True as flax; False: stable variance), ``promote_dtype`` (flax's dtype
-  promotion; decides the output dtype), ``rngs`` (for the initializers),
-  ``bias_metadata``/``scale_metadata`` (of the ``nnx.Param``).
+  """ + FLAX_SETTINGS + """,
+  ``promote_dtype`` (flax's dtype promotion; decides the output dtype), ``rngs`` (for the
+  initializers), ``bias_metadata``/``scale_metadata`` (of the ``nnx.Param``).
 """
 
-# The docstring of the calls: what they apply, a note on `x`.
-_CALL = """Applies {}.
 
-    Args:
-      x: the input{}.
-      mask: optional bool array broadcastable to ``x``: which entries count in the statistics.
-
-    Returns:
-      The normalized input, shaped like ``x``.
-    """
-
-
-# The settings every layer here but RMSNorm gives its function, under the same names.
-_SHARED = ("epsilon", "axis_name", "axis_index_groups", "use_fast_variance")
-
-
-def _inputs(mdl, x):
+def _apply(mdl: Layer, core: Callable[..., jax.Array], x: jax.typing.ArrayLike,
+           mask: Optional[jax.Array], *names: str, **own: Any) -> jax.Array:
+  """``core`` on ``x`` (cast as flax's ``promote_dtype`` does) with the layer's parameters and
+  its settings ``names``, ``epsilon``, ``axis_name``, ``axis_index_groups`` (and, but for
+  RMSNorm, ``use_fast_variance``)."""
   x = jnp.asarray(x)
   scale, bias = value(mdl.scale), value(getattr(mdl, "bias", None))
   out = output_dtype(mdl.promote_dtype, (x, scale, bias), mdl.dtype)
   if not jnp.issubdtype(x.dtype, jnp.inexact):
     x = x.astype(out)
-  return x, scale, bias, out
+  if hasattr(mdl, "use_bias"):  # RMSNorm: no bias, and no mean to subtract
+    own.update(bias=bias, use_fast_variance=mdl.use_fast_variance)
+  settings = {n: getattr(mdl, n) for n in names + ("epsilon", "axis_name", "axis_index_groups")}
+  return core(x, scale, mask=mask, dtype=out, **settings, **own)
 
 
 @layer_fields
@@ -79,14 +67,6 @@ class _AffineNorm(Layer):
   def __post_init__(self, bias_init, scale_init, rngs, bias_metadata, scale_metadata):
     init_affine(self, self.num_features, self.use_scale, self.use_bias, scale_init, bias_init,
                 self.param_dtype, rngs, scale_metadata, bias_metadata)
-
-  def _apply(self, core: Callable[..., jax.Array], x: jax.typing.ArrayLike,
-             mask: Optional[jax.Array], *names: str, **own: Any) -> jax.Array:
-    """``core`` on ``x`` with the layer's parameters and its settings ``names`` (and those
-    every norm here passes: ``epsilon``, ``axis_name``, ``axis_index_groups``...)."""
-    x, scale, bias, out = _inputs(self, x)
-    settings = {name: getattr(self, name) for name in names + _SHARED}
-    return core(x, scale, bias, mask=mask, dtype=out, **settings, **own)
 
 
 @layer_fields
@@ -121,10 +101,10 @@ class LayerNorm(_AffineNorm):
   bias_metadata: InitVar[Mapping[str, Any]] = MappingProxyType({})
   scale_metadata: InitVar[Mapping[str, Any]] = MappingProxyType({})
 
-  @doc(_CALL, "layer normalization", "")
+  @doc(NORM_CALL, "layer", "")
   def __call__(self, x: jax.typing.ArrayLike, *, mask: Optional[jax.Array] = None
                ) -> jax.Array:
-    return self._apply(layer_norm, x, mask, "reduction_axes", "feature_axes")
+    return _apply(self, layer_norm, x, mask, "reduction_axes", "feature_axes")
 
 
 @layer_fields
@@ -167,13 +147,9 @@ class RMSNorm(Layer):
     self.scale = param(self.use_scale, scale_init, rngs, (self.num_features,),
                        self.param_dtype, scale_metadata)
 
-  @doc(_CALL, "RMS normalization", "")
+  @doc(NORM_CALL, "RMS", "")
   def __call__(self, x: jax.typing.ArrayLike, mask: Optional[jax.Array] = None) -> jax.Array:
-    x, scale, _, out = _inputs(self, x)
-    return rms_norm(x, scale, reduction_axes=self.reduction_axes,
-                    feature_axes=self.feature_axes, epsilon=self.epsilon, mask=mask,
-                    dtype=out, axis_name=self.axis_name,
-                    axis_index_groups=self.axis_index_groups)
+    return _apply(self, rms_norm, x, mask, "reduction_axes", "feature_axes")
 
 
 @layer_fields
@@ -225,10 +201,10 @@ class GroupNorm(_AffineNorm):
     self.feature_axis = -1
     self.group_size = n // self.num_groups
 
-  @doc(_CALL, "group normalization", ", channels last")
+  @doc(NORM_CALL, "group", ", channels last")
   def __call__(self, x: jax.typing.ArrayLike, *, mask: Optional[jax.Array] = None
                ) -> jax.Array:
-    return self._apply(group_norm, x, mask, "num_groups", "reduction_axes", group_size=None)
+    return _apply(self, group_norm, x, mask, "num_groups", "reduction_axes", group_size=None)
 
 
 @layer_fields
@@ -260,7 +236,7 @@ class InstanceNorm(_AffineNorm):
   bias_metadata: InitVar[Mapping[str, Any]] = MappingProxyType({})
   scale_metadata: InitVar[Mapping[str, Any]] = MappingProxyType({})
 
-  @doc(_CALL, "instance normalization", ", batch axis first")
+  @doc(NORM_CALL, "instance", ", batch axis first")
   def __call__(self, x: jax.typing.ArrayLike, *, mask: Optional[jax.Array] = None
                ) -> jax.Array:
     fn = "jaxbn.nnx.InstanceNorm"
@@ -269,4 +245,4 @@ class InstanceNorm(_AffineNorm):
           "The channel axes cannot include the leading dimension as this is assumed to be the "
           "batch axis.", f"{fn}: `feature_axes`={self.feature_axes!r} includes axis 0; put the "
           f"batch first and pass the channel axis (e.g. -1 for NHWC, 1 for NCHW).")
-    return self._apply(instance_norm, x, mask, "feature_axes")
+    return _apply(self, instance_norm, x, mask, "feature_axes")
