@@ -176,28 +176,14 @@ def _take(batches: Iterable, num_batches: Optional[int]) -> Iterator:
 
 
 def _progress(total: Optional[int], progress: Optional[bool], desc: str):
-  """A tqdm bar (quiet when not a TTY with ``progress=None``), or a no-op without tqdm."""
-  if progress is False:
-    return None
+  """A tqdm bar (off with ``progress=False``, quiet when not a TTY with ``progress=None``), or
+  ``nullcontext(None)`` without tqdm."""
   try:
     from tqdm.auto import tqdm
   except ImportError:  # tqdm is optional
-    return None
+    return contextlib.nullcontext(None)
   return tqdm(total=total, desc=desc, unit="batch", leave=False,
-              disable=None if progress is None else False)
-
-
-def _length(batches, num_batches) -> Optional[int]:
-  try:
-    n = len(batches)
-  except TypeError:
-    return num_batches
-  return n if num_batches is None else min(n, num_batches)
-
-
-def _spec_axes(spec) -> tuple:
-  """The mesh axes a ``PartitionSpec`` splits over, in order."""
-  return tuple(dict.fromkeys(a for e in spec for a in collectives.names(e) if a is not None))
+              disable=True if progress is False else None if progress is None else False)
 
 
 def run(fn: str, trace: Callable[[Any, Any, Recorder], Any], state: Any, batches: Iterable, *,
@@ -234,7 +220,7 @@ def run(fn: str, trace: Callable[[Any, Any, Recorder], Any], state: Any, batches
     if not isinstance(spec, P):
       raise TypeError(f"{fn}: `batch_spec` must be a jax.sharding.PartitionSpec (applied to "
                       f"every array of a batch), got {type(spec).__name__}.")
-    sync_axes = _spec_axes(spec)
+    sync_axes = tuple(dict.fromkeys(a for e in spec for a in collectives.names(e)))  # in order
 
     def place(tree, s, mesh=mesh):
       return jax.tree.map(lambda a: jax.device_put(a, NamedSharding(mesh, s)), tree)
@@ -283,10 +269,12 @@ def run(fn: str, trace: Callable[[Any, Any, Recorder], Any], state: Any, batches
   fresh = lambda: [init_population_moments(i.feature_shape) for i in infos]
   pop = [(jnp.zeros(i.feature_shape), jnp.ones(i.feature_shape)) for i in infos]
   passes = 1 if mode == "train" else len(infos)
-  per_pass = _length(batches, num_batches)
-  bar = _progress(None if per_pass is None else per_pass * passes, progress, fn)
-  result = fresh()
   try:
+    total = passes * (len(batches) if num_batches is None else min(len(batches), num_batches))
+  except TypeError:
+    total = None if num_batches is None else passes * num_batches
+  result = fresh()
+  with _progress(total, progress, fn) as bar:
     for p in range(passes):
       accs, pop_p = place(fresh(), replicated), place(pop, replicated)
       rest = it if p == 0 else _take(batches, num_batches)
@@ -305,9 +293,6 @@ def run(fn: str, trace: Callable[[Any, Any, Recorder], Any], state: Any, batches
       else:
         result[p] = accs[p]  # its population statistics, for the layers after it
         pop[p] = population_stats(accs[p], unbiased_running_var=infos[p].unbiased)[:2]
-  finally:
-    if bar is not None:
-      bar.close()
   return layers, result
 
 

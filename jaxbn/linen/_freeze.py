@@ -108,6 +108,4 @@ def unfreeze_batch_norm(module: nn.Module) -> nn.Module:
   Returns:
     The module whose batch-norm layers train normally again.
   """
-  if isinstance(module, _FrozenBatchNormView):
-    return module.module
-  return module
+  return module.module if isinstance(module, _FrozenBatchNormView) else module

@@ -260,11 +260,9 @@ def fold_batch_norm_layers(variables: Any, pairs: Sequence[Union[FoldPair, tuple
   new = unfreeze(variables)
   params = new["params"]
   stats_tree = new.get("batch_stats", {})
-  seen: set = set()
   for layer, bn, eps, kaxes in _fold.unpack_pairs(fn, pairs, functools.partial(_as_path, fn),
-                                                  "(layer_path, bn_path)"):
+                                                  "(layer_path, bn_path)", "/".join):
     name_l, name_b = "/".join(layer), "/".join(bn)
-    _fold.check_once(fn, seen, layer, bn, (name_l, name_b))
     lp = _get(params, layer)
     if lp is None or "kernel" not in lp:
       raise ValueError(f"{fn}: no params['{name_l}']['kernel'] in `variables`; pass the path "

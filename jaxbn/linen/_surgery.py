@@ -17,6 +17,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 from flax import linen as nn
 
+from jaxbn.linen._batch_norm import BatchNorm
 from jaxbn.linen._common import View, treatment
 
 # Fields that mean the same thing in every normalization layer (copied to any replacement);
@@ -28,11 +29,6 @@ _ACTIVE = threading.local()
 
 def _fields(cls_or_module) -> set:
   return {f.name for f in dataclasses.fields(cls_or_module)} - {"parent", "name"}
-
-
-def _default_layer():
-  import jaxbn.linen  # pylint: disable=import-outside-toplevel
-  return jaxbn.linen.BatchNorm
 
 
 def _construct(layer: Any, old: nn.Module, overrides: dict) -> nn.Module:
@@ -164,7 +160,7 @@ def replace_batch_norm(module: nn.Module, layer: Union[type, Callable[[nn.Module
   if not isinstance(module, nn.Module):
     raise TypeError(f"replace_batch_norm: `module` must be a flax.linen.Module, got "
                     f"{type(module).__name__}.")
-  layer = _default_layer() if layer is None else layer
+  layer = BatchNorm if layer is None else layer
   types = None if types is None else tuple(types)
   if isinstance(module, _Replaced):
     module = module.module

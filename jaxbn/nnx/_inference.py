@@ -76,15 +76,6 @@ def _swap_classes(model: Any, choose: Callable[[Path, Any], Optional[dict]]) -> 
     object.__setattr__(node, "__class__", sub)
 
 
-def _forward(fn: str, forward: Optional[Callable]) -> Callable:
-  if forward is None:
-    return lambda model, batch: model(batch)
-  if not callable(forward):
-    raise TypeError(f"{fn}: `forward` must be a function (model, batch) -> output, got "
-                    f"{type(forward).__name__}.")
-  return forward
-
-
 def _recording_methods(path: Path, node: Any) -> Optional[dict]:
   if treatment("jaxbn.nnx.recompute_batch_stats", node, path).recompute != "population":
     return None
@@ -154,7 +145,10 @@ def recompute_batch_stats(
   fn = "jaxbn.nnx.recompute_batch_stats"
   if not isinstance(model, nnx.Module):
     raise TypeError(f"{fn}: `model` must be an nnx.Module, got {type(model).__name__}.")
-  run_forward = _forward(fn, forward)
+  if forward is not None and not callable(forward):
+    raise TypeError(f"{fn}: `forward` must be a function (model, batch) -> output, got "
+                    f"{type(forward).__name__}.")
+  run_forward = (lambda m, batch: m(batch)) if forward is None else forward
   work = nnx.clone(model)
   work.eval()
   _swap_classes(work, _recording_methods)
@@ -315,12 +309,9 @@ def fold_batch_norm_layers(model: nnx.Module,
   fn = "jaxbn.nnx.fold_batch_norm_layers"
   if not isinstance(model, nnx.Module):
     raise TypeError(f"{fn}: `model` must be an nnx.Module, got {type(model).__name__}.")
-  resolved = list(_fold.unpack_pairs(fn, pairs, functools.partial(_as_path, fn, model),
-                                     "(layer, bn)"))
   out = nnx.clone(model)
-  seen: set = set()
-  for layer, bn, eps, kaxes in resolved:
-    _fold.check_once(fn, seen, layer, bn, (layer, bn))
+  as_path = functools.partial(_as_path, fn, model)
+  for layer, bn, eps, kaxes in _fold.unpack_pairs(fn, pairs, as_path, "(layer, bn)"):
     try:
       lin, norm = _get(out, layer), _get(out, bn)
     except (AttributeError, KeyError, IndexError, TypeError):
