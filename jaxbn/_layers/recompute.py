@@ -109,17 +109,6 @@ class Recorder:
     finally:
       stack.pop()
 
-  def _layer(self, key, fshape, unbiased) -> LayerInfo:
-    info = self.layers.get(key)
-    if info is None:
-      if not self.discovering:
-        raise ValueError(
-            f"{self.fn}: the BatchNorm layer {key!r} was not called when the model was first "
-            f"traced; the forward pass must call the same BN layers for every batch.")
-      info = self.layers[key] = LayerInfo(key, len(self.layers), tuple(fshape),
-                                          bool(unbiased))
-    return info
-
   def _bound(self, key, axis_name) -> None:
     for name in collectives.names(axis_name):
       try:
@@ -144,7 +133,13 @@ class Recorder:
     self._bound(key, axis_name)
     red = checks.reduction_axes(x.ndim, feat)
     mask_a = None if mask is None else jnp.asarray(mask)
-    info = self._layer(key, fshape, unbiased)
+    info = self.layers.get(key)
+    if info is None:
+      if not self.discovering:
+        raise ValueError(
+            f"{fn}: the BatchNorm layer {key!r} was not called when the model was first "
+            f"traced; the forward pass must call the same BN layers for every batch.")
+      info = self.layers[key] = LayerInfo(key, len(self.layers), fshape, bool(unbiased))
 
     groups = collectives.groups_tuple(axis_index_groups)
     n, mean, var = batch_moments(x, mask_a, Plan(red, axis_name, groups))
@@ -161,10 +156,8 @@ class Recorder:
       mean = jnp.where(use_pop, to_keepdims(pop_mean, x.shape, feat, mean.dtype), mean)
       var = jnp.where(use_pop, to_keepdims(pop_var, x.shape, feat, var.dtype), var)
     inv = lax.rsqrt(var + jnp.asarray(epsilon, var.dtype))
-    if out_dtype is None:
-      out_dtype = x.dtype
     return affine(x, mean, inv, to_keepdims(scale, x.shape, feat),
-                  to_keepdims(bias, x.shape, feat), out_dtype)
+                  to_keepdims(bias, x.shape, feat), x.dtype if out_dtype is None else out_dtype)
 
 
 _NO_BATCH = object()
@@ -346,7 +339,6 @@ def recompute_stats(
       BN layer. Not modified.
     batches: an iterable of batches (any pytrees ``apply_fn`` accepts), e.g. the training
       set without augmentation; re-iterable for ``mode="sequential"``.
-    mode: ``"train"`` or ``"sequential"`` (see above).
     {run_args}
 
   Returns:

@@ -84,7 +84,6 @@ def recompute_batch_stats(
     variables: the model's variables with ``params`` and ``batch_stats``. Not modified.
     batches: an iterable of batches (re-iterable for ``mode="sequential"``), e.g. a few
       hundred training batches without augmentation, at the training batch size.
-    mode: ``"train"`` (default) or ``"sequential"``.
     {run_args}
 
   Returns:

@@ -8,7 +8,6 @@ Both return a new model and leave the given one untouched. The batch-norm layers
 from __future__ import annotations
 
 import functools
-import threading
 import warnings
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
@@ -118,7 +117,6 @@ def recompute_batch_stats(
     batches: an iterable of batches (re-iterable for ``mode="sequential"``).
     forward: ``forward(model, batch)`` running the model, e.g.
       ``lambda m, b: m(b["image"])``; default ``model(batch)``.
-    mode: ``"train"`` (default) or ``"sequential"``.
     {run_args}
 
   Returns:
@@ -207,21 +205,15 @@ class FoldedBatchNorm(Layer):
                                    self.dtype or jnp.result_type(x, bias))
 
 
-_FINDING = threading.local()
-
-
-def _marking_methods(path: Path, node: Any) -> Optional[dict]:
+def _marking_methods(srcs: list, dsts: list, path: Path, node: Any) -> Optional[dict]:
   cls = type(node)
   def bn_call(self, x, *args, **kwargs):  # tags the BatchNorm's input
-    x = _fold.mark_bn_input("jaxbn.nnx.find_conv_bn_pairs", _FINDING.log["dst"], path, self,
-                            jnp.asarray(x))
+    x = _fold.mark_bn_input("jaxbn.nnx.find_conv_bn_pairs", dsts, path, self, jnp.asarray(x))
     return cls.__call__(self, x, *args, **kwargs)
 
   def layer_call(self, *args, **kwargs):  # tags the Conv/Linear output
     y = cls.__call__(self, *args, **kwargs)
-    if not isinstance(y, jax.Array):
-      return y
-    return _fold.mark_layer_output(_FINDING.log["src"], path, kind, y)
+    return _fold.mark_layer_output(srcs, path, kind, y) if isinstance(y, jax.Array) else y
 
   if treatment("jaxbn.nnx.find_conv_bn_pairs", node, path).fold:
     return {"__call__": bn_call}
@@ -261,15 +253,12 @@ def find_conv_bn_pairs(model: nnx.Module, *args: Any,
   run_forward = (lambda m, *a: m(*a)) if forward is None else forward
   work = nnx.clone(model)
   work.eval()
-  _swap_classes(work, _marking_methods)
+  srcs: list = []
+  dsts: list = []
+  _swap_classes(work, functools.partial(_marking_methods, srcs, dsts))
   graphdef, state = nnx.split(work)
-  log = {"src": [], "dst": []}
-  _FINDING.log = log
-  try:
-    jaxpr = jax.make_jaxpr(lambda s: run_forward(nnx.merge(graphdef, s), *args))(state)
-  finally:
-    _FINDING.log = None
-  return _fold.found_pairs(jaxpr, log["src"], log["dst"])
+  jaxpr = jax.make_jaxpr(lambda s: run_forward(nnx.merge(graphdef, s), *args))(state)
+  return _fold.found_pairs(jaxpr, srcs, dsts)
 
 
 def fold_batch_norm_layers(model: nnx.Module,
