@@ -67,8 +67,11 @@ MARK = "jaxbn_fold:"  # the tags: identity ``name`` equations (free at run time)
 _CALLS = ("pjit", "jit", "closed_call", "core_call", "checkpoint", "remat", "remat2")
 
 
-def mark_layer_output(srcs: list, path: tuple, kind: Any, y: jax.Array) -> jax.Array:
-  """Logs a Conv/Dense layer's call in ``srcs`` and tags its output ``y``."""
+def mark_layer_output(srcs: list, path: tuple, kind: Any, y: Any) -> Any:
+  """Logs a Conv/Dense layer's call in ``srcs`` and tags its output ``y`` (``y`` itself if it is
+  not an array or ``kind`` (:func:`kernel_axes`) is None: not such a layer)."""
+  if kind is None or not isinstance(y, jax.Array):
+    return y
   srcs.append((path, kind))
   return checkpoint_name(y, f"{MARK}src:{len(srcs) - 1}")
 

@@ -10,10 +10,8 @@ from jaxbn.linen._frozen import frozen_apply
 
 def eval_call(next_fun, mdl: nn.Module, args: tuple, kwargs: dict):
   """Calls ``mdl`` in eval mode (``use_running_average=True``) whichever way it takes its mode."""
-  args, kwargs = list(args), dict(kwargs)
-  if len(args) > 1:
-    del args[1]
-  kwargs.pop("use_running_average", None)
+  args = tuple(args[:1]) + tuple(args[2:])  # without the mode, given or not
+  kwargs = {k: v for k, v in kwargs.items() if k != "use_running_average"}
   if mdl.use_running_average is None:
     return next_fun(*args, use_running_average=True, **kwargs)
   if mdl.use_running_average:

@@ -205,10 +205,7 @@ def find_conv_bn_pairs(apply_fn: Any, variables: Any, *args: Any, **kwargs: Any)
       return next_fun(x, *a[1:], **kw)
     kind = _fold.kernel_axes(module, nn.ConvTranspose,
                              (nn.Conv, nn.ConvLocal, nn.Dense, nn.DenseGeneral))
-    if kind is None:
-      return next_fun(*a, **kw)
-    y = next_fun(*a, **kw)
-    return _fold.mark_layer_output(srcs, module.path, kind, y) if isinstance(y, jax.Array) else y
+    return _fold.mark_layer_output(srcs, module.path, kind, next_fun(*a, **kw))
 
   with nn.intercept_methods(interceptor):
     jaxpr = jax.make_jaxpr(lambda v: apply(v, *args, **kwargs))(variables)

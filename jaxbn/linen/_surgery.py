@@ -70,16 +70,12 @@ class _Replaced(View):
   def interceptor(self):
     layer, types, overrides = self.layer, self.types, dict(self.overrides)
 
-    def targeted(mdl):
-      if types is None:
-        return treatment("jaxbn.linen.replace_batch_norm", mdl).replace
-      return isinstance(mdl, types)
-
     def intercept(next_fun, args, kwargs, context):
       mdl = context.module
       active = getattr(_ACTIVE, "modules", ())
       if (context.method_name != "__call__" or any(mdl is m for m in active)
-          or not targeted(mdl)):
+          or not (treatment("jaxbn.linen.replace_batch_norm", mdl).replace if types is None
+                  else isinstance(mdl, types))):
         return next_fun(*args, **kwargs)
       new = _construct(layer, mdl, overrides).clone(parent=mdl.scope)
       a, kw = _call_args(new, args, kwargs)
@@ -162,9 +158,7 @@ def replace_batch_norm(module: nn.Module, layer: Union[type, Callable[[nn.Module
                     f"{type(module).__name__}.")
   layer = BatchNorm if layer is None else layer
   types = None if types is None else tuple(types)
-  if isinstance(module, _Replaced):
-    module = module.module
-  return _Replaced(module, layer, types, tuple(sorted(overrides.items())))
+  return _Replaced(restore_batch_norm(module), layer, types, tuple(sorted(overrides.items())))
 
 
 def restore_batch_norm(module: nn.Module) -> nn.Module:

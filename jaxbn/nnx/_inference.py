@@ -212,8 +212,7 @@ def _marking_methods(srcs: list, dsts: list, path: Path, node: Any) -> Optional[
     return cls.__call__(self, x, *args, **kwargs)
 
   def layer_call(self, *args, **kwargs):  # tags the Conv/Linear output
-    y = cls.__call__(self, *args, **kwargs)
-    return _fold.mark_layer_output(srcs, path, kind, y) if isinstance(y, jax.Array) else y
+    return _fold.mark_layer_output(srcs, path, kind, cls.__call__(self, *args, **kwargs))
 
   if treatment("jaxbn.nnx.find_conv_bn_pairs", node, path).fold:
     return {"__call__": bn_call}
