@@ -50,13 +50,11 @@ def found_pairs(closed_jaxpr: Any, srcs: list, dsts: list) -> list[FoldPair]:
   for s, d in marked_pairs(closed_jaxpr):
     layer, kind = srcs[s]
     bn, eps, bn_axes = dsts[d]
-    if calls[("src", layer)] != 1 or calls[("dst", bn)] != 1 or bn_axes is None:
+    if (calls[("src", layer)] != 1 or calls[("dst", bn)] != 1 or bn_axes is None
+        or kind != "trailing" and len(bn_axes) != 1):
       continue
-    if kind != "trailing":
-      if len(bn_axes) != 1:
-        continue
-      bn_axes = kind
-    pairs.append(FoldPair(tuple(layer), tuple(bn), eps, tuple(bn_axes)))
+    pairs.append(FoldPair(tuple(layer), tuple(bn), eps,
+                          tuple(bn_axes if kind == "trailing" else kind)))
   return pairs
 
 
@@ -103,15 +101,10 @@ def marked_pairs(closed_jaxpr: Any) -> list[tuple[int, int]]:
   pairs: list[tuple[int, int]] = []
 
   def visit(jaxpr):
-    producers, uses, inputs = {}, {}, []
-
-    def use(v):
-      if not hasattr(v, "val"):  # a Var, not a Literal
-        uses[v] = uses.get(v, 0) + 1
-
+    producers, inputs = {}, []
+    read = [v for eqn in jaxpr.eqns for v in eqn.invars] + list(jaxpr.outvars)
+    uses = collections.Counter(v for v in read if not hasattr(v, "val"))  # Vars, not Literals
     for eqn in jaxpr.eqns:
-      for v in eqn.invars:
-        use(v)
       name = eqn.params.get("name") if eqn.primitive.name == "name" else None
       if isinstance(name, str) and name.startswith(MARK):
         role, index = name[len(MARK):].split(":")
@@ -122,10 +115,8 @@ def marked_pairs(closed_jaxpr: Any) -> list[tuple[int, int]]:
       if eqn.primitive.name in _CALLS:
         for sub in jax.extend.core.jaxprs_in_params(eqn.params):
           visit(sub)
-    for v in jaxpr.outvars:
-      use(v)
     for v, dst in inputs:
-      if not hasattr(v, "val") and v in producers and uses.get(v, 0) == 1:
+      if not hasattr(v, "val") and v in producers and uses[v] == 1:
         pairs.append((producers[v], dst))
 
   visit(closed_jaxpr.jaxpr)

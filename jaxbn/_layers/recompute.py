@@ -14,7 +14,7 @@ import contextlib
 import itertools
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable, Hashable, Iterable, Iterator, Optional
+from typing import Any, Callable, Hashable, Iterable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -43,7 +43,6 @@ MODES = ("train", "sequential")
 class LayerInfo:
   """What the engine learned about one BN layer while tracing the model once."""
 
-  key: Hashable              # the layer's identity (a path)
   index: int                 # order of its first call in the forward pass
   feature_shape: tuple
   unbiased: bool             # the layer stores PyTorch's unbiased variance
@@ -139,7 +138,7 @@ class Recorder:
         raise ValueError(
             f"{fn}: the BatchNorm layer {key!r} was not called when the model was first "
             f"traced; the forward pass must call the same BN layers for every batch.")
-      info = self.layers[key] = LayerInfo(key, len(self.layers), fshape, bool(unbiased))
+      info = self.layers[key] = LayerInfo(len(self.layers), fshape, bool(unbiased))
 
     groups = collectives.groups_tuple(axis_index_groups)
     n, mean, var = batch_moments(x, mask_a, Plan(red, axis_name, groups))
@@ -150,7 +149,7 @@ class Recorder:
     self.recorded.append((info.index, Moments(pmean, pvar, pn)))
     mean, var = (to_keepdims(v, x.shape, feat) for v in (mean, var))
 
-    if self.mode == "sequential" and self.pop is not None and not self.discovering:
+    if self.mode == "sequential":  # (the first trace, finding the layers, is "train")
       use_pop = info.index < self.stage
       pop_mean, pop_var = self.pop[info.index]
       mean = jnp.where(use_pop, to_keepdims(pop_mean, x.shape, feat, mean.dtype), mean)
@@ -161,11 +160,6 @@ class Recorder:
 
 
 _NO_BATCH = object()
-
-
-def _take(batches: Iterable, num_batches: Optional[int]) -> Iterator:
-  it = iter(batches)
-  return it if num_batches is None else itertools.islice(it, num_batches)
 
 
 def _progress(total: Optional[int], progress: Optional[bool], desc: str):
@@ -224,7 +218,7 @@ def run(fn: str, trace: Callable[[Any, Any, Recorder], Any], state: Any, batches
     replicated = P()
   state = place(state, replicated)
 
-  it = _take(batches, num_batches)
+  it = itertools.islice(batches, num_batches)  # all of them with None
   first = next(it, _NO_BATCH)
   if first is _NO_BATCH:
     raise ValueError(f"{fn}: `batches` yielded no batch; pass an iterable of at least one "
@@ -270,7 +264,7 @@ def run(fn: str, trace: Callable[[Any, Any, Recorder], Any], state: Any, batches
   with _progress(total, progress, fn) as bar:
     for p in range(passes):
       accs, pop_p = place(fresh(), replicated), place(pop, replicated)
-      rest = it if p == 0 else _take(batches, num_batches)
+      rest = it if p == 0 else itertools.islice(batches, num_batches)
       source = itertools.chain([first] if p == 0 else [], (place(b, spec) for b in rest))
       seen = 0
       for batch in source:
