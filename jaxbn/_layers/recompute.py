@@ -108,17 +108,6 @@ class Recorder:
     finally:
       stack.pop()
 
-  def _bound(self, key, axis_name) -> None:
-    for name in collectives.names(axis_name):
-      try:
-        lax.axis_size(name)
-      except NameError:
-        raise ValueError(
-            f"{self.fn}: the BatchNorm layer {key!r} synchronizes its statistics over "
-            f"axis_name={axis_name!r}, which is not bound here. Pass mesh=<a "
-            f"jax.sharding.Mesh with an axis {name!r}> (and batch_spec=) so that the "
-            f"recomputation runs under jax.shard_map, as the training step did.") from None
-
   def __call__(self, key: Hashable, x: ArrayLike, *, axis=-1, epsilon=1e-5, scale=None,
                bias=None, mask=None, axis_name=None, axis_index_groups=None,
                out_dtype=None, unbiased: bool = False) -> jax.Array:
@@ -129,7 +118,15 @@ class Recorder:
     feat = checks.feature_axes(fn, x.ndim, axis)
     fshape = tuple(x.shape[a] for a in feat)
     checks.mask_broadcasts(fn, mask, x.shape)
-    self._bound(key, axis_name)
+    for name in collectives.names(axis_name):
+      try:
+        lax.axis_size(name)
+      except NameError:
+        raise ValueError(
+            f"{fn}: the BatchNorm layer {key!r} synchronizes its statistics over "
+            f"axis_name={axis_name!r}, which is not bound here. Pass mesh=<a "
+            f"jax.sharding.Mesh with an axis {name!r}> (and batch_spec=) so that the "
+            f"recomputation runs under jax.shard_map, as the training step did.") from None
     red = checks.reduction_axes(x.ndim, feat)
     mask_a = None if mask is None else jnp.asarray(mask)
     info = self.layers.get(key)

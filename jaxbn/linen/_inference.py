@@ -317,8 +317,7 @@ def _folded_interceptor(next_fun, args, kwargs, context):
         f"folded bias in `variables`; pass the output of jaxbn.linen.fold_batch_norm_layers "
         f"(or the original variables).")
   x = jnp.asarray(args[0])
-  out_dtype = result_dtype(x, bias, dtype=module.dtype)
-  return _fold.add_folded_bias(fn, x, bias, module.axis, out_dtype)
+  return _fold.add_folded_bias(fn, x, bias, module.axis, result_dtype(x, bias, dtype=module.dtype))
 
 
 def folded(apply_fn: Any) -> Callable:
