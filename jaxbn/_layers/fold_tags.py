@@ -66,8 +66,8 @@ _CALLS = ("pjit", "jit", "closed_call", "core_call", "checkpoint", "remat", "rem
 
 
 def mark_layer_output(srcs: list, path: tuple, kind: Any, y: Any) -> Any:
-  """Logs a Conv/Dense layer's call in ``srcs`` and tags its output ``y`` (``y`` itself if it is
-  not an array or ``kind`` (:func:`kernel_axes`) is None: not such a layer)."""
+  """Logs a Conv/Dense layer's call in ``srcs`` and tags its output ``y``; returns ``y`` as it is
+  if it is not an array, or if ``kind`` (from :func:`kernel_axes`) is None: not such a layer."""
   if kind is None or not isinstance(y, jax.Array):
     return y
   srcs.append((path, kind))

@@ -10,7 +10,7 @@ from jaxbn.linen._frozen import frozen_apply
 
 def eval_call(next_fun, mdl: nn.Module, args: tuple, kwargs: dict):
   """Calls ``mdl`` in eval mode (``use_running_average=True``) whichever way it takes its mode."""
-  args = tuple(args[:1]) + tuple(args[2:])  # without the mode, given or not
+  args = tuple(args[:1]) + tuple(args[2:])  # without a positional use_running_average
   kwargs = {k: v for k, v in kwargs.items() if k != "use_running_average"}
   if mdl.use_running_average is None:
     return next_fun(*args, use_running_average=True, **kwargs)

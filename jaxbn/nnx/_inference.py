@@ -31,16 +31,12 @@ _kernel_axes = functools.partial(_fold.kernel_axes, transpose=nnx.ConvTranspose,
 def _get(root: Any, path: Path) -> Any:
   node = root
   for key in path:
-    if isinstance(key, str) and hasattr(node, key):
-      node = getattr(node, key)
-    else:
-      node = node[key]
+    node = getattr(node, key) if isinstance(key, str) and hasattr(node, key) else node[key]
   return node
 
 
 def _set(root: Any, path: Path, value: Any) -> None:
-  parent = _get(root, path[:-1])
-  key = path[-1]
+  parent, key = _get(root, path[:-1]), path[-1]
   if isinstance(key, str) and hasattr(parent, key):
     setattr(parent, key, value)
   else:
