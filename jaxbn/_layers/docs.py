@@ -5,7 +5,7 @@ from typing import Callable
 
 
 def fill_doc(**parts: str) -> Callable:
-  """Decorator: each ``{name}`` of the docstring becomes ``parts[name]``, in order (``{fw}`` last)."""
+  """Decorator: each ``{name}`` of the docstring becomes ``parts[name]``, in order (``fw`` last)."""
   def fill(f):
     if f.__doc__:  # None under python -OO
       for name, text in parts.items():
@@ -15,7 +15,8 @@ def fill_doc(**parts: str) -> Callable:
 
 
 # The Args of the recomputation options: recompute_stats, linen/nnx recompute_batch_stats.
-RUN_ARGS = """num_batches: use at most this many batches (default: all).
+RUN_ARGS = """mode: ``"train"`` (default) or ``"sequential"``.
+    num_batches: use at most this many batches (default: all).
     progress: show a tqdm progress bar: None (default) when on a terminal, True always,
       False never.
     mesh: a ``jax.sharding.Mesh``: the step runs under ``jax.shard_map`` over it, the

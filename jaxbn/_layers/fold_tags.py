@@ -11,6 +11,7 @@ from typing import Any, Callable, Iterable, Iterator, NamedTuple, Optional
 import jax
 import jax.extend.core
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from jaxbn._core import checks
 from jaxbn._core.fold import eval_affine, fold_batch_norm
@@ -41,46 +42,46 @@ class FoldPair(NamedTuple):
 def found_pairs(closed_jaxpr: Any, srcs: list, dsts: list) -> list[FoldPair]:
   """The foldable pairs of a traced model whose layer outputs (``srcs``: ``(path, kind)``,
   kind ``"trailing"`` or the kernel's axes) and BN inputs (``dsts``: ``(path, epsilon,
-  trailing_axes)``) were tagged by :func:`mark` in call order: a layer's output feeding only
-  a BN, each called once, the BN normalizing trailing axes."""
+  trailing_axes)``) were tagged by :func:`mark_layer_output` and :func:`mark_bn_input` in
+  call order: a layer's output feeding only a BN, each called once, the BN normalizing
+  trailing axes."""
   calls = collections.Counter([("src", e[0]) for e in srcs] + [("dst", e[0]) for e in dsts])
   pairs = []
   for s, d in marked_pairs(closed_jaxpr):
     layer, kind = srcs[s]
     bn, eps, bn_axes = dsts[d]
-    if calls[("src", layer)] != 1 or calls[("dst", bn)] != 1 or bn_axes is None:
+    if (calls[("src", layer)] != 1 or calls[("dst", bn)] != 1 or bn_axes is None
+        or kind != "trailing" and len(bn_axes) != 1):
       continue
-    if kind != "trailing":
-      if len(bn_axes) != 1:
-        continue
-      bn_axes = kind
-    pairs.append(FoldPair(tuple(layer), tuple(bn), eps, tuple(bn_axes)))
+    pairs.append(FoldPair(tuple(layer), tuple(bn), eps,
+                          tuple(bn_axes if kind == "trailing" else kind)))
   return pairs
 
 
-MARK = "jaxbn_fold:"
+MARK = "jaxbn_fold:"  # the tags: identity ``name`` equations (free at run time)
 # Call-like primitives whose body runs once per call: pairs inside them are still foldable.
 # Loops (scan, while) and branches (cond) are not entered: their layers hold stacked or
 # alternative weights.
 _CALLS = ("pjit", "jit", "closed_call", "core_call", "checkpoint", "remat", "remat2")
 
 
-def mark(x: jax.Array, role: str, index: int) -> jax.Array:
-  """Tags ``x`` in the traced program (an identity ``name`` equation, free at run time)."""
-  from jax.ad_checkpoint import checkpoint_name
-  return checkpoint_name(x, f"{MARK}{role}:{index}")
-
-
-def mark_layer_output(srcs: list, path: tuple, kind: Any, y: jax.Array) -> jax.Array:
-  """Logs a Conv/Dense layer's call in ``srcs`` and tags its output ``y``."""
+def mark_layer_output(srcs: list, path: tuple, kind: Any, y: Any) -> Any:
+  """Logs a Conv/Dense layer's call in ``srcs`` and tags its output ``y``; returns ``y`` as it is
+  if it is not an array, or if ``kind`` (from :func:`kernel_axes`) is None: not such a layer."""
+  if kind is None or not isinstance(y, jax.Array):
+    return y
   srcs.append((path, kind))
-  return mark(y, "src", len(srcs) - 1)
+  return checkpoint_name(y, f"{MARK}src:{len(srcs) - 1}")
 
 
 def mark_bn_input(fn: str, dsts: list, path: tuple, bn: Any, x: jax.Array) -> jax.Array:
-  """Logs a flax-style batch norm's call in ``dsts`` and tags its input ``x``."""
-  dsts.append((path, float(bn.epsilon), trailing_axes(fn, x.ndim, flax_axes(bn.axis, x.ndim))))
-  return mark(x, "dst", len(dsts) - 1)
+  """Logs a flax-style batch norm's call in ``dsts`` (its trailing feature axes as negative
+  kernel axes, or None if they are not the trailing axes of ``x``) and tags its input ``x``."""
+  feat = checks.feature_axes(fn, x.ndim, flax_axes(bn.axis, x.ndim))
+  k = len(feat)
+  trailing = tuple(range(-k, 0)) if feat == tuple(range(x.ndim - k, x.ndim)) else None
+  dsts.append((path, float(bn.epsilon), trailing))
+  return checkpoint_name(x, f"{MARK}dst:{len(dsts) - 1}")
 
 
 def kernel_axes(layer: Any, transpose: type, plain: tuple) -> Any:
@@ -99,54 +100,34 @@ def marked_pairs(closed_jaxpr: Any) -> list[tuple[int, int]]:
   """
   pairs: list[tuple[int, int]] = []
 
-  def parse(eqn):
-    if eqn.primitive.name != "name":
-      return None
-    name = eqn.params.get("name", "")
-    if not isinstance(name, str) or not name.startswith(MARK):
-      return None
-    role, index = name[len(MARK):].split(":")
-    return role, int(index)
-
   def visit(jaxpr):
-    producers, uses, inputs = {}, {}, []
-
-    def use(v):
-      if not hasattr(v, "val"):  # a Var, not a Literal
-        uses[v] = uses.get(v, 0) + 1
-
+    producers, inputs = {}, []
+    read = [v for eqn in jaxpr.eqns for v in eqn.invars] + list(jaxpr.outvars)
+    uses = collections.Counter(v for v in read if not hasattr(v, "val"))  # Vars, not Literals
     for eqn in jaxpr.eqns:
-      for v in eqn.invars:
-        use(v)
-      tag = parse(eqn)
-      if tag is not None and tag[0] == "src":
-        producers[eqn.outvars[0]] = tag[1]
-      elif tag is not None and tag[0] == "dst":
-        inputs.append((eqn.invars[0], tag[1]))
+      name = eqn.params.get("name") if eqn.primitive.name == "name" else None
+      if isinstance(name, str) and name.startswith(MARK):
+        role, index = name[len(MARK):].split(":")
+        if role == "src":
+          producers[eqn.outvars[0]] = int(index)
+        else:
+          inputs.append((eqn.invars[0], int(index)))
       if eqn.primitive.name in _CALLS:
         for sub in jax.extend.core.jaxprs_in_params(eqn.params):
           visit(sub)
-    for v in jaxpr.outvars:
-      use(v)
     for v, dst in inputs:
-      if not hasattr(v, "val") and v in producers and uses.get(v, 0) == 1:
+      if not hasattr(v, "val") and v in producers and uses[v] == 1:
         pairs.append((producers[v], dst))
 
   visit(closed_jaxpr.jaxpr)
   return sorted(pairs, key=lambda p: p[1])
 
 
-def trailing_axes(fn: str, ndim: int, axis: checks.Axes) -> Optional[tuple[int, ...]]:
-  """The BN's feature axes as negative kernel axes if they are the trailing axes of ``x``."""
-  feat = checks.feature_axes(fn, ndim, axis)
-  k = len(feat)
-  if feat != tuple(range(ndim - k, ndim)):
-    return None
-  return tuple(range(-k, 0))
-
-
-def unpack_pairs(fn: str, pairs: Iterable, as_path: Callable, form: str) -> Iterator[tuple]:
-  """``(layer, bn, epsilon or None, kernel_axes or None)`` of each FoldPair or ``form`` tuple."""
+def unpack_pairs(fn: str, pairs: Iterable, as_path: Callable, form: str,
+                 name: Callable = str) -> Iterator[tuple]:
+  """``(layer, bn, epsilon or None, kernel_axes or None)`` of each FoldPair or ``form`` tuple;
+  refuses a pair whose layer or batch norm an earlier pair folded (``name``: a path's name)."""
+  seen: set = set()
   for pair in pairs:
     if isinstance(pair, FoldPair):
       layer, bn, eps = pair.layer, pair.bn, pair.epsilon
@@ -158,15 +139,12 @@ def unpack_pairs(fn: str, pairs: Iterable, as_path: Callable, form: str) -> Iter
         raise TypeError(f"{fn}: each pair must be a FoldPair or a {form} tuple, got "
                         f"{pair!r}.") from None
       eps = kaxes = None
-    yield as_path(layer), as_path(bn), eps, kaxes
-
-
-def check_once(fn: str, seen: set, layer: Any, bn: Any, names: tuple) -> None:
-  """Refuses a pair whose layer or batch norm an earlier pair folded; adds it to ``seen``."""
-  if ("l", layer) in seen or ("b", bn) in seen:
-    raise ValueError(f"{fn}: the pair ({names[0]}, {names[1]}) reuses a layer or batch norm of "
-                     f"an earlier pair; each layer and each batch norm folds once.")
-  seen.update({("l", layer), ("b", bn)})
+    layer, bn = as_path(layer), as_path(bn)
+    if ("l", layer) in seen or ("b", bn) in seen:
+      raise ValueError(f"{fn}: the pair ({name(layer)}, {name(bn)}) reuses a layer or batch "
+                       f"norm of an earlier pair; each layer and each batch norm folds once.")
+    seen.update({("l", layer), ("b", bn)})
+    yield layer, bn, eps, kaxes
 
 
 def fold_pair(fn: str, names: tuple, kernel: Any, layer_bias: Any, mean: Any, var: Any,

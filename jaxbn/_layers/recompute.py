@@ -14,7 +14,7 @@ import contextlib
 import itertools
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable, Hashable, Iterable, Iterator, Optional
+from typing import Any, Callable, Hashable, Iterable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -43,7 +43,6 @@ MODES = ("train", "sequential")
 class LayerInfo:
   """What the engine learned about one BN layer while tracing the model once."""
 
-  key: Hashable              # the layer's identity (a path)
   index: int                 # order of its first call in the forward pass
   feature_shape: tuple
   unbiased: bool             # the layer stores PyTorch's unbiased variance
@@ -109,28 +108,6 @@ class Recorder:
     finally:
       stack.pop()
 
-  def _layer(self, key, fshape, unbiased) -> LayerInfo:
-    info = self.layers.get(key)
-    if info is None:
-      if not self.discovering:
-        raise ValueError(
-            f"{self.fn}: the BatchNorm layer {key!r} was not called when the model was first "
-            f"traced; the forward pass must call the same BN layers for every batch.")
-      info = self.layers[key] = LayerInfo(key, len(self.layers), tuple(fshape),
-                                          bool(unbiased))
-    return info
-
-  def _bound(self, key, axis_name) -> None:
-    for name in collectives.names(axis_name):
-      try:
-        lax.axis_size(name)
-      except NameError:
-        raise ValueError(
-            f"{self.fn}: the BatchNorm layer {key!r} synchronizes its statistics over "
-            f"axis_name={axis_name!r}, which is not bound here. Pass mesh=<a "
-            f"jax.sharding.Mesh with an axis {name!r}> (and batch_spec=) so that the "
-            f"recomputation runs under jax.shard_map, as the training step did.") from None
-
   def __call__(self, key: Hashable, x: ArrayLike, *, axis=-1, epsilon=1e-5, scale=None,
                bias=None, mask=None, axis_name=None, axis_index_groups=None,
                out_dtype=None, unbiased: bool = False) -> jax.Array:
@@ -141,10 +118,24 @@ class Recorder:
     feat = checks.feature_axes(fn, x.ndim, axis)
     fshape = tuple(x.shape[a] for a in feat)
     checks.mask_broadcasts(fn, mask, x.shape)
-    self._bound(key, axis_name)
+    for name in collectives.names(axis_name):
+      try:
+        lax.axis_size(name)
+      except NameError:
+        raise ValueError(
+            f"{fn}: the BatchNorm layer {key!r} synchronizes its statistics over "
+            f"axis_name={axis_name!r}, which is not bound here. Pass mesh=<a "
+            f"jax.sharding.Mesh with an axis {name!r}> (and batch_spec=) so that the "
+            f"recomputation runs under jax.shard_map, as the training step did.") from None
     red = checks.reduction_axes(x.ndim, feat)
     mask_a = None if mask is None else jnp.asarray(mask)
-    info = self._layer(key, fshape, unbiased)
+    info = self.layers.get(key)
+    if info is None:
+      if not self.discovering:
+        raise ValueError(
+            f"{fn}: the BatchNorm layer {key!r} was not called when the model was first "
+            f"traced; the forward pass must call the same BN layers for every batch.")
+      info = self.layers[key] = LayerInfo(len(self.layers), fshape, bool(unbiased))
 
     groups = collectives.groups_tuple(axis_index_groups)
     n, mean, var = batch_moments(x, mask_a, Plan(red, axis_name, groups))
@@ -155,49 +146,28 @@ class Recorder:
     self.recorded.append((info.index, Moments(pmean, pvar, pn)))
     mean, var = (to_keepdims(v, x.shape, feat) for v in (mean, var))
 
-    if self.mode == "sequential" and self.pop is not None and not self.discovering:
+    if self.mode == "sequential":  # (the first trace, finding the layers, is "train")
       use_pop = info.index < self.stage
       pop_mean, pop_var = self.pop[info.index]
       mean = jnp.where(use_pop, to_keepdims(pop_mean, x.shape, feat, mean.dtype), mean)
       var = jnp.where(use_pop, to_keepdims(pop_var, x.shape, feat, var.dtype), var)
     inv = lax.rsqrt(var + jnp.asarray(epsilon, var.dtype))
-    if out_dtype is None:
-      out_dtype = x.dtype
     return affine(x, mean, inv, to_keepdims(scale, x.shape, feat),
-                  to_keepdims(bias, x.shape, feat), out_dtype)
+                  to_keepdims(bias, x.shape, feat), x.dtype if out_dtype is None else out_dtype)
 
 
 _NO_BATCH = object()
 
 
-def _take(batches: Iterable, num_batches: Optional[int]) -> Iterator:
-  it = iter(batches)
-  return it if num_batches is None else itertools.islice(it, num_batches)
-
-
 def _progress(total: Optional[int], progress: Optional[bool], desc: str):
-  """A tqdm bar (quiet when not a TTY with ``progress=None``), or a no-op without tqdm."""
-  if progress is False:
-    return None
+  """A tqdm bar (off with ``progress=False``, quiet when not a TTY with ``progress=None``), or
+  ``nullcontext(None)`` without tqdm."""
   try:
     from tqdm.auto import tqdm
   except ImportError:  # tqdm is optional
-    return None
+    return contextlib.nullcontext(None)
   return tqdm(total=total, desc=desc, unit="batch", leave=False,
-              disable=None if progress is None else False)
-
-
-def _length(batches, num_batches) -> Optional[int]:
-  try:
-    n = len(batches)
-  except TypeError:
-    return num_batches
-  return n if num_batches is None else min(n, num_batches)
-
-
-def _spec_axes(spec) -> tuple:
-  """The mesh axes a ``PartitionSpec`` splits over, in order."""
-  return tuple(dict.fromkeys(a for e in spec for a in collectives.names(e) if a is not None))
+              disable=True if progress is False else None if progress is None else False)
 
 
 def run(fn: str, trace: Callable[[Any, Any, Recorder], Any], state: Any, batches: Iterable, *,
@@ -234,7 +204,7 @@ def run(fn: str, trace: Callable[[Any, Any, Recorder], Any], state: Any, batches
     if not isinstance(spec, P):
       raise TypeError(f"{fn}: `batch_spec` must be a jax.sharding.PartitionSpec (applied to "
                       f"every array of a batch), got {type(spec).__name__}.")
-    sync_axes = _spec_axes(spec)
+    sync_axes = tuple(dict.fromkeys(a for e in spec for a in collectives.names(e)))  # in order
 
     def place(tree, s, mesh=mesh):
       return jax.tree.map(lambda a: jax.device_put(a, NamedSharding(mesh, s)), tree)
@@ -245,7 +215,7 @@ def run(fn: str, trace: Callable[[Any, Any, Recorder], Any], state: Any, batches
     replicated = P()
   state = place(state, replicated)
 
-  it = _take(batches, num_batches)
+  it = itertools.islice(batches, num_batches)  # all of them with None
   first = next(it, _NO_BATCH)
   if first is _NO_BATCH:
     raise ValueError(f"{fn}: `batches` yielded no batch; pass an iterable of at least one "
@@ -283,13 +253,15 @@ def run(fn: str, trace: Callable[[Any, Any, Recorder], Any], state: Any, batches
   fresh = lambda: [init_population_moments(i.feature_shape) for i in infos]
   pop = [(jnp.zeros(i.feature_shape), jnp.ones(i.feature_shape)) for i in infos]
   passes = 1 if mode == "train" else len(infos)
-  per_pass = _length(batches, num_batches)
-  bar = _progress(None if per_pass is None else per_pass * passes, progress, fn)
-  result = fresh()
   try:
+    total = passes * (len(batches) if num_batches is None else min(len(batches), num_batches))
+  except TypeError:
+    total = None if num_batches is None else passes * num_batches
+  result = fresh()
+  with _progress(total, progress, fn) as bar:
     for p in range(passes):
       accs, pop_p = place(fresh(), replicated), place(pop, replicated)
-      rest = it if p == 0 else _take(batches, num_batches)
+      rest = it if p == 0 else itertools.islice(batches, num_batches)
       source = itertools.chain([first] if p == 0 else [], (place(b, spec) for b in rest))
       seen = 0
       for batch in source:
@@ -305,9 +277,6 @@ def run(fn: str, trace: Callable[[Any, Any, Recorder], Any], state: Any, batches
       else:
         result[p] = accs[p]  # its population statistics, for the layers after it
         pop[p] = population_stats(accs[p], unbiased_running_var=infos[p].unbiased)[:2]
-  finally:
-    if bar is not None:
-      bar.close()
   return layers, result
 
 
@@ -361,7 +330,6 @@ def recompute_stats(
       BN layer. Not modified.
     batches: an iterable of batches (any pytrees ``apply_fn`` accepts), e.g. the training
       set without augmentation; re-iterable for ``mode="sequential"``.
-    mode: ``"train"`` or ``"sequential"`` (see above).
     {run_args}
 
   Returns:

@@ -10,10 +10,8 @@ from jaxbn.linen._frozen import frozen_apply
 
 def eval_call(next_fun, mdl: nn.Module, args: tuple, kwargs: dict):
   """Calls ``mdl`` in eval mode (``use_running_average=True``) whichever way it takes its mode."""
-  args, kwargs = list(args), dict(kwargs)
-  if len(args) > 1:
-    del args[1]
-  kwargs.pop("use_running_average", None)
+  args = tuple(args[:1]) + tuple(args[2:])  # without a positional use_running_average
+  kwargs = {k: v for k, v in kwargs.items() if k != "use_running_average"}
   if mdl.use_running_average is None:
     return next_fun(*args, use_running_average=True, **kwargs)
   if mdl.use_running_average:
@@ -108,6 +106,4 @@ def unfreeze_batch_norm(module: nn.Module) -> nn.Module:
   Returns:
     The module whose batch-norm layers train normally again.
   """
-  if isinstance(module, _FrozenBatchNormView):
-    return module.module
-  return module
+  return module.module if isinstance(module, _FrozenBatchNormView) else module

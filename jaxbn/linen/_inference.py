@@ -84,7 +84,6 @@ def recompute_batch_stats(
     variables: the model's variables with ``params`` and ``batch_stats``. Not modified.
     batches: an iterable of batches (re-iterable for ``mode="sequential"``), e.g. a few
       hundred training batches without augmentation, at the training batch size.
-    mode: ``"train"`` (default) or ``"sequential"``.
     {run_args}
 
   Returns:
@@ -206,10 +205,7 @@ def find_conv_bn_pairs(apply_fn: Any, variables: Any, *args: Any, **kwargs: Any)
       return next_fun(x, *a[1:], **kw)
     kind = _fold.kernel_axes(module, nn.ConvTranspose,
                              (nn.Conv, nn.ConvLocal, nn.Dense, nn.DenseGeneral))
-    if kind is None:
-      return next_fun(*a, **kw)
-    y = next_fun(*a, **kw)
-    return _fold.mark_layer_output(srcs, module.path, kind, y) if isinstance(y, jax.Array) else y
+    return _fold.mark_layer_output(srcs, module.path, kind, next_fun(*a, **kw))
 
   with nn.intercept_methods(interceptor):
     jaxpr = jax.make_jaxpr(lambda v: apply(v, *args, **kwargs))(variables)
@@ -260,11 +256,9 @@ def fold_batch_norm_layers(variables: Any, pairs: Sequence[Union[FoldPair, tuple
   new = unfreeze(variables)
   params = new["params"]
   stats_tree = new.get("batch_stats", {})
-  seen: set = set()
   for layer, bn, eps, kaxes in _fold.unpack_pairs(fn, pairs, functools.partial(_as_path, fn),
-                                                  "(layer_path, bn_path)"):
+                                                  "(layer_path, bn_path)", "/".join):
     name_l, name_b = "/".join(layer), "/".join(bn)
-    _fold.check_once(fn, seen, layer, bn, (name_l, name_b))
     lp = _get(params, layer)
     if lp is None or "kernel" not in lp:
       raise ValueError(f"{fn}: no params['{name_l}']['kernel'] in `variables`; pass the path "
@@ -323,8 +317,7 @@ def _folded_interceptor(next_fun, args, kwargs, context):
         f"folded bias in `variables`; pass the output of jaxbn.linen.fold_batch_norm_layers "
         f"(or the original variables).")
   x = jnp.asarray(args[0])
-  out_dtype = result_dtype(x, bias, dtype=module.dtype)
-  return _fold.add_folded_bias(fn, x, bias, module.axis, out_dtype)
+  return _fold.add_folded_bias(fn, x, bias, module.axis, result_dtype(x, bias, dtype=module.dtype))
 
 
 def folded(apply_fn: Any) -> Callable:

@@ -17,6 +17,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 from flax import linen as nn
 
+from jaxbn.linen._batch_norm import BatchNorm
 from jaxbn.linen._common import View, treatment
 
 # Fields that mean the same thing in every normalization layer (copied to any replacement);
@@ -28,11 +29,6 @@ _ACTIVE = threading.local()
 
 def _fields(cls_or_module) -> set:
   return {f.name for f in dataclasses.fields(cls_or_module)} - {"parent", "name"}
-
-
-def _default_layer():
-  import jaxbn.linen  # pylint: disable=import-outside-toplevel
-  return jaxbn.linen.BatchNorm
 
 
 def _construct(layer: Any, old: nn.Module, overrides: dict) -> nn.Module:
@@ -74,16 +70,12 @@ class _Replaced(View):
   def interceptor(self):
     layer, types, overrides = self.layer, self.types, dict(self.overrides)
 
-    def targeted(mdl):
-      if types is None:
-        return treatment("jaxbn.linen.replace_batch_norm", mdl).replace
-      return isinstance(mdl, types)
-
     def intercept(next_fun, args, kwargs, context):
       mdl = context.module
       active = getattr(_ACTIVE, "modules", ())
       if (context.method_name != "__call__" or any(mdl is m for m in active)
-          or not targeted(mdl)):
+          or not (treatment("jaxbn.linen.replace_batch_norm", mdl).replace if types is None
+                  else isinstance(mdl, types))):
         return next_fun(*args, **kwargs)
       new = _construct(layer, mdl, overrides).clone(parent=mdl.scope)
       a, kw = _call_args(new, args, kwargs)
@@ -164,11 +156,9 @@ def replace_batch_norm(module: nn.Module, layer: Union[type, Callable[[nn.Module
   if not isinstance(module, nn.Module):
     raise TypeError(f"replace_batch_norm: `module` must be a flax.linen.Module, got "
                     f"{type(module).__name__}.")
-  layer = _default_layer() if layer is None else layer
+  layer = BatchNorm if layer is None else layer
   types = None if types is None else tuple(types)
-  if isinstance(module, _Replaced):
-    module = module.module
-  return _Replaced(module, layer, types, tuple(sorted(overrides.items())))
+  return _Replaced(restore_batch_norm(module), layer, types, tuple(sorted(overrides.items())))
 
 
 def restore_batch_norm(module: nn.Module) -> nn.Module:

@@ -11,22 +11,6 @@ from jaxbn.nnx._common import rebuild, treatment
 from jaxbn.nnx._frozen import FrozenBatchNorm
 
 
-def _freeze_one(node: nnx.Module, how: str, freeze_affine: bool) -> nnx.Module:
-  # The very same Variables in the new layer: same state, same paths, shared.
-  if how == "frozen":
-    frozen = rebuild(FrozenBatchNorm, node, {"freeze_affine": freeze_affine})
-  else:  # "eval": the layer itself, held in eval mode (see `mode` in _common)
-    frozen = rebuild(type(node), node, {})
-  frozen.unfrozen = nnx.graphdef(node)
-  return frozen
-
-
-def _unfreeze_one(frozen: nnx.Module) -> nnx.Module:
-  if getattr(frozen, "unfrozen", None) is not None:
-    return nnx.merge(frozen.unfrozen, nnx.state(frozen))
-  return rebuild(BatchNorm, frozen, {})
-
-
 def freeze_batch_norm(model: Any, *, freeze_affine: bool = True) -> Any:
   """Returns a view of ``model`` whose batch-norm layers are :class:`FrozenBatchNorm`.
 
@@ -70,7 +54,14 @@ def freeze_batch_norm(model: Any, *, freeze_affine: bool = True) -> Any:
   """
   def convert(path, node):
     how = treatment("jaxbn.nnx.freeze_batch_norm", node, path).freeze
-    return node if how == "keep" else _freeze_one(node, how, freeze_affine)
+    if how == "keep":
+      return node
+    # The very same Variables in the new layer: same state, same paths, shared. "eval": the
+    # layer itself, held in eval mode (see `mode` in _common).
+    frozen = (rebuild(FrozenBatchNorm, node, {"freeze_affine": freeze_affine}) if how == "frozen"
+              else rebuild(type(node), node, {}))
+    frozen.unfrozen = nnx.graphdef(node)
+    return frozen
 
   return nnx.recursive_map(convert, model)
 
@@ -91,8 +82,8 @@ def unfreeze_batch_norm(model: Any) -> Any:
   """
 
   def convert(path, node):
-    if isinstance(node, FrozenBatchNorm) or getattr(node, "unfrozen", None) is not None:
-      return _unfreeze_one(node)
-    return node
+    if getattr(node, "unfrozen", None) is not None:
+      return nnx.merge(node.unfrozen, nnx.state(node))
+    return rebuild(BatchNorm, node, {}) if isinstance(node, FrozenBatchNorm) else node
 
   return nnx.recursive_map(convert, model)

@@ -8,7 +8,6 @@ Both return a new model and leave the given one untouched. The batch-norm layers
 from __future__ import annotations
 
 import functools
-import threading
 import warnings
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
@@ -32,16 +31,12 @@ _kernel_axes = functools.partial(_fold.kernel_axes, transpose=nnx.ConvTranspose,
 def _get(root: Any, path: Path) -> Any:
   node = root
   for key in path:
-    if isinstance(key, str) and hasattr(node, key):
-      node = getattr(node, key)
-    else:
-      node = node[key]
+    node = getattr(node, key) if isinstance(key, str) and hasattr(node, key) else node[key]
   return node
 
 
 def _set(root: Any, path: Path, value: Any) -> None:
-  parent = _get(root, path[:-1])
-  key = path[-1]
+  parent, key = _get(root, path[:-1]), path[-1]
   if isinstance(key, str) and hasattr(parent, key):
     setattr(parent, key, value)
   else:
@@ -74,15 +69,6 @@ def _swap_classes(model: Any, choose: Callable[[Path, Any], Optional[dict]]) -> 
     sub = type(cls)(f"{cls.__name__}", (cls,), dict(methods, __module__=cls.__module__,
                                                       __qualname__=cls.__qualname__))
     object.__setattr__(node, "__class__", sub)
-
-
-def _forward(fn: str, forward: Optional[Callable]) -> Callable:
-  if forward is None:
-    return lambda model, batch: model(batch)
-  if not callable(forward):
-    raise TypeError(f"{fn}: `forward` must be a function (model, batch) -> output, got "
-                    f"{type(forward).__name__}.")
-  return forward
 
 
 def _recording_methods(path: Path, node: Any) -> Optional[dict]:
@@ -127,7 +113,6 @@ def recompute_batch_stats(
     batches: an iterable of batches (re-iterable for ``mode="sequential"``).
     forward: ``forward(model, batch)`` running the model, e.g.
       ``lambda m, b: m(b["image"])``; default ``model(batch)``.
-    mode: ``"train"`` (default) or ``"sequential"``.
     {run_args}
 
   Returns:
@@ -154,7 +139,10 @@ def recompute_batch_stats(
   fn = "jaxbn.nnx.recompute_batch_stats"
   if not isinstance(model, nnx.Module):
     raise TypeError(f"{fn}: `model` must be an nnx.Module, got {type(model).__name__}.")
-  run_forward = _forward(fn, forward)
+  if forward is not None and not callable(forward):
+    raise TypeError(f"{fn}: `forward` must be a function (model, batch) -> output, got "
+                    f"{type(forward).__name__}.")
+  run_forward = (lambda m, batch: m(batch)) if forward is None else forward
   work = nnx.clone(model)
   work.eval()
   _swap_classes(work, _recording_methods)
@@ -213,21 +201,14 @@ class FoldedBatchNorm(Layer):
                                    self.dtype or jnp.result_type(x, bias))
 
 
-_FINDING = threading.local()
-
-
-def _marking_methods(path: Path, node: Any) -> Optional[dict]:
+def _marking_methods(srcs: list, dsts: list, path: Path, node: Any) -> Optional[dict]:
   cls = type(node)
   def bn_call(self, x, *args, **kwargs):  # tags the BatchNorm's input
-    x = _fold.mark_bn_input("jaxbn.nnx.find_conv_bn_pairs", _FINDING.log["dst"], path, self,
-                            jnp.asarray(x))
+    x = _fold.mark_bn_input("jaxbn.nnx.find_conv_bn_pairs", dsts, path, self, jnp.asarray(x))
     return cls.__call__(self, x, *args, **kwargs)
 
   def layer_call(self, *args, **kwargs):  # tags the Conv/Linear output
-    y = cls.__call__(self, *args, **kwargs)
-    if not isinstance(y, jax.Array):
-      return y
-    return _fold.mark_layer_output(_FINDING.log["src"], path, kind, y)
+    return _fold.mark_layer_output(srcs, path, kind, cls.__call__(self, *args, **kwargs))
 
   if treatment("jaxbn.nnx.find_conv_bn_pairs", node, path).fold:
     return {"__call__": bn_call}
@@ -267,15 +248,12 @@ def find_conv_bn_pairs(model: nnx.Module, *args: Any,
   run_forward = (lambda m, *a: m(*a)) if forward is None else forward
   work = nnx.clone(model)
   work.eval()
-  _swap_classes(work, _marking_methods)
+  srcs: list = []
+  dsts: list = []
+  _swap_classes(work, functools.partial(_marking_methods, srcs, dsts))
   graphdef, state = nnx.split(work)
-  log = {"src": [], "dst": []}
-  _FINDING.log = log
-  try:
-    jaxpr = jax.make_jaxpr(lambda s: run_forward(nnx.merge(graphdef, s), *args))(state)
-  finally:
-    _FINDING.log = None
-  return _fold.found_pairs(jaxpr, log["src"], log["dst"])
+  jaxpr = jax.make_jaxpr(lambda s: run_forward(nnx.merge(graphdef, s), *args))(state)
+  return _fold.found_pairs(jaxpr, srcs, dsts)
 
 
 def fold_batch_norm_layers(model: nnx.Module,
@@ -315,12 +293,9 @@ def fold_batch_norm_layers(model: nnx.Module,
   fn = "jaxbn.nnx.fold_batch_norm_layers"
   if not isinstance(model, nnx.Module):
     raise TypeError(f"{fn}: `model` must be an nnx.Module, got {type(model).__name__}.")
-  resolved = list(_fold.unpack_pairs(fn, pairs, functools.partial(_as_path, fn, model),
-                                     "(layer, bn)"))
   out = nnx.clone(model)
-  seen: set = set()
-  for layer, bn, eps, kaxes in resolved:
-    _fold.check_once(fn, seen, layer, bn, (layer, bn))
+  as_path = functools.partial(_as_path, fn, model)
+  for layer, bn, eps, kaxes in _fold.unpack_pairs(fn, pairs, as_path, "(layer, bn)"):
     try:
       lin, norm = _get(out, layer), _get(out, bn)
     except (AttributeError, KeyError, IndexError, TypeError):
