@@ -266,25 +266,6 @@ def bn_inputs(mdl: nnx.Module, x: jax.typing.ArrayLike, fn: str):
   return x, axis, jaxbn.BatchStats(mean, var, count), scale, bias, out
 
 
-def write_stats(mdl: nnx.Module, new: jaxbn.BatchStats, fn: str) -> None:
-  """Stores updated statistics in place, without gradient.
-
-  A layer whose statistics cannot be written from the current trace (it belongs to an outer
-  trace) raises ``TraceContextError`` with the how-to of ``SHARED_UNDER_VMAP``.
-  """
-  new = jax.tree.map(jax.lax.stop_gradient, new)
-  try:
-    for var, value in ((mdl.mean, new.mean), (mdl.var, new.var)):
-      if value.dtype == var[...].dtype:
-        var[...] = value
-      else:  # complex input: the running mean turns complex (as in flax.linen)
-        var.set_value(value)
-    if getattr(mdl, "count", None) is not None:
-      mdl.count[...] = new.count
-  except errors.TraceContextError:
-    raise errors.TraceContextError(SHARED_UNDER_VMAP.format(fn=fn)) from None
-
-
 # The settings a BN-family layer gives its functional op, under the same names.
 _CORE_SETTINGS = ("momentum", "epsilon", "axis_name", "axis_index_groups", "use_fast_variance",
                   "unbiased_running_var", "debias", "skip_nonfinite")
@@ -320,8 +301,18 @@ def bn_call(mdl: nnx.Module, core: Callable[..., Any], fn: str, x: jax.typing.Ar
                                                                     jnp.complex64)))
   y, new = core(x, stats, scale, bias, training=training, axis=axis, mask=mask, dtype=out,
                 **{name: getattr(mdl, name) for name in _CORE_SETTINGS}, **extra)
-  if training:
-    write_stats(mdl, new, fn)
+  if training:  # store the new statistics in place, without gradient
+    new = jax.tree.map(jax.lax.stop_gradient, new)
+    try:
+      for var, value in ((mdl.mean, new.mean), (mdl.var, new.var)):
+        if value.dtype == var[...].dtype:
+          var[...] = value
+        else:  # complex input: the running mean turns complex (as in flax.linen)
+          var.set_value(value)
+      if mdl.count is not None:
+        mdl.count[...] = new.count
+    except errors.TraceContextError:  # the layer belongs to an outer trace
+      raise errors.TraceContextError(SHARED_UNDER_VMAP.format(fn=fn)) from None
   return y
 
 
