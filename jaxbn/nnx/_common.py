@@ -258,8 +258,7 @@ def bn_inputs(mdl: nnx.Module, x: jax.typing.ArrayLike, fn: str):
         f"the right `axis`.")
   scale, bias = value(mdl.scale), value(mdl.bias)
   mean, var = mdl.mean[...], mdl.var[...]
-  count = getattr(mdl, "count", None)  # read with momentum=None or debias only
-  count = jaxbn.init_stats(1).count if count is None else count[...]
+  count = jaxbn.init_stats(1).count if mdl.count is None else mdl.count[...]
   out = output_dtype(mdl.promote_dtype, (x, mean, var, scale, bias), mdl.dtype)
   if not jnp.issubdtype(x.dtype, jnp.inexact):
     x = x.astype(out)
