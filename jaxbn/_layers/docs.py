@@ -14,6 +14,182 @@ def fill_doc(**parts: str) -> Callable:
   return fill
 
 
+# The BN-family layers' docstrings (jaxbn.linen/jaxbn.nnx BatchNorm, BatchRenorm, GhostBatchNorm,
+# FrozenBatchNorm, BatchChannelNorm), written once: ``bn_doc(fw)`` fills the texts, then the
+# words of framework ``fw`` (the ``{word}`` marks inside the texts).
+BN_MATH = r""".. math::
+     y = \frac{x - \mu}{\sqrt{\sigma^2 + \epsilon}} \gamma + \beta, \qquad
+     \text{running} \leftarrow m \cdot \text{running} + (1 - m) \cdot \text{batch}"""
+
+BAD_DATA = """``momentum`` outside ``[0, 1]`` is refused; bad data (see
+  :func:`jaxbn.batch_norm`): a feature whose batch statistics are not finite keeps its
+  running statistics (``skip_nonfinite``), and a training call with one value per feature
+  raises a ``ValueError``"""
+
+# BatchNorm's entries from ``momentum`` to ``use_fast_variance``, then jaxbn's extras.
+BN_ARGS = """momentum: weight of the old value in the running averages (flax convention, PyTorch's
+      is ``1 - momentum``); 1 keeps them as they are; None (jaxbn) a cumulative average,
+      which adds an int32 {count}.
+    epsilon: added to the variance (default 1e-5).
+    dtype: output dtype (default: inferred from the input and parameters, as flax).
+    param_dtype: dtype of ``scale`` and ``bias`` (default float32).
+    use_bias: add the learned ``bias``.
+    use_scale: multiply by the learned ``scale``.
+    bias_init: initializer for ``bias``.
+    scale_init: initializer for ``scale``.
+    axis_name: mapped axis name(s) to synchronize the statistics over (``shard_map``,
+      ``pmap``, ``vmap``); not needed under ``jax.jit`` on sharded arrays.
+    axis_index_groups: synchronize within these groups of axis indices only.
+    use_fast_variance: flax's one-pass ``E[x²] − E[x]²`` (default), guarded by an exact
+      fallback; False: jaxbn's stable variance."""
+
+BN_EXTRAS = """unbiased_running_var: (jaxbn) store PyTorch's unbiased running variance.
+    debias: (jaxbn) zero-debiased running averages; adds an int32 {count}.
+    skip_nonfinite: (jaxbn) True (default): a feature whose batch statistics are not finite
+      (a NaN/Inf in the batch) keeps its running statistics, the others update; False:
+      flax's behaviour (the NaN enters them)."""
+
+STABLE = """The other {fields} are :class:`jaxbn.{fw}.BatchNorm`'s, with their meaning,
+  except that ``use_fast_variance`` defaults to False (jaxbn's stable variance)"""
+
+RENORM = r""".. math::
+     y = \gamma \Big(\frac{x - \mu_B}{\sqrt{\sigma_B^2 + \epsilon}}\, r + d\Big) + \beta,
+     \quad r = \operatorname{clip}\Big(\frac{\sigma_B}{\sigma}\Big),
+     \ d = \operatorname{clip}\Big(\frac{\mu_B - \mu}{\sigma}\Big)
+
+  with ``r``, ``d`` held constant in the gradient (see :func:`jaxbn.batch_renorm` for the
+  math, the running-statistics rule and when to use it). Same {fields} as
+  :class:`jaxbn.{fw}.BatchNorm` plus the clipping bounds, and the *same {variables}*
+  ({names}),
+  so a batch norm checkpoint loads into it unchanged and inference is identical to batch
+  norm's.
+
+  ``r_max`` and ``d_max`` can be given at call time as (traced) arrays, which overrides
+  ``self.r_max``/``self.d_max`` without recompiling: this is how to ramp them with
+  :func:`jaxbn.renorm_schedule`.
+
+  {stable}.
+
+  {args}:
+    r_max: upper clip of ``r`` (default 3). Call-time ``r_max`` overrides it.
+    d_max: clip of ``|d|`` (default 5). Call-time ``d_max`` overrides it.
+    r_min: lower clip of ``r`` (default ``1 / r_max``).
+    running_std: average ``sqrt(var_B + ε)`` (paper, Keras) instead of the variance."""
+
+GHOST = """In training each consecutive slice of ``virtual_batch_size`` examples (along
+  ``batch_axis`` of the per-device batch) is normalized with its own statistics; evaluation
+  uses the running statistics like batch norm, whatever the batch size. See
+  :func:`jaxbn.ghost_batch_norm` for the running-statistics rule (``stats_update``) and when
+  to use it. Same {fields} as :class:`jaxbn.{fw}.BatchNorm`
+  plus ``virtual_batch_size``, ``batch_axis`` and ``stats_update``, and the same {variables}
+  (a batch norm checkpoint loads unchanged).
+
+  {stable};
+  ``axis_name`` synchronizes only the running-statistics update.
+
+  {args}:
+    virtual_batch_size: examples per virtual batch (must divide the per-device batch).
+    batch_axis: the axis cut into virtual batches (default 0).
+    stats_update: ``"average"`` (one update per call) or ``"sequential"`` (one per virtual
+      batch, the paper's rule)."""
+
+FROZEN = r""".. math::
+     y = \frac{x - \mu_{run}}{\sqrt{\sigma^2_{run} + \epsilon}}\, \gamma + \beta
+
+  Always normalizes with the stored running statistics, never updates them, and (with
+  ``freeze_affine=True``, the default) stops the gradient of ``scale`` and ``bias`` too, so
+  the layer is a fixed affine map of ``x`` in training and in evaluation. Same
+  {fields} and {variables} as :class:`jaxbn.{fw}.BatchNorm` (and
+  ``flax.{fw}.BatchNorm``), so it loads their checkpoints; ``use_running_average`` and the
+  call's ``mask`` are accepted and ignored, so call sites need not change. See
+  :func:`jaxbn.frozen_batch_norm` for when to use it, and :func:`freeze_batch_norm` to convert
+  a whole model. ``scale`` and ``bias`` stay {params}, so exclude them from
+  weight decay if they must not move at all.
+
+  The other {fields} are :class:`jaxbn.{fw}.BatchNorm`'s; ``use_running_average``,
+  ``momentum``, ``axis_name``, ``axis_index_groups``, ``use_fast_variance`` and
+  ``unbiased_running_var`` are accepted and unused (no statistics are
+  computed){frozen_skip}.
+
+  {args}:
+    freeze_affine: also stop the gradient of ``scale`` and ``bias`` (default True)."""
+
+BCN = r""".. math::
+     y = \gamma\,\mathrm{GN}\Big(\frac{x - \mu}{\sqrt{\sigma^2 + \epsilon}}\Big) + \beta
+
+  :func:`jaxbn.batch_channel_norm`: the batch norm (running statistics as
+  :class:`BatchNorm`'s, no affine) then a group norm per example over ``num_groups`` channel
+  groups with ``scale``/``bias``. :class:`BatchNorm`'s {fields}, call and {variables}
+  ({names}),
+  plus the groups; channels last. Its eval is not an affine map: the tools run it in eval
+  mode (freeze), leave its statistics (recompute) and do not fold it (kind ``running``).
+
+  {args}:
+    num_groups: channel groups (default 32); None with ``group_size``.
+    group_size: channels per group instead of ``num_groups``."""
+
+# The calls' Args, then their Returns and Raises (FrozenBatchNorm's: FROZEN_CALL).
+CALL_ARGS = """Args:
+      x: the input, feature axis {x_axis}.
+      use_running_average: {call_mode}
+      mask: optional bool array broadcastable to ``x``: which entries count in the batch
+        statistics."""
+
+CALL_END = """Returns:
+      The normalized input, shaped like ``x``.
+
+    Raises:
+      ValueError: {raises}"""
+
+FROZEN_CALL = """Args:
+      x: the input, feature axis {x_axis}.
+      use_running_average: ignored (accepted so that BatchNorm call sites work unchanged).
+      mask: ignored (no statistics are computed).
+      **ignored: other call arguments of the layer this one replaces (e.g. BatchRenorm's
+        ``r_max``/``d_max``), ignored.
+
+    Returns:
+      The normalized input, shaped like ``x``."""
+
+# Each framework's words in the texts above.
+WORDS = {
+    "linen": dict(
+        args="Attributes", fields="fields", count="``batch_stats/count``",
+        variables="variables", params="in the ``params`` collection",
+        names="``params/scale``, ``params/bias``, ``batch_stats/mean``, ``batch_stats/var``",
+        frozen_skip=", and so is ``skip_nonfinite``", x_axis="(or axes) ``self.axis``",
+        call_mode="""if True, use the stored statistics (eval); if False, the batch
+        statistics, updating the stored ones (the ``batch_stats`` collection must be
+        mutable). Give it here or to the constructor, not both.""",
+        raises="""``use_running_average`` given neither or both times (flax's message
+        first), features that do not match the variables, or an invalid argument."""),
+    "nnx": dict(
+        args="Args", fields="constructor arguments", count="``count`` ``nnx.BatchStat``",
+        variables="state", params="``nnx.Param`` (same state)",
+        names="``scale``, ``bias``: ``nnx.Param``; ``mean``, ``var``: ``nnx.BatchStat``",
+        frozen_skip="; it has no ``skip_nonfinite``",
+        x_axis="``self.axis`` of size ``num_features``",
+        call_mode="overrides the attribute of the same name for this call.",
+        raises="""no mode is set (flax's message first), ``x`` has the wrong number of
+        features, or an invalid argument."""),
+}
+
+
+def bn_doc(fw: str) -> Callable:
+  """Class decorator: ``fill_doc`` with the BN-family texts above, then ``WORDS[fw]`` and
+  ``fw``, on the class and on its own ``__call__``."""
+  fill = fill_doc(bn_math=BN_MATH, bad_data=BAD_DATA, bn_args=BN_ARGS, bn_extras=BN_EXTRAS,
+                  renorm=RENORM, ghost=GHOST, frozen=FROZEN, bcn=BCN, stable=STABLE,
+                  call_args=CALL_ARGS, call_end=CALL_END, frozen_call=FROZEN_CALL,
+                  **WORDS[fw], fw=fw)
+
+  def fill_class(cls: type) -> type:
+    if "__call__" in vars(cls):
+      fill(cls.__call__)
+    return fill(cls)
+  return fill_class
+
+
 # The Args of the recomputation options: recompute_stats, linen/nnx recompute_batch_stats.
 RUN_ARGS = """mode: ``"train"`` (default) or ``"sequential"``.
     num_batches: use at most this many batches (default: all).

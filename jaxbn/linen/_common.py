@@ -157,17 +157,24 @@ def bn_variables(mdl: nn.Module, x: jax.typing.ArrayLike, fn: str):
   return x, axis, stats, scale, bias, out_dtype, (ra_mean, ra_var, ra_count)
 
 
+# The settings a BN-family layer gives its functional op, under the same names.
+_CORE_SETTINGS = ("momentum", "epsilon", "use_fast_variance", "unbiased_running_var", "debias",
+                  "skip_nonfinite")
+
+
 def bn_call(mdl: nn.Module, core: Callable[..., Any], fn: str, x: jax.typing.ArrayLike,
-            use_running_average: bool, mask: Optional[jax.Array], **extra: Any) -> jax.Array:
+            use_running_average: Optional[bool], mask: Optional[jax.Array], **extra: Any
+            ) -> jax.Array:
   """A BN-family layer's call: its variables, ``core``, and the write-back of the statistics.
 
   ``core`` is a functional op with :func:`jaxbn.batch_norm`'s signature (plus ``extra``
-  keyword arguments). As in flax: during ``init`` nothing is updated and no collective is
-  issued, and complex input turns the running mean complex after the first update.
+  keyword arguments); ``use_running_average`` is the call's (:func:`resolve_mode`). As in
+  flax: during ``init`` nothing is updated and no collective is issued, and complex input
+  turns the running mean complex after the first update.
   """
+  use_running_average = resolve_mode(fn, mdl.use_running_average, use_running_average)
   momentum_value(fn, mdl.momentum)
-  x, axis, stats, scale, bias, out_dtype, (ra_mean, ra_var, ra_count) = bn_variables(mdl, x,
-                                                                                     fn)
+  x, axis, stats, scale, bias, out_dtype, (ra_mean, ra_var, ra_count) = bn_variables(mdl, x, fn)
   if jnp.iscomplexobj(x) and not jnp.iscomplexobj(stats.mean):
     stats = stats._replace(mean=stats.mean.astype(jnp.promote_types(stats.mean.dtype,
                                                                     jnp.complex64)))
@@ -175,22 +182,10 @@ def bn_call(mdl: nn.Module, core: Callable[..., Any], fn: str, x: jax.typing.Arr
   # During init a one-row dummy batch is the usual way to create the variables (nothing is
   # updated): one value per feature raises in training calls only.
   with one_value_per_feature_ok(initializing):
-    y, new = core(
-        x, stats, scale, bias,
-        training=not use_running_average,
-        axis=axis,
-        momentum=mdl.momentum,
-        epsilon=mdl.epsilon,
-        axis_name=None if initializing else mdl.axis_name,
-        axis_index_groups=None if initializing else mdl.axis_index_groups,
-        mask=mask,
-        dtype=out_dtype,
-        use_fast_variance=mdl.use_fast_variance,
-        unbiased_running_var=getattr(mdl, "unbiased_running_var", False),
-        debias=getattr(mdl, "debias", False),
-        skip_nonfinite=getattr(mdl, "skip_nonfinite", True),
-        **extra,
-    )
+    y, new = core(x, stats, scale, bias, training=not use_running_average, axis=axis, mask=mask,
+                  dtype=out_dtype, axis_name=None if initializing else mdl.axis_name,
+                  axis_index_groups=None if initializing else mdl.axis_index_groups,
+                  **{name: getattr(mdl, name) for name in _CORE_SETTINGS}, **extra)
   if not use_running_average and not initializing:
     ra_mean.value = new.mean
     ra_var.value = new.var

@@ -79,12 +79,10 @@ MODE_HOWTO = (
     "use_running_average=...)`.")
 
 
-def resolve_mode(layer: str, call: Optional[bool], attribute: Optional[bool]) -> bool:
-  """The call's ``use_running_average``, else the attribute's (flax.nnx's rule)."""
-  if call is not None:
-    return call
-  if attribute is not None:
-    return attribute
+def resolve_mode(layer: str, use_running_average: Optional[bool]) -> bool:
+  """``use_running_average`` for this call (:func:`mode`), or flax.nnx's error when unset."""
+  if use_running_average is not None:
+    return use_running_average
   name = layer.rsplit(".", 1)[-1]
   raise flax_error(f"No `use_running_average` argument was provided to {name}.",
                    MODE_HOWTO.format(layer=layer))
@@ -260,43 +258,16 @@ def bn_inputs(mdl: nnx.Module, x: jax.typing.ArrayLike, fn: str):
         f"the right `axis`.")
   scale, bias = value(mdl.scale), value(mdl.bias)
   mean, var = mdl.mean[...], mdl.var[...]
-  count = getattr(mdl, "count", None)  # read with momentum=None or debias only
-  count = jaxbn.init_stats(1).count if count is None else count[...]
+  count = jaxbn.init_stats(1).count if mdl.count is None else mdl.count[...]
   out = output_dtype(mdl.promote_dtype, (x, mean, var, scale, bias), mdl.dtype)
   if not jnp.issubdtype(x.dtype, jnp.inexact):
     x = x.astype(out)
   return x, axis, jaxbn.BatchStats(mean, var, count), scale, bias, out
 
 
-def _write(var: nnx.Variable, value: jax.Array) -> None:
-  if value.dtype == var[...].dtype:
-    var[...] = value
-  else:  # complex input: the running mean turns complex (as in flax.linen)
-    var.set_value(value)
-
-
-def write_stats(mdl: nnx.Module, new: jaxbn.BatchStats,
-                shared_error: Optional[str] = None) -> None:
-  """Stores updated statistics in place, without gradient.
-
-  A layer whose statistics cannot be written from the current trace (it belongs to an outer
-  trace) raises ``TraceContextError(shared_error)`` when ``shared_error`` is given.
-  """
-  new = jax.tree.map(jax.lax.stop_gradient, new)
-  try:
-    _write(mdl.mean, new.mean)
-    _write(mdl.var, new.var)
-    if getattr(mdl, "count", None) is not None:
-      mdl.count[...] = new.count
-  except errors.TraceContextError:
-    if shared_error is None:
-      raise
-    raise errors.TraceContextError(shared_error) from None
-
-
 # The settings a BN-family layer gives its functional op, under the same names.
 _CORE_SETTINGS = ("momentum", "epsilon", "axis_name", "axis_index_groups", "use_fast_variance",
-                  "unbiased_running_var", "debias")
+                  "unbiased_running_var", "debias", "skip_nonfinite")
 
 
 SHARED_UNDER_VMAP = (
@@ -314,23 +285,33 @@ SHARED_UNDER_VMAP = (
 
 
 def bn_call(mdl: nnx.Module, core: Callable[..., Any], fn: str, x: jax.typing.ArrayLike,
-            use_running_average: bool, mask: Optional[jax.Array], **extra: Any) -> jax.Array:
+            use_running_average: Optional[bool], mask: Optional[jax.Array], **extra: Any
+            ) -> jax.Array:
   """A BN-family layer's call: its state, ``core``, and the in-place update in training.
 
   ``core`` is a functional op with :func:`jaxbn.batch_norm`'s signature (plus ``extra``
-  keyword arguments); ``use_running_average`` is the mode already resolved for this call.
-  Complex input turns the running mean complex after the first update.
+  keyword arguments); ``use_running_average`` is the call's (see :func:`mode`; flax's error
+  when no mode is set). Complex input turns the running mean complex after the first update.
   """
+  training = not resolve_mode(fn, mode(mdl, use_running_average))
   x, axis, stats, scale, bias, out = bn_inputs(mdl, x, fn)
   if jnp.iscomplexobj(x) and not jnp.iscomplexobj(stats.mean):
     stats = stats._replace(mean=stats.mean.astype(jnp.promote_types(stats.mean.dtype,
                                                                     jnp.complex64)))
-  training = not use_running_average
   y, new = core(x, stats, scale, bias, training=training, axis=axis, mask=mask, dtype=out,
-                skip_nonfinite=getattr(mdl, "skip_nonfinite", True),
                 **{name: getattr(mdl, name) for name in _CORE_SETTINGS}, **extra)
-  if training:
-    write_stats(mdl, new, SHARED_UNDER_VMAP.format(fn=fn))
+  if training:  # store the new statistics in place, without gradient
+    new = jax.tree.map(jax.lax.stop_gradient, new)
+    try:
+      for var, value in ((mdl.mean, new.mean), (mdl.var, new.var)):
+        if value.dtype == var[...].dtype:
+          var[...] = value
+        else:  # complex input: the running mean turns complex (as in flax.linen)
+          var.set_value(value)
+      if mdl.count is not None:
+        mdl.count[...] = new.count
+    except errors.TraceContextError:  # the layer belongs to an outer trace
+      raise errors.TraceContextError(SHARED_UNDER_VMAP.format(fn=fn)) from None
   return y
 
 

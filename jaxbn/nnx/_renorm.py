@@ -7,34 +7,17 @@ from typing import Optional
 import jax
 
 import jaxbn
-from jaxbn.nnx._batch_norm import CALL_DOC, BatchNormFields
-from jaxbn.nnx._common import bn_call, doc, layer_fields, resolve_mode
+from jaxbn._layers.docs import bn_doc
+from jaxbn.nnx._batch_norm import BatchNormFields
+from jaxbn.nnx._common import bn_call, layer_fields
 
 
+@bn_doc("nnx")
 @layer_fields
 class BatchRenorm(BatchNormFields):
   r"""Batch renormalization (Ioffe, 2017) for NNX, with BatchNorm's constructor and state.
 
-  .. math::
-     y = \gamma \Big(\frac{x - \mu_B}{\sqrt{\sigma_B^2 + \epsilon}}\, r + d\Big) + \beta,
-     \quad r = \operatorname{clip}\Big(\frac{\sigma_B}{\sigma}\Big),
-     \ d = \operatorname{clip}\Big(\frac{\mu_B - \mu}{\sigma}\Big)
-
-  with ``r``, ``d`` held constant in the gradient (see :func:`jaxbn.batch_renorm` for the
-  math, the running-statistics rule and when to use it). Same constructor and state as
-  :class:`jaxbn.nnx.BatchNorm` (``scale``, ``bias``, ``mean``, ``var``) plus the clipping
-  bounds, so a batch norm checkpoint loads unchanged; ``train()``/``eval()`` switch the mode.
-  ``r_max``/``d_max`` given at call time (traced arrays) override the attributes without
-  recompiling, e.g. from :func:`jaxbn.renorm_schedule`.
-
-  The other constructor arguments are :class:`jaxbn.nnx.BatchNorm`'s, with their meaning,
-  except that ``use_fast_variance`` defaults to False (jaxbn's stable variance).
-
-  Args:
-    r_max: upper clip of ``r`` (default 3).
-    d_max: clip of ``|d|`` (default 5).
-    r_min: lower clip of ``r`` (default ``1 / r_max``).
-    running_std: average ``sqrt(var_B + ε)`` (paper, Keras) instead of the variance.
+  {renorm}
 
   Example:
     >>> import jax, jax.numpy as jnp, jaxbn, jaxbn.nnx
@@ -55,13 +38,17 @@ class BatchRenorm(BatchNormFields):
   r_min: Optional[float] = None
   running_std: bool = False
 
-  @doc(CALL_DOC, "Renormalizes ``x`` (training) or normalizes it with the running statistics "
-       "(eval).", "\n      r_max: optional (traced) override of ``self.r_max``."
-       "\n      d_max: optional (traced) override of ``self.d_max``.")
   def __call__(self, x: jax.typing.ArrayLike, use_running_average: Optional[bool] = None, *,
                mask: Optional[jax.Array] = None, r_max: Optional[jax.typing.ArrayLike] = None,
                d_max: Optional[jax.typing.ArrayLike] = None) -> jax.Array:
-    use_running_average = resolve_mode(self._fn, use_running_average, self.use_running_average)
+    """Renormalizes ``x`` (training) or normalizes it with the running statistics (eval).
+
+    {call_args}
+      r_max: optional (traced) override of ``self.r_max``.
+      d_max: optional (traced) override of ``self.d_max``.
+
+    {call_end}
+    """
     return bn_call(self, jaxbn.batch_renorm, self._fn, x, use_running_average, mask,
                    r_max=self.r_max if r_max is None else r_max,
                    d_max=self.d_max if d_max is None else d_max, r_min=self.r_min,
