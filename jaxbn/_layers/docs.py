@@ -238,7 +238,8 @@ NORM_CALL = """Applies {} normalization.
     """
 
 # The settings of linen/nnx FilterResponseNorm and EvoNormB0 (Attributes / Args entries).
-FRN_SETTINGS = """epsilon: constant ``ε`` (default 1e-6, the paper's); the floor with ``learn_epsilon``.
+FRN_SETTINGS = """epsilon: constant ``ε`` (default 1e-6, the paper's); the floor with
+      ``learn_epsilon``.
     dtype: result dtype (default: inferred from input and parameters, as flax).
     param_dtype: parameter dtype (default float32).
     use_bias, use_scale: learn ``β`` / ``γ``.
