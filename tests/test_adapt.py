@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from flax import nnx
+from flax import errors, nnx
 from jax.test_util import check_grads
 
 import jaxbn
@@ -180,6 +180,45 @@ def test_split_batch_norm_layers_equal_functional():
                                    rngs=nnx.Rngs(0))
   np.testing.assert_array_equal(np.asarray(layer(x, domain=dom)), np.asarray(y))
   np.testing.assert_array_equal(np.asarray(layer.var[...]), np.asarray(newf.var))
+
+
+@pytest.mark.parametrize("per_example", [False, True])
+def test_split_batch_norm_layers_momentum_none_is_each_domains_cumulative_average(per_example):
+  """momentum=None keeps a per-domain count: the running mean and variance are the plain
+  averages of each domain's batch statistics over the steps that saw it (float64 NumPy).
+  A layer that dropped the count would hold the last batch's statistics (off by >= 0.5)."""
+  rng = np.random.default_rng(7)
+  xs = [rng.normal(size=(6, 3)) * (1 + i) + 2 * i for i in range(3)]
+  doms = [np.array([0, 1, 1, 0, 1, 0]) if per_example else np.full(6, i % 2) for i in range(3)]
+  bn = jaxbn.linen.SplitBatchNorm(num_domains=2, momentum=None, use_running_average=False)
+  variables = bn.init(jax.random.key(0), jnp.ones((6, 3)))
+  layer = jaxbn.nnx.SplitBatchNorm(3, num_domains=2, momentum=None, rngs=nnx.Rngs(0))
+  for x, dom in zip(xs, doms):
+    d = jnp.asarray(dom) if per_example else int(dom[0])
+    _, upd = bn.apply(variables, jnp.asarray(x, jnp.float32), domain=d, mutable=["batch_stats"])
+    variables = {**variables, **upd}
+    layer(jnp.asarray(x, jnp.float32), domain=d)
+  for k in range(2):
+    seen = [x[dom == k] for x, dom in zip(xs, doms) if (dom == k).any()]
+    mean = np.mean([b.mean(0) for b in seen], 0)
+    var = np.mean([b.var(0) for b in seen], 0)
+    for got in (variables["batch_stats"], {"mean": layer.mean[...], "var": layer.var[...],
+                                           "count": layer.count[...]}):
+      np.testing.assert_allclose(np.asarray(got["mean"][k]), mean, rtol=1e-5, atol=1e-6)
+      np.testing.assert_allclose(np.asarray(got["var"][k]), var, rtol=1e-5)
+      assert int(got["count"][k]) == len(seen)
+
+
+def test_nnx_split_batch_norm_checks_its_arguments_when_built_and_hints_under_shared_vmap():
+  with pytest.raises(ValueError, match=r"jaxbn\.nnx\.SplitBatchNorm: `epsilon`"):
+    jaxbn.nnx.SplitBatchNorm(3, epsilon=0.0, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=r"jaxbn\.nnx\.SplitBatchNorm: `momentum`"):
+    jaxbn.nnx.SplitBatchNorm(3, momentum=1.5, rngs=nnx.Rngs(0))
+  layer = jaxbn.nnx.SplitBatchNorm(3, rngs=nnx.Rngs(0))
+  with pytest.raises(errors.TraceContextError,
+                     match=r"(?s)^jaxbn\.nnx\.SplitBatchNorm: cannot write the running "
+                           r"statistics.*axis_name='batch'\)"):
+    nnx.vmap(lambda x: layer(x), in_axes=0)(jnp.ones((4, 5, 3)))
 
 
 # ----------------------------------------------------------------- whole models

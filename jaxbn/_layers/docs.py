@@ -274,7 +274,8 @@ ADAPT = dict(
   ``(num_domains, C)``, AdvProp's auxiliary BN / domain-specific BN). The call takes
   ``domain``: an int (the whole batch) or an int array with one domain per example; otherwise
   the call and the other arguments are ``flax.{fw}.BatchNorm``'s (``use_fast_variance``
-  defaults to False: jaxbn's stable variance).""",
+  defaults to False: jaxbn's stable variance); ``momentum=None`` (a cumulative average per
+  domain) adds an int32 ``count`` of shape ``(num_domains,)``.""",
     split_args="""num_domains: number of domains (default 2).
     shared_affine: one ``scale``/``bias`` for all domains (default True).
     skip_nonfinite: (jaxbn) True (default): a feature whose batch statistics are not finite

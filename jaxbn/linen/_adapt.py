@@ -68,7 +68,9 @@ class SplitBatchNorm(BatchStatsFields, _DomainFields):
     bias = (self.param("bias", init_rows(self.bias_init), pshape, self.param_dtype)
             if self.use_bias else None)
     init = self.is_initializing()
-    stats = jaxbn.BatchStats(mean.value, var.value, jnp.zeros((self.num_domains,), jnp.int32))
+    counts = lambda: jnp.zeros((self.num_domains,), jnp.int32)
+    count = self.variable("batch_stats", "count", counts) if self.momentum is None else None
+    stats = jaxbn.BatchStats(mean.value, var.value, counts() if count is None else count.value)
     dtype = self.dtype or jnp.result_type(x, *[p for p in (scale, bias) if p is not None])
     with one_value_per_feature_ok(init):  # a one-row init batch creates the variables
       y, new = jaxbn.split_batch_norm(
@@ -79,6 +81,8 @@ class SplitBatchNorm(BatchStatsFields, _DomainFields):
           use_fast_variance=self.use_fast_variance, skip_nonfinite=self.skip_nonfinite)
     if not use_running_average and not init:
       mean.value, var.value = new.mean, new.var
+      if count is not None:
+        count.value = new.count
     return y
 
 

@@ -12,9 +12,10 @@ from flax.nnx import initializers
 from flax.typing import Dtype, Initializer
 
 import jaxbn
+from jaxbn._core.checks import epsilon_value, momentum_value
 from jaxbn._layers.docs import ADAPT, fill_doc
 from jaxbn.nnx._common import (Layer, init_affine, init_bn_layer, mode, plain_dtype, treatment,
-                               value)
+                               value, write_stats)
 from jaxbn.nnx._surgery import replace_batch_norm
 
 
@@ -47,9 +48,13 @@ class SplitBatchNorm(Layer):
                axis_index_groups: Any = None, use_fast_variance: bool = False,
                skip_nonfinite: bool = True, rngs: nnx.Rngs):
     args = dict(locals())
+    epsilon_value("jaxbn.nnx.SplitBatchNorm", epsilon)
+    momentum_value("jaxbn.nnx.SplitBatchNorm", momentum)
     rows = (num_domains, num_features)
     self.mean = nnx.BatchStat(jnp.zeros(rows, jnp.float32))
     self.var = nnx.BatchStat(jnp.ones(rows, jnp.float32))
+    counts = jnp.zeros((num_domains,), jnp.int32)  # stored for a cumulative average only
+    self.count = nnx.BatchStat(counts) if momentum is None else nnx.data(None)
     shape = (num_features,) if shared_affine else rows
     init_affine(self, shape, use_scale, use_bias, scale_init, bias_init, param_dtype, rngs)
     for name, arg in args.items():  # the settings, after the state (not use_bias/use_scale)
@@ -62,8 +67,8 @@ class SplitBatchNorm(Layer):
     use_ra = mode(self, use_running_average)
     x = jnp.asarray(x)
     scale, bias = value(self.scale), value(self.bias)
-    stats = jaxbn.BatchStats(self.mean[...], self.var[...],
-                             jnp.zeros((self.num_domains,), jnp.int32))
+    count = jnp.zeros((self.num_domains,), jnp.int32) if self.count is None else self.count[...]
+    stats = jaxbn.BatchStats(self.mean[...], self.var[...], count)
     y, new = jaxbn.split_batch_norm(
         x, stats, scale, bias, domain=domain, training=not use_ra, axis=self.axis,
         momentum=self.momentum, epsilon=self.epsilon, axis_name=self.axis_name,
@@ -71,8 +76,7 @@ class SplitBatchNorm(Layer):
         dtype=plain_dtype(self.dtype, x, scale, bias), use_fast_variance=self.use_fast_variance,
         skip_nonfinite=self.skip_nonfinite)
     if not use_ra:
-      self.mean[...] = jax.lax.stop_gradient(new.mean)
-      self.var[...] = jax.lax.stop_gradient(new.var)
+      write_stats(self, new, "jaxbn.nnx.SplitBatchNorm")
     return y
 
 

@@ -300,19 +300,25 @@ def bn_call(mdl: nnx.Module, core: Callable[..., Any], fn: str, x: jax.typing.Ar
                                                                     jnp.complex64)))
   y, new = core(x, stats, scale, bias, training=training, axis=axis, mask=mask, dtype=out,
                 **{name: getattr(mdl, name) for name in _CORE_SETTINGS}, **extra)
-  if training:  # store the new statistics in place, without gradient
-    new = jax.tree.map(jax.lax.stop_gradient, new)
-    try:
-      for var, value in ((mdl.mean, new.mean), (mdl.var, new.var)):
-        if value.dtype == var[...].dtype:
-          var[...] = value
-        else:  # complex input: the running mean turns complex (as in flax.linen)
-          var.set_value(value)
-      if mdl.count is not None:
-        mdl.count[...] = new.count
-    except errors.TraceContextError:  # the layer belongs to an outer trace
-      raise errors.TraceContextError(SHARED_UNDER_VMAP.format(fn=fn)) from None
+  if training:
+    write_stats(mdl, new, fn)
   return y
+
+
+def write_stats(mdl: nnx.Module, new: jaxbn.BatchStats, fn: str) -> None:
+  """Stores a training call's statistics in place, without gradient (``count`` if it has one);
+  a layer shared under a map over the batch gets :data:`SHARED_UNDER_VMAP`'s hint."""
+  new = jax.tree.map(jax.lax.stop_gradient, new)
+  try:
+    for var, value in ((mdl.mean, new.mean), (mdl.var, new.var)):
+      if value.dtype == var[...].dtype:
+        var[...] = value
+      else:  # complex input: the running mean turns complex (as in flax.linen)
+        var.set_value(value)
+    if getattr(mdl, "count", None) is not None:
+      mdl.count[...] = new.count
+  except errors.TraceContextError:  # the layer belongs to an outer trace
+    raise errors.TraceContextError(SHARED_UNDER_VMAP.format(fn=fn)) from None
 
 
 # --------------------------------------------------------------------------------------------
