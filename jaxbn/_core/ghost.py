@@ -16,7 +16,7 @@ from jaxbn._core.batch_norm import batch_norm
 from jaxbn._core.docstrings import fill_args
 from jaxbn._core.ema import update_stats
 from jaxbn._core.engine import standardize
-from jaxbn._core.moments import block_values, on_cpu
+from jaxbn._core.moments import barrier, block_values
 from jaxbn._core.types import BatchStats, Moments
 from jaxbn._core.unsynced import warn_if_unsynced
 
@@ -212,7 +212,7 @@ def ghost_batch_norm(
       use_fast_variance=use_fast_variance, grouping=grouping, shift=shift)
   # Per-virtual-batch moments with the G axis first: (G, *features). The barrier keeps XLA
   # from fusing the pooling below back into the reductions over x.
-  mean, var, count = on_cpu(lambda *v: lax.optimization_barrier(v), *(
+  mean, var, count = barrier(*(
       lax.stop_gradient(jnp.moveaxis(block_values(v, grouping), grouping[0], 0))
       for v in (mean, var, count)))
   groups = None if axis_index_groups is None else [list(g) for g in axis_index_groups]

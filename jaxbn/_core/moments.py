@@ -108,18 +108,25 @@ def on_cpu(fn, *args):
   return lax.platform_dependent(*args, cpu=fn, default=lambda *a: a)
 
 
-def aliases(x: jax.Array, n: int):
-  """``n`` aliases of ``x`` that XLA:CPU cannot merge (one ``optimization_barrier``, CPU only).
+def barrier(*args):
+  """``lax.optimization_barrier(args)`` in the XLA:CPU program, ``args`` elsewhere."""
+  return on_cpu(lambda *v: lax.optimization_barrier(v), *args)
+
+
+def aliases(v: jax.Array, n: int, x: jax.Array):
+  """``n`` aliases of ``v`` that XLA:CPU cannot merge (one ``optimization_barrier``, CPU only).
 
   When one value (a bf16 ``x`` up-cast to float32, or a broadcast per-feature vector) feeds
-  several fused passes, XLA:CPU writes it out in full, a temporary the size of ``x``; giving
-  each pass its own alias keeps the computation inside each pass's loop. The aliases must
-  come from a single barrier: separate identical barriers are merged and then removed.
-  Other backends fuse multi-output reductions themselves and get ``x`` ``n`` times.
+  several fused passes over ``x``, XLA:CPU writes it out in full, a temporary the size of
+  ``x``; giving each pass its own alias keeps the computation inside each pass's loop. The
+  aliases must come from a single barrier: separate identical barriers are merged and then
+  removed. None (``v`` ``n`` times) for an ``x`` below :data:`ALIAS_MIN_SIZE` entries, where
+  a barrier's kernel boundary costs more than the temporary it avoids; other backends fuse
+  multi-output reductions themselves and get ``v`` ``n`` times.
   """
-  if n < 2:
-    return (x,) * n
-  return on_cpu(lambda *v: lax.optimization_barrier(v), *((x,) * n))
+  if n < 2 or not large(x):
+    return (v,) * n
+  return barrier(*((v,) * n))
 
 
 def bcast(v: jax.Array, shape: tuple[int, ...], feat: tuple[int, ...],
@@ -295,8 +302,8 @@ def _local_sums(x, red, mask, shift, need_s1=True):
     mask = jnp.broadcast_to(mask, x.shape)
     count = jnp.sum(mask, axis=red, dtype=rdt)
   passes = 1 + int(need_s1)
-  xs = aliases(x, passes) if large(x) else (x,) * passes
-  ks = aliases(shift, passes) if shift is not None and large(x) else (shift,) * passes
+  xs = aliases(x, passes, x)
+  ks = (shift,) * passes if shift is None else aliases(shift, passes, x)
 
   def centered(xv, k):
     d = xv.astype(acc)

@@ -27,18 +27,18 @@ def to_keepdims(v, x_shape, feat, dtype=None):
   return v.reshape(keepdims_shape(x_shape, feat))
 
 
-def affine(x, mean, inv, scale, bias, out_dtype):
+def affine(x, mean, inv, scale, bias, out_dtype, broadcast=lambda v: v):
   """``(x - mean) * (inv * scale) + bias`` in the accumulation dtype, one fused pass.
 
-  All of ``mean``, ``inv``, ``scale``, ``bias`` are per-feature (keepdims shapes): the
-  per-feature coefficient ``inv * scale`` is formed once, so the elementwise loop is a
-  subtract, a multiply and an add per entry.
+  All of ``mean``, ``inv``, ``scale``, ``bias`` are per-feature, in keepdims shapes or
+  broadcast against ``x`` by ``broadcast``: the per-feature coefficient ``inv * scale`` is
+  formed once, so the elementwise loop is a subtract, a multiply and an add per entry.
   """
   acc = accumulation_dtype(x.dtype)
   k = inv if scale is None else inv * scale.astype(acc)
-  y = (x.astype(acc) - mean) * k
+  y = (x.astype(acc) - broadcast(mean.astype(acc))) * broadcast(k)
   if bias is not None:
-    y = y + bias.astype(acc)
+    y = y + broadcast(bias.astype(acc))
   return y.astype(out_dtype)
 
 
