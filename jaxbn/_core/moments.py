@@ -199,14 +199,13 @@ def _sample(v, red):
   first entry. Returns the sample and its reduced axes.
   """
   sharding = collectives.explicit_sharding(v)
-  spec = () if sharding is None else tuple(sharding.spec) + (None,) * v.ndim
+  spec = (None,) * v.ndim if sharding is None else tuple(sharding.spec) + (None,) * v.ndim
   sampled = []  # axes of the (split) array to stride
   axes = []
   offset = 0
   for a in sorted(red):
     pos = a + offset
-    parts = collectives.names(spec[a]) if sharding is not None else ()
-    shards = math.prod(sharding.mesh.shape[p] for p in parts) if parts else 1
+    shards = math.prod(sharding.mesh.shape[p] for p in collectives.names(spec[a]))
     if shards > 1:
       v = split(v, pos, shards)
       axes.append(pos)
@@ -214,18 +213,11 @@ def _sample(v, red):
       pos += 1
     sampled.append(pos)
     axes.append(pos)
-  limits, strides = [], []
-  for i, d in enumerate(v.shape):
-    if i not in sampled:
-      limits.append(d)
-      strides.append(1)
-    elif isinstance(d, int):
-      limits.append(d)
-      strides.append(max(1, -(-d // SAMPLE_PER_AXIS)))
-    else:  # symbolic: the first entry
-      limits.append(1)
-      strides.append(1)
-  return lax.slice(v, (0,) * v.ndim, tuple(limits), tuple(strides)), tuple(axes)
+  strided = [i in sampled and isinstance(d, int) for i, d in enumerate(v.shape)]
+  limits = tuple(d if s or i not in sampled else 1  # symbolic: the first entry
+                 for i, (d, s) in enumerate(zip(v.shape, strided)))
+  strides = tuple(max(1, -(-d // SAMPLE_PER_AXIS)) if s else 1 for d, s in zip(v.shape, strided))
+  return lax.slice(v, (0,) * v.ndim, limits, strides), tuple(axes)
 
 
 def _sampled_shift(x, mask, red, grouping, fallback):
