@@ -133,8 +133,7 @@ def update_stats(
   if unbiased_running_var:
     var = var * n / jnp.maximum(n - 1.0, 1.0)
   if momentum is None:
-    k = stats.count.astype(wdt)
-    w_new = 1.0 / (k + 1.0)
+    w_new = 1.0 / (stats.count.astype(wdt) + 1.0)
   elif debias:
     w_old = jnp.asarray(momentum, wdt)
     t = stats.count.astype(wdt) + 1.0

@@ -10,7 +10,7 @@ constant correction. Batch norm is ``pfeat`` = the statistics' axes and no block
 from __future__ import annotations
 
 import functools
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +20,7 @@ from jaxbn._core import checks
 from jaxbn._core import collectives
 from jaxbn._core import moments as mom
 from jaxbn._core import normalize
-from jaxbn._core.moments import accumulation_dtype, bcast
+from jaxbn._core.moments import accumulation_dtype
 
 
 class Config(NamedTuple):
@@ -76,9 +76,7 @@ def _forward(cfg, x, scale, bias, mask, epsilon, correction, shift):
   inv, r, d = _scales(mean, var, epsilon, correction)
   acc = accumulation_dtype(x.dtype)
   g, b = _effective(scale, bias, r, d, acc)
-  sharding = collectives.explicit_sharding(x)
-  bs = functools.partial(bcast, shape=x.shape, feat=sfeat, sharding=sharding)
-  bp = functools.partial(bcast, shape=x.shape, feat=pfeat, sharding=sharding)
+  bs, bp = mom.broadcaster(x, sfeat), mom.broadcaster(x, pfeat)
   if mask is not None:  # masked entries holding NaN/Inf must not leak into the output
     x = jnp.where(mask | jnp.isfinite(x), x, jnp.zeros((), x.dtype))
   xa = x.astype(acc)
@@ -158,9 +156,7 @@ def _standardize_train_jvp(cfg, primals, tangents):
   glen = None if grouping is None else x.shape[sfeat[grouping[0]]]
 
   def tangent(x, mean, inv, g, mask, count, xd, sd_eff, bd_eff, eps_dot):
-    sharding = collectives.explicit_sharding(x)
-    bs = functools.partial(bcast, shape=x.shape, feat=sfeat, sharding=sharding)
-    bp = functools.partial(bcast, shape=x.shape, feat=pfeat, sharding=sharding)
+    bs, bp = mom.broadcaster(x, sfeat), mom.broadcaster(x, pfeat)
     # The device axes the data varies over (shard_map): replicated coefficients that meet it
     # are cast to varying at their own small shape, so each transposes to a small psum.
     data_axes = collectives.varying_axes(x)
@@ -289,5 +285,4 @@ def standardize(fn: str, x, scale, bias, *, red, param_axes, mask, epsilon, dtyp
 
 def affine(x, feat, mean, inv, scale, bias, out_dtype):
   """``(x − mean)·(inv·scale) + bias`` with feature-shaped vectors along ``feat``: one pass."""
-  return normalize.affine(x, mean, inv, scale, bias, out_dtype, functools.partial(
-      bcast, shape=x.shape, feat=feat, sharding=collectives.explicit_sharding(x)))
+  return normalize.affine(x, mean, inv, scale, bias, out_dtype, mom.broadcaster(x, feat))

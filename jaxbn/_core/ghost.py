@@ -226,8 +226,7 @@ def ghost_batch_norm(
   if axis_name is not None:  # merge the l-th virtual batches of all devices
     sums = collectives.psum(jnp.stack([count, count * mean, count * var]), axis_name, groups)
     count = sums[0]
-    mean = sums[1] / jnp.maximum(count, 1.0)
-    var = sums[2] / jnp.maximum(count, 1.0)
+    mean, var = (sums[i] / jnp.maximum(count, 1.0) for i in (1, 2))
 
   def step(carry, moments):
     return update_stats(carry, Moments(*moments), momentum=momentum,

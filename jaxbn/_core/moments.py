@@ -129,10 +129,11 @@ def aliases(v: jax.Array, n: int, x: jax.Array):
   return barrier(*((v,) * n))
 
 
-def bcast(v: jax.Array, shape: tuple[int, ...], feat: tuple[int, ...],
-          sharding: Any = None) -> jax.Array:
-  """Broadcasts a stat-shaped vector against ``x`` (``broadcast_in_dim``, no reshape)."""
-  return lax.broadcast_in_dim(v, shape, feat, out_sharding=sharding)
+def broadcaster(x: jax.Array, feat: tuple[int, ...]):
+  """Broadcasts vectors along ``feat`` against ``x`` (``broadcast_in_dim``, no reshape), with
+  ``x``'s explicit sharding (see :func:`jaxbn._core.collectives.explicit_sharding`)."""
+  sharding = collectives.explicit_sharding(x)
+  return lambda v: lax.broadcast_in_dim(v, x.shape, feat, out_sharding=sharding)
 
 
 # ---------------------------------------------------------------- blocks (grouped statistics)
@@ -299,8 +300,7 @@ def _local_sums(x, red, mask, shift, need_s1=True):
 
   def centered(xv, k):
     d = xv.astype(acc)
-    kb = None if k is None else bcast(k.astype(acc), x.shape, sfeat,
-                                      collectives.explicit_sharding(x))
+    kb = None if k is None else broadcaster(x, sfeat)(k.astype(acc))
     if mask is not None:  # masked entries (even NaN/Inf ones) become the shift: d = 0 there
       d = jnp.where(mask, d, jnp.zeros((), acc) if kb is None else kb)
     return d if kb is None else d - kb

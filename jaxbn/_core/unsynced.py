@@ -1,4 +1,4 @@
-"""A hint for the most common synchronization mistake: BN under ``jax.shard_map`` with no ``axis_name``.
+"""A hint for the commonest synchronization mistake: BN in ``jax.shard_map`` without ``axis_name``.
 
 Inside ``jax.shard_map`` (with its default ``check_vma=True``) every value's type records the
 mesh axes it *varies* over: a batch passed with ``in_specs=P('data')`` varies over ``'data'``,
