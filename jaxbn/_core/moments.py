@@ -337,15 +337,18 @@ def batch_moments(x: jax.Array, mask: Optional[jax.Array], plan: Plan,
   def psum(parts):
     return list(collectives.psum_stacked(parts, axis_name, plan.groups))
 
+  def total(sums, count, static):
+    """The global sums, in one collective (a static count is the same everywhere: not sent)."""
+    if static:
+      return psum(sums), count * collectives.axis_size(axis_name, plan.groups)
+    *sums, count = psum(sums + [count.astype(sums[0].dtype)])
+    return sums, count.real
+
   if not plan.center:
     count, _, s2 = _local_sums(x, red, mask, None, need_s1=False)
     static = isinstance(count, float)
     count, s2 = block_counts(count), block_sum(s2, grouping)
-    if static:
-      s2 = psum([s2])[0]
-      count = count * collectives.axis_size(axis_name, plan.groups)
-    else:
-      s2, count = psum([s2, count])
+    (s2,), count = total([s2], count, static)
     out = (count, jnp.zeros(bshape, acc), s2 / jnp.maximum(count, 1.0))
     return tuple(expand(v, grouping, glen) for v in out)
 
@@ -369,13 +372,8 @@ def batch_moments(x: jax.Array, mask: Optional[jax.Array], plan: Plan,
     delta = k_local - k
     s2 = s2 + (2.0 * (delta.conj() * s1).real + count * abs2(delta)).astype(rdt)
     s1 = s1 + count * delta
-    # Round 2: the global sums (a static count is not sent).
-    if static:
-      s1, s2 = psum([s1, s2.astype(acc)])
-      count = count * collectives.axis_size(axis_name, plan.groups)
-    else:
-      s1, s2, count = psum([s1, s2.astype(acc), count.astype(acc)])
-      count = count.real
+    # Round 2: the global sums.
+    (s1, s2), count = total([s1, s2.astype(acc)], count, static)
     s2 = s2.real.astype(rdt)
   n = jnp.maximum(count, 1.0)
   d = s1 / n
