@@ -10,9 +10,10 @@ from jax import lax
 from jax.typing import ArrayLike, DTypeLike
 
 from jaxbn._core import checks
+from jaxbn._core.docstrings import fill_args
 from jaxbn._core.ema import update_stats
 from jaxbn._core.engine import affine, standardize
-from jaxbn._core.moments import accumulation_dtype
+from jaxbn._core.moments import accumulation_dtype, moments
 from jaxbn._core.normalize import output_dtype
 from jaxbn._core.types import BatchStats, Moments
 from jaxbn._core.unsynced import warn_if_unsynced
@@ -49,15 +50,11 @@ def batch_norm(
   normalize ``x`` and ``stats`` is returned unchanged (the same object).
 
   Numerics:
-    * statistics are accumulated in float32 (or wider) for bf16/fp16 input without writing
-      an up-cast copy of ``x``; the output has ``x``'s dtype (or ``dtype``);
-    * one fused pass over ``x`` accumulates ``Σ(x − K)`` and ``Σ(x − K)²`` about a shift
-      ``K`` sampled from the batch itself (the mean of a few strided entries per feature),
-      so the variance is exact for any offset of the data in both variance modes,
-      synchronized or not, with no conditional and no second pass (see
-      :func:`jaxbn.moments`); with ``axis_name`` one ``psum`` of ``features`` numbers agrees
-      on a common shift while the pass runs and one of ``2–3 × features`` numbers sums the
-      moments;
+    * the statistics are :func:`jaxbn.moments`'s: accumulated in float32 (or wider) for
+      bf16/fp16 input in one fused pass over ``x`` (no up-cast copy, no conditional, no
+      second pass), exact for any offset of the data in both variance modes, synchronized or
+      not (with ``axis_name``: one ``psum`` of ``features`` and one of ``2–3 × features``
+      numbers); the output has ``x``'s dtype (or ``dtype``);
     * ``momentum`` is the weight of the *old* running value (flax/Keras/haiku). PyTorch's
       ``momentum=p`` is ``1 - p`` here (:func:`jaxbn.momentum_from_torch`); ``momentum=None``
       is a cumulative average (PyTorch's ``momentum=None``);
@@ -96,20 +93,8 @@ def batch_norm(
     scale: optional per-feature scale ``γ`` (None: 1).
     bias: optional per-feature offset ``β`` (None: 0).
     training: Python bool, static. True: batch statistics and updated running statistics.
-    axis: feature axis or axes (default -1 for NHWC; 1 for NCHW).
-    momentum: running-average momentum in [0, 1] (flax convention), or None (cumulative).
     epsilon: added to the variance, > 0 (default 1e-5).
-    axis_name: mapped axis name(s) to synchronize statistics over (``shard_map``, ``pmap``,
-      ``vmap``); not needed under plain ``jax.jit`` on sharded arrays.
-    axis_index_groups: synchronize within these groups of device indices only (``pmap``).
-    mask: optional bool array broadcastable to ``x``: which entries count in the statistics.
-    dtype: output dtype (default ``x.dtype``).
-    use_fast_variance: accepted for flax compatibility: both modes compute the same exact
-      one-pass statistics (flax's fast ``E[x²] − E[x]²`` loses the variance far from zero).
-    unbiased_running_var: store the unbiased variance in the running statistics (PyTorch).
-    debias: zero-debiased running averages (see :func:`jaxbn.update_stats`).
-    skip_nonfinite: True (default): features whose batch statistics are not finite keep
-      their running statistics; False: flax's behaviour (they become NaN/Inf).
+    dtype: output dtype (default ``x.dtype``); arithmetic runs in at least float32.
 
   Returns:
     ``(y, new_stats)``: the normalized array (shape of ``x``) and the updated statistics
@@ -164,3 +149,6 @@ def batch_norm(
                            unbiased_running_var=unbiased_running_var, debias=debias,
                            skip_nonfinite=skip_nonfinite)
   return y, new_stats
+
+
+fill_args((moments, update_stats), batch_norm)

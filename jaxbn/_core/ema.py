@@ -89,8 +89,8 @@ def update_stats(
   Args:
     stats: the current :class:`BatchStats`.
     batch: the batch :class:`Moments` (feature shape matching ``stats``).
-    momentum: float in [0, 1] (may be traced), or None for a cumulative average; 1 keeps
-      the running values (only ``count`` advances).
+    momentum: weight of the old value in [0, 1] (flax convention; may be traced), or None
+      for a cumulative average; 1 keeps the running values (only ``count`` advances).
     unbiased_running_var: fold in ``var * n / (n - 1)`` (PyTorch's running variance) instead
       of the biased batch variance (flax's).
     debias: zero-debiased average (as Adam and haiku): the stored value is

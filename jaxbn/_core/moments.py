@@ -449,14 +449,14 @@ def moments(
 
   Args:
     x: input array, any float dtype (complex allowed: the variance is that of ``|x - mean|``).
-    axis: feature axis or axes (default -1, channels-last); the others are reduced.
-    mask: optional bool array broadcastable to ``x``; False entries do not count (even if they
-      hold NaN or Inf).
-    axis_name: name or tuple of names of mapped axes (``shard_map``/``pmap``/``vmap``) over
-      which to synchronize the statistics; None for none.
-    axis_index_groups: optional groups of device indices to synchronize within (``pmap``).
-    use_fast_variance: accepted for flax compatibility; the one-pass statistics above are
-      already fast, and are exact in both modes (flax's ``E[x²] − E[x]²`` is not).
+    axis: feature axis or axes (default -1 for NHWC; 1 for NCHW).
+    mask: optional bool array broadcastable to ``x``: which entries count in the statistics
+      (False ones do not, even if they hold NaN or Inf).
+    axis_name: mapped axis name(s) to synchronize statistics over (``shard_map``, ``pmap``,
+      ``vmap``); not needed under plain ``jax.jit`` on sharded arrays.
+    axis_index_groups: synchronize within these groups of device indices only (``pmap``).
+    use_fast_variance: accepted for flax compatibility: both modes compute the same exact
+      one-pass statistics (flax's fast ``E[x²] − E[x]²`` loses the variance far from zero).
     shift: optional per-feature fallback offset (feature shape, treated as a constant, the
       same on every device), used only for a feature whose sample holds no valid entry.
 

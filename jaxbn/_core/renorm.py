@@ -147,7 +147,6 @@ def batch_renorm(
     r_max: upper clip of ``r``, >= 1 (default 3, the paper's final value). May be traced.
     d_max: clip of ``|d|``, >= 0 (default 5, the paper's final value). May be traced.
     r_min: lower clip of ``r`` (default ``1 / r_max``). May be traced.
-    dtype: output dtype (default ``x.dtype``); arithmetic runs in at least float32.
     running_std: average ``sqrt(var_B + ε)`` (paper, Keras) instead of ``var_B`` (BN).
 
   Returns:
