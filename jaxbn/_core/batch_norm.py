@@ -14,7 +14,7 @@ from jaxbn._core.docstrings import fill_args
 from jaxbn._core.ema import update_stats
 from jaxbn._core.engine import affine, standardize
 from jaxbn._core.moments import accumulation_dtype, moments
-from jaxbn._core.normalize import output_dtype
+from jaxbn._core.normalize import normalize, output_dtype
 from jaxbn._core.types import BatchStats, Moments
 from jaxbn._core.unsynced import warn_if_unsynced
 
@@ -90,11 +90,7 @@ def batch_norm(
   Args:
     x: input, float dtype, any rank >= 1.
     stats: :class:`BatchStats` with the feature shape (:func:`jaxbn.init_stats`).
-    scale: optional per-feature scale ``γ`` (None: 1).
-    bias: optional per-feature offset ``β`` (None: 0).
     training: Python bool, static. True: batch statistics and updated running statistics.
-    epsilon: added to the variance, > 0 (default 1e-5).
-    dtype: output dtype (default ``x.dtype``); arithmetic runs in at least float32.
 
   Returns:
     ``(y, new_stats)``: the normalized array (shape of ``x``) and the updated statistics
@@ -151,4 +147,4 @@ def batch_norm(
   return y, new_stats
 
 
-fill_args((moments, update_stats), batch_norm)
+fill_args((normalize, moments, update_stats), batch_norm)

@@ -72,11 +72,11 @@ def normalize(
     x: input, any float dtype.
     mean: per-feature mean, the shape of ``x`` along ``axis``.
     var: per-feature (biased) variance, same shape.
-    scale: optional per-feature scale ``γ`` (default 1).
-    bias: optional per-feature offset ``β`` (default 0).
+    scale: optional per-feature scale ``γ`` (None: 1).
+    bias: optional per-feature offset ``β`` (None: 0).
     axis: feature axis or axes of ``x`` (default -1).
-    epsilon: added to the variance (default 1e-5, as flax and PyTorch).
-    dtype: output dtype (default: ``x.dtype``). Arithmetic runs in at least float32.
+    epsilon: added to the variance, > 0 (default 1e-5, as flax and PyTorch).
+    dtype: output dtype (default ``x.dtype``); arithmetic runs in at least float32.
 
   Returns:
     The normalized array, shaped like ``x``.
