@@ -125,8 +125,7 @@ def batch_norm(
   out_dtype = output_dtype(x, scale, bias, dtype)
   acc = accumulation_dtype(x.dtype)
   rdt = jnp.finfo(acc).dtype
-  scale_v = None if scale is None else jnp.asarray(scale).reshape(fshape)
-  bias_v = None if bias is None else jnp.asarray(bias).reshape(fshape)
+  scale_v, bias_v = (None if v is None else jnp.asarray(v).reshape(fshape) for v in (scale, bias))
 
   if not training:
     mean = jnp.asarray(stats.mean).astype(acc)

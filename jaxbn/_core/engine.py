@@ -69,9 +69,8 @@ def _in_stat_shape(v, sfeat, pfeat, sshape):
 
 
 def _forward(cfg, x, scale, bias, mask, epsilon, correction, shift):
-  plan = cfg.plan
+  plan, pfeat, out_dtype = cfg
   sfeat = tuple(i for i in range(x.ndim) if i not in plan.red)
-  pfeat = cfg.pfeat
   count, mean, var = mom.batch_moments(x, mask, plan, shift)
   inv, r, d = _scales(mean, var, epsilon, correction)
   acc = accumulation_dtype(x.dtype)
@@ -92,7 +91,7 @@ def _forward(cfg, x, scale, bias, mask, epsilon, correction, shift):
       y = y * bp(g)
     if b is not None:
       y = y + bp(b)
-  return y.astype(cfg.out_dtype), mean, var, count
+  return y.astype(out_dtype), mean, var, count
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
@@ -137,8 +136,7 @@ def _standardize_train_jvp(cfg, primals, tangents):
   ``shard_map`` and ``vmap`` alike, and gives forward mode and higher orders the same form.
   """
   plan, pfeat, out_dtype = cfg
-  red, axis_name, groups, center, grouping = (plan.red, plan.axis_name, plan.groups,
-                                              plan.center, plan.grouping)
+  red, axis_name, groups, center, grouping = plan
   x, scale, bias, mask, epsilon, correction, shift = primals
   xd, sd, bd = tangents[:3]
   eps_dot = tangents[4]  # a learned epsilon: dy/dε = −½ γ_e x̂ s², a per-statistic coefficient
@@ -271,8 +269,7 @@ def standardize(fn: str, x, scale, bias, *, red, param_axes, mask, epsilon, dtyp
   scale = None if scale is None else jnp.asarray(scale).reshape(pshape)
   bias = None if bias is None else jnp.asarray(bias).reshape(pshape)
   plan = mom.Plan(red=tuple(red), axis_name=axis_name,
-                  groups=collectives.groups_tuple(axis_index_groups),
-                  center=bool(center),
+                  groups=collectives.groups_tuple(axis_index_groups), center=bool(center),
                   grouping=None if grouping is None else tuple(int(g) for g in grouping))
   cfg = Config(plan, tuple(param_axes), out_dtype)
   eps = jnp.asarray(epsilon, rdt)  # differentiable: a learned epsilon gets its gradient

@@ -40,7 +40,7 @@ XLA:CPU from writing the up-cast of a bf16 ``x`` out in full. The CUDA and TPU p
 no barrier and no conditional.
 
 **Merge.** :func:`merge` is Chan, Golub & LeVeque's pairwise update of ``(n, μ, M_2)``, used
-for population statistics, ghost batches and the pooling of per-device running statistics.
+for population statistics; :func:`merge_along` pools per-device running statistics.
 """
 
 from __future__ import annotations
@@ -67,10 +67,6 @@ def accumulation_dtype(dtype) -> jnp.dtype:
   if jnp.issubdtype(dtype, jnp.complexfloating):
     return jnp.promote_types(dtype, jnp.complex64)
   return jnp.promote_types(dtype, jnp.float32)
-
-
-def real_dtype(dtype) -> jnp.dtype:
-  return jnp.finfo(dtype).dtype
 
 
 def abs2(z):
@@ -229,7 +225,7 @@ def _sampled_shift(x, mask, red, grouping, fallback):
   sampled entries (None without a mask: the same number on every device).
   """
   acc = accumulation_dtype(x.dtype)
-  rdt = real_dtype(acc)
+  rdt = jnp.finfo(acc).dtype
   xs, axes = _sample(lax.stop_gradient(x), red)
   xs = xs.astype(acc)
   if mask is None:
@@ -284,7 +280,7 @@ def _local_sums(x, red, mask, shift, need_s1=True):
   static.
   """
   acc = accumulation_dtype(x.dtype)
-  rdt = real_dtype(acc)
+  rdt = jnp.finfo(acc).dtype
   sfeat = tuple(i for i in range(x.ndim) if i not in red)
   if mask is None:
     count = math.prod(x.shape[a] for a in red)
@@ -321,7 +317,7 @@ def batch_moments(x: jax.Array, mask: Optional[jax.Array], plan: Plan,
   entries are 0. With ``plan.center=False`` ``mean`` is 0 and ``var`` is the mean square.
   """
   acc = accumulation_dtype(x.dtype)
-  rdt = real_dtype(acc)
+  rdt = jnp.finfo(acc).dtype
   red, grouping, axis_name = plan.red, plan.grouping, plan.axis_name
   sfeat = tuple(i for i in range(x.ndim) if i not in red)
   sshape = tuple(x.shape[i] for i in sfeat)
@@ -477,9 +473,8 @@ def moments(
   checks.mask_broadcasts(fn, mask, x.shape)
   checks.axis_name_bound(fn, axis_name, axis_index_groups)
   fshape = tuple(x.shape[a] for a in feat)
-  if shift is not None:
-    checks.feature_shape_matches(fn, "shift", shift, fshape,
-                                 "pass one value per feature (e.g. a running mean).")
+  checks.feature_shape_matches(fn, "shift", shift, fshape,
+                               "pass one value per feature (e.g. a running mean).")
   plan = Plan(red=checks.reduction_axes(x.ndim, feat), axis_name=axis_name,
               groups=collectives.groups_tuple(axis_index_groups))
   k = None if shift is None else jnp.asarray(shift).reshape(fshape)

@@ -122,13 +122,11 @@ def batch_renorm(
   (:func:`jaxbn.renorm_schedule`), as in the paper. If batches are tiny *and* you do not
   need running statistics, :func:`jaxbn.group_norm` avoids the batch altogether.
 
-  Running statistics: the mean and variance are updated as in :func:`jaxbn.batch_norm`
-  (same ``momentum``, ``debias``, ``unbiased_running_var``, masks and empty batches, and the
-  same bad-data contract: features with non-finite batch statistics keep their running
-  values unless ``skip_nonfinite=False``; one value per feature in training raises), and the
-  *same* running statistics give ``r``, ``d`` and the inference output (the paper uses one
-  set). ``running_std=True`` averages the standard deviation ``sqrt(var_B + ε)`` instead of
-  the variance, as the paper's algorithm and Keras do, storing ``var = σ² − ε``.
+  Running statistics: the mean and variance are updated as in :func:`jaxbn.batch_norm` (the
+  same options, masks, empty batches and bad-data contract), and the *same* running
+  statistics give ``r``, ``d`` and the inference output (the paper uses one set).
+  ``running_std=True`` averages the standard deviation ``sqrt(var_B + ε)`` instead of the
+  variance, as the paper's algorithm and Keras do, storing ``var = σ² − ε``.
 
   ``r_max``, ``d_max`` and ``r_min`` may be traced values (e.g. ``jnp`` scalars passed through
   ``jax.jit``), so a schedule ramps them without recompiling.
