@@ -57,9 +57,7 @@ def batch_norm(
       numbers); the output has ``x``'s dtype (or ``dtype``);
     * ``momentum`` is the weight of the *old* running value (flax/Keras/haiku). PyTorch's
       ``momentum=p`` is ``1 - p`` here (:func:`jaxbn.momentum_from_torch`); ``momentum=None``
-      is a cumulative average (PyTorch's ``momentum=None``);
-    * the stored running variance is biased (flax); ``unbiased_running_var=True`` stores
-      PyTorch's unbiased estimate ``var·n/(n−1)``.
+      is a cumulative average (PyTorch's ``momentum=None``).
 
   Gradients: training mode differentiates through the batch statistics with a closed-form
   derivative that keeps only ``x`` and per-feature vectors for the backward pass and reduces
@@ -67,11 +65,10 @@ def batch_norm(
   ``jax.custom_jvp``, so ``grad``, ``jacrev``, ``jvp``, ``jacfwd`` and higher orders all use
   it. Complex input uses plain autodiff. The returned statistics are differentiable too.
 
-  Masks: entries where ``mask`` is False do not enter the statistics, even if they hold NaN
-  or Inf; their outputs are normalized with the batch statistics like the others (as flax),
-  except non-finite masked entries, which output ``bias``. A batch with no valid entry gives
-  finite outputs and leaves the running statistics unchanged; so does a feature that the
-  mask leaves with a single valid entry (its variance 0 says nothing about the data).
+  Masks: entries where ``mask`` is False are normalized with the batch statistics like the
+  others (as flax), except non-finite ones, which output ``bias``. A batch with no valid
+  entry gives finite outputs and leaves the running statistics unchanged; so does a feature
+  that the mask leaves with a single valid entry (its variance 0 says nothing about the data).
 
   Bad data (the contract): where a feature's batch mean or variance is not finite (a NaN or
   Inf in ``x``, an overflow), its running statistics keep their previous values bit for bit
@@ -79,8 +76,7 @@ def batch_norm(
   output is what the formula gives, so the NaN stays visible in ``y`` and the loss. The
   decision is a ``jnp.where`` on feature-sized vectors (no host check, no conditional, no
   extra pass over ``x``); synchronized, it uses the global statistics and is the same on
-  every device. ``skip_nonfinite=False`` gives flax's behaviour (the NaN enters the running
-  statistics). One value per feature in training (e.g. a ``(1, C)`` batch without
+  every device. One value per feature in training (e.g. a ``(1, C)`` batch without
   ``axis_name``) raises a ``ValueError`` before anything is computed: its variance is 0.
 
   Differences from flax: the non-finite skip above (flax's running statistics turn NaN for
