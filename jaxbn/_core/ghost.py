@@ -29,8 +29,6 @@ def _check_layout(fn: str, x: jax.Array, batch_axis: int, ghosts: int, size: int
   if sharding is None:
     return
   spec = tuple(sharding.spec) + (None,) * (x.ndim - len(sharding.spec))
-  if spec[batch_axis] is None:
-    return
   shards = int(np.prod([sharding.mesh.shape[n] for n in collectives.names(spec[batch_axis])]))
   if ghosts % shards:
     raise ValueError(

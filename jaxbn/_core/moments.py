@@ -277,14 +277,13 @@ def _local_sums(x, red, mask, shift, need_s1=True):
   """One fused pass: count, ``Σ(x − shift)`` and ``Σ|x − shift|²`` over ``red`` (stat-shaped).
 
   ``count`` is a Python float when there is no mask (every entry counts) and the shape is
-  static.
+  static (an array for a symbolic one, ``jax.export``).
   """
   acc = accumulation_dtype(x.dtype)
   rdt = jnp.finfo(acc).dtype
   sfeat = tuple(i for i in range(x.ndim) if i not in red)
   if mask is None:
     count = math.prod(x.shape[a] for a in red)
-    # a static count stays a Python float; a symbolic one (jax.export) becomes an array
     count = float(count) if isinstance(count, int) else jnp.full(
         tuple(x.shape[i] for i in sfeat), jnp.asarray(count, rdt))
   else:

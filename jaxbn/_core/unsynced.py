@@ -40,12 +40,9 @@ def warn_if_unsynced(fn: str, x: Any, stats: Any, axis_name: Any, training: bool
   """
   if not training or axis_name is not None:
     return
-  split = varying_axes(x)
-  if not split:
-    return
-  replicated = tuple(sorted(split - varying_axes(stats.var)))
+  replicated = tuple(sorted(varying_axes(x) - varying_axes(stats.var)))
   if not replicated:
-    return  # statistics already per device: intended
+    return  # x not split, or statistics already per device (intended)
   name = replicated[0] if len(replicated) == 1 else replicated
   warnings.warn(UnsyncedStatisticsWarning(
       f"{fn}: `x` is split over the jax.shard_map mesh axes {replicated} but no `axis_name` "
