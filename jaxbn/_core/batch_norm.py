@@ -136,10 +136,9 @@ def batch_norm(
       fn, x, scale_v, bias_v, red=red, param_axes=feat,
       mask=mask, epsilon=epsilon, dtype=dtype, axis_name=axis_name,
       axis_index_groups=axis_index_groups, use_fast_variance=use_fast_variance, shift=shift)
-  new_stats = update_stats(stats, Moments(mean, var, count), momentum=momentum,
-                           unbiased_running_var=unbiased_running_var, debias=debias,
-                           skip_nonfinite=skip_nonfinite)
-  return y, new_stats
+  return y, update_stats(stats, Moments(mean, var, count), momentum=momentum,
+                         unbiased_running_var=unbiased_running_var, debias=debias,
+                         skip_nonfinite=skip_nonfinite)
 
 
 fill_args((normalize, moments, update_stats), batch_norm)

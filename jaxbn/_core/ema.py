@@ -29,8 +29,7 @@ def momentum_from_torch(torch_momentum: Optional[float]) -> Optional[float]:
     return None
   p = float(torch_momentum)
   if not 0.0 <= p <= 1.0:
-    raise ValueError(
-        f"momentum_from_torch: `torch_momentum` must be in [0, 1], got {p}.")
+    raise ValueError(f"momentum_from_torch: `torch_momentum` must be in [0, 1], got {p}.")
   return round(1.0 - p, 12)
 
 

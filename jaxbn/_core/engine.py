@@ -274,8 +274,7 @@ def standardize(fn: str, x, scale, bias, *, red, param_axes, mask, epsilon, dtyp
   cfg = Config(plan, tuple(param_axes), out_dtype)
   eps = jnp.asarray(epsilon, rdt)  # differentiable: a learned epsilon gets its gradient
   mask = None if mask is None else jnp.asarray(mask)
-  if shift is not None:
-    shift = lax.stop_gradient(jnp.asarray(shift))
+  shift = None if shift is None else lax.stop_gradient(jnp.asarray(shift))
   impl = standardize_train.fun if jnp.iscomplexobj(x) else standardize_train
   return impl(cfg, x, scale, bias, mask, eps, correction, shift)
 

@@ -217,9 +217,8 @@ def ghost_batch_norm(
 
   if stats_update == "average":
     batch = _merge_ghost_moments(mean, var, count, axis_name, groups, unbiased_running_var)
-    new_stats = update_stats(stats, batch, momentum=momentum, debias=debias,
-                             skip_nonfinite=skip_nonfinite)
-    return y, new_stats
+    return y, update_stats(stats, batch, momentum=momentum, debias=debias,
+                           skip_nonfinite=skip_nonfinite)
 
   if axis_name is not None:  # merge the l-th virtual batches of all devices
     sums = collectives.psum(jnp.stack([count, count * mean, count * var]), axis_name, groups)
