@@ -141,4 +141,4 @@ def batch_norm(
                          skip_nonfinite=skip_nonfinite)
 
 
-fill_args((normalize, moments, update_stats), batch_norm)
+fill_args((moments, normalize, update_stats), batch_norm)
