@@ -152,11 +152,6 @@ def split(v, pos, n):
   return _reshape(v, shape, lambda s: s[:pos] + (s[pos], None) + s[pos + 1:])
 
 
-def _merge_axes(v, pos):
-  shape = v.shape[:pos] + (v.shape[pos] * v.shape[pos + 1],) + v.shape[pos + 2:]
-  return _reshape(v, shape, lambda s: s[:pos + 1] + s[pos + 2:])
-
-
 def block_sum(v, grouping):
   """Sums a stat-shaped ``v`` over each block of the grouped axis (block-shaped result)."""
   if grouping is None:
@@ -172,7 +167,8 @@ def expand(v, grouping, length):
   pos, n = grouping
   e = jnp.expand_dims(v, pos + 1)
   e = jnp.broadcast_to(e, e.shape[:pos + 1] + (length // n,) + e.shape[pos + 2:])
-  return _merge_axes(e, pos)
+  return _reshape(e, v.shape[:pos] + (length,) + v.shape[pos + 1:],  # (n, length // n) merged
+                  lambda s: s[:pos + 1] + s[pos + 2:])
 
 
 def block_values(v, grouping):
