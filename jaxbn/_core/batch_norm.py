@@ -10,10 +10,11 @@ from jax import lax
 from jax.typing import ArrayLike, DTypeLike
 
 from jaxbn._core import checks
+from jaxbn._core.docstrings import fill_args
 from jaxbn._core.ema import update_stats
 from jaxbn._core.engine import affine, standardize
-from jaxbn._core.moments import accumulation_dtype
-from jaxbn._core.normalize import output_dtype
+from jaxbn._core.moments import accumulation_dtype, moments
+from jaxbn._core.normalize import normalize, output_dtype
 from jaxbn._core.types import BatchStats, Moments
 from jaxbn._core.unsynced import warn_if_unsynced
 
@@ -49,20 +50,14 @@ def batch_norm(
   normalize ``x`` and ``stats`` is returned unchanged (the same object).
 
   Numerics:
-    * statistics are accumulated in float32 (or wider) for bf16/fp16 input without writing
-      an up-cast copy of ``x``; the output has ``x``'s dtype (or ``dtype``);
-    * one fused pass over ``x`` accumulates ``Σ(x − K)`` and ``Σ(x − K)²`` about a shift
-      ``K`` sampled from the batch itself (the mean of a few strided entries per feature),
-      so the variance is exact for any offset of the data in both variance modes,
-      synchronized or not, with no conditional and no second pass (see
-      :func:`jaxbn.moments`); with ``axis_name`` one ``psum`` of ``features`` numbers agrees
-      on a common shift while the pass runs and one of ``2–3 × features`` numbers sums the
-      moments;
+    * the statistics are :func:`jaxbn.moments`'s: accumulated in float32 (or wider) for
+      bf16/fp16 input in one fused pass over ``x`` (no up-cast copy, no conditional, no
+      second pass), exact for any offset of the data in both variance modes, synchronized or
+      not (with ``axis_name``: one ``psum`` of ``features`` and one of ``2–3 × features``
+      numbers); the output has ``x``'s dtype (or ``dtype``);
     * ``momentum`` is the weight of the *old* running value (flax/Keras/haiku). PyTorch's
       ``momentum=p`` is ``1 - p`` here (:func:`jaxbn.momentum_from_torch`); ``momentum=None``
-      is a cumulative average (PyTorch's ``momentum=None``);
-    * the stored running variance is biased (flax); ``unbiased_running_var=True`` stores
-      PyTorch's unbiased estimate ``var·n/(n−1)``.
+      is a cumulative average (PyTorch's ``momentum=None``).
 
   Gradients: training mode differentiates through the batch statistics with a closed-form
   derivative that keeps only ``x`` and per-feature vectors for the backward pass and reduces
@@ -70,11 +65,10 @@ def batch_norm(
   ``jax.custom_jvp``, so ``grad``, ``jacrev``, ``jvp``, ``jacfwd`` and higher orders all use
   it. Complex input uses plain autodiff. The returned statistics are differentiable too.
 
-  Masks: entries where ``mask`` is False do not enter the statistics, even if they hold NaN
-  or Inf; their outputs are normalized with the batch statistics like the others (as flax),
-  except non-finite masked entries, which output ``bias``. A batch with no valid entry gives
-  finite outputs and leaves the running statistics unchanged; so does a feature that the
-  mask leaves with a single valid entry (its variance 0 says nothing about the data).
+  Masks: entries where ``mask`` is False are normalized with the batch statistics like the
+  others (as flax), except non-finite ones, which output ``bias``. A batch with no valid
+  entry gives finite outputs and leaves the running statistics unchanged; so does a feature
+  that the mask leaves with a single valid entry (its variance 0 says nothing about the data).
 
   Bad data (the contract): where a feature's batch mean or variance is not finite (a NaN or
   Inf in ``x``, an overflow), its running statistics keep their previous values bit for bit
@@ -82,8 +76,7 @@ def batch_norm(
   output is what the formula gives, so the NaN stays visible in ``y`` and the loss. The
   decision is a ``jnp.where`` on feature-sized vectors (no host check, no conditional, no
   extra pass over ``x``); synchronized, it uses the global statistics and is the same on
-  every device. ``skip_nonfinite=False`` gives flax's behaviour (the NaN enters the running
-  statistics). One value per feature in training (e.g. a ``(1, C)`` batch without
+  every device. One value per feature in training (e.g. a ``(1, C)`` batch without
   ``axis_name``) raises a ``ValueError`` before anything is computed: its variance is 0.
 
   Differences from flax: the non-finite skip above (flax's running statistics turn NaN for
@@ -93,23 +86,7 @@ def batch_norm(
   Args:
     x: input, float dtype, any rank >= 1.
     stats: :class:`BatchStats` with the feature shape (:func:`jaxbn.init_stats`).
-    scale: optional per-feature scale ``γ`` (None: 1).
-    bias: optional per-feature offset ``β`` (None: 0).
     training: Python bool, static. True: batch statistics and updated running statistics.
-    axis: feature axis or axes (default -1 for NHWC; 1 for NCHW).
-    momentum: running-average momentum in [0, 1] (flax convention), or None (cumulative).
-    epsilon: added to the variance, > 0 (default 1e-5).
-    axis_name: mapped axis name(s) to synchronize statistics over (``shard_map``, ``pmap``,
-      ``vmap``); not needed under plain ``jax.jit`` on sharded arrays.
-    axis_index_groups: synchronize within these groups of device indices only (``pmap``).
-    mask: optional bool array broadcastable to ``x``: which entries count in the statistics.
-    dtype: output dtype (default ``x.dtype``).
-    use_fast_variance: accepted for flax compatibility: both modes compute the same exact
-      one-pass statistics (flax's fast ``E[x²] − E[x]²`` loses the variance far from zero).
-    unbiased_running_var: store the unbiased variance in the running statistics (PyTorch).
-    debias: zero-debiased running averages (see :func:`jaxbn.update_stats`).
-    skip_nonfinite: True (default): features whose batch statistics are not finite keep
-      their running statistics; False: flax's behaviour (they become NaN/Inf).
 
   Returns:
     ``(y, new_stats)``: the normalized array (shape of ``x``) and the updated statistics
@@ -144,8 +121,7 @@ def batch_norm(
   out_dtype = output_dtype(x, scale, bias, dtype)
   acc = accumulation_dtype(x.dtype)
   rdt = jnp.finfo(acc).dtype
-  scale_v = None if scale is None else jnp.asarray(scale).reshape(fshape)
-  bias_v = None if bias is None else jnp.asarray(bias).reshape(fshape)
+  scale_v, bias_v = (None if v is None else jnp.asarray(v).reshape(fshape) for v in (scale, bias))
 
   if not training:
     mean = jnp.asarray(stats.mean).astype(acc)
@@ -160,7 +136,9 @@ def batch_norm(
       fn, x, scale_v, bias_v, red=red, param_axes=feat,
       mask=mask, epsilon=epsilon, dtype=dtype, axis_name=axis_name,
       axis_index_groups=axis_index_groups, use_fast_variance=use_fast_variance, shift=shift)
-  new_stats = update_stats(stats, Moments(mean, var, count), momentum=momentum,
-                           unbiased_running_var=unbiased_running_var, debias=debias,
-                           skip_nonfinite=skip_nonfinite)
-  return y, new_stats
+  return y, update_stats(stats, Moments(mean, var, count), momentum=momentum,
+                         unbiased_running_var=unbiased_running_var, debias=debias,
+                         skip_nonfinite=skip_nonfinite)
+
+
+fill_args((moments, normalize, update_stats), batch_norm)

@@ -122,13 +122,12 @@ def axis_name_bound(fn: str, axis_name: AxisName, axis_index_groups: Any = None)
           f"axis_name='batch'."
       )
     return
-  names = tuple(axis_name) if isinstance(axis_name, (tuple, list)) else (axis_name,)
+  names = collectives.names(axis_name)
   if not names:
     raise ValueError(f"{fn}: `axis_name` is an empty tuple; pass None to synchronize nothing.")
-  sizes = []
   for name in names:
     try:
-      sizes.append(int(lax.axis_size(name)))
+      lax.axis_size(name)
     except NameError:
       raise ValueError(
           f"{fn}: `axis_name`={axis_name!r}: the axis name {name!r} is not bound here. "
@@ -138,7 +137,7 @@ def axis_name_bound(fn: str, axis_name: AxisName, axis_index_groups: Any = None)
           f"{_bound_names()}"
       ) from None
   if axis_index_groups is not None:
-    _groups_partition(fn, axis_name, axis_index_groups, int(np.prod(sizes)))
+    _groups_partition(fn, axis_name, axis_index_groups, collectives.axis_size(axis_name))
     _groups_supported(fn, names, axis_index_groups)
 
 

@@ -8,6 +8,7 @@ array first. Nothing here is conditional.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Optional, Sequence
 
 import jax
@@ -16,11 +17,10 @@ from jax import lax
 
 
 def names(axis_name: Any) -> tuple:
-  if axis_name is None:
-    return ()
+  """``axis_name`` as a tuple of names (``()`` for None)."""
   if isinstance(axis_name, (tuple, list)):
     return tuple(axis_name)
-  return (axis_name,)
+  return () if axis_name is None else (axis_name,)
 
 
 def psum(x: jax.Array, axis_name: Any, axis_index_groups: Optional[Sequence] = None):
@@ -36,10 +36,7 @@ def axis_size(axis_name: Any, axis_index_groups: Optional[Sequence] = None) -> i
     return 1
   if axis_index_groups is not None:
     return len(axis_index_groups[0])
-  size = 1
-  for name in names(axis_name):
-    size *= int(lax.axis_size(name))
-  return size
+  return math.prod(int(lax.axis_size(name)) for name in names(axis_name))
 
 
 def groups_tuple(axis_index_groups: Optional[Sequence]) -> Optional[tuple]:
@@ -55,20 +52,17 @@ def varying_axes(v) -> frozenset:
   return frozenset(getattr(mat, "varying", ()))
 
 
-def _manual_axes() -> frozenset:
-  """Mesh axes that are manual here (inside ``jax.shard_map``/``pmap``; none under vmap)."""
-  return frozenset(getattr(jax.sharding.get_abstract_mesh(), "manual_axes", ()))
-
-
 def to_varying(x: jax.Array, axis_name: Any):
   """Marks ``x`` device-varying over the manual axes of ``axis_name`` it does not vary over.
 
   Casting a replicated value once, at its own (small) shape, makes its transpose one psum of
   that shape; left to JAX, the cast happens where it meets device-varying data, after any
-  broadcast — an activation-sized psum in the backward pass. Outside ``shard_map``'s type
-  system (``vmap``) there is nothing to mark.
+  broadcast — an activation-sized psum in the backward pass. Only the axes that are manual
+  here (inside ``jax.shard_map``/``pmap``) are marked: outside ``shard_map``'s type system
+  (``vmap``) there is nothing to mark.
   """
-  missing = (frozenset(names(axis_name)) & _manual_axes()) - varying_axes(x)
+  manual = getattr(jax.sharding.get_abstract_mesh(), "manual_axes", ())
+  missing = (frozenset(names(axis_name)) & frozenset(manual)) - varying_axes(x)
   if not missing:
     return x
   return lax.pcast(x, tuple(sorted(missing)), to="varying")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import inspect
 import re
-from typing import Callable
+from typing import Callable, Union
 
 _ENTRY = re.compile(r"^    \**(\w+):.*(?:\n      .*)*", re.M)  # name, then its indented lines
 
@@ -17,15 +17,17 @@ def _split(doc: str) -> tuple[str, dict[str, str], str]:
   return head, {m.group(1): m.group(0) for m in _ENTRY.finditer(entries)}, tail
 
 
-def fill_args(source: Callable, *functions: Callable) -> None:
+def fill_args(source: Union[Callable, tuple], *functions: Callable) -> None:
   """Completes each function's ``Args`` with ``source``'s entries, in its signature order.
 
+  ``source`` is a function or a tuple of them (the first that documents a name wins).
   Entries a function writes itself take precedence. Every parameter must end up documented
   and every entry must name a parameter (checked at import time).
   """
-  if source.__doc__ is None:  # python -OO
+  sources = source if isinstance(source, tuple) else (source,)
+  if any(s.__doc__ is None for s in sources):  # python -OO
     return
-  shared = _split(source.__doc__)[1]
+  shared = {k: v for s in reversed(sources) for k, v in _split(s.__doc__)[1].items()}
   for f in functions:
     head, own, tail = _split(f.__doc__)
     names = list(inspect.signature(f).parameters)

@@ -29,8 +29,7 @@ def momentum_from_torch(torch_momentum: Optional[float]) -> Optional[float]:
     return None
   p = float(torch_momentum)
   if not 0.0 <= p <= 1.0:
-    raise ValueError(
-        f"momentum_from_torch: `torch_momentum` must be in [0, 1], got {p}.")
+    raise ValueError(f"momentum_from_torch: `torch_momentum` must be in [0, 1], got {p}.")
   return round(1.0 - p, 12)
 
 
@@ -89,8 +88,8 @@ def update_stats(
   Args:
     stats: the current :class:`BatchStats`.
     batch: the batch :class:`Moments` (feature shape matching ``stats``).
-    momentum: float in [0, 1] (may be traced), or None for a cumulative average; 1 keeps
-      the running values (only ``count`` advances).
+    momentum: weight of the old value in [0, 1] (flax convention; may be traced), or None
+      for a cumulative average; 1 keeps the running values (only ``count`` advances).
     unbiased_running_var: fold in ``var * n / (n - 1)`` (PyTorch's running variance) instead
       of the biased batch variance (flax's).
     debias: zero-debiased average (as Adam and haiku): the stored value is
@@ -133,8 +132,7 @@ def update_stats(
   if unbiased_running_var:
     var = var * n / jnp.maximum(n - 1.0, 1.0)
   if momentum is None:
-    k = stats.count.astype(wdt)
-    w_new = 1.0 / (k + 1.0)
+    w_new = 1.0 / (stats.count.astype(wdt) + 1.0)
   elif debias:
     w_old = jnp.asarray(momentum, wdt)
     t = stats.count.astype(wdt) + 1.0

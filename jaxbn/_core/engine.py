@@ -10,7 +10,7 @@ constant correction. Batch norm is ``pfeat`` = the statistics' axes and no block
 from __future__ import annotations
 
 import functools
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -19,8 +19,8 @@ from jax import lax
 from jaxbn._core import checks
 from jaxbn._core import collectives
 from jaxbn._core import moments as mom
-from jaxbn._core.moments import accumulation_dtype, bcast
-from jaxbn._core.normalize import output_dtype
+from jaxbn._core import normalize
+from jaxbn._core.moments import accumulation_dtype
 
 
 class Config(NamedTuple):
@@ -37,20 +37,17 @@ class Config(NamedTuple):
   out_dtype: Any
 
 
-def _aliases(v, n, x):
-  """Per-pass aliases of ``v`` on XLA:CPU (see :func:`jaxbn._core.moments.aliases`); none for
-  a small x, where a barrier's kernel boundary costs more than the temporary it avoids."""
-  if not mom.large(x):
-    return (v,) * n
-  return mom.aliases(v, n)
-
-
-def _corrections(mean, var, epsilon, ref_mean, ref_var, r_lo, r_hi, d_max):
-  """Batch renorm's clipped ``r = σ_B/σ``, ``d = (μ_B − μ)/σ``, ``σ = sqrt(var + ε)``."""
+def _scales(mean, var, epsilon, correction):
+  """``s = (var + ε)^{-1/2}`` and batch renorm's clipped ``r = σ_B/σ``, ``d = (μ_B − μ)/σ``,
+  ``σ = sqrt(var_run + ε)`` (``r = d = None`` without a ``correction``)."""
+  inv = lax.rsqrt(var + epsilon)
+  if correction is None:
+    return inv, None, None
+  ref_mean, ref_var, r_lo, r_hi, d_max = correction
   inv_ref = lax.rsqrt(ref_var + epsilon)
   r = jnp.clip(jnp.sqrt(var + epsilon) * inv_ref, r_lo, r_hi)
   d = jnp.clip((mean - ref_mean) * inv_ref, -d_max, d_max)
-  return r, d
+  return inv, r, d
 
 
 def _effective(scale, bias, r, d, acc):
@@ -71,25 +68,14 @@ def _in_stat_shape(v, sfeat, pfeat, sshape):
   return lax.broadcast_in_dim(v, sshape, tuple(sfeat.index(a) for a in pfeat))
 
 
-def _stats(cfg, x, mask, epsilon, correction, shift):
-  count, mean, var = mom.batch_moments(x, mask, cfg.plan, shift)
-  inv = lax.rsqrt(var + epsilon)
-  r = d = None
-  if correction is not None:
-    r, d = _corrections(mean, var, epsilon, *correction)
-  return count, mean, var, inv, r, d
-
-
 def _forward(cfg, x, scale, bias, mask, epsilon, correction, shift):
-  plan = cfg.plan
+  plan, pfeat, out_dtype = cfg
   sfeat = tuple(i for i in range(x.ndim) if i not in plan.red)
-  pfeat = cfg.pfeat
-  count, mean, var, inv, r, d = _stats(cfg, x, mask, epsilon, correction, shift)
+  count, mean, var = mom.batch_moments(x, mask, plan, shift)
+  inv, r, d = _scales(mean, var, epsilon, correction)
   acc = accumulation_dtype(x.dtype)
   g, b = _effective(scale, bias, r, d, acc)
-  sharding = collectives.explicit_sharding(x)
-  bs = functools.partial(bcast, shape=x.shape, feat=sfeat, sharding=sharding)
-  bp = functools.partial(bcast, shape=x.shape, feat=pfeat, sharding=sharding)
+  bs, bp = mom.broadcaster(x, sfeat), mom.broadcaster(x, pfeat)
   if mask is not None:  # masked entries holding NaN/Inf must not leak into the output
     x = jnp.where(mask | jnp.isfinite(x), x, jnp.zeros((), x.dtype))
   xa = x.astype(acc)
@@ -105,7 +91,7 @@ def _forward(cfg, x, scale, bias, mask, epsilon, correction, shift):
       y = y * bp(g)
     if b is not None:
       y = y + bp(b)
-  return y.astype(cfg.out_dtype), mean, var, count
+  return y.astype(out_dtype), mean, var, count
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
@@ -150,18 +136,14 @@ def _standardize_train_jvp(cfg, primals, tangents):
   ``shard_map`` and ``vmap`` alike, and gives forward mode and higher orders the same form.
   """
   plan, pfeat, out_dtype = cfg
-  red, axis_name, groups, center, grouping = (plan.red, plan.axis_name, plan.groups,
-                                              plan.center, plan.grouping)
+  red, axis_name, groups, center, grouping = plan
   x, scale, bias, mask, epsilon, correction, shift = primals
   xd, sd, bd = tangents[:3]
   eps_dot = tangents[4]  # a learned epsilon: dy/dε = −½ γ_e x̂ s², a per-statistic coefficient
   y, mean, var, count = standardize_train(cfg, *primals)
   sfeat = tuple(i for i in range(x.ndim) if i not in red)
   acc = accumulation_dtype(x.dtype)
-  inv = lax.rsqrt(var + epsilon)
-  r = d = None
-  if correction is not None:
-    r, d = _corrections(mean, var, epsilon, *correction)
+  inv, r, d = _scales(mean, var, epsilon, correction)
   g, _ = _effective(scale, None, r, d, acc)
   # Tangents of the effective scale γr and offset γd + β (r, d are constants).
   sd_eff = None if sd is None else (sd.astype(acc) if r is None else r * sd.astype(acc))
@@ -172,9 +154,7 @@ def _standardize_train_jvp(cfg, primals, tangents):
   glen = None if grouping is None else x.shape[sfeat[grouping[0]]]
 
   def tangent(x, mean, inv, g, mask, count, xd, sd_eff, bd_eff, eps_dot):
-    sharding = collectives.explicit_sharding(x)
-    bs = functools.partial(bcast, shape=x.shape, feat=sfeat, sharding=sharding)
-    bp = functools.partial(bcast, shape=x.shape, feat=pfeat, sharding=sharding)
+    bs, bp = mom.broadcaster(x, sfeat), mom.broadcaster(x, pfeat)
     # The device axes the data varies over (shard_map): replicated coefficients that meet it
     # are cast to varying at their own small shape, so each transposes to a small psum.
     data_axes = collectives.varying_axes(x)
@@ -182,9 +162,9 @@ def _standardize_train_jvp(cfg, primals, tangents):
     # Two aliases of x: one for the statistics' tangents (whose transpose is elementwise,
     # part of dx), one for y's tangent (whose transpose holds the reductions Σdy, Σdy·x̂).
     # Distinct aliases keep XLA from sharing one materialized x̂ between the passes.
-    xa, xb = _aliases(x, 2, x)
-    mean_a, mean_b = _aliases(mean, 2, x)
-    inv_a, inv_b = _aliases(inv, 2, x)
+    xa, xb = mom.aliases(x, 2, x)
+    mean_a, mean_b = mom.aliases(mean, 2, x)
+    inv_a, inv_b = mom.aliases(inv, 2, x)
     xa, xb = xa.astype(acc), xb.astype(acc)
     xdt = xd.astype(acc)
     if mask is not None:
@@ -222,7 +202,7 @@ def _standardize_train_jvp(cfg, primals, tangents):
         # Transposed, the barrier makes the scale/bias gradients sums of the per-statistic
         # sums (instead of XLA merging them into second reductions over the whole of
         # dy·x̂, which it then writes out to feed both).
-        sd_s, bd_s = mom.on_cpu(lambda *v: lax.optimization_barrier(v), sd_s, bd_s)
+        sd_s, bd_s = mom.barrier(sd_s, bd_s)
       k = inv if g_s is None else inv * g_s
       c1 = -(k * r1) if sd_s is None else sd_s - k * r1
       e = -0.5 * inv * inv * eps_dot  # x̂'s tangent through ε, per statistic
@@ -255,8 +235,7 @@ def _standardize_train_jvp(cfg, primals, tangents):
     if jnp.finfo(out_dtype).bits < jnp.finfo(acc).bits and mom.large(x):
       # bf16/fp16 output: the cotangent reaches each term through its own alias, up-cast
       # inside that term's fused loop (no shared float32 copy of dy).
-      terms = mom.on_cpu(lambda *t: lax.optimization_barrier(t),
-                         *(t.astype(out_dtype) for t in terms))
+      terms = mom.barrier(*(t.astype(out_dtype) for t in terms))
     y_dot = functools.reduce(lambda u, v: u + v, terms)
     return y_dot.astype(out_dtype), mean_dot.astype(mean.dtype), var_dot.astype(var.dtype)
 
@@ -284,31 +263,22 @@ def standardize(fn: str, x, scale, bias, *, red, param_axes, mask, epsilon, dtyp
   checks.epsilon_value(fn, epsilon)
   checks.mask_broadcasts(fn, mask, x.shape)
   checks.axis_name_bound(fn, axis_name, axis_index_groups)
-  out_dtype = output_dtype(x, scale, bias, dtype)
+  out_dtype = normalize.output_dtype(x, scale, bias, dtype)
   rdt = jnp.finfo(accumulation_dtype(x.dtype)).dtype
   pshape = tuple(x.shape[a] for a in param_axes)
   scale = None if scale is None else jnp.asarray(scale).reshape(pshape)
   bias = None if bias is None else jnp.asarray(bias).reshape(pshape)
   plan = mom.Plan(red=tuple(red), axis_name=axis_name,
-                  groups=collectives.groups_tuple(axis_index_groups),
-                  center=bool(center),
+                  groups=collectives.groups_tuple(axis_index_groups), center=bool(center),
                   grouping=None if grouping is None else tuple(int(g) for g in grouping))
   cfg = Config(plan, tuple(param_axes), out_dtype)
   eps = jnp.asarray(epsilon, rdt)  # differentiable: a learned epsilon gets its gradient
   mask = None if mask is None else jnp.asarray(mask)
-  if shift is not None:
-    shift = lax.stop_gradient(jnp.asarray(shift))
+  shift = None if shift is None else lax.stop_gradient(jnp.asarray(shift))
   impl = standardize_train.fun if jnp.iscomplexobj(x) else standardize_train
   return impl(cfg, x, scale, bias, mask, eps, correction, shift)
 
 
 def affine(x, feat, mean, inv, scale, bias, out_dtype):
   """``(x − mean)·(inv·scale) + bias`` with feature-shaped vectors along ``feat``: one pass."""
-  acc = accumulation_dtype(x.dtype)
-  k = inv if scale is None else inv * scale.astype(acc)
-  sharding = collectives.explicit_sharding(x)
-  y = (x.astype(acc) - bcast(mean.astype(acc), x.shape, feat, sharding)) * bcast(
-      k, x.shape, feat, sharding)
-  if bias is not None:
-    y = y + bcast(bias.astype(acc), x.shape, feat, sharding)
-  return y.astype(out_dtype)
+  return normalize.affine(x, mean, inv, scale, bias, out_dtype, mom.broadcaster(x, feat))

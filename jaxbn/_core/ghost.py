@@ -16,7 +16,7 @@ from jaxbn._core.batch_norm import batch_norm
 from jaxbn._core.docstrings import fill_args
 from jaxbn._core.ema import update_stats
 from jaxbn._core.engine import standardize
-from jaxbn._core.moments import block_values, on_cpu
+from jaxbn._core.moments import barrier, block_values
 from jaxbn._core.types import BatchStats, Moments
 from jaxbn._core.unsynced import warn_if_unsynced
 
@@ -29,8 +29,6 @@ def _check_layout(fn: str, x: jax.Array, batch_axis: int, ghosts: int, size: int
   if sharding is None:
     return
   spec = tuple(sharding.spec) + (None,) * (x.ndim - len(sharding.spec))
-  if spec[batch_axis] is None:
-    return
   shards = int(np.prod([sharding.mesh.shape[n] for n in collectives.names(spec[batch_axis])]))
   if ghosts % shards:
     raise ValueError(
@@ -212,22 +210,20 @@ def ghost_batch_norm(
       use_fast_variance=use_fast_variance, grouping=grouping, shift=shift)
   # Per-virtual-batch moments with the G axis first: (G, *features). The barrier keeps XLA
   # from fusing the pooling below back into the reductions over x.
-  mean, var, count = on_cpu(lambda *v: lax.optimization_barrier(v), *(
+  mean, var, count = barrier(*(
       lax.stop_gradient(jnp.moveaxis(block_values(v, grouping), grouping[0], 0))
       for v in (mean, var, count)))
   groups = None if axis_index_groups is None else [list(g) for g in axis_index_groups]
 
   if stats_update == "average":
     batch = _merge_ghost_moments(mean, var, count, axis_name, groups, unbiased_running_var)
-    new_stats = update_stats(stats, batch, momentum=momentum, debias=debias,
-                             skip_nonfinite=skip_nonfinite)
-    return y, new_stats
+    return y, update_stats(stats, batch, momentum=momentum, debias=debias,
+                           skip_nonfinite=skip_nonfinite)
 
   if axis_name is not None:  # merge the l-th virtual batches of all devices
     sums = collectives.psum(jnp.stack([count, count * mean, count * var]), axis_name, groups)
     count = sums[0]
-    mean = sums[1] / jnp.maximum(count, 1.0)
-    var = sums[2] / jnp.maximum(count, 1.0)
+    mean, var = (sums[i] / jnp.maximum(count, 1.0) for i in (1, 2))
 
   def step(carry, moments):
     return update_stats(carry, Moments(*moments), momentum=momentum,

@@ -40,7 +40,7 @@ XLA:CPU from writing the up-cast of a bf16 ``x`` out in full. The CUDA and TPU p
 no barrier and no conditional.
 
 **Merge.** :func:`merge` is Chan, Golub & LeVeque's pairwise update of ``(n, μ, M_2)``, used
-for population statistics, ghost batches and the pooling of per-device running statistics.
+for population statistics; :func:`merge_along` pools per-device running statistics.
 """
 
 from __future__ import annotations
@@ -67,10 +67,6 @@ def accumulation_dtype(dtype) -> jnp.dtype:
   if jnp.issubdtype(dtype, jnp.complexfloating):
     return jnp.promote_types(dtype, jnp.complex64)
   return jnp.promote_types(dtype, jnp.float32)
-
-
-def real_dtype(dtype) -> jnp.dtype:
-  return jnp.finfo(dtype).dtype
 
 
 def abs2(z):
@@ -108,24 +104,32 @@ def on_cpu(fn, *args):
   return lax.platform_dependent(*args, cpu=fn, default=lambda *a: a)
 
 
-def aliases(x: jax.Array, n: int):
-  """``n`` aliases of ``x`` that XLA:CPU cannot merge (one ``optimization_barrier``, CPU only).
+def barrier(*args):
+  """``lax.optimization_barrier(args)`` in the XLA:CPU program, ``args`` elsewhere."""
+  return on_cpu(lambda *v: lax.optimization_barrier(v), *args)
+
+
+def aliases(v: jax.Array, n: int, x: jax.Array):
+  """``n`` aliases of ``v`` that XLA:CPU cannot merge (one ``optimization_barrier``, CPU only).
 
   When one value (a bf16 ``x`` up-cast to float32, or a broadcast per-feature vector) feeds
-  several fused passes, XLA:CPU writes it out in full, a temporary the size of ``x``; giving
-  each pass its own alias keeps the computation inside each pass's loop. The aliases must
-  come from a single barrier: separate identical barriers are merged and then removed.
-  Other backends fuse multi-output reductions themselves and get ``x`` ``n`` times.
+  several fused passes over ``x``, XLA:CPU writes it out in full, a temporary the size of
+  ``x``; giving each pass its own alias keeps the computation inside each pass's loop. The
+  aliases must come from a single barrier: separate identical barriers are merged and then
+  removed. None (``v`` ``n`` times) for an ``x`` below :data:`ALIAS_MIN_SIZE` entries, where
+  a barrier's kernel boundary costs more than the temporary it avoids; other backends fuse
+  multi-output reductions themselves and get ``v`` ``n`` times.
   """
-  if n < 2:
-    return (x,) * n
-  return on_cpu(lambda *v: lax.optimization_barrier(v), *((x,) * n))
+  if n < 2 or not large(x):
+    return (v,) * n
+  return barrier(*((v,) * n))
 
 
-def bcast(v: jax.Array, shape: tuple[int, ...], feat: tuple[int, ...],
-          sharding: Any = None) -> jax.Array:
-  """Broadcasts a stat-shaped vector against ``x`` (``broadcast_in_dim``, no reshape)."""
-  return lax.broadcast_in_dim(v, shape, feat, out_sharding=sharding)
+def broadcaster(x: jax.Array, feat: tuple[int, ...]):
+  """Broadcasts vectors along ``feat`` against ``x`` (``broadcast_in_dim``, no reshape), with
+  ``x``'s explicit sharding (see :func:`jaxbn._core.collectives.explicit_sharding`)."""
+  sharding = collectives.explicit_sharding(x)
+  return lambda v: lax.broadcast_in_dim(v, x.shape, feat, out_sharding=sharding)
 
 
 # ---------------------------------------------------------------- blocks (grouped statistics)
@@ -148,11 +152,6 @@ def split(v, pos, n):
   return _reshape(v, shape, lambda s: s[:pos] + (s[pos], None) + s[pos + 1:])
 
 
-def _merge_axes(v, pos):
-  shape = v.shape[:pos] + (v.shape[pos] * v.shape[pos + 1],) + v.shape[pos + 2:]
-  return _reshape(v, shape, lambda s: s[:pos + 1] + s[pos + 2:])
-
-
 def block_sum(v, grouping):
   """Sums a stat-shaped ``v`` over each block of the grouped axis (block-shaped result)."""
   if grouping is None:
@@ -168,7 +167,8 @@ def expand(v, grouping, length):
   pos, n = grouping
   e = jnp.expand_dims(v, pos + 1)
   e = jnp.broadcast_to(e, e.shape[:pos + 1] + (length // n,) + e.shape[pos + 2:])
-  return _merge_axes(e, pos)
+  return _reshape(e, v.shape[:pos] + (length,) + v.shape[pos + 1:],  # (n, length // n) merged
+                  lambda s: s[:pos + 1] + s[pos + 2:])
 
 
 def block_values(v, grouping):
@@ -192,14 +192,13 @@ def _sample(v, red):
   first entry. Returns the sample and its reduced axes.
   """
   sharding = collectives.explicit_sharding(v)
-  spec = () if sharding is None else tuple(sharding.spec) + (None,) * v.ndim
+  spec = (None,) * v.ndim if sharding is None else tuple(sharding.spec) + (None,) * v.ndim
   sampled = []  # axes of the (split) array to stride
   axes = []
   offset = 0
   for a in sorted(red):
     pos = a + offset
-    parts = collectives.names(spec[a]) if sharding is not None else ()
-    shards = math.prod(sharding.mesh.shape[p] for p in parts) if parts else 1
+    shards = math.prod(sharding.mesh.shape[p] for p in collectives.names(spec[a]))
     if shards > 1:
       v = split(v, pos, shards)
       axes.append(pos)
@@ -207,18 +206,11 @@ def _sample(v, red):
       pos += 1
     sampled.append(pos)
     axes.append(pos)
-  limits, strides = [], []
-  for i, d in enumerate(v.shape):
-    if i not in sampled:
-      limits.append(d)
-      strides.append(1)
-    elif isinstance(d, int):
-      limits.append(d)
-      strides.append(max(1, -(-d // SAMPLE_PER_AXIS)))
-    else:  # symbolic: the first entry
-      limits.append(1)
-      strides.append(1)
-  return lax.slice(v, (0,) * v.ndim, tuple(limits), tuple(strides)), tuple(axes)
+  strided = [i in sampled and isinstance(d, int) for i, d in enumerate(v.shape)]
+  limits = tuple(d if s or i not in sampled else 1  # symbolic: the first entry
+                 for i, (d, s) in enumerate(zip(v.shape, strided)))
+  strides = tuple(max(1, -(-d // SAMPLE_PER_AXIS)) if s else 1 for d, s in zip(v.shape, strided))
+  return lax.slice(v, (0,) * v.ndim, limits, strides), tuple(axes)
 
 
 def _sampled_shift(x, mask, red, grouping, fallback):
@@ -229,7 +221,7 @@ def _sampled_shift(x, mask, red, grouping, fallback):
   sampled entries (None without a mask: the same number on every device).
   """
   acc = accumulation_dtype(x.dtype)
-  rdt = real_dtype(acc)
+  rdt = jnp.finfo(acc).dtype
   xs, axes = _sample(lax.stop_gradient(x), red)
   xs = xs.astype(acc)
   if mask is None:
@@ -281,27 +273,25 @@ def _local_sums(x, red, mask, shift, need_s1=True):
   """One fused pass: count, ``Σ(x − shift)`` and ``Σ|x − shift|²`` over ``red`` (stat-shaped).
 
   ``count`` is a Python float when there is no mask (every entry counts) and the shape is
-  static.
+  static (an array for a symbolic one, ``jax.export``).
   """
   acc = accumulation_dtype(x.dtype)
-  rdt = real_dtype(acc)
+  rdt = jnp.finfo(acc).dtype
   sfeat = tuple(i for i in range(x.ndim) if i not in red)
   if mask is None:
     count = math.prod(x.shape[a] for a in red)
-    # a static count stays a Python float; a symbolic one (jax.export) becomes an array
     count = float(count) if isinstance(count, int) else jnp.full(
         tuple(x.shape[i] for i in sfeat), jnp.asarray(count, rdt))
   else:
     mask = jnp.broadcast_to(mask, x.shape)
     count = jnp.sum(mask, axis=red, dtype=rdt)
   passes = 1 + int(need_s1)
-  xs = aliases(x, passes) if large(x) else (x,) * passes
-  ks = aliases(shift, passes) if shift is not None and large(x) else (shift,) * passes
+  xs = aliases(x, passes, x)
+  ks = (shift,) * passes if shift is None else aliases(shift, passes, x)
 
   def centered(xv, k):
     d = xv.astype(acc)
-    kb = None if k is None else bcast(k.astype(acc), x.shape, sfeat,
-                                      collectives.explicit_sharding(x))
+    kb = None if k is None else broadcaster(x, sfeat)(k.astype(acc))
     if mask is not None:  # masked entries (even NaN/Inf ones) become the shift: d = 0 there
       d = jnp.where(mask, d, jnp.zeros((), acc) if kb is None else kb)
     return d if kb is None else d - kb
@@ -322,7 +312,7 @@ def batch_moments(x: jax.Array, mask: Optional[jax.Array], plan: Plan,
   entries are 0. With ``plan.center=False`` ``mean`` is 0 and ``var`` is the mean square.
   """
   acc = accumulation_dtype(x.dtype)
-  rdt = real_dtype(acc)
+  rdt = jnp.finfo(acc).dtype
   red, grouping, axis_name = plan.red, plan.grouping, plan.axis_name
   sfeat = tuple(i for i in range(x.ndim) if i not in red)
   sshape = tuple(x.shape[i] for i in sfeat)
@@ -338,15 +328,18 @@ def batch_moments(x: jax.Array, mask: Optional[jax.Array], plan: Plan,
   def psum(parts):
     return list(collectives.psum_stacked(parts, axis_name, plan.groups))
 
+  def total(sums, count, static):
+    """The global sums, in one collective (a static count is the same everywhere: not sent)."""
+    if static:
+      return psum(sums), count * collectives.axis_size(axis_name, plan.groups)
+    *sums, count = psum(sums + [count.astype(sums[0].dtype)])
+    return sums, count.real
+
   if not plan.center:
     count, _, s2 = _local_sums(x, red, mask, None, need_s1=False)
     static = isinstance(count, float)
     count, s2 = block_counts(count), block_sum(s2, grouping)
-    if static:
-      s2 = psum([s2])[0]
-      count = count * collectives.axis_size(axis_name, plan.groups)
-    else:
-      s2, count = psum([s2, count])
+    (s2,), count = total([s2], count, static)
     out = (count, jnp.zeros(bshape, acc), s2 / jnp.maximum(count, 1.0))
     return tuple(expand(v, grouping, glen) for v in out)
 
@@ -370,13 +363,8 @@ def batch_moments(x: jax.Array, mask: Optional[jax.Array], plan: Plan,
     delta = k_local - k
     s2 = s2 + (2.0 * (delta.conj() * s1).real + count * abs2(delta)).astype(rdt)
     s1 = s1 + count * delta
-    # Round 2: the global sums (a static count is not sent).
-    if static:
-      s1, s2 = psum([s1, s2.astype(acc)])
-      count = count * collectives.axis_size(axis_name, plan.groups)
-    else:
-      s1, s2, count = psum([s1, s2.astype(acc), count.astype(acc)])
-      count = count.real
+    # Round 2: the global sums.
+    (s1, s2), count = total([s1, s2.astype(acc)], count, static)
     s2 = s2.real.astype(rdt)
   n = jnp.maximum(count, 1.0)
   d = s1 / n
@@ -452,14 +440,14 @@ def moments(
 
   Args:
     x: input array, any float dtype (complex allowed: the variance is that of ``|x - mean|``).
-    axis: feature axis or axes (default -1, channels-last); the others are reduced.
-    mask: optional bool array broadcastable to ``x``; False entries do not count (even if they
-      hold NaN or Inf).
-    axis_name: name or tuple of names of mapped axes (``shard_map``/``pmap``/``vmap``) over
-      which to synchronize the statistics; None for none.
-    axis_index_groups: optional groups of device indices to synchronize within (``pmap``).
-    use_fast_variance: accepted for flax compatibility; the one-pass statistics above are
-      already fast, and are exact in both modes (flax's ``E[x²] − E[x]²`` is not).
+    axis: feature axis or axes (default -1 for NHWC; 1 for NCHW).
+    mask: optional bool array broadcastable to ``x``: which entries count in the statistics
+      (False ones do not, even if they hold NaN or Inf).
+    axis_name: mapped axis name(s) to synchronize statistics over (``shard_map``, ``pmap``,
+      ``vmap``); not needed under plain ``jax.jit`` on sharded arrays.
+    axis_index_groups: synchronize within these groups of device indices only (``pmap``).
+    use_fast_variance: accepted for flax compatibility: both modes compute the same exact
+      one-pass statistics (flax's fast ``E[x²] − E[x]²`` loses the variance far from zero).
     shift: optional per-feature fallback offset (feature shape, treated as a constant, the
       same on every device), used only for a feature whose sample holds no valid entry.
 
@@ -480,9 +468,8 @@ def moments(
   checks.mask_broadcasts(fn, mask, x.shape)
   checks.axis_name_bound(fn, axis_name, axis_index_groups)
   fshape = tuple(x.shape[a] for a in feat)
-  if shift is not None:
-    checks.feature_shape_matches(fn, "shift", shift, fshape,
-                                 "pass one value per feature (e.g. a running mean).")
+  checks.feature_shape_matches(fn, "shift", shift, fshape,
+                               "pass one value per feature (e.g. a running mean).")
   plan = Plan(red=checks.reduction_axes(x.ndim, feat), axis_name=axis_name,
               groups=collectives.groups_tuple(axis_index_groups))
   k = None if shift is None else jnp.asarray(shift).reshape(fshape)

@@ -27,18 +27,18 @@ def to_keepdims(v, x_shape, feat, dtype=None):
   return v.reshape(keepdims_shape(x_shape, feat))
 
 
-def affine(x, mean, inv, scale, bias, out_dtype):
+def affine(x, mean, inv, scale, bias, out_dtype, broadcast=lambda v: v):
   """``(x - mean) * (inv * scale) + bias`` in the accumulation dtype, one fused pass.
 
-  All of ``mean``, ``inv``, ``scale``, ``bias`` are per-feature (keepdims shapes): the
-  per-feature coefficient ``inv * scale`` is formed once, so the elementwise loop is a
-  subtract, a multiply and an add per entry.
+  All of ``mean``, ``inv``, ``scale``, ``bias`` are per-feature, in keepdims shapes or
+  broadcast against ``x`` by ``broadcast``: the per-feature coefficient ``inv * scale`` is
+  formed once, so the elementwise loop is a subtract, a multiply and an add per entry.
   """
   acc = accumulation_dtype(x.dtype)
   k = inv if scale is None else inv * scale.astype(acc)
-  y = (x.astype(acc) - mean) * k
+  y = (x.astype(acc) - broadcast(mean.astype(acc))) * broadcast(k)
   if bias is not None:
-    y = y + bias.astype(acc)
+    y = y + broadcast(bias.astype(acc))
   return y.astype(out_dtype)
 
 
@@ -72,11 +72,11 @@ def normalize(
     x: input, any float dtype.
     mean: per-feature mean, the shape of ``x`` along ``axis``.
     var: per-feature (biased) variance, same shape.
-    scale: optional per-feature scale ``γ`` (default 1).
-    bias: optional per-feature offset ``β`` (default 0).
+    scale: optional per-feature scale ``γ`` (None: 1).
+    bias: optional per-feature offset ``β`` (None: 0).
     axis: feature axis or axes of ``x`` (default -1).
-    epsilon: added to the variance (default 1e-5, as flax and PyTorch).
-    dtype: output dtype (default: ``x.dtype``). Arithmetic runs in at least float32.
+    epsilon: added to the variance, > 0 (default 1e-5, as flax and PyTorch).
+    dtype: output dtype (default ``x.dtype``); arithmetic runs in at least float32.
 
   Returns:
     The normalized array, shaped like ``x``.

@@ -122,13 +122,11 @@ def batch_renorm(
   (:func:`jaxbn.renorm_schedule`), as in the paper. If batches are tiny *and* you do not
   need running statistics, :func:`jaxbn.group_norm` avoids the batch altogether.
 
-  Running statistics: the mean and variance are updated as in :func:`jaxbn.batch_norm`
-  (same ``momentum``, ``debias``, ``unbiased_running_var``, masks and empty batches, and the
-  same bad-data contract: features with non-finite batch statistics keep their running
-  values unless ``skip_nonfinite=False``; one value per feature in training raises), and the
-  *same* running statistics give ``r``, ``d`` and the inference output (the paper uses one
-  set). ``running_std=True`` averages the standard deviation ``sqrt(var_B + ε)`` instead of
-  the variance, as the paper's algorithm and Keras do, storing ``var = σ² − ε``.
+  Running statistics: the mean and variance are updated as in :func:`jaxbn.batch_norm` (the
+  same options, masks, empty batches and bad-data contract), and the *same* running
+  statistics give ``r``, ``d`` and the inference output (the paper uses one set).
+  ``running_std=True`` averages the standard deviation ``sqrt(var_B + ε)`` instead of the
+  variance, as the paper's algorithm and Keras do, storing ``var = σ² − ε``.
 
   ``r_max``, ``d_max`` and ``r_min`` may be traced values (e.g. ``jnp`` scalars passed through
   ``jax.jit``), so a schedule ramps them without recompiling.
@@ -147,7 +145,6 @@ def batch_renorm(
     r_max: upper clip of ``r``, >= 1 (default 3, the paper's final value). May be traced.
     d_max: clip of ``|d|``, >= 0 (default 5, the paper's final value). May be traced.
     r_min: lower clip of ``r`` (default ``1 / r_max``). May be traced.
-    dtype: output dtype (default ``x.dtype``); arithmetic runs in at least float32.
     running_std: average ``sqrt(var_B + ε)`` (paper, Keras) instead of ``var_B`` (BN).
 
   Returns:

@@ -1,4 +1,4 @@
-"""A hint for the most common synchronization mistake: BN under ``jax.shard_map`` with no ``axis_name``.
+"""A hint for the commonest synchronization mistake: BN in ``jax.shard_map`` without ``axis_name``.
 
 Inside ``jax.shard_map`` (with its default ``check_vma=True``) every value's type records the
 mesh axes it *varies* over: a batch passed with ``in_specs=P('data')`` varies over ``'data'``,
@@ -28,9 +28,8 @@ class UnsyncedStatisticsWarning(UserWarning):
   """A BN-family call under ``jax.shard_map`` computed per-device statistics (no ``axis_name``)."""
 
 
-def warn_if_unsynced(fn: str, x: Any, stats: Any, axis_name: Any, training: bool,
-                     stacklevel: int = 3) -> None:
-  """Warns when ``fn`` would return running statistics that vary over shard_map mesh axes.
+def warn_if_unsynced(fn: str, x: Any, stats: Any, axis_name: Any, training: bool) -> None:
+  """Warns (at ``fn``'s caller) if ``fn`` would return statistics varying over shard_map axes.
 
   Args:
     fn: the public function's name, for the message.
@@ -38,16 +37,12 @@ def warn_if_unsynced(fn: str, x: Any, stats: Any, axis_name: Any, training: bool
     stats: the running statistics (``jaxbn.BatchStats``) given to ``fn``.
     axis_name: ``fn``'s ``axis_name``; nothing is checked when it is set.
     training: nothing is checked in evaluation (the statistics are returned unchanged).
-    stacklevel: passed to ``warnings.warn`` (3: the caller of ``fn``).
   """
   if not training or axis_name is not None:
     return
-  split = varying_axes(x)
-  if not split:
-    return
-  replicated = tuple(sorted(split - varying_axes(stats.var)))
+  replicated = tuple(sorted(varying_axes(x) - varying_axes(stats.var)))
   if not replicated:
-    return  # statistics already per device: intended
+    return  # x not split, or statistics already per device (intended)
   name = replicated[0] if len(replicated) == 1 else replicated
   warnings.warn(UnsyncedStatisticsWarning(
       f"{fn}: `x` is split over the jax.shard_map mesh axes {replicated} but no `axis_name` "
@@ -57,4 +52,4 @@ def warn_if_unsynced(fn: str, x: Any, stats: Any, axis_name: Any, training: bool
       f"statistics of the global batch pass axis_name={name!r}. If per-device statistics are "
       f"intended, pass stats that already vary, jax.lax.pcast(stats, {name!r}, "
       f"to='varying'), and average or keep them per device (jaxbn.parallel.average_stats).")
-      , stacklevel=stacklevel)
+      , stacklevel=3)
