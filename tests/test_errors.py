@@ -14,6 +14,8 @@ S = jaxbn.init_stats(3)
 @pytest.mark.parametrize("kwargs,exc,pattern", [
     (dict(axis=2), ValueError, r"batch_norm: `axis`=2 is out of range for `x` of rank 2"),
     (dict(axis=(0, 0)), ValueError, r"`axis`=\(0, 0\) repeats an axis"),
+    (dict(axis=1.0), TypeError, r"batch_norm: `axis` must be an int or a tuple of ints, got 1.0"),
+    (dict(axis="c"), TypeError, r"`axis` must be an int or a tuple of ints, got 'c'"),
     (dict(momentum=1.5), ValueError, r"`momentum` must be in \[0, 1\].*momentum_from_torch"),
     (dict(momentum=-0.1), ValueError, r"`momentum` must be in \[0, 1\]"),
     (dict(epsilon=0.0), ValueError, r"`epsilon` must be > 0"),

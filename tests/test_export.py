@@ -9,6 +9,7 @@ import optax
 import pytest
 from jax import export
 
+import jaxbn
 import jaxbn.linen
 from tests._resnet import ResNet, fill
 
@@ -78,3 +79,22 @@ def test_export_with_symbolic_batch_size():
   for n in (8, 4):
     _close(restored.call(params, stats, X[:n], LABELS[:n]),
            jax.jit(train_step)(params, stats, X[:n], LABELS[:n]))
+
+
+def test_export_symbolic_batch_with_a_mask_equals_the_concrete_call():
+  """A masked batch norm exports with a symbolic batch (the mask's shape is checked
+  symbolically); each batch size gives the concrete-shape results (float64 NumPy too)."""
+  b, = export.symbolic_shape("b")
+  def f(x, m):
+    y, stats = jaxbn.batch_norm(x, jaxbn.init_stats(3), training=True, mask=m, momentum=0.0)
+    return y, stats.var  # (BatchStats is not registered for serialization)
+  restored = _roundtrip(f, shapes=(jax.ShapeDtypeStruct((b, 3), np.float32),
+                                   jax.ShapeDtypeStruct((b, 1), np.bool_)))
+  rng = np.random.default_rng(1)
+  for n in (5, 8):
+    x = rng.normal(size=(n, 3)).astype(np.float32) * 2 + 1
+    m = np.arange(n)[:, None] % 3 != 1
+    y, var = restored.call(x, m)
+    _close((y, var), jax.jit(f)(x, m))
+    np.testing.assert_allclose(np.asarray(var), x[m[:, 0]].astype(np.float64).var(0),
+                               rtol=1e-6)

@@ -29,7 +29,7 @@ def feature_axes(fn: str, ndim: int, axis: Axes, name: str = "axis") -> tuple[in
   ``name`` is the argument's name in the caller's signature (``axis``, ``feature_axes``,
   ``reduction_axes``...), used in the error messages.
   """
-  axes = (axis,) if isinstance(axis, (int, np.integer)) else tuple(axis)
+  axes = tuple(axis) if np.iterable(axis) else (axis,)  # (not an int: the loop says so)
   if ndim == 0:
     raise ValueError(f"{fn}: `x` must have at least one dimension, got a scalar.")
   out = []
@@ -209,7 +209,7 @@ def mask_broadcasts(fn: str, mask: Any, x_shape: tuple[int, ...]) -> None:
     return
   mshape = tuple(jnp.shape(mask))
   try:
-    out = np.broadcast_shapes(mshape, x_shape)
+    out = jnp.broadcast_shapes(mshape, x_shape)  # (symbolic dimensions too)
   except ValueError:
     out = None
   if out != tuple(x_shape):
