@@ -110,9 +110,8 @@ def instance_norm(
   checks.affine_params(fn, scale, bias, tuple(x.shape[a] for a in feat),
                        f"`feature_axes`={feature_axes!r}")
   red = tuple(a for a in range(1, x.ndim) if a not in feat)
-  return standardize(fn, x, scale, bias, red=red, param_axes=feat, mask=mask,
-                     epsilon=epsilon, dtype=dtype, axis_name=axis_name,
-                     axis_index_groups=axis_index_groups,
+  return standardize(fn, x, scale, bias, red=red, param_axes=feat, mask=mask, epsilon=epsilon,
+                     dtype=dtype, axis_name=axis_name, axis_index_groups=axis_index_groups,
                      use_fast_variance=use_fast_variance)[0]
 
 

@@ -21,7 +21,7 @@ def flax_error(flax_sentence: str, explanation: str) -> ValueError:
   return ValueError(f"{flax_sentence} {explanation}")
 
 
-def instance_axes(fn: str, ndim: int, feature_axes: Any) -> None:
+def check_instance_axes(fn: str, ndim: int, feature_axes: Any) -> None:
   """flax InstanceNorm's check: the channel ``feature_axes`` leave out axis 0, the batch."""
   if 0 in named_axes(fn, "feature_axes", ndim, feature_axes):
     raise flax_error(

@@ -14,7 +14,7 @@ from jax.nn import initializers
 from jaxbn import group_norm, instance_norm, layer_norm, rms_norm
 from jaxbn._core.checks import named_axes
 from jaxbn._core.group_norm import channel_groups
-from jaxbn._layers.common import flax_error, instance_axes
+from jaxbn._layers.common import check_instance_axes, flax_error
 from jaxbn._layers.docs import FLAX_SETTINGS, NORM_CALL
 from jaxbn.linen._common import AffineFields, GroupFields, affine_params, as_float
 
@@ -123,8 +123,7 @@ class RMSNorm(nn.Module):
 class GroupNorm(AffineFields, GroupFields):
   __doc__ = r"""Group normalization for Linen, a drop-in replacement for ``flax.linen.GroupNorm``.
 
-  Statistics per example over groups of channels (last axis) and ``reduction_axes``. Give
-  ``num_groups`` (default 32) or ``group_size`` with ``num_groups=None``. See
+  Statistics per example over groups of channels (last axis) and ``reduction_axes``. See
   :func:`jaxbn.group_norm` for the math and when to use it.
 """ + _COMPAT + r"""
   Attributes:
@@ -197,7 +196,7 @@ class InstanceNorm(AffineFields):
   @nn.compact
   def __call__(self, x: jax.typing.ArrayLike, *, mask: Optional[jax.Array] = None) -> jax.Array:
     fn = "jaxbn.linen.InstanceNorm"
-    instance_axes(fn, jnp.ndim(x), self.feature_axes)
+    check_instance_axes(fn, jnp.ndim(x), self.feature_axes)
     return _normalize(self, fn, instance_norm, x, mask, "feature_axes")
 
   __call__.__doc__ = NORM_CALL.format("instance", ", batch axis first")

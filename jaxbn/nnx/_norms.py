@@ -15,7 +15,7 @@ from jax.nn import initializers
 
 from jaxbn import group_norm, instance_norm, layer_norm, rms_norm
 from jaxbn._core.group_norm import channel_groups
-from jaxbn._layers.common import instance_axes
+from jaxbn._layers.common import check_instance_axes
 from jaxbn._layers.docs import FLAX_SETTINGS, NORM_CALL
 from jaxbn.nnx._common import (Layer, init_affine, layer_fields, output_dtype, param,
                                promote_dtype, value)
@@ -34,7 +34,7 @@ _COMPAT = """
 
 
 def _apply(mdl: Layer, core: Callable[..., jax.Array], x: jax.typing.ArrayLike,
-           mask: Optional[jax.Array], *names: str, **own: Any) -> jax.Array:
+           mask: Optional[jax.Array], *names: str) -> jax.Array:
   """``core`` on ``x`` (cast as flax's ``promote_dtype`` does) with the layer's parameters and
   its settings ``names``, ``epsilon``, ``axis_name``, ``axis_index_groups`` (and, but for
   RMSNorm, ``use_fast_variance``)."""
@@ -43,8 +43,7 @@ def _apply(mdl: Layer, core: Callable[..., jax.Array], x: jax.typing.ArrayLike,
   out = output_dtype(mdl.promote_dtype, (x, scale, bias), mdl.dtype)
   if not jnp.issubdtype(x.dtype, jnp.inexact):
     x = x.astype(out)
-  if hasattr(mdl, "use_bias"):  # RMSNorm: no bias, and no mean to subtract
-    own.update(bias=bias, use_fast_variance=mdl.use_fast_variance)
+  own = dict(bias=bias, use_fast_variance=mdl.use_fast_variance) if hasattr(mdl, "use_bias") else {}
   settings = {n: getattr(mdl, n) for n in names + ("epsilon", "axis_name", "axis_index_groups")}
   return core(x, scale, mask=mask, dtype=out, **settings, **own)
 
@@ -72,9 +71,8 @@ class _AffineNorm(Layer):
 class LayerNorm(_AffineNorm):
   __doc__ = r"""Layer normalization for NNX, a drop-in replacement for ``flax.nnx.LayerNorm``.
 
-  Statistics per example over ``reduction_axes`` (default the last axis); ``scale``/``bias``
-  (``num_features`` entries) follow ``feature_axes``. See :func:`jaxbn.layer_norm` for the
-  math and when to use it.
+  Statistics per example over ``reduction_axes`` (default the last axis); ``scale``/``bias`` follow
+  ``feature_axes``. See :func:`jaxbn.layer_norm` for the math and when to use it.
 """ + _COMPAT + r"""
   Args:
     num_features: number of features (entries of ``scale``/``bias``).
@@ -156,10 +154,9 @@ class RMSNorm(Layer):
 class GroupNorm(_AffineNorm):
   __doc__ = r"""Group normalization for NNX, a drop-in replacement for ``flax.nnx.GroupNorm``.
 
-  Statistics per example over groups of channels (last axis) and ``reduction_axes``. Give
-  ``num_groups`` (default 32) or ``group_size`` with ``num_groups=None``. See
-  :func:`jaxbn.group_norm` for the math and when to use it. Unlike ``flax.nnx.GroupNorm``
-  0.12, ``reduction_axes`` that keep more than the batch axis are handled correctly (as in
+  Statistics per example over groups of channels (last axis) and ``reduction_axes``. See
+  :func:`jaxbn.group_norm` for the math and when to use it. Unlike ``flax.nnx.GroupNorm`` 0.12,
+  ``reduction_axes`` that keep more than the batch axis are handled correctly (as in
   ``flax.linen.GroupNorm``).
 """ + _COMPAT + r"""
   Args:
@@ -200,7 +197,7 @@ class GroupNorm(_AffineNorm):
     self.group_size = n // self.num_groups
 
   def __call__(self, x: jax.typing.ArrayLike, *, mask: Optional[jax.Array] = None) -> jax.Array:
-    return _apply(self, group_norm, x, mask, "num_groups", "reduction_axes", group_size=None)
+    return _apply(self, group_norm, x, mask, "num_groups", "reduction_axes")
 
   __call__.__doc__ = NORM_CALL.format("group", ", channels last")
 
@@ -235,7 +232,7 @@ class InstanceNorm(_AffineNorm):
   scale_metadata: InitVar[Mapping[str, Any]] = MappingProxyType({})
 
   def __call__(self, x: jax.typing.ArrayLike, *, mask: Optional[jax.Array] = None) -> jax.Array:
-    instance_axes("jaxbn.nnx.InstanceNorm", jnp.ndim(x), self.feature_axes)
+    check_instance_axes("jaxbn.nnx.InstanceNorm", jnp.ndim(x), self.feature_axes)
     return _apply(self, instance_norm, x, mask, "feature_axes")
 
   __call__.__doc__ = NORM_CALL.format("instance", ", batch axis first")
