@@ -23,18 +23,33 @@ Axes = checks.Axes
 
 
 def channel_groups(fn: str, channels: int, num_groups: Optional[int],
-                   group_size: Optional[int], where: str) -> int:
+                   group_size: Optional[int], where: str, *, flax_word: Optional[str] = None,
+                   of: Optional[str] = None) -> int:
   """The number of groups from exactly one of ``num_groups``/``group_size`` (flax's rule), a
-  positive divisor of the ``channels`` (on the axis ``where`` of ``x``)."""
+  positive divisor of the ``channels`` (on the axis ``where`` of ``x``, or as ``of`` says).
+
+  The GroupNorm layers pass ``flax_word``, what flax's layer calls the channels in its
+  errors: its sentences come first, and only Python ints are taken (flax's layers refuse a
+  NumPy ``num_groups``).
+  """
   if (num_groups is None) == (group_size is None):
-    raise ValueError(
-        f"{fn}: give exactly one of `num_groups` and `group_size`, got num_groups="
-        f"{num_groups!r} and group_size={group_size!r}; to set group_size, also pass "
-        f"num_groups=None (its default is 32).")
+    got = f"got num_groups={num_groups!r} and group_size={group_size!r}"
+    if flax_word:
+      raise ValueError(
+          "Either `num_groups` or `group_size` should be specified. If `group_size` is to be "
+          "specified, pass `num_groups=None` as argument to override the default `num_groups` "
+          f"value of 32. {fn}: {got}.")
+    raise ValueError(f"{fn}: give exactly one of `num_groups` and `group_size`, {got}; to set "
+                     f"group_size, also pass num_groups=None (its default is 32).")
   name, given = ("num_groups", num_groups) if group_size is None else ("group_size", group_size)
-  if not isinstance(given, (int, np.integer)) or given <= 0 or channels % given:
-    raise ValueError(f"{fn}: `{name}`={given!r} must be a positive divisor of the {channels} "
-                     f"channels ({where} of `x`).")
+  if (not isinstance(given, int if flax_word else (int, np.integer)) or given <= 0
+      or channels % given):
+    of = of or f"the {channels} channels ({where} of `x`)"
+    ours = f"{fn}: `{name}`={given!r} must be a positive divisor of {of}."
+    flax = (f"Number of groups ({given}) does not divide the number of channels ({channels})."
+            if group_size is None else
+            f"Number of {flax_word} ({channels}) is not multiple of the group size ({given}).")
+    raise ValueError(f"{flax} {ours}" if flax_word else ours)
   return int(num_groups) if group_size is None else channels // int(group_size)
 
 
@@ -95,9 +110,8 @@ def instance_norm(
   checks.affine_params(fn, scale, bias, tuple(x.shape[a] for a in feat),
                        f"`feature_axes`={feature_axes!r}")
   red = tuple(a for a in range(1, x.ndim) if a not in feat)
-  return standardize(fn, x, scale, bias, red=red, param_axes=feat, mask=mask,
-                     epsilon=epsilon, dtype=dtype, axis_name=axis_name,
-                     axis_index_groups=axis_index_groups,
+  return standardize(fn, x, scale, bias, red=red, param_axes=feat, mask=mask, epsilon=epsilon,
+                     dtype=dtype, axis_name=axis_name, axis_index_groups=axis_index_groups,
                      use_fast_variance=use_fast_variance)[0]
 
 

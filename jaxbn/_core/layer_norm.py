@@ -85,9 +85,8 @@ def layer_norm(
   """
   fn = "layer_norm"
   x, red, feat = checks.per_example_args(fn, x, reduction_axes, feature_axes, scale, bias)
-  return standardize(fn, x, scale, bias, red=red, param_axes=feat, mask=mask,
-                     epsilon=epsilon, dtype=dtype, axis_name=axis_name,
-                     axis_index_groups=axis_index_groups,
+  return standardize(fn, x, scale, bias, red=red, param_axes=feat, mask=mask, epsilon=epsilon,
+                     dtype=dtype, axis_name=axis_name, axis_index_groups=axis_index_groups,
                      use_fast_variance=use_fast_variance)[0]
 
 
@@ -136,10 +135,9 @@ def rms_norm(
   """
   fn = "rms_norm"
   x, red, feat = checks.per_example_args(fn, x, reduction_axes, feature_axes, scale, None)
-  return standardize(fn, x, scale, None, red=red, param_axes=feat, mask=mask,
-                     epsilon=epsilon, dtype=dtype, axis_name=axis_name,
-                     axis_index_groups=axis_index_groups, use_fast_variance=False,
-                     center=False)[0]
+  return standardize(fn, x, scale, None, red=red, param_axes=feat, mask=mask, epsilon=epsilon,
+                     dtype=dtype, axis_name=axis_name, axis_index_groups=axis_index_groups,
+                     use_fast_variance=False, center=False)[0]
 
 
 fill_args(layer_norm, rms_norm)

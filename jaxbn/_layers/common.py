@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from jaxbn._core.checks import named_axes
+
 
 def flax_axes(axis: Any, ndim: int) -> Any:
   """``axis`` deduplicated and sorted as flax canonicalizes it (``(-1, 2)`` of a rank-3 input
@@ -19,20 +21,10 @@ def flax_error(flax_sentence: str, explanation: str) -> ValueError:
   return ValueError(f"{flax_sentence} {explanation}")
 
 
-def check_groups(fn: str, channels: int, num_groups, group_size, what: str, of: str) -> None:
-  """flax GroupNorm's checks of ``num_groups``/``group_size`` (its sentences first)."""
-  if (num_groups is None) == (group_size is None):
+def check_instance_axes(fn: str, ndim: int, feature_axes: Any) -> None:
+  """flax InstanceNorm's check: the channel ``feature_axes`` leave out axis 0, the batch."""
+  if 0 in named_axes(fn, "feature_axes", ndim, feature_axes):
     raise flax_error(
-        "Either `num_groups` or `group_size` should be specified. If `group_size` is to be "
-        "specified, pass `num_groups=None` as argument to override the default `num_groups` "
-        "value of 32.", f"{fn}: got num_groups={num_groups!r} and group_size={group_size!r}.")
-  if group_size is not None:
-    if not isinstance(group_size, int) or group_size <= 0 or channels % group_size:
-      raise flax_error(
-          f"Number of {what} ({channels}) is not multiple of the group size ({group_size}).",
-          f"{fn}: `group_size`={group_size!r} must be a positive divisor of {of}.")
-    num_groups = channels // group_size
-  if not isinstance(num_groups, int) or num_groups <= 0 or channels % num_groups:
-    raise flax_error(
-        f"Number of groups ({num_groups}) does not divide the number of channels ({channels}).",
-        f"{fn}: `num_groups`={num_groups!r} must be a positive divisor of {of}.")
+        "The channel axes cannot include the leading dimension as this is assumed to be the "
+        "batch axis.", f"{fn}: `feature_axes`={feature_axes!r} includes axis 0; put the "
+        f"batch first and pass the channel axis (e.g. -1 for NHWC, 1 for NCHW).")

@@ -13,31 +13,35 @@ from jax.nn import initializers
 
 from jaxbn import group_norm, instance_norm, layer_norm, rms_norm
 from jaxbn._core.checks import named_axes
-from jaxbn._layers.common import check_groups, flax_error
+from jaxbn._core.group_norm import channel_groups
+from jaxbn._layers.common import check_instance_axes, flax_error
 from jaxbn._layers.docs import FLAX_SETTINGS, NORM_CALL
 from jaxbn.linen._common import AffineFields, GroupFields, affine_params, as_float
 
 _COMPAT = """
-  Same fields, defaults (``epsilon=1e-6``, ``use_fast_variance=True``), call signature and
-  variables (``params/scale``, ``params/bias``) as flax's layer, so swapping the import
-  changes no other line and no checkpoint; outputs match flax's to float32 rounding. The
-  statistics are always reduced in at least float32 (``force_float32_reductions=False`` is
-  accepted and changes nothing but is the more accurate for it), with ``mask`` and
-  ``axis_name`` weighted by the true counts, and masked entries holding NaN/Inf do not leak
-  into the output.
+  Same fields, defaults, call signature and variables (``params/scale``, ``params/bias``) as
+  flax's layer, so swapping the import changes no other line and no checkpoint; outputs match
+  flax's to float32 rounding. The statistics are always reduced in at least float32
+  (``force_float32_reductions=False`` is accepted and changes nothing but is the more accurate
+  for it), with ``mask`` and ``axis_name`` weighted by the true counts, and masked entries
+  holding NaN/Inf do not leak into the output.
 
   """ + FLAX_SETTINGS + ".\n"
 
 
-def _normalize(mdl: nn.Module, core: Callable[..., jax.Array], x: jax.Array, shape,
-               mask: Optional[jax.Array], **options: Any) -> jax.Array:
-  """``core`` on ``x`` with ``mdl``'s ``scale``/``bias`` (of ``shape``) and shared settings."""
+def _normalize(mdl: nn.Module, fn: str, core: Callable[..., jax.Array],
+               x: jax.typing.ArrayLike, mask: Optional[jax.Array], *names: str) -> jax.Array:
+  """``core`` on ``x`` (as a float) with ``mdl``'s ``scale``/``bias``, shaped as ``x`` along
+  ``feature_axes`` (GroupNorm: the last axis), and its settings ``names``, ``epsilon``,
+  ``axis_name``, ``axis_index_groups`` (and, but for RMSNorm, ``use_fast_variance``)."""
+  x = as_float(x)
+  feat = named_axes(fn, "feature_axes", x.ndim, getattr(mdl, "feature_axes", -1))
   has_bias = hasattr(mdl, "use_bias")  # RMSNorm: no bias, and no mean to subtract
-  scale, bias, out = affine_params(mdl, x, shape, mdl.use_scale, has_bias and mdl.use_bias)
-  if has_bias:
-    options.update(bias=bias, use_fast_variance=mdl.use_fast_variance)
-  return core(x, scale, epsilon=mdl.epsilon, mask=mask, dtype=out, axis_name=mdl.axis_name,
-              axis_index_groups=mdl.axis_index_groups, **options)
+  scale, bias, out = affine_params(mdl, x, [x.shape[a] for a in feat], mdl.use_scale,
+                                   has_bias and mdl.use_bias)
+  options = dict(bias=bias, use_fast_variance=mdl.use_fast_variance) if has_bias else {}
+  settings = {n: getattr(mdl, n) for n in names + ("epsilon", "axis_name", "axis_index_groups")}
+  return core(x, scale, mask=mask, dtype=out, **settings, **options)
 
 
 class LayerNorm(AffineFields):
@@ -70,12 +74,9 @@ class LayerNorm(AffineFields):
   force_float32_reductions: bool = True
 
   @nn.compact
-  def __call__(self, x: jax.typing.ArrayLike, *, mask: Optional[jax.Array] = None
-               ) -> jax.Array:
-    x = as_float(x)
-    feat = named_axes("jaxbn.linen.LayerNorm", "feature_axes", x.ndim, self.feature_axes)
-    return _normalize(self, layer_norm, x, [x.shape[a] for a in feat], mask,
-                      reduction_axes=self.reduction_axes, feature_axes=self.feature_axes)
+  def __call__(self, x: jax.typing.ArrayLike, *, mask: Optional[jax.Array] = None) -> jax.Array:
+    return _normalize(self, "jaxbn.linen.LayerNorm", layer_norm, x, mask, "reduction_axes",
+                      "feature_axes")
 
   __call__.__doc__ = NORM_CALL.format("layer", "")
 
@@ -112,12 +113,9 @@ class RMSNorm(nn.Module):
   force_float32_reductions: bool = True
 
   @nn.compact
-  def __call__(self, x: jax.typing.ArrayLike, *, mask: Optional[jax.Array] = None
-               ) -> jax.Array:
-    x = as_float(x)
-    feat = named_axes("jaxbn.linen.RMSNorm", "feature_axes", x.ndim, self.feature_axes)
-    return _normalize(self, rms_norm, x, [x.shape[a] for a in feat], mask,
-                      reduction_axes=self.reduction_axes, feature_axes=self.feature_axes)
+  def __call__(self, x: jax.typing.ArrayLike, *, mask: Optional[jax.Array] = None) -> jax.Array:
+    return _normalize(self, "jaxbn.linen.RMSNorm", rms_norm, x, mask, "reduction_axes",
+                      "feature_axes")
 
   __call__.__doc__ = NORM_CALL.format("RMS", "")
 
@@ -125,8 +123,7 @@ class RMSNorm(nn.Module):
 class GroupNorm(AffineFields, GroupFields):
   __doc__ = r"""Group normalization for Linen, a drop-in replacement for ``flax.linen.GroupNorm``.
 
-  Statistics per example over groups of channels (last axis) and ``reduction_axes``. Give
-  ``num_groups`` (default 32) or ``group_size`` with ``num_groups=None``. See
+  Statistics per example over groups of channels (last axis) and ``reduction_axes``. See
   :func:`jaxbn.group_norm` for the math and when to use it.
 """ + _COMPAT + r"""
   Attributes:
@@ -151,8 +148,7 @@ class GroupNorm(AffineFields, GroupFields):
   force_float32_reductions: bool = True
 
   @nn.compact
-  def __call__(self, x: jax.typing.ArrayLike, *, mask: Optional[jax.Array] = None
-               ) -> jax.Array:
+  def __call__(self, x: jax.typing.ArrayLike, *, mask: Optional[jax.Array] = None) -> jax.Array:
     fn = "jaxbn.linen.GroupNorm"
     x = as_float(x)
     if x.ndim < 1:
@@ -164,10 +160,10 @@ class GroupNorm(AffineFields, GroupFields):
             "The reduction axes must include the final dimension as this is assumed to be the "
             "feature axis.", f"{fn}: `reduction_axes`={self.reduction_axes!r} must include the "
             f"last axis (the channels, within each group), e.g. {tuple(range(1, x.ndim))}.")
-    check_groups(fn, x.shape[-1], self.num_groups, self.group_size, "channels",
-                 f"the {x.shape[-1]} channels (last axis of `x`)")
-    return _normalize(self, group_norm, x, [x.shape[-1]], mask, num_groups=self.num_groups,
-                      group_size=self.group_size, reduction_axes=self.reduction_axes)
+    channel_groups(fn, x.shape[-1], self.num_groups, self.group_size, "last axis",
+                   flax_word="channels")
+    return _normalize(self, fn, group_norm, x, mask, "num_groups", "group_size",
+                      "reduction_axes")
 
   __call__.__doc__ = NORM_CALL.format("group", ", channels last")
 
@@ -198,17 +194,9 @@ class InstanceNorm(AffineFields):
   force_float32_reductions: bool = True
 
   @nn.compact
-  def __call__(self, x: jax.typing.ArrayLike, *, mask: Optional[jax.Array] = None
-               ) -> jax.Array:
+  def __call__(self, x: jax.typing.ArrayLike, *, mask: Optional[jax.Array] = None) -> jax.Array:
     fn = "jaxbn.linen.InstanceNorm"
-    x = as_float(x)
-    feat = named_axes(fn, "feature_axes", x.ndim, self.feature_axes)
-    if 0 in feat:
-      raise flax_error(
-          "The channel axes cannot include the leading dimension as this is assumed to be the "
-          "batch axis.", f"{fn}: `feature_axes`={self.feature_axes!r} includes axis 0; put the "
-          f"batch first and pass the channel axis (e.g. -1 for NHWC, 1 for NCHW).")
-    return _normalize(self, instance_norm, x, [x.shape[a] for a in feat], mask,
-                      feature_axes=self.feature_axes)
+    check_instance_axes(fn, jnp.ndim(x), self.feature_axes)
+    return _normalize(self, fn, instance_norm, x, mask, "feature_axes")
 
   __call__.__doc__ = NORM_CALL.format("instance", ", batch axis first")

@@ -145,15 +145,6 @@ def layer_fields(cls: type) -> type:
   return cls
 
 
-def doc(template: str, *args: str) -> Callable[[Callable], Callable]:
-  """A decorator giving a function the docstring ``template.format(*args)``: one text shared
-  by the calls of several layers."""
-  def document(fn: Callable) -> Callable:
-    fn.__doc__ = template.format(*args)
-    return fn
-  return document
-
-
 def mode(mdl: nnx.Module, call: Optional[bool]) -> bool:
   """``use_running_average`` for this call: the call's, else the attribute's; always True for
   a layer frozen by ``freeze_batch_norm`` (it keeps its eval mode through ``model.train()``)."""

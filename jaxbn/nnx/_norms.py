@@ -14,19 +14,18 @@ from flax.typing import Axes, Dtype, Initializer, PromoteDtypeFn
 from jax.nn import initializers
 
 from jaxbn import group_norm, instance_norm, layer_norm, rms_norm
-from jaxbn._core.checks import named_axes
-from jaxbn._layers.common import check_groups, flax_error
+from jaxbn._core.group_norm import channel_groups
+from jaxbn._layers.common import check_instance_axes
 from jaxbn._layers.docs import FLAX_SETTINGS, NORM_CALL
-from jaxbn.nnx._common import (Layer, doc, init_affine, layer_fields, output_dtype, param,
+from jaxbn.nnx._common import (Layer, init_affine, layer_fields, output_dtype, param,
                                promote_dtype, value)
 
 _COMPAT = """
-  Same constructor, defaults (``epsilon=1e-6``, ``use_fast_variance=True``), attributes and
-  state (``scale``, ``bias`` as ``nnx.Param``) as flax's layer, so swapping the class changes
-  no other line and no checkpoint; the output dtype follows ``promote_dtype`` as in flax. The
-  arithmetic runs in at least float32 with float32 statistics (flax first casts ``x`` to the
-  promoted dtype), ``mask`` and ``axis_name`` are weighted by the true counts, and masked
-  entries holding NaN/Inf do not leak into the output.
+  Same constructor, defaults, attributes and state (``scale``, ``bias`` as ``nnx.Param``) as
+  flax's layer, so swapping the class changes no other line and no checkpoint. The arithmetic
+  runs in at least float32 with float32 statistics (flax first casts ``x`` to the promoted
+  dtype), ``mask`` and ``axis_name`` are weighted by the true counts, and masked entries
+  holding NaN/Inf do not leak into the output.
 
   """ + FLAX_SETTINGS + """,
   ``promote_dtype`` (flax's dtype promotion; decides the output dtype), ``rngs`` (for the
@@ -35,7 +34,7 @@ _COMPAT = """
 
 
 def _apply(mdl: Layer, core: Callable[..., jax.Array], x: jax.typing.ArrayLike,
-           mask: Optional[jax.Array], *names: str, **own: Any) -> jax.Array:
+           mask: Optional[jax.Array], *names: str) -> jax.Array:
   """``core`` on ``x`` (cast as flax's ``promote_dtype`` does) with the layer's parameters and
   its settings ``names``, ``epsilon``, ``axis_name``, ``axis_index_groups`` (and, but for
   RMSNorm, ``use_fast_variance``)."""
@@ -44,8 +43,7 @@ def _apply(mdl: Layer, core: Callable[..., jax.Array], x: jax.typing.ArrayLike,
   out = output_dtype(mdl.promote_dtype, (x, scale, bias), mdl.dtype)
   if not jnp.issubdtype(x.dtype, jnp.inexact):
     x = x.astype(out)
-  if hasattr(mdl, "use_bias"):  # RMSNorm: no bias, and no mean to subtract
-    own.update(bias=bias, use_fast_variance=mdl.use_fast_variance)
+  own = dict(bias=bias, use_fast_variance=mdl.use_fast_variance) if hasattr(mdl, "use_bias") else {}
   settings = {n: getattr(mdl, n) for n in names + ("epsilon", "axis_name", "axis_index_groups")}
   return core(x, scale, mask=mask, dtype=out, **settings, **own)
 
@@ -73,9 +71,8 @@ class _AffineNorm(Layer):
 class LayerNorm(_AffineNorm):
   __doc__ = r"""Layer normalization for NNX, a drop-in replacement for ``flax.nnx.LayerNorm``.
 
-  Statistics per example over ``reduction_axes`` (default the last axis); ``scale``/``bias``
-  (``num_features`` entries) follow ``feature_axes``. See :func:`jaxbn.layer_norm` for the
-  math and when to use it.
+  Statistics per example over ``reduction_axes`` (default the last axis); ``scale``/``bias`` follow
+  ``feature_axes``. See :func:`jaxbn.layer_norm` for the math and when to use it.
 """ + _COMPAT + r"""
   Args:
     num_features: number of features (entries of ``scale``/``bias``).
@@ -101,10 +98,10 @@ class LayerNorm(_AffineNorm):
   bias_metadata: InitVar[Mapping[str, Any]] = MappingProxyType({})
   scale_metadata: InitVar[Mapping[str, Any]] = MappingProxyType({})
 
-  @doc(NORM_CALL, "layer", "")
-  def __call__(self, x: jax.typing.ArrayLike, *, mask: Optional[jax.Array] = None
-               ) -> jax.Array:
+  def __call__(self, x: jax.typing.ArrayLike, *, mask: Optional[jax.Array] = None) -> jax.Array:
     return _apply(self, layer_norm, x, mask, "reduction_axes", "feature_axes")
+
+  __call__.__doc__ = NORM_CALL.format("layer", "")
 
 
 @layer_fields
@@ -147,19 +144,19 @@ class RMSNorm(Layer):
     self.scale = param(self.use_scale, scale_init, rngs, (self.num_features,),
                        self.param_dtype, scale_metadata)
 
-  @doc(NORM_CALL, "RMS", "")
   def __call__(self, x: jax.typing.ArrayLike, mask: Optional[jax.Array] = None) -> jax.Array:
     return _apply(self, rms_norm, x, mask, "reduction_axes", "feature_axes")
+
+  __call__.__doc__ = NORM_CALL.format("RMS", "")
 
 
 @layer_fields
 class GroupNorm(_AffineNorm):
   __doc__ = r"""Group normalization for NNX, a drop-in replacement for ``flax.nnx.GroupNorm``.
 
-  Statistics per example over groups of channels (last axis) and ``reduction_axes``. Give
-  ``num_groups`` (default 32) or ``group_size`` with ``num_groups=None``. See
-  :func:`jaxbn.group_norm` for the math and when to use it. Unlike ``flax.nnx.GroupNorm``
-  0.12, ``reduction_axes`` that keep more than the batch axis are handled correctly (as in
+  Statistics per example over groups of channels (last axis) and ``reduction_axes``. See
+  :func:`jaxbn.group_norm` for the math and when to use it. Unlike ``flax.nnx.GroupNorm`` 0.12,
+  ``reduction_axes`` that keep more than the batch axis are handled correctly (as in
   ``flax.linen.GroupNorm``).
 """ + _COMPAT + r"""
   Args:
@@ -193,18 +190,16 @@ class GroupNorm(_AffineNorm):
 
   def __post_init__(self, *init_vars: Any):
     n = self.num_features
-    check_groups("jaxbn.nnx.GroupNorm", n, self.num_groups, self.group_size, "features",
-                 f"num_features={n}")
-    if self.group_size is not None:
-      self.num_groups = n // self.group_size
+    self.num_groups = channel_groups("jaxbn.nnx.GroupNorm", n, self.num_groups, self.group_size,
+                                     "last axis", flax_word="features", of=f"num_features={n}")
     super().__post_init__(*init_vars)
     self.feature_axis = -1
     self.group_size = n // self.num_groups
 
-  @doc(NORM_CALL, "group", ", channels last")
-  def __call__(self, x: jax.typing.ArrayLike, *, mask: Optional[jax.Array] = None
-               ) -> jax.Array:
-    return _apply(self, group_norm, x, mask, "num_groups", "reduction_axes", group_size=None)
+  def __call__(self, x: jax.typing.ArrayLike, *, mask: Optional[jax.Array] = None) -> jax.Array:
+    return _apply(self, group_norm, x, mask, "num_groups", "reduction_axes")
+
+  __call__.__doc__ = NORM_CALL.format("group", ", channels last")
 
 
 @layer_fields
@@ -236,13 +231,8 @@ class InstanceNorm(_AffineNorm):
   bias_metadata: InitVar[Mapping[str, Any]] = MappingProxyType({})
   scale_metadata: InitVar[Mapping[str, Any]] = MappingProxyType({})
 
-  @doc(NORM_CALL, "instance", ", batch axis first")
-  def __call__(self, x: jax.typing.ArrayLike, *, mask: Optional[jax.Array] = None
-               ) -> jax.Array:
-    fn = "jaxbn.nnx.InstanceNorm"
-    if 0 in named_axes(fn, "feature_axes", jnp.ndim(x), self.feature_axes):
-      raise flax_error(
-          "The channel axes cannot include the leading dimension as this is assumed to be the "
-          "batch axis.", f"{fn}: `feature_axes`={self.feature_axes!r} includes axis 0; put the "
-          f"batch first and pass the channel axis (e.g. -1 for NHWC, 1 for NCHW).")
+  def __call__(self, x: jax.typing.ArrayLike, *, mask: Optional[jax.Array] = None) -> jax.Array:
+    check_instance_axes("jaxbn.nnx.InstanceNorm", jnp.ndim(x), self.feature_axes)
     return _apply(self, instance_norm, x, mask, "feature_axes")
+
+  __call__.__doc__ = NORM_CALL.format("instance", ", batch axis first")
