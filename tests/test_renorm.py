@@ -285,6 +285,8 @@ def test_errors():
     jaxbn.batch_renorm(x, st, r_max=2.0, r_min=3.0, **kw)
   with pytest.raises(ValueError, match=r"batch_renorm: `r_max` must be a scalar .*\(3,\)"):
     jaxbn.batch_renorm(x, st, r_max=jnp.ones(3), **kw)
+  with pytest.raises(ValueError, match=r"batch_renorm: `d_max` must be a scalar .*got <U3"):
+    jaxbn.batch_renorm(x, st, d_max="big", **kw)
   with pytest.raises(TypeError, match=r"batch_renorm: complex input is not supported"):
     jaxbn.batch_renorm(x.astype(jnp.complex64), jaxbn.init_stats(C, jnp.complex64), **kw)
   with pytest.raises(ValueError, match=r"batch_renorm: `x` has 3 features on axis -1 but "

@@ -7,6 +7,7 @@ from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.typing import ArrayLike, DTypeLike
 
@@ -21,20 +22,17 @@ from jaxbn._core.unsynced import warn_if_unsynced
 
 
 def _concrete(v: Any) -> Optional[float]:
-  if v is None or isinstance(v, jax.core.Tracer):
-    return None
-  try:
-    return float(v)
-  except (TypeError, ValueError):
-    return None
+  return None if v is None or isinstance(v, jax.core.Tracer) else float(v)
 
 
 def _check_clipping(fn: str, r_max: Any, d_max: Any, r_min: Any) -> None:
   """Validates concrete clipping bounds (traced values are accepted unchecked)."""
   for name, v in (("r_max", r_max), ("d_max", d_max), ("r_min", r_min)):
-    if v is not None and not isinstance(v, jax.core.Tracer) and jnp.ndim(v) != 0:
-      raise ValueError(f"{fn}: `{name}` must be a scalar (a float or a 0-d array), got shape "
-                       f"{jnp.shape(v)}.")
+    if v is None or isinstance(v, jax.core.Tracer):
+      continue
+    if jnp.ndim(v) != 0 or np.asarray(v).dtype.kind not in "iuf":
+      raise ValueError(f"{fn}: `{name}` must be a scalar (a float or a 0-d array), got "
+                       f"{np.asarray(v).dtype} of shape {jnp.shape(v)}.")
   rmax, dmax, rmin = _concrete(r_max), _concrete(d_max), _concrete(r_min)
   if rmax is not None and not rmax >= 1.0:
     raise ValueError(
