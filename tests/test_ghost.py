@@ -192,6 +192,31 @@ def test_axis_name_synchronizes_only_the_running_statistics():
   np.testing.assert_allclose(new.var, var, rtol=1e-5)
 
 
+@pytest.mark.parametrize("rule", ["average", "sequential"])
+@pytest.mark.parametrize("spec", [P("data", None, None), P("data", None, "model"),
+                                  P(None, None, "model")])
+def test_plain_jit_on_an_explicitly_sharded_batch_equals_the_float64_reference(rule, spec):
+  """Plain ``jax.jit`` on a (2 data x 4 model) explicit mesh, the batch and/or the features
+  split: outputs per virtual batch and both running-statistics rules as the float64 reference
+  (the sequential rule scans the per-virtual-batch moments, which a split batch axis splits;
+  the average rule pools moments whose counts are not split with the features)."""
+  mesh = jax.make_mesh((2, 4), ("data", "model"))
+  c = 4
+  rng = np.random.default_rng(8)
+  x = (rng.normal(size=(16, 2, c)) * 2 + np.repeat(rng.normal(0, 3, (4, 1, c)), 4, 0))
+  x = x.astype(np.float32)
+  f = jax.jit(lambda x, st: jaxbn.ghost_batch_norm(x, st, training=True, virtual_batch_size=4,
+                                                   momentum=M, epsilon=EPS, stats_update=rule))
+  with jax.set_mesh(mesh):
+    y, new = f(jax.device_put(x, NamedSharding(mesh, spec)), jaxbn.init_stats(c))
+  assert y.sharding.spec == spec
+  y_ref, moments, _ = np_ghost(x, 4, 1.0, 0.0)
+  mean, var = np_update(np.zeros(c), np.ones(c), moments, rule)
+  np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(new.mean, mean, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(new.var, var, rtol=1e-5)
+
+
 def test_errors():
   x = jnp.ones((10, C))
   st = jaxbn.init_stats(C)

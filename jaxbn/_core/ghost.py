@@ -51,11 +51,10 @@ def _merge_ghost_moments(mean, var, count, axis_name, groups, unbiased):
   used = count > 1
   n_l = jnp.where(used, count, 0.0)
   dof = jnp.where(used, count - 1.0, 0.0) if unbiased else n_l
-  sums = jnp.stack([jnp.sum(n_l, 0), jnp.sum(jnp.where(used, count * mean, 0.0), 0),
-                    jnp.sum(jnp.where(used, count * var, 0.0), 0), jnp.sum(dof, 0)])
-  sums = collectives.psum(sums, axis_name, groups)
-  n = sums[0]
-  return Moments(sums[1] / jnp.maximum(n, 1.0), sums[2] / jnp.maximum(sums[3], 1.0), n)
+  n, s1, s2, d = collectives.psum_stacked(
+      [jnp.sum(n_l, 0), jnp.sum(jnp.where(used, count * mean, 0.0), 0),
+       jnp.sum(jnp.where(used, count * var, 0.0), 0), jnp.sum(dof, 0)], axis_name, groups)
+  return Moments(s1 / jnp.maximum(n, 1.0), s2 / jnp.maximum(d, 1.0), n)
 
 
 def ghost_batch_norm(
@@ -230,7 +229,11 @@ def ghost_batch_norm(
                         unbiased_running_var=unbiased_running_var, debias=debias,
                         skip_nonfinite=skip_nonfinite), None
 
-  new_stats, _ = lax.scan(step, stats, (mean, var, count))
+  moments = (mean, var, count)
+  if any(collectives.explicit_sharding(v) is not None for v in moments):
+    # (plain jit on a sharded batch) the scan cannot split its axis: the (G, C) values whole
+    moments = jax.sharding.reshard(moments, jax.P())
+  new_stats, _ = lax.scan(step, stats, moments)
   return y, new_stats
 
 
