@@ -217,6 +217,17 @@ def test_plain_jit_on_an_explicitly_sharded_batch_equals_the_float64_reference(r
   np.testing.assert_allclose(new.var, var, rtol=1e-5)
 
 
+def test_virtual_batches_spanning_devices_under_plain_jit_are_refused():
+  mesh = jax.make_mesh((8,), ("data",))
+  x = jax.device_put(np.ones((16, C), np.float32), NamedSharding(mesh, P("data")))
+  with jax.set_mesh(mesh), pytest.raises(
+      ValueError, match=r"ghost_batch_norm: the batch axis is sharded over 8 devices but cut "
+                        r"into 2 virtual batches of 8; virtual batches must not span devices.*"
+                        r"divides the per-device batch of 2"):
+    jax.jit(lambda x: jaxbn.ghost_batch_norm(x, jaxbn.init_stats(C), training=True,
+                                             virtual_batch_size=8))(x)
+
+
 def test_errors():
   x = jnp.ones((10, C))
   st = jaxbn.init_stats(C)
