@@ -531,3 +531,39 @@ def test_every_rows_fields_and_call_arguments_are_the_classes():
     assert set(row.fields) <= fields & set(inspect.signature(ncls).parameters), row.name
     for cls in (lcls, ncls):
       assert set(row.overrides) <= set(inspect.signature(cls.__call__).parameters), row.name
+
+
+# The condition of each conditional variable in the rows, evaluated for a layer built with
+# its defaults plus `config`.
+_WHEN = {"use_scale": lambda c: True, "use_bias": lambda c: True, "use_tlu": lambda c: True,
+         "learn_epsilon": lambda c: False, "momentum=None": lambda c: c.get("momentum", 0) is None,
+         "momentum=None or debias": lambda c: c.get("momentum", 0) is None}
+_REQUIRED = {"GhostBatchNorm": dict(virtual_batch_size=4), "BatchChannelNorm": dict(num_groups=1),
+             "GroupNorm": dict(num_groups=1), "EvoNormS0": dict(num_groups=1)}
+
+
+@pytest.mark.parametrize("config", [{}, {"momentum": None}], ids=["defaults", "momentum=None"])
+def test_every_rows_variables_are_the_classes(config):
+  """The docs' table of layers lists each row's variables: a linen class built with its
+  defaults (and with momentum=None, where it has a momentum) creates exactly the row's
+  variables whose condition holds, and the nnx class holds the same names as its state."""
+  from jaxbn._layers import registry
+  x = jnp.ones((8, 3, 3, 4))
+  for row in registry.LAYERS:
+    lcls, ncls = getattr(jaxbn.linen, row.name), getattr(jaxbn.nnx, row.name)
+    fields = {f.name for f in dataclasses.fields(lcls)}
+    if "momentum" in config and "momentum" not in fields:
+      continue
+    kw = {**_REQUIRED.get(row.name, {}), **config}
+    if row.name in ("WSConv", "ScaledWSConv"):
+      layer, module = lcls(features=4, kernel_size=(3, 3), **kw), ncls(4, 4, (3, 3),
+                                                                       rngs=nnx.Rngs(0), **kw)
+    else:
+      mode = {"use_running_average": False} if "use_running_average" in fields else {}
+      layer, module = lcls(**kw, **mode), ncls(4, rngs=nnx.Rngs(0), **kw)
+    variables = layer.init(jax.random.key(0), x)
+    want = sorted((v.collection, v.name) for v in row.variables
+                  if not v.when or _WHEN[v.when](config))
+    assert sorted((c, n) for c in variables for n in variables[c]) == want, (row.name, config)
+    state = sorted(".".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(module)))
+    assert state == sorted(n for _, n in want), (row.name, config)

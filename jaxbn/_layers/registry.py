@@ -74,6 +74,7 @@ _AFFINE = (Var("params", "scale", "C", "use_scale"), Var("params", "bias", "C", 
 _STATS = (Var("batch_stats", "mean", "C"), Var("batch_stats", "var", "C"),
           Var("batch_stats", "count", "()", "momentum=None or debias"))
 _BN = _STATS + _AFFINE
+_CONV = (Var("params", "kernel", "conv"), Var("params", "bias", "out features", "use_bias"))
 
 
 class Layer(NamedTuple):
@@ -108,10 +109,11 @@ LAYERS: list[Layer] = [
           summary="batch norm, then group norm (Qiao et al. 2019)"),
     Layer("FrozenBatchNorm", frozen_batch_norm, "frozen", _BN, ("freeze_affine",),
           summary="batch norm with fixed statistics (detectron2)"),
-    Layer("TestTimeBatchNorm", adapt_batch_norm, "adaptive", _BN[:2] + _AFFINE, ("prior",),
+    Layer("TestTimeBatchNorm", adapt_batch_norm, "adaptive", _BN, ("prior",),
           summary="test-time adapted batch norm (Schneider et al. 2020)"),
     Layer("SplitBatchNorm", split_batch_norm, "running",
           (Var("batch_stats", "mean", "(D, C)"), Var("batch_stats", "var", "(D, C)"),
+           Var("batch_stats", "count", "(D,)", "momentum=None"),
            Var("params", "scale", "C or (D, C)", "use_scale"),
            Var("params", "bias", "C or (D, C)", "use_bias")),
           ("num_domains", "shared_affine", "skip_nonfinite"), ("domain", "mask"),
@@ -136,10 +138,10 @@ LAYERS: list[Layer] = [
           summary="group normalization (Wu & He 2018)"),
     Layer("InstanceNorm", instance_norm, "stateless", _AFFINE, ("feature_axes",),
           flax="InstanceNorm", summary="instance normalization (Ulyanov et al. 2016)"),
-    Layer("WSConv", standardize_weight, "stateless", (Var("params", "kernel", "conv"),),
-          overrides=(), summary="weight-standardized convolution (Qiao et al. 2019)"),
+    Layer("WSConv", standardize_weight, "stateless", _CONV, overrides=(),
+          summary="weight-standardized convolution (Qiao et al. 2019)"),
     Layer("ScaledWSConv", standardize_weight, "stateless",
-          (Var("params", "kernel", "conv"), Var("params", "gain", "out features")), overrides=(),
+          _CONV + (Var("params", "gain", "out features"),), overrides=(),
           summary="scaled weight standardization (Brock et al. 2021)"),
 ]
 
