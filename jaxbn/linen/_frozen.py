@@ -1,4 +1,4 @@
-"""``jaxbn.linen.FrozenBatchNorm``: batch norm with frozen statistics over :func:`jaxbn.frozen_batch_norm`."""
+"""``jaxbn.linen.FrozenBatchNorm``: frozen-statistics BN (:func:`jaxbn.frozen_batch_norm`)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""``jaxbn.linen.GhostBatchNorm``: ghost (virtual) batch norm over :func:`jaxbn.ghost_batch_norm`."""
+"""``jaxbn.linen.GhostBatchNorm``: ghost (virtual) batch norm (:func:`jaxbn.ghost_batch_norm`)."""
 
 from __future__ import annotations
 

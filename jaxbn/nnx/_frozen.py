@@ -1,4 +1,4 @@
-"""``jaxbn.nnx.FrozenBatchNorm``: batch norm with frozen statistics over :func:`jaxbn.frozen_batch_norm`."""
+"""``jaxbn.nnx.FrozenBatchNorm``: frozen-statistics batch norm (:func:`jaxbn.frozen_batch_norm`)."""
 
 from __future__ import annotations
 

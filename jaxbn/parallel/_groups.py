@@ -52,9 +52,9 @@ def group_mesh(group_size: int, *, devices: Optional[Sequence[jax.Device]] = Non
   """
   devices = list(jax.devices() if devices is None else devices)
   if not isinstance(group_size, int) or group_size < 1 or len(devices) % group_size:
-    raise ValueError(
-        f"group_mesh: `group_size`={group_size!r} must be a positive divisor of the "
-        f"{len(devices)} devices, e.g. {[d for d in range(1, len(devices) + 1) if len(devices) % d == 0]}.")
+    divisors = [d for d in range(1, len(devices) + 1) if len(devices) % d == 0]
+    raise ValueError(f"group_mesh: `group_size`={group_size!r} must be a positive divisor of the "
+                     f"{len(devices)} devices, e.g. {divisors}.")
   return data_mesh((GROUP, GROUP_MEMBER), (len(devices) // group_size, group_size),
                    devices=devices)
 
